@@ -1,0 +1,455 @@
+"""HDF5 run record: resolved config, run metadata, per-round metrics and the data partition.
+
+One HDF5 file per run, written by rank 0 only with h5py's default (``sec2``) driver: PyPI h5py has
+no MPI-IO, so the caller gathers what it needs to rank 0 first. Metrics live in pre-created,
+resizable, chunked datasets (one row per global round) and the file is flushed after every round,
+so a crash loses at most the round in flight and ``hflmpi report`` can read a live run.
+
+File layout (``format_version`` 1)::
+
+    /                       attrs: format_version, hflmpi_version, config_toml, world_size,
+                                   tree (JSON), layer_count, start_time (ISO 8601, UTC),
+                                   start_time_unix, resume_log (JSON list), any extra meta keys
+    /metrics/<scalar>       float64 [rounds]          (``round`` is int64)
+    /metrics/<per-layer>    float64 [rounds, layers]  (``method`` is int8)
+    /partition/sizes              int64 [clients]
+    /partition/label_histograms   int64 [clients, classes]
+
+Column ``j`` of a per-layer dataset is tree layer ``j + 1``: 1 is the first aggregation layer above
+the devices, ``layer_count`` is the root (the notation of QMLHFL, arXiv 2505.08145, Sec. 3).
+Missing values are NaN (``method``: -1; ``round`` is never missing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from hflmpi import __version__
+
+__all__ = [
+    "FORMAT_VERSION",
+    "METHOD_CODES",
+    "SCALAR_METRICS",
+    "LAYER_METRICS",
+    "RoundMetrics",
+    "RunRecord",
+    "read_metrics",
+    "read_config_toml",
+    "read_run_info",
+    "read_partition",
+]
+
+FORMAT_VERSION = 1
+
+METHOD_CODES: Mapping[str, int] = {"none": 0, "integer-sum": 1, "gather": 2}
+"""Integer code of the aggregation method stored in ``/metrics/method`` (-1 = not recorded)."""
+
+_METHOD_MISSING = -1
+
+# name -> (dtype, units, description)
+SCALAR_METRICS: Mapping[str, tuple[str, str, str]] = {
+    "round": ("int64", "1", "global round that this row closes (strictly increasing)"),
+    "wall_time": ("float64", "s", "seconds since the run started, at the end of the round"),
+    "train_loss": ("float64", "1", "sample-weighted mean training loss over the round"),
+    "test_loss": ("float64", "1", "loss of the global model on the test set"),
+    "test_accuracy": ("float64", "1", "accuracy of the global model on the test set, in [0, 1]"),
+    "samples_per_second": ("float64", "1/s", "training samples processed per second, all ranks"),
+    "upward_divergence": (
+        "float64",
+        "1",
+        "H-SGD upward divergence: weighted mean of ||x_g - x||^2 over the group models x_g "
+        "around the global model x, just before the global aggregation (Wang et al., AAAI 2022)",
+    ),
+    "downward_divergence": (
+        "float64",
+        "1",
+        "H-SGD downward divergence: weighted mean of ||x_i - x_g(i)||^2 over the device models "
+        "x_i around their group model x_g(i), just before the group aggregation",
+    ),
+}
+
+LAYER_METRICS: Mapping[str, tuple[str, str, str]] = {
+    "compute_seconds": ("float64", "s", "seconds of computation attributed to the layer"),
+    "comm_seconds": ("float64", "s", "seconds spent in the layer's collectives"),
+    "bytes_sent": ("float64", "B", "payload bytes sent up and down the layer in the round"),
+    "quant_error": (
+        "float64",
+        "1",
+        "relative squared quantization error ||Q(d) - d||^2 / ||d||^2 of the uplink differences",
+    ),
+    "method": ("int8", "1", "aggregation method code, see attr 'codes' (-1: not recorded)"),
+}
+
+_RESERVED_ATTRS = frozenset(
+    {
+        "format_version",
+        "hflmpi_version",
+        "config_toml",
+        "world_size",
+        "tree",
+        "layer_count",
+        "start_time",
+        "start_time_unix",
+        "resume_log",
+    }
+)
+_SCALAR_CHUNK = 1024
+_LAYER_CHUNK_ROWS = 256
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    """Metrics of one global round; anything left as ``None``/NaN is stored as missing.
+
+    Per-layer fields take one value per tree layer ``1..layer_count`` (column ``j`` is layer
+    ``j + 1``). ``method`` takes codes from :data:`METHOD_CODES` or their names.
+    """
+
+    round: int
+    wall_time: float = math.nan
+    train_loss: float = math.nan
+    test_loss: float = math.nan
+    test_accuracy: float = math.nan
+    samples_per_second: float = math.nan
+    compute_seconds: Sequence[float] | None = None
+    comm_seconds: Sequence[float] | None = None
+    bytes_sent: Sequence[float] | None = None
+    quant_error: Sequence[float] | None = None
+    method: Sequence[int | str] | None = None
+    upward_divergence: float = math.nan
+    downward_divergence: float = math.nan
+
+
+def _now_iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _attr_value(key: str, value: Any) -> Any:
+    if isinstance(value, (str, bool, int, float, np.integer, np.floating)):
+        return value
+    try:
+        return json.dumps(value, sort_keys=True)
+    except TypeError as err:
+        raise TypeError(f"run meta {key!r} must be a scalar or JSON-serialisable: {err}") from err
+
+
+def _method_code(value: int | str, layer: int) -> int:
+    if isinstance(value, str):
+        if value not in METHOD_CODES:
+            raise ValueError(
+                f"method[{layer}]={value!r} is not one of {sorted(METHOD_CODES)}; "
+                "use a name or code from METHOD_CODES"
+            )
+        return METHOD_CODES[value]
+    code = int(value)
+    if code != _METHOD_MISSING and code not in METHOD_CODES.values():
+        raise ValueError(f"method[{layer}]={code} is not a code in {dict(METHOD_CODES)} or -1")
+    return code
+
+
+def _open_read(path: str | os.PathLike[str]) -> h5py.File:
+    """Open a run file read-only without HDF5 file locking, so a live run can be read."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"run record {os.fspath(path)} does not exist")
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as err:
+        # The same process already has the file open (with locking): HDF5 shares that handle and
+        # insists on matching flags.
+        if "locking flag" not in str(err):
+            raise
+        return h5py.File(path, "r")
+
+
+class RunRecord:
+    """Writer of one run's HDF5 file (rank 0 only).
+
+    Use :meth:`create` for a new run and :meth:`open_append` to resume one; both return an open
+    record that is also a context manager.
+    """
+
+    def __init__(self, file: h5py.File) -> None:
+        self._file = file
+        self._metrics = file["metrics"]
+        self.layer_count = int(file.attrs["layer_count"])
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        config_toml: str,
+        meta: Mapping[str, Any],
+        layer_count: int,
+        overwrite: bool = False,
+    ) -> RunRecord:
+        """Create the run file and its metric datasets.
+
+        Parameters
+        ----------
+        path : path-like
+            The run file, conventionally ``<run>.h5``.
+        config_toml : str
+            The resolved configuration as TOML text.
+        meta : mapping
+            Must hold ``world_size`` (int) and ``tree`` (JSON-serialisable description, or a JSON
+            string); may hold ``start_time_unix`` (float; default now). Other keys are stored as
+            root attributes (JSON text for non-scalars).
+        layer_count : int
+            Number of aggregation layers N (columns of the per-layer datasets).
+        overwrite : bool
+            Replace an existing file. Without it an existing file is an error.
+
+        Raises
+        ------
+        FileExistsError
+            If ``path`` exists and ``overwrite`` is false.
+        """
+        target = Path(path)
+        if layer_count < 1:
+            raise ValueError(f"layer_count={layer_count} must be >= 1")
+        for key in ("world_size", "tree"):
+            if key not in meta:
+                raise ValueError(f"run meta needs {key!r}; got keys {sorted(meta)}")
+        if target.exists() and not overwrite:
+            raise FileExistsError(
+                f"run record {target} already exists; pass overwrite=True to replace it "
+                "or resume the run from its checkpoint"
+            )
+        tree = meta["tree"]
+        start = float(meta.get("start_time_unix", time.time()))
+        file = h5py.File(target, "w" if overwrite else "w-")
+        try:
+            attrs = file.attrs
+            attrs["format_version"] = FORMAT_VERSION
+            attrs["hflmpi_version"] = __version__
+            attrs["config_toml"] = config_toml
+            attrs["world_size"] = int(meta["world_size"])
+            attrs["tree"] = tree if isinstance(tree, str) else json.dumps(tree, sort_keys=True)
+            attrs["layer_count"] = int(layer_count)
+            attrs["start_time"] = _now_iso(start)
+            attrs["start_time_unix"] = start
+            attrs["resume_log"] = "[]"
+            for key, value in meta.items():
+                if key not in _RESERVED_ATTRS:
+                    attrs[key] = _attr_value(key, value)
+            cls._create_metrics(file.create_group("metrics"), layer_count)
+            file.flush()
+        except BaseException:
+            file.close()
+            raise
+        return cls(file)
+
+    @classmethod
+    def open_append(cls, path: str | os.PathLike[str]) -> RunRecord:
+        """Open an existing run file for appending (resume); see :meth:`truncate_to`."""
+        target = Path(path)
+        if not target.exists():
+            raise FileNotFoundError(f"run record {target} does not exist; nothing to resume")
+        file = h5py.File(target, "r+")
+        version = file.attrs.get("format_version")
+        if version != FORMAT_VERSION or "metrics" not in file:
+            file.close()
+            raise ValueError(
+                f"{target} is not an hflmpi run record of format {FORMAT_VERSION} "
+                f"(format_version={version!r})"
+            )
+        return cls(file)
+
+    @staticmethod
+    def _create_metrics(group: h5py.Group, layers: int) -> None:
+        group.attrs["layer_axis"] = (
+            "column j is tree layer j + 1 (1: first aggregation above the devices, "
+            f"{layers}: root)"
+        )
+        for name, (dtype, units, text) in SCALAR_METRICS.items():
+            fill = -1 if dtype == "int64" else np.nan
+            ds = group.create_dataset(
+                name, shape=(0,), maxshape=(None,), dtype=dtype,
+                chunks=(_SCALAR_CHUNK,), fillvalue=fill,
+            )
+            ds.attrs["units"], ds.attrs["description"] = units, text
+        for name, (dtype, units, text) in LAYER_METRICS.items():
+            fill = _METHOD_MISSING if dtype == "int8" else np.nan
+            ds = group.create_dataset(
+                name, shape=(0, layers), maxshape=(None, layers), dtype=dtype,
+                chunks=(_LAYER_CHUNK_ROWS, layers), fillvalue=fill,
+            )
+            ds.attrs["units"], ds.attrs["description"] = units, text
+        method = group["method"]
+        method.attrs["codes"] = json.dumps({str(v): k for k, v in METHOD_CODES.items()})
+        method.attrs["missing"] = _METHOD_MISSING
+
+    # -- writing ---------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        """Path of the open file."""
+        return Path(self._file.filename)
+
+    @property
+    def row_count(self) -> int:
+        """Number of metric rows (rounds) stored."""
+        return int(self._metrics["round"].shape[0])
+
+    @property
+    def last_round(self) -> int | None:
+        """Round of the last stored row, or None when there is none."""
+        n = self.row_count
+        return None if n == 0 else int(self._metrics["round"][n - 1])
+
+    def _layer_row(self, name: str, values: Sequence[Any] | None) -> np.ndarray:
+        dtype = LAYER_METRICS[name][0]
+        if values is None:
+            fill = _METHOD_MISSING if dtype == "int8" else np.nan
+            return np.full(self.layer_count, fill, dtype=dtype)
+        if len(values) != self.layer_count:
+            raise ValueError(
+                f"RoundMetrics.{name} has {len(values)} values; the run has "
+                f"{self.layer_count} layers (one value per layer 1..{self.layer_count})"
+            )
+        if name == "method":
+            return np.array([_method_code(v, j) for j, v in enumerate(values)], dtype=dtype)
+        return np.array([np.nan if v is None else float(v) for v in values], dtype=dtype)
+
+    def append_round(self, metrics: RoundMetrics, *, flush: bool = True) -> None:
+        """Append one row and (by default) flush the file.
+
+        Raises
+        ------
+        ValueError
+            If ``metrics.round`` is not greater than the last stored round (rows are never
+            duplicated; call :meth:`truncate_to` first when rerunning rounds) or a per-layer field
+            has the wrong length.
+        """
+        last = self.last_round
+        if last is not None and metrics.round <= last:
+            raise ValueError(
+                f"round {metrics.round} is not after the last stored round {last}; "
+                f"call truncate_to({metrics.round - 1}) when rerunning rounds after a resume"
+            )
+        # Convert everything before resizing anything, so a bad value cannot leave ragged rows.
+        scalars: dict[str, int | float] = {"round": int(metrics.round)}
+        for name in SCALAR_METRICS:
+            if name != "round":
+                value = getattr(metrics, name)
+                scalars[name] = np.nan if value is None else float(value)
+        layer_rows = {name: self._layer_row(name, getattr(metrics, name)) for name in LAYER_METRICS}
+        n = self.row_count
+        for name, scalar in scalars.items():
+            ds = self._metrics[name]
+            ds.resize((n + 1,))
+            ds[n] = scalar
+        for name, row in layer_rows.items():
+            ds = self._metrics[name]
+            ds.resize((n + 1, self.layer_count))
+            ds[n] = row
+        if flush:
+            self.flush()
+
+    def truncate_to(self, round: int) -> int:
+        """Drop every row whose round is after ``round`` (resume from a checkpoint of ``round``).
+
+        Returns
+        -------
+        int
+            The number of rows kept.
+        """
+        rounds = self._metrics["round"][:]
+        keep = int(np.searchsorted(rounds, round, side="right"))
+        dropped = rounds.shape[0] - keep
+        for ds in self._metrics.values():
+            ds.resize((keep,) + ds.shape[1:])
+        log = json.loads(self._file.attrs.get("resume_log", "[]"))
+        log.append({"time": _now_iso(time.time()), "round": int(round), "dropped_rows": dropped})
+        self._file.attrs["resume_log"] = json.dumps(log)
+        self.flush()
+        return keep
+
+    def write_partition(self, sizes: Sequence[int] | np.ndarray, histograms: np.ndarray) -> None:
+        """Store per-client sample counts [clients] and label histograms [clients, classes].
+
+        An existing ``/partition`` group (from an earlier start of the same run) is replaced.
+        """
+        size_arr = np.asarray(sizes, dtype=np.int64)
+        hist_arr = np.asarray(histograms, dtype=np.int64)
+        if size_arr.ndim != 1 or hist_arr.ndim != 2 or hist_arr.shape[0] != size_arr.shape[0]:
+            raise ValueError(
+                f"partition sizes must be [clients] and histograms [clients, classes]; got "
+                f"{size_arr.shape} and {hist_arr.shape}"
+            )
+        if "partition" in self._file:
+            del self._file["partition"]
+        group = self._file.create_group("partition")
+        group.create_dataset("sizes", data=size_arr).attrs["description"] = "samples per client"
+        group.create_dataset("label_histograms", data=hist_arr).attrs["description"] = (
+            "samples per (client, label)"
+        )
+        self.flush()
+
+    def flush(self) -> None:
+        """Flush HDF5 buffers to the operating system."""
+        self._file.flush()
+
+    def close(self) -> None:
+        """Flush and close the file (idempotent)."""
+        if self._file.id.valid:
+            self._file.flush()
+            self._file.close()
+
+    def __enter__(self) -> RunRecord:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# -- reading -------------------------------------------------------------------------------------
+def read_metrics(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Return every ``/metrics`` dataset of a run file as an array (rows = rounds)."""
+    with _open_read(path) as file:
+        return {name: ds[()] for name, ds in file["metrics"].items()}
+
+
+def read_config_toml(path: str | os.PathLike[str]) -> str:
+    """Return the resolved configuration (TOML text) stored in a run file."""
+    with _open_read(path) as file:
+        return str(file.attrs["config_toml"])
+
+
+def read_run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the root attributes of a run file (``tree`` and ``resume_log`` parsed from JSON)."""
+    with _open_read(path) as file:
+        info = {key: value.item() if isinstance(value, np.generic) else value
+                for key, value in file.attrs.items()}
+    for key in ("tree", "resume_log"):
+        if isinstance(info.get(key), str):
+            try:
+                info[key] = json.loads(info[key])
+            except json.JSONDecodeError:
+                pass
+    return info
+
+
+def read_partition(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Return ``(sizes, label_histograms)`` of a run file, or None if none was written."""
+    with _open_read(path) as file:
+        if "partition" not in file:
+            return None
+        group = file["partition"]
+        return group["sizes"][()], group["label_histograms"][()]
