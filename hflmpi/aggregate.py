@@ -11,17 +11,18 @@ subtree (samples held, or device count). With ``Q = identity`` the nesting colla
     x_new = sum_c a_c x_c = sum_{r in subtree} (w_r / W_node) x_r,
 
 because the children's weights are the sums of their own children's. Full-precision layers
-therefore need one weighted-sum collective over the subtree, whatever the depth. Two algorithms
-compute it:
+therefore need one weighted-sum collective over the subtree, whatever the depth. Each device
+first learns ``W_node`` (an 8-byte allreduce), scales its model by ``w_r / W_node`` in one pass,
+and then one of two algorithms sums the scaled models:
 
-* ``"subtree"``: one ``Allreduce`` of ``[w_r * x_r, w_r]`` over the subtree communicator, then a
-  division. It moves the same bytes as a flat Allreduce.
-* ``"tree"``: ``Reduce`` of the same buffer to each layer's leader, layer by layer, division at
-  the top, then ``Bcast`` down, layer by layer. This is the literal tree (and the path the
-  quantized layers use).
+* ``"subtree"``: one ``Allreduce`` over the subtree communicator. It moves the same bytes as a
+  flat Allreduce.
+* ``"tree"``: ``Reduce`` to each layer's leader, layer by layer, then ``Bcast`` down, layer by
+  layer. This is the literal tree (and the shape the quantized layers use).
 
-The weight travels in the last slot of the same buffer, so a device whose weight is zero (a
-dropped client) leaves the average without a second message. Buffers are allocated once;
+Weights are re-read at every aggregation, so a device whose weight is zero (a dropped client)
+simply leaves the average. The raw weight also rides in the last slot of the wire buffer, which
+makes the subtree total visible in the result for checking. Buffers are allocated once;
 collectives use the upper-case buffer API with ``MPI.IN_PLACE``.
 """
 
@@ -138,18 +139,25 @@ class HierarchicalAggregator:
             raise ValueError(f"layer={layer} is outside 1..{self.depth}")
         if not weight >= 0 or weight == float("inf"):
             raise ValueError(f"weight={weight} must be finite and >= 0")
-        self.flat.mul_(weight)
-        self._wire[self.numel] = weight
-        if self.algorithm == "subtree":
-            stats = self._subtree_allreduce(layer)
-        else:
-            stats = self._tree_reduce_bcast(layer)
-        # Every rank holds the subtree's total weight now, so all of them raise together.
-        if not float(self._wire[self.numel]) > 0:
+        start = time.perf_counter()
+        # all ranks of the subtree: learn W_node first (8 bytes), so the model is scaled by
+        # w / W_node in one pass and the big collective needs no division afterwards.
+        total = self.comms.subtree(layer).allreduce(float(weight), op=MPI.SUM)
+        if not total > 0:
             raise ValueError(
                 f"layer-{layer} aggregation over a subtree whose devices all have weight 0 "
                 "(every client dropped?)"
             )
+        share = weight / total
+        if share != 1.0:
+            self.flat.mul_(share)
+        self._wire[self.numel] = weight
+        prepare_seconds = time.perf_counter() - start
+        if self.algorithm == "subtree":
+            stats = self._subtree_allreduce(layer)
+        else:
+            stats = self._tree_reduce_bcast(layer)
+        stats.seconds[layer - 1] += prepare_seconds
         return stats
 
     def broadcast(self, layer: int | None = None) -> None:
@@ -169,7 +177,6 @@ class HierarchicalAggregator:
         buf = self._mpi.outbound()
         comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         self._mpi.inbound()
-        self._divide_by_weight()
         seconds = time.perf_counter() - start
         # Accounting: the whole exchange is charged to the top layer, as one uplink per device.
         stats = AggregationStats([0.0] * layer, [0] * layer)
@@ -191,10 +198,6 @@ class HierarchicalAggregator:
                 comm.Reduce(buf, None, op=MPI.SUM, root=0)
                 stats.bytes_sent[n - 1] = self._mpi.nbytes
             stats.seconds[n - 1] += time.perf_counter() - start
-        if self.comms.leads(layer):
-            self._mpi.inbound()
-            self._divide_by_weight()
-            buf = self._mpi.outbound()
         for n in range(layer, 0, -1):
             if not self.comms.joins(n):
                 continue
@@ -203,8 +206,3 @@ class HierarchicalAggregator:
             stats.seconds[n - 1] += time.perf_counter() - start
         self._mpi.inbound()
         return stats
-
-    def _divide_by_weight(self) -> None:
-        total = float(self._wire[self.numel])
-        if total > 0:
-            self.flat.div_(total)

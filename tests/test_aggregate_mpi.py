@@ -89,14 +89,14 @@ def test_depth_one_equals_flat_allreduce_average_bitwise():
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     x = _model_of(rank, np.float32)
-    w = np.float32(_weight_of(rank, "samples"))
-    flat = np.append(x * w, w).astype(np.float32)
-    comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
-    expected = flat[:-1] / flat[-1]
+    w = _weight_of(rank, "samples")
+    total = sum(_weight_of(r, "samples") for r in range(size))
+    expected = x * np.float32(w / total)
+    comm.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
     with LayerComms(comm, plan_fanouts([size], size)) as comms:
         agg = HierarchicalAggregator(comms, NUMEL, algorithm="subtree")
         agg.flat.copy_(torch.from_numpy(x))
-        agg.aggregate(1, float(w))
+        agg.aggregate(1, w)
         parallel_assert(comm, np.array_equal(agg.flat.numpy(), expected), "differs from flat Allreduce")
 
 

@@ -1,0 +1,149 @@
+"""Benchmarks that time hflmpi against baselines measured in the same run.
+
+``hflmpi bench aggregate`` (under ``mpiexec -n P``) times, for each model size, one hierarchical
+aggregation of a float32 model against a raw mpi4py ``Allreduce`` of the same buffer and against
+``torch.distributed`` (gloo) ``all_reduce``. The candidates are run interleaved, round-robin, so
+drift of this machine's speed hits all of them alike; the median of the repeats is reported, and
+rank 0 prints ratios to the raw Allreduce. Speed targets live here, not in the unit tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from hflmpi.aggregate import HierarchicalAggregator
+from hflmpi.comm import LayerComms
+from hflmpi.topology import TreePlan, plan_fanouts
+
+__all__ = ["default_fanouts", "time_interleaved", "bench_aggregate", "main"]
+
+
+def default_fanouts(world_size: int) -> list[int]:
+    """Return a two-layer tree for ``world_size`` (groups of 2 or 4), or one layer if prime-sized."""
+    for group in (4, 2):
+        if world_size % group == 0 and world_size > group:
+            return [group, world_size // group]
+    return [world_size]
+
+
+def time_interleaved(
+    comm: MPI.Comm, candidates: dict[str, Callable[[], None]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Time each candidate ``repeats`` times, round-robin, and return the median seconds.
+
+    Each sample is the slowest rank's time (MAX reduction), started after a barrier, so a sample
+    is what the job waits for.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for iteration in range(warmup + repeats):
+        for name, run in candidates.items():
+            comm.Barrier()
+            start = time.perf_counter()
+            run()
+            elapsed = comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+            if iteration >= warmup:
+                samples[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _gloo_group(comm: MPI.Comm) -> bool:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return True
+    port = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=comm.Get_rank(),
+        world_size=comm.Get_size(),
+    )
+    return True
+
+
+def bench_aggregate(
+    comm: MPI.Comm, sizes: Sequence[int], plan: TreePlan, repeats: int, gloo: bool = True
+) -> list[dict[str, float]]:
+    """Time hierarchical aggregation against raw Allreduce (and gloo) for each model size.
+
+    Returns
+    -------
+    list of dict
+        One row per size with median seconds per candidate (identical on every rank).
+    """
+    rows = []
+    if gloo:
+        import torch.distributed as dist
+
+        _gloo_group(comm)
+    with LayerComms(comm, plan) as comms:
+        for numel in sizes:
+            raw = np.ones(numel, dtype=np.float32)
+            gloo_tensor = torch.ones(numel, dtype=torch.float32)
+            subtree = HierarchicalAggregator(comms, numel, algorithm="subtree")
+            tree = HierarchicalAggregator(comms, numel, algorithm="tree")
+            for agg in (subtree, tree):
+                agg.flat.fill_(1.0)
+            candidates: dict[str, Callable[[], None]] = {
+                "mpi_allreduce": lambda: comm.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM),
+                "hfl_subtree": lambda: subtree.aggregate(plan.depth, 1.0),
+                "hfl_tree": lambda: tree.aggregate(plan.depth, 1.0),
+            }
+            if gloo:
+                candidates["gloo_all_reduce"] = lambda: dist.all_reduce(gloo_tensor)
+            medians = time_interleaved(comm, candidates, repeats)
+            rows.append({"numel": float(numel), **medians})
+            del raw, gloo_tensor, subtree, tree
+    return rows
+
+
+def _format_rows(rows: list[dict[str, float]], world_size: int, fanouts: Sequence[int]) -> str:
+    lines = [
+        f"# hflmpi bench aggregate: {world_size} ranks, tree fanouts={list(fanouts)}, float32, "
+        "median of repeats, slowest rank",
+        f"{'params':>10} {'raw MPI ms':>11} {'subtree ms':>11} {'tree ms':>9} {'gloo ms':>9} "
+        f"{'subtree/raw':>12} {'tree/raw':>9} {'gloo/raw':>9}",
+    ]
+    for row in rows:
+        raw = row["mpi_allreduce"]
+        gloo = row.get("gloo_all_reduce", float("nan"))
+        lines.append(
+            f"{int(row['numel']):>10} {raw * 1e3:>11.2f} {row['hfl_subtree'] * 1e3:>11.2f} "
+            f"{row['hfl_tree'] * 1e3:>9.2f} {gloo * 1e3:>9.2f} {row['hfl_subtree'] / raw:>12.3f} "
+            f"{row['hfl_tree'] / raw:>9.3f} {gloo / raw:>9.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int:
+    """Entry point of ``hflmpi bench``; run it under ``mpiexec -n P``."""
+    parser = argparse.ArgumentParser(prog="hflmpi bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    agg = sub.add_parser("aggregate", help="hierarchical aggregation vs raw Allreduce and gloo")
+    agg.add_argument("--sizes", default="1000000,10000000,25000000", help="parameter counts, comma-separated")
+    agg.add_argument("--fanouts", default="", help="tree fan-outs, e.g. 4,2 (default: groups of 4 or 2)")
+    agg.add_argument("--repeats", type=int, default=7)
+    agg.add_argument("--no-gloo", action="store_true", help="skip the torch.distributed baseline")
+    args = parser.parse_args(argv)
+    comm = MPI.COMM_WORLD if comm is None else comm
+    torch.set_num_threads(1)
+    sizes = [int(float(s)) for s in args.sizes.split(",") if s]
+    fanouts = [int(f) for f in args.fanouts.split(",") if f] or default_fanouts(comm.Get_size())
+    plan = plan_fanouts(fanouts, comm.Get_size())
+    rows = bench_aggregate(comm, sizes, plan, args.repeats, gloo=not args.no_gloo)
+    if comm.Get_rank() == 0:
+        print(_format_rows(rows, comm.Get_size(), fanouts), flush=True)
+    return 0
