@@ -20,9 +20,13 @@ and then one of two algorithms sums the scaled models:
 * ``"tree"``: ``Reduce`` to each layer's leader, layer by layer, then ``Bcast`` down, layer by
   layer. This is the literal tree (and the shape the quantized layers use).
 
+Quantized layers (``bits[n-1] > 0``) need the nested form: each layer's participants send
+``Q_n(a_c (x_c - x))`` to their leader (:mod:`hflmpi.uplink`, exact integer sums), layer by layer,
+and the top leader's model is broadcast down, layer by layer. Each participant keeps the anchor
+``x`` of every quantized layer it takes part in (the model at that layer's last aggregation).
+
 Weights are re-read at every aggregation, so a device whose weight is zero (a dropped client)
-simply leaves the average. The raw weight also rides in the last slot of the wire buffer, which
-makes the subtree total visible in the result for checking. Buffers are allocated once;
+simply leaves the average. The model buffer is aggregated in place (no copies on the CPU);
 collectives use the upper-case buffer API with ``MPI.IN_PLACE``.
 """
 
@@ -32,13 +36,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+import math
+from typing import Sequence
+
+import numpy as np
 import torch
 from mpi4py import MPI
 
 from hflmpi.comm import LayerComms, cuda_aware_mpi
+from hflmpi.rng import torch_generator
 from hflmpi.transport import MpiBuffer
+from hflmpi.uplink import QuantizedUplink
 
-__all__ = ["AggregationStats", "HierarchicalAggregator"]
+__all__ = ["AggregationStats", "HierarchicalAggregator", "measure_divergences", "METHOD_NAMES"]
+
+METHOD_NAMES = ("none", "integer-sum", "gather")
 
 Algorithm = Literal["subtree", "tree"]
 
@@ -52,12 +64,25 @@ class AggregationStats:
     seconds : list of float
         Wall time this rank spent in each layer's collectives.
     bytes_sent : list of int
-        Payload bytes this rank contributed to each layer's uplink (0 at a leader, whose own
-        contribution stays local, and at ranks that do not join the layer).
+        Uplink bytes this rank sent in each layer: its payload (0 at a leader, whose own
+        contribution stays local, and at ranks that do not join the layer) plus, on quantized
+        layers, its share of the scales exchange.
+    quant_error : list of float
+        ``||Q(d) - d||^2 / ||d||^2`` of this rank's quantized update per layer (NaN where it
+        was not measured, not quantized, or this rank did not take part).
+    methods : list of int
+        Index into :data:`METHOD_NAMES` of how each layer's uplink travelled.
     """
 
     seconds: list[float] = field(default_factory=list)
     bytes_sent: list[int] = field(default_factory=list)
+    quant_error: list[float] = field(default_factory=list)
+    methods: list[int] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, layers: int) -> "AggregationStats":
+        """Return zeroed stats for ``layers`` layers."""
+        return cls([0.0] * layers, [0] * layers, [math.nan] * layers, [0] * layers)
 
 
 class HierarchicalAggregator:
@@ -67,50 +92,78 @@ class HierarchicalAggregator:
     ----------
     comms : LayerComms
         Communicators of this rank.
-    numel : int
-        Number of model parameters.
-    dtype : torch.dtype
-        ``torch.float32`` or ``torch.float64``.
-    device : torch.device or str
-        Where the buffer lives (``"cpu"`` or a CUDA device).
+    flat : torch.Tensor
+        The model as one contiguous 1-D float32/float64 tensor (CPU or CUDA), aggregated in
+        place. Bind the model's parameters to it (:func:`hflmpi.flat.flatten_parameters`) so
+        training and aggregation share memory and nothing is copied.
     algorithm : {"subtree", "tree"}
         How full-precision aggregation is carried out (see the module docstring).
-
-    Attributes
-    ----------
-    flat : torch.Tensor
-        The model, a view of the first ``numel`` slots of the wire buffer. Bind the model's
-        parameters to it (:mod:`hflmpi.flat`) so training and aggregation share memory.
+    bits : sequence of int, optional
+        Uplink quantizer width per layer (0 = exact); default exact everywhere.
+    bucket_size : int
+        Elements per quantization scale.
+    seed : int
+        Run seed; quantization noise is keyed by (seed, rank, step, layer).
+    method : {"auto", "sum", "gather"}
+        Transport of quantized levels (see :mod:`hflmpi.uplink`).
     """
 
     def __init__(
         self,
         comms: LayerComms,
-        numel: int,
+        flat: torch.Tensor,
         *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
         algorithm: Algorithm = "subtree",
+        bits: Sequence[int] | None = None,
+        bucket_size: int = 512,
+        seed: int = 0,
+        method: str = "auto",
     ) -> None:
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype={dtype} is not supported; use torch.float32 or torch.float64")
+        if flat.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype={flat.dtype} is not supported; use torch.float32 or torch.float64")
+        if flat.dim() != 1 or not flat.is_contiguous() or flat.numel() < 1:
+            raise ValueError("the model buffer must be a non-empty contiguous 1-D tensor")
         if algorithm not in ("subtree", "tree"):
             raise ValueError(f"algorithm={algorithm!r} must be 'subtree' or 'tree'")
-        if numel < 1:
-            raise ValueError(f"numel={numel} must be >= 1")
         self.comms = comms
-        self.numel = numel
+        self.flat = flat
+        self.numel = flat.numel()
         self.algorithm: Algorithm = algorithm
-        self._wire = torch.zeros(numel + 1, dtype=dtype, device=device)
-        self.flat = self._wire[:numel]
-        self._mpi = MpiBuffer(self._wire, cuda_aware_mpi())
+        self.bits = [0] * comms.depth if bits is None else [int(b) for b in bits]
+        if len(self.bits) != comms.depth:
+            raise ValueError(f"bits={self.bits} needs one entry per layer ({comms.depth})")
+        self.seed = seed
+        cuda_aware = cuda_aware_mpi()
+        self._mpi = MpiBuffer(flat, cuda_aware)
+        self._uplinks: dict[int, QuantizedUplink] = {}
+        self._anchors: dict[int, torch.Tensor] = {}
+        for n, width in enumerate(self.bits, start=1):
+            if width > 0 and comms.joins(n):
+                self._uplinks[n] = QuantizedUplink(
+                    comms.layer(n), self.numel, width, bucket_size, flat.device, cuda_aware, method
+                )
+                self._anchors[n] = flat.detach().clone()
+
+    def methods(self) -> list[str]:
+        """Return how each layer's uplink travels from this rank ("none" where exact or absent)."""
+        return [
+            ("integer-sum" if self._uplinks[n].method == "sum" else "gather") if n in self._uplinks else "none"
+            for n in range(1, self.depth + 1)
+        ]
+
+    def reset_anchors(self) -> None:
+        """Make the current model every quantized layer's anchor (after a broadcast or resume)."""
+        for anchor in self._anchors.values():
+            anchor.copy_(self.flat)
 
     @property
     def depth(self) -> int:
         """Number of aggregation layers of the tree."""
         return self.comms.depth
 
-    def aggregate(self, layer: int, weight: float) -> AggregationStats:
+    def aggregate(
+        self, layer: int, weight: float, *, step: int = 0, measure_error: bool = False
+    ) -> AggregationStats:
         """Aggregate layers ``1..layer`` and leave the result in :attr:`flat` on every subtree device.
 
         Collective over the layer-``layer`` subtree communicator: every device of the subtree
@@ -123,6 +176,10 @@ class HierarchicalAggregator:
         weight : float
             This device's weight ``w_r`` (samples held, or 1 for uniform weighting); 0 drops the
             device from this aggregation.
+        step : int
+            Global step count; keys the quantization noise with (seed, rank, layer).
+        measure_error : bool
+            Measure each quantized uplink's relative error (one extra pass).
 
         Returns
         -------
@@ -148,10 +205,13 @@ class HierarchicalAggregator:
                 f"layer-{layer} aggregation over a subtree whose devices all have weight 0 "
                 "(every client dropped?)"
             )
+        if any(self.bits[:layer]):
+            stats = self._nested(layer, weight, step, measure_error)
+            stats.seconds[layer - 1] += time.perf_counter() - start - sum(stats.seconds)
+            return stats
         share = weight / total
         if share != 1.0:
             self.flat.mul_(share)
-        self._wire[self.numel] = weight
         prepare_seconds = time.perf_counter() - start
         if self.algorithm == "subtree":
             stats = self._subtree_allreduce(layer)
@@ -170,6 +230,55 @@ class HierarchicalAggregator:
         buf = self._mpi.outbound(copy=comm.Get_rank() == 0)
         comm.Bcast(buf, root=0)
         self._mpi.inbound()
+        for n, anchor in self._anchors.items():
+            if n <= layer:
+                anchor.copy_(self.flat)
+
+    def _nested(self, layer: int, weight: float, step: int, measure_error: bool) -> AggregationStats:
+        """Layer-by-layer uplink (quantized or exact per layer), then broadcast down."""
+        stats = AggregationStats.empty(layer)
+        rank = self.comms.rank
+        child_weight = float(weight)
+        for n in range(1, layer + 1):
+            if not self.comms.joins(n):
+                break
+            start = time.perf_counter()
+            comm = self.comms.layer(n)
+            node_weight = comm.allreduce(child_weight, op=MPI.SUM)  # layer-n participants
+            share = child_weight / node_weight if node_weight > 0 else 0.0
+            if n in self._uplinks:
+                generator = torch_generator(self.seed, purpose="quantize", rank=rank, round=step,
+                                            layer=n, device=self.flat.device)
+                result = self._uplinks[n].exchange(self.flat, self._anchors[n], share, generator,
+                                                   measure_error)
+                stats.bytes_sent[n - 1] += result.bytes_sent
+                stats.quant_error[n - 1] = result.quant_error
+                stats.methods[n - 1] = 1 if self._uplinks[n].method == "sum" else 2
+            else:
+                if share != 1.0:
+                    self.flat.mul_(share)
+                buf = self._mpi.outbound()
+                if comm.Get_rank() == 0:
+                    comm.Reduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=0)
+                    self._mpi.inbound()
+                else:
+                    comm.Reduce(buf, None, op=MPI.SUM, root=0)
+                    stats.bytes_sent[n - 1] += self._mpi.nbytes
+            stats.seconds[n - 1] += time.perf_counter() - start
+            child_weight = node_weight
+            if comm.Get_rank() != 0:
+                break
+        buf = self._mpi.outbound()
+        for n in range(layer, 0, -1):
+            if self.comms.joins(n):
+                start = time.perf_counter()
+                self.comms.layer(n).Bcast(buf, root=0)
+                stats.seconds[n - 1] += time.perf_counter() - start
+        self._mpi.inbound()
+        for n, anchor in self._anchors.items():
+            if n <= layer:
+                anchor.copy_(self.flat)
+        return stats
 
     def _subtree_allreduce(self, layer: int) -> AggregationStats:
         comm = self.comms.subtree(layer)
@@ -179,13 +288,13 @@ class HierarchicalAggregator:
         self._mpi.inbound()
         seconds = time.perf_counter() - start
         # Accounting: the whole exchange is charged to the top layer, as one uplink per device.
-        stats = AggregationStats([0.0] * layer, [0] * layer)
+        stats = AggregationStats.empty(layer)
         stats.seconds[layer - 1] = seconds
         stats.bytes_sent[layer - 1] = 0 if comm.Get_rank() == 0 else self._mpi.nbytes
         return stats
 
     def _tree_reduce_bcast(self, layer: int) -> AggregationStats:
-        stats = AggregationStats([0.0] * layer, [0] * layer)
+        stats = AggregationStats.empty(layer)
         buf = self._mpi.outbound()
         for n in range(1, layer + 1):
             if not self.comms.joins(n):
@@ -206,3 +315,28 @@ class HierarchicalAggregator:
             stats.seconds[n - 1] += time.perf_counter() - start
         self._mpi.inbound()
         return stats
+
+
+def measure_divergences(comms: LayerComms, flat: torch.Tensor, weight: float) -> tuple[float, float]:
+    """Return H-SGD's (upward, downward) divergences of the current device models (all ranks).
+
+    With groups = layer-1 nodes, group model ``x_g`` and global model ``x`` (weighted averages),
+    upward ``= sum_g W_g ||x_g - x||^2 / W`` and downward ``= sum_i w_i ||x_i - x_g(i)||^2 / W``
+    (Wang et al., AAAI 2022, Sec. 4). Costs two full-model allreduces; leaves ``flat`` unchanged.
+    """
+    group_comm, world_comm = comms.subtree(1), comms.subtree(comms.depth)
+    group_weight = group_comm.allreduce(float(weight), op=MPI.SUM)
+    total_weight = world_comm.allreduce(float(weight), op=MPI.SUM)
+    if group_weight <= 0 or total_weight <= 0:
+        return math.nan, math.nan
+    host = flat.detach().to("cpu", torch.float64)
+    group_model = (host * (weight / group_weight)).numpy()
+    group_comm.Allreduce(MPI.IN_PLACE, group_model, op=MPI.SUM)
+    global_model = (host * (weight / total_weight)).numpy()
+    world_comm.Allreduce(MPI.IN_PLACE, global_model, op=MPI.SUM)
+    mine = host.numpy()
+    down = float(np.dot(mine - group_model, mine - group_model))
+    up = float(np.dot(group_model - global_model, group_model - global_model))
+    sums = np.array([weight * up, weight * down])
+    world_comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+    return float(sums[0] / total_weight), float(sums[1] / total_weight)

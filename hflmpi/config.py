@@ -361,6 +361,9 @@ class RunOptions(_Section):
         Default ``"auto"``.
     dtype : {"float32", "float64"}
         Parameter and aggregation dtype. Default ``"float32"``.
+    divergence : bool
+        Measure H-SGD's upward/downward divergences at every evaluation (two extra
+        full-model allreduces per evaluated round). Default true.
     """
 
     section: ClassVar[str] = "run"
@@ -372,6 +375,7 @@ class RunOptions(_Section):
     eval_every: int = _opt(1, _int(0), "1")
     progress: str = _opt("auto", _choice("auto", "on", "off"), '"auto"')
     dtype: str = _opt("float32", _choice("float32", "float64"), '"float32"')
+    divergence: bool = _opt(True, _bool, "true")
 
 
 @dataclass(frozen=True)
@@ -479,10 +483,14 @@ class AggregationConfig(_Section):
     weighting : {"samples", "uniform"}
         Child weight in ``x + sum_c a_c Q(x_c - x)``: samples held in the child's subtree
         (FedAvg-style) or its device count (the paper's form). Default ``"samples"``.
+    algorithm : {"subtree", "tree"}
+        How full-precision layers are summed: one allreduce over the subtree (fastest, same
+        result) or the literal reduce-up/broadcast-down tree. Default ``"subtree"``.
     """
 
     section: ClassVar[str] = "aggregation"
     weighting: str = _opt("samples", _choice("samples", "uniform"), '"samples"')
+    algorithm: str = _opt("subtree", _choice("subtree", "tree"), '"subtree"')
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,424 @@
+"""The QMLHFL training loop: every MPI rank is a device; one global round is ``prod(tau)`` steps.
+
+Reads top to bottom: set up (config, tree, data, model, aggregator, run record), then for each
+global round run the nested schedule of :mod:`hflmpi.schedule` (local SGD steps, with layers
+``1..L`` aggregating whenever a layer-L period closes), evaluate the global model, record the
+round and checkpoint. Collectives are marked "all ranks" (or the subtree that takes part).
+
+Launch as ``mpiexec -n 8 python -m mpi4py -m hflmpi run CONFIG.toml`` so an exception on one
+rank aborts every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO, TypeVar
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from hflmpi import __version__
+from hflmpi.aggregate import HierarchicalAggregator, measure_divergences
+from hflmpi.checkpoint import (
+    CheckpointFallbackWarning,
+    config_digest,
+    load_latest_valid,
+    save_checkpoint,
+)
+from hflmpi.comm import LayerComms, plan_from_nodes
+from hflmpi.config import ConfigError, RunConfig, load_config, to_toml_string
+from hflmpi.data import TensorDataset, load_dataset
+from hflmpi.flat import flatten_parameters
+from hflmpi.local import BatchSampler, LocalSolver, evaluate, lr_at
+from hflmpi.models import build_model
+from hflmpi.partition import make_partition, partition_stats
+from hflmpi.progress import Progress
+from hflmpi.schedule import round_events, steps_per_round
+from hflmpi.store import RoundMetrics, RunRecord, read_config_toml
+from hflmpi.topology import TopologyError, TreePlan, plan_fanouts, plan_groups
+
+__all__ = ["SetupError", "TrainResult", "plan_for", "train", "main"]
+
+T = TypeVar("T")
+
+
+class SetupError(RuntimeError):
+    """Setup failed on at least one rank; raised on every rank with the first failure's text."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves behind (identical on every rank).
+
+    Attributes
+    ----------
+    rounds : int
+        Last completed global round.
+    test_accuracy, test_loss : float
+        Of the global model after the last round (NaN if never evaluated).
+    model : torch.Tensor
+        Copy of the final global model, flat, on the CPU.
+    record_path : Path
+        The HDF5 run file.
+    """
+
+    rounds: int
+    test_accuracy: float
+    test_loss: float
+    model: torch.Tensor
+    record_path: Path
+
+
+def agree(comm: MPI.Comm, what: str, action: Callable[[], T]) -> T:
+    """Run ``action`` on every rank; if it fails anywhere, raise :class:`SetupError` everywhere.
+
+    All ranks. Keeps a bad file or config on one rank from leaving the others in a collective.
+    """
+    error: str | None = None
+    result: Any = None
+    try:
+        result = action()
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError, TypeError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    errors = comm.allgather(error)
+    failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
+    if failed:
+        rank, text = failed[0]
+        more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+        raise SetupError(f"{what} failed on rank {rank}{more}: {text}")
+    return result
+
+
+def plan_for(config: RunConfig, comm: MPI.Comm) -> TreePlan:
+    """Plan the tree the config asks for over ``comm`` (collective only for ``nodes``)."""
+    topo, size = config.topology, comm.Get_size()
+    if topo.kind == "fanouts":
+        plan = plan_fanouts(list(topo.fanouts), size)
+    elif topo.kind == "groups":
+        plan = plan_groups(topo.groups, size)
+    elif topo.kind == "nodes":
+        plan = plan_from_nodes(comm, list(topo.node_fanouts))
+    else:
+        plan = plan_fanouts([size], size)
+    if len(config.schedule.tau) != plan.depth:
+        raise ConfigError(
+            f"schedule.tau={list(config.schedule.tau)} has {len(config.schedule.tau)} entries but "
+            f"the tree over {size} ranks has {plan.depth} layers; give one tau per layer"
+        )
+    return plan
+
+
+def _device(config: RunConfig, comm: MPI.Comm) -> torch.device:
+    wanted = config.run.device
+    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError('run.device="cuda" but torch sees no CUDA device; use "cpu" or "auto"')
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    local_rank = int(os.environ.get("SLURM_LOCALID", local.Get_rank()))
+    local.Free()
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def _resume_state(comm: MPI.Comm, resume: Path | None) -> dict[str, Any] | None:
+    """Rank 0 loads the newest valid checkpoint; every rank gets its own slice (all ranks)."""
+    if resume is None:
+        return None
+
+    def load() -> Any:
+        if comm.Get_rank() != 0:
+            return None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CheckpointFallbackWarning)
+            checkpoint = load_latest_valid(resume)
+        for warning in caught:
+            print(f"hflmpi: warning: {warning.message}", file=sys.stderr, flush=True)
+        return checkpoint
+
+    checkpoint = agree(comm, f"loading a checkpoint for {resume}", load)
+    shared = None
+    if comm.Get_rank() == 0:
+        shared = {"round": checkpoint.round, "state": checkpoint.state, "model": checkpoint.model}
+    shared = comm.bcast(shared, root=0)
+    per_rank = None
+    if comm.Get_rank() == 0:
+        names = sorted(checkpoint.extra_arrays)
+        per_rank = [{n: checkpoint.extra_arrays[n][r] for n in names} for r in range(comm.Get_size())]
+    shared["mine"] = comm.scatter(per_rank, root=0)
+    return shared
+
+
+def train(
+    config: RunConfig,
+    comm: MPI.Comm,
+    *,
+    resume: str | os.PathLike[str] | None = None,
+    stream: TextIO | None = None,
+) -> TrainResult:
+    """Train federatedly over ``comm`` as ``config`` says and return the final global model.
+
+    Collective over ``comm``: every rank calls it with the same config.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The resolved configuration.
+    comm : MPI.Comm
+        Devices of the federation (``MPI.COMM_WORLD`` from the CLI).
+    resume : path, optional
+        Run file whose newest valid checkpoint to continue from (metrics past it are dropped).
+    stream : text stream, optional
+        Where rank 0 writes progress (default stdout).
+    """
+    rank, size = comm.Get_rank(), comm.Get_size()
+    seed, rounds, tau = config.run.seed, config.run.rounds, list(config.schedule.tau)
+    record_path = Path(resume) if resume is not None else Path(config.run.out)
+
+    # ---- set up: tree, data, model (all ranks; failures raise on every rank) ----
+    plan = agree(comm, "planning the tree", lambda: plan_for(config, comm))
+    device = agree(comm, "choosing the device", lambda: _device(config, comm))
+    dtype = torch.float64 if config.run.dtype == "float64" else torch.float32
+    train_set, test_set = agree(comm, "loading data", lambda: load_dataset(config.data, seed))
+    parts = make_partition(train_set.labels.numpy(), size, config.data, seed)
+    my_indices = parts[rank]
+    weight = float(len(my_indices)) if config.aggregation.weighting == "samples" else 1.0
+    train_set, test_set = train_set.to(device), test_set.to(device)
+    my_test = test_set.subset(np.arange(rank, len(test_set), size))
+
+    model = agree(comm, "building the model", lambda: build_model(
+        config.model, train_set.input_shape, train_set.num_classes, seed=seed))
+    params = flatten_parameters(model, dtype=dtype, device=device)
+    comms = LayerComms(comm, plan)
+    bits = list(config.quantize.bits_for(plan.depth))
+    aggregator = HierarchicalAggregator(
+        comms, params.flat, algorithm=config.aggregation.algorithm,
+        bits=bits, bucket_size=config.quantize.bucket_size, seed=seed,
+    )
+    sampler = BatchSampler(my_indices, config.optim.batch_size, seed=seed, client=rank)
+
+    # ---- resume or start fresh; the run record is rank 0's ----
+    state = _resume_state(comm, Path(resume) if resume is not None else None)
+    start_round = 1
+    if state is not None:
+        params.flat.copy_(torch.from_numpy(np.asarray(state["model"])).to(dtype))
+        sampler.load_state_dict({k: int(v) for k, v in zip(("epoch", "offset"), state["mine"]["sampler"])})
+        start_round = int(state["round"]) + 1
+    aggregator.broadcast()  # all ranks: start from rank 0's model, bit for bit (sets anchors)
+    solver = LocalSolver(model, config.optim)
+    if state is not None and "momentum" in state["mine"]:
+        _load_momentum(solver, state["mine"]["momentum"])
+    record = agree(comm, "opening the run record", lambda: _open_record(
+        config, comm, plan, record_path, resume is not None, start_round - 1, parts, train_set))
+    progress = Progress(stream or sys.stdout, config.run.progress, total_rounds=rounds) if rank == 0 else None
+    steps = steps_per_round(tau)
+    started = time.perf_counter()
+    test_loss = test_accuracy = math.nan
+
+    for rnd in range(start_round, rounds + 1):
+        round_start = time.perf_counter()
+        solver.lr = lr_at(rnd - 1, config.optim, rounds)
+        compute = np.zeros(plan.depth)
+        comm_seconds = np.zeros(plan.depth)
+        bytes_sent = np.zeros(plan.depth)
+        quant_error = np.full(plan.depth, np.nan)
+        methods = [0] * plan.depth
+        upward = downward = math.nan
+        evaluate_now = rnd == rounds or (config.run.eval_every > 0 and rnd % config.run.eval_every == 0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        period_start = time.perf_counter()
+        for step, layer in round_events(tau):
+            batch = next(sampler)
+            loss_sum += solver.step(train_set.features[batch], train_set.labels[batch])
+            if layer == 0:
+                continue
+            compute[layer - 1] += time.perf_counter() - period_start
+            if layer == plan.depth and evaluate_now and config.run.divergence:
+                upward, downward = measure_divergences(comms, params.flat, weight)  # all ranks
+            stats = aggregator.aggregate(layer, weight, step=(rnd - 1) * steps + step,
+                                         measure_error=evaluate_now)  # all ranks of the subtree
+            solver.on_aggregation()
+            comm_seconds[:layer] += stats.seconds
+            bytes_sent[:layer] += stats.bytes_sent
+            for n, (err, method) in enumerate(zip(stats.quant_error, stats.methods)):
+                if not math.isnan(err):
+                    quant_error[n] = err if math.isnan(quant_error[n]) else max(quant_error[n], err)
+                methods[n] = method
+            period_start = time.perf_counter()
+
+        if evaluate_now:
+            test_loss, test_accuracy = _evaluate_global(model, my_test, comm)  # all ranks
+        train_loss = _weighted_mean(comm, float(loss_sum) / steps, weight)  # all ranks
+        totals = _reduce(comm, bytes_sent, MPI.SUM)  # all ranks
+        worst = np.concatenate([compute, comm_seconds, np.nan_to_num(quant_error, nan=-1.0)])
+        slowest = _reduce(comm, worst, MPI.MAX)  # all ranks
+        if rank == 0:
+            wall = time.perf_counter() - round_start
+            record.append_round(RoundMetrics(
+                round=rnd, wall_time=time.perf_counter() - started, train_loss=train_loss,
+                test_loss=test_loss if evaluate_now else math.nan,
+                test_accuracy=test_accuracy if evaluate_now else math.nan,
+                samples_per_second=size * steps * config.optim.batch_size / wall,
+                compute_seconds=list(slowest[: plan.depth]),
+                comm_seconds=list(slowest[plan.depth: 2 * plan.depth]),
+                bytes_sent=list(totals), method=methods,
+                quant_error=[math.nan if e < 0 else e for e in slowest[2 * plan.depth:]],
+                upward_divergence=upward, downward_divergence=downward,
+            ))
+            progress.update(rnd, loss=train_loss, accuracy=test_accuracy,
+                            samples_per_second=size * steps * config.optim.batch_size / wall)
+        if rnd == rounds or (config.run.checkpoint_every > 0 and rnd % config.run.checkpoint_every == 0):
+            _checkpoint(comm, record_path, rnd, params.flat, sampler, solver, config)  # all ranks
+
+    if rank == 0:
+        progress.close()
+        record.close()
+    final = params.flat.detach().cpu().clone()
+    comms.free()
+    return TrainResult(rounds, test_accuracy, test_loss, final, record_path)
+
+
+def _open_record(
+    config: RunConfig, comm: MPI.Comm, plan: TreePlan, path: Path, resuming: bool,
+    last_round: int, parts: list[np.ndarray], train_set: TensorDataset,
+) -> RunRecord | None:
+    if comm.Get_rank() != 0:
+        return None
+    if resuming:
+        record = RunRecord.open_append(path)
+        record.truncate_to(last_round)
+        return record
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = RunRecord.create(
+        path, to_toml_string(config),
+        {"world_size": comm.Get_size(), "tree": plan.describe(), "hflmpi_version": __version__},
+        layer_count=plan.depth,
+    )
+    stats = partition_stats(parts, train_set.labels.cpu().numpy(), train_set.num_classes)
+    record.write_partition(stats.sizes, stats.histograms)
+    return record
+
+
+def _evaluate_global(model: torch.nn.Module, my_test: TensorDataset, comm: MPI.Comm) -> tuple[float, float]:
+    """Evaluate the (identical) global model on this rank's slice of the test set; sum over ranks."""
+    count = len(my_test)
+    loss, accuracy = evaluate(model, my_test) if count else (0.0, 0.0)
+    totals = np.array([loss * count, accuracy * count, count], dtype=np.float64)
+    comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+
+def _reduce(comm: MPI.Comm, values: np.ndarray, op: MPI.Op) -> np.ndarray:
+    """Element-wise reduction of a small float64 vector to rank 0 (buffer API)."""
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    out = np.empty_like(values) if comm.Get_rank() == 0 else None
+    comm.Reduce(values, out, op=op, root=0)
+    return out if out is not None else values
+
+
+def _weighted_mean(comm: MPI.Comm, value: float, weight: float) -> float:
+    totals = np.array([value * weight, weight], dtype=np.float64)
+    comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
+
+
+def _flat_momentum(solver: LocalSolver) -> np.ndarray | None:
+    if not solver.momentum_buffers or solver.config.momentum_reset == "aggregation":
+        return None  # zero right after every global aggregation: nothing to save
+    return torch.cat([b.detach().reshape(-1).cpu() for b in solver.momentum_buffers]).numpy()
+
+
+def _load_momentum(solver: LocalSolver, flat: np.ndarray) -> None:
+    offset = 0
+    with torch.no_grad():
+        for buffer in solver.momentum_buffers:
+            n = buffer.numel()
+            buffer.copy_(torch.from_numpy(np.asarray(flat[offset:offset + n])).view_as(buffer))
+            offset += n
+
+
+def _checkpoint(
+    comm: MPI.Comm, path: Path, rnd: int, flat: torch.Tensor, sampler: BatchSampler,
+    solver: LocalSolver, config: RunConfig,
+) -> None:
+    """Gather per-rank state to rank 0 and write an atomic checkpoint (all ranks)."""
+    position = sampler.state_dict()
+    mine = {"sampler": np.array([position["epoch"], position["offset"]], dtype=np.int64)}
+    momentum = _flat_momentum(solver)
+    if momentum is not None:
+        mine["momentum"] = momentum
+    gathered = comm.gather(mine, root=0)
+
+    def write() -> None:
+        if comm.Get_rank() != 0:
+            return
+        extra = {name: np.stack([g[name] for g in gathered]) for name in mine}
+        save_checkpoint(
+            path, round=rnd, model_flat=flat.detach().cpu(), extra_arrays=extra,
+            state={"round": rnd, "config_sha256": config_digest(to_toml_string(config)),
+                   "world_size": comm.Get_size(), "hflmpi_version": __version__},
+        )
+
+    agree(comm, f"writing the round-{rnd} checkpoint", write)
+
+
+def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int:
+    """Entry point of ``hflmpi run``; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="hflmpi run", description="Train under mpiexec.")
+    parser.add_argument("config", nargs="?", help="TOML config (optional with --resume)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set schedule.tau=[5,2] (repeatable)")
+    parser.add_argument("--resume", metavar="RUN.h5", help="continue the run stored in RUN.h5")
+    args = parser.parse_args(argv)
+    comm = MPI.COMM_WORLD if comm is None else comm
+    rank = comm.Get_rank()
+    try:
+        if args.config is None and args.resume is None:
+            raise ConfigError("give a CONFIG.toml, or --resume RUN.h5 to continue a run")
+        if args.config is None:
+            config = _config_from_run(Path(args.resume), args.overrides)
+        else:
+            config = load_config(args.config, args.overrides)
+        _limit_threads(comm)
+        result = train(config, comm, resume=args.resume)
+    except (ConfigError, TopologyError, SetupError) as exc:
+        # Every rank raised the same error (config and setup checks are collective): say it once.
+        if rank == 0:
+            print(f"hflmpi: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if rank == 0:
+        print(f"hflmpi: {result.rounds} rounds done; test accuracy {result.test_accuracy:.4f}, "
+              f"test loss {result.test_loss:.4f}; run record {result.record_path}", flush=True)
+    return 0
+
+
+def _config_from_run(path: Path, overrides: Sequence[str]) -> RunConfig:
+    import tempfile
+
+    try:
+        text = read_config_toml(path)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError(f"--resume {path}: cannot read the stored config ({exc})") from None
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as handle:
+        handle.write(text)
+    try:
+        return load_config(handle.name, overrides)
+    finally:
+        os.unlink(handle.name)
+
+
+def _limit_threads(comm: MPI.Comm) -> None:
+    """Give each rank its share of the node's cores (ranks oversubscribing cores crawl otherwise)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    ranks_here = local.Get_size()
+    local.Free()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
