@@ -44,6 +44,7 @@ import torch
 from mpi4py import MPI
 
 from hflmpi.comm import LayerComms, cuda_aware_mpi
+from hflmpi.quantize import auto_bucket_size
 from hflmpi.rng import torch_generator
 from hflmpi.transport import MpiBuffer
 from hflmpi.uplink import QuantizedUplink
@@ -101,7 +102,8 @@ class HierarchicalAggregator:
     bits : sequence of int, optional
         Uplink quantizer width per layer (0 = exact); default exact everywhere.
     bucket_size : int
-        Elements per quantization scale.
+        Elements per quantization scale; 0 picks :func:`~hflmpi.quantize.auto_bucket_size`
+        per layer.
     seed : int
         Run seed; quantization noise is keyed by (seed, rank, step, layer).
     method : {"auto", "sum", "gather"}
@@ -115,7 +117,7 @@ class HierarchicalAggregator:
         *,
         algorithm: Algorithm = "subtree",
         bits: Sequence[int] | None = None,
-        bucket_size: int = 512,
+        bucket_size: int = 0,
         seed: int = 0,
         method: str = "auto",
     ) -> None:
@@ -139,8 +141,9 @@ class HierarchicalAggregator:
         self._anchors: dict[int, torch.Tensor] = {}
         for n, width in enumerate(self.bits, start=1):
             if width > 0 and comms.joins(n):
+                bucket = bucket_size or auto_bucket_size(width)
                 self._uplinks[n] = QuantizedUplink(
-                    comms.layer(n), self.numel, width, bucket_size, flat.device, cuda_aware, method
+                    comms.layer(n), self.numel, width, bucket, flat.device, cuda_aware, method
                 )
                 self._anchors[n] = flat.detach().clone()
 

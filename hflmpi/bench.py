@@ -2,7 +2,8 @@
 
 ``hflmpi bench aggregate`` (under ``mpiexec -n P``) times, for each model size, one hierarchical
 aggregation of a float32 model against a raw mpi4py ``Allreduce`` of the same buffer and against
-``torch.distributed`` (gloo) ``all_reduce``. The candidates are run interleaved, round-robin, so
+``torch.distributed`` (gloo) ``all_reduce``; ``--bits 8,4,2`` adds quantize + exact integer
+reduce + dequantize at those widths, with the bytes each moves. The candidates run interleaved, round-robin, so
 drift of this machine's speed hits all of them alike; the median of the repeats is reported, and
 rank 0 prints ratios to the raw Allreduce. Speed targets live here, not in the unit tests.
 """
@@ -75,7 +76,13 @@ def _gloo_group(comm: MPI.Comm) -> bool:
 
 
 def bench_aggregate(
-    comm: MPI.Comm, sizes: Sequence[int], plan: TreePlan, repeats: int, gloo: bool = True
+    comm: MPI.Comm,
+    sizes: Sequence[int],
+    plan: TreePlan,
+    repeats: int,
+    gloo: bool = True,
+    bits: Sequence[int] = (),
+    bucket_size: int = 0,
 ) -> list[dict[str, float]]:
     """Time hierarchical aggregation against raw Allreduce (and gloo) for each model size.
 
@@ -93,8 +100,8 @@ def bench_aggregate(
         for numel in sizes:
             raw = np.ones(numel, dtype=np.float32)
             gloo_tensor = torch.ones(numel, dtype=torch.float32)
-            subtree = HierarchicalAggregator(comms, numel, algorithm="subtree")
-            tree = HierarchicalAggregator(comms, numel, algorithm="tree")
+            subtree = HierarchicalAggregator(comms, torch.ones(numel), algorithm="subtree")
+            tree = HierarchicalAggregator(comms, torch.ones(numel), algorithm="tree")
             for agg in (subtree, tree):
                 agg.flat.fill_(1.0)
             candidates: dict[str, Callable[[], None]] = {
@@ -104,10 +111,33 @@ def bench_aggregate(
             }
             if gloo:
                 candidates["gloo_all_reduce"] = lambda: dist.all_reduce(gloo_tensor)
+            quantized = {}
+            for width in bits:
+                model = torch.randn(numel, generator=torch.Generator().manual_seed(comm.Get_rank()))
+                agg = HierarchicalAggregator(comms, model, bits=[width] * plan.depth,
+                                             bucket_size=bucket_size, seed=0)
+                quantized[width] = agg
+                candidates[f"q{width}"] = _quantized_run(agg, plan.depth)
             medians = time_interleaved(comm, candidates, repeats)
-            rows.append({"numel": float(numel), **medians})
-            del raw, gloo_tensor, subtree, tree
+            row = {"numel": float(numel), **medians}
+            for width, agg in quantized.items():
+                stats = agg.aggregate(plan.depth, 1.0, step=10**6)
+                row[f"q{width}_bytes"] = comm.allreduce(sum(stats.bytes_sent), op=MPI.SUM)
+                row[f"q{width}_method"] = float(stats.methods[0])
+            row["float_bytes"] = float((comm.Get_size() - 1) * numel * 4)
+            rows.append(row)
+            del raw, gloo_tensor, subtree, tree, quantized
     return rows
+
+
+def _quantized_run(agg: HierarchicalAggregator, depth: int) -> Callable[[], None]:
+    step = [0]
+
+    def run() -> None:
+        step[0] += 1
+        agg.aggregate(depth, 1.0, step=step[0])
+
+    return run
 
 
 def _format_rows(rows: list[dict[str, float]], world_size: int, fanouts: Sequence[int]) -> str:
@@ -125,6 +155,19 @@ def _format_rows(rows: list[dict[str, float]], world_size: int, fanouts: Sequenc
             f"{row['hfl_tree'] * 1e3:>9.2f} {gloo * 1e3:>9.2f} {row['hfl_subtree'] / raw:>12.3f} "
             f"{row['hfl_tree'] / raw:>9.3f} {gloo / raw:>9.3f}"
         )
+    widths = sorted({int(k[1:]) for row in rows for k in row if k[0] == "q" and k[1:].isdigit()}, reverse=True)
+    if widths:
+        lines.append("# quantized (quantize + exact integer reduce + dequantize + broadcast), all layers")
+        lines.append(f"{'params':>10} {'bits':>4} {'method':>11} {'ms':>9} {'time/raw':>9} "
+                     f"{'uplink bytes':>13} {'bytes/float32':>14}")
+        for row in rows:
+            for width in widths:
+                method = "integer-sum" if row[f"q{width}_method"] == 1 else "gather"
+                lines.append(
+                    f"{int(row['numel']):>10} {width:>4} {method:>11} {row[f'q{width}'] * 1e3:>9.2f} "
+                    f"{row[f'q{width}'] / row['mpi_allreduce']:>9.3f} {int(row[f'q{width}_bytes']):>13} "
+                    f"{row[f'q{width}_bytes'] / row['float_bytes']:>14.4f}"
+                )
     return "\n".join(lines)
 
 
@@ -137,13 +180,17 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     agg.add_argument("--fanouts", default="", help="tree fan-outs, e.g. 4,2 (default: groups of 4 or 2)")
     agg.add_argument("--repeats", type=int, default=7)
     agg.add_argument("--no-gloo", action="store_true", help="skip the torch.distributed baseline")
+    agg.add_argument("--bits", default="", help="also time quantized aggregation at these widths, e.g. 8,4,2")
+    agg.add_argument("--bucket-size", type=int, default=0, help="0 = auto per width")
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD if comm is None else comm
     torch.set_num_threads(1)
     sizes = [int(float(s)) for s in args.sizes.split(",") if s]
     fanouts = [int(f) for f in args.fanouts.split(",") if f] or default_fanouts(comm.Get_size())
     plan = plan_fanouts(fanouts, comm.Get_size())
-    rows = bench_aggregate(comm, sizes, plan, args.repeats, gloo=not args.no_gloo)
+    bits = [int(b) for b in args.bits.split(",") if b]
+    rows = bench_aggregate(comm, sizes, plan, args.repeats, gloo=not args.no_gloo, bits=bits,
+                           bucket_size=args.bucket_size)
     if comm.Get_rank() == 0:
         print(_format_rows(rows, comm.Get_size(), fanouts), flush=True)
     return 0

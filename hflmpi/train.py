@@ -201,6 +201,7 @@ def train(
     aggregator = HierarchicalAggregator(
         comms, params.flat, algorithm=config.aggregation.algorithm,
         bits=bits, bucket_size=config.quantize.bucket_size, seed=seed,
+        method=config.quantize.method,
     )
     sampler = BatchSampler(my_indices, config.optim.batch_size, seed=seed, client=rank)
 

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from mpi4py import MPI
 
-from hflmpi.packing import pack_codes, packed_nbytes, unpack_levels
+from hflmpi.packing import pack_codes, packed_nbytes, unpack_codes
 from hflmpi.quantize import (
     bucket_absmax,
     from_level_sum,
@@ -100,12 +100,14 @@ class QuantizedUplink:
         self.bucket_size = bucket_size
         self.s = levels_for_bits(bits)
         self.fan_in = comm.Get_size()
-        self.container = sum_dtype(bits, self.fan_in)
         if method == "auto":
             method = choose_method(numel, bits, self.fan_in)
         if method not in ("sum", "gather"):
             raise ValueError(f"quantize.method={method!r} must be 'auto', 'sum' or 'gather'")
         self.method: Method = method  # type: ignore[assignment]
+        # The gather path's leader adds offset codes (up to 2s each) before removing the offsets,
+        # so its accumulator gets one bit of headroom; the sum path's container is what travels.
+        self.container = sum_dtype(bits, self.fan_in if method == "sum" else 2 * self.fan_in)
         self.is_leader = comm.Get_rank() == 0
         self._diff = torch.empty(numel, dtype=torch.float32, device=device)
         self._workspace = new_workspace(numel, device)
@@ -191,23 +193,41 @@ class QuantizedUplink:
 
     def _gather_sum(self, levels: torch.Tensor) -> int:
         if not self.is_leader:  # the leader's own levels never leave it
-            codes = self._codes
-            if self.bits == 1:
-                torch.add(levels, 1, out=codes).bitwise_right_shift_(1)
-            else:
-                torch.add(levels, self.s, out=codes)
-            self._packed[0].copy_(pack_codes(codes, self.bits, self.numel, overwrite=True))
+            self._pack(levels, self._packed[0])
         buf = self._packed_mpi.outbound()
         if self.is_leader:
             self.comm.Gather(MPI.IN_PLACE, buf, root=0)
             self._packed_mpi.inbound()
-            # Own levels are already in self._levels; add the other children's, in rank order.
+            # Own levels are already in self._levels. Add the other children's *codes*
+            # (level + s) in rank order and remove the offsets once at the end: one integer pass
+            # per child, no widening copies. The sign grid's codes are (level + 1) / 2, so there
+            # the own level becomes a code first and sum(l) = 2 * sum(codes) - fan_in.
+            if self.bits == 1:
+                self._levels.add_(1).bitwise_right_shift_(1)
             for child in range(1, self.fan_in):
-                self._levels.add_(unpack_levels(self._packed[child], self.bits, self.numel,
-                                                dtype=self.container))
+                row = self._packed[child]
+                if self.bits == 8:
+                    self._levels.add_(row)
+                else:
+                    self._levels.add_(unpack_codes(row, self.bits, self.numel, dtype=self.container))
+            if self.bits == 1:
+                self._levels.mul_(2).sub_(self.fan_in)
+            elif self.fan_in > 1:
+                self._levels.sub_((self.fan_in - 1) * self.s)
             return 0
         self.comm.Gather(buf, None, root=0)
         return self.payload_nbytes
+
+    def _pack(self, levels: torch.Tensor, row: torch.Tensor) -> None:
+        if self.bits == 8:
+            torch.add(levels, self.s, out=row)  # codes 0..254 written straight into the bytes
+            return
+        codes = self._codes
+        if self.bits == 1:
+            torch.add(levels, 1, out=codes).bitwise_right_shift_(1)
+        else:
+            torch.add(levels, self.s, out=codes)
+        row.copy_(pack_codes(codes, self.bits, self.numel, overwrite=True))
 
     def _relative_error(self, diff: torch.Tensor, levels: torch.Tensor) -> float:
         decoded = from_level_sum(levels, self._scales, self.s, bucket_size=self.bucket_size)

@@ -70,7 +70,7 @@ def test_every_layer_matches_nested_numpy_reference(algorithm, weighting, dtype)
     for kind, spec in tree_specs(size):
         plan = _plan(kind, spec, size)
         with LayerComms(comm, plan) as comms:
-            agg = HierarchicalAggregator(comms, NUMEL, dtype=dtype, algorithm=algorithm)
+            agg = HierarchicalAggregator(comms, torch.zeros(NUMEL, dtype=dtype), algorithm=algorithm)
             for layer in range(1, plan.depth + 1):
                 agg.flat.copy_(torch.from_numpy(_model_of(rank, np_dtype)))
                 stats = agg.aggregate(layer, _weight_of(rank, weighting))
@@ -94,7 +94,7 @@ def test_depth_one_equals_flat_allreduce_average_bitwise():
     expected = x * np.float32(w / total)
     comm.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
     with LayerComms(comm, plan_fanouts([size], size)) as comms:
-        agg = HierarchicalAggregator(comms, NUMEL, algorithm="subtree")
+        agg = HierarchicalAggregator(comms, torch.zeros(NUMEL), algorithm="subtree")
         agg.flat.copy_(torch.from_numpy(x))
         agg.aggregate(1, w)
         parallel_assert(comm, np.array_equal(agg.flat.numpy(), expected), "differs from flat Allreduce")
@@ -108,7 +108,7 @@ def test_rank_oracle_on_every_layer():
     for kind, spec in tree_specs(size):
         plan = _plan(kind, spec, size)
         with LayerComms(comm, plan) as comms:
-            agg = HierarchicalAggregator(comms, 7, dtype=torch.float64, algorithm="tree")
+            agg = HierarchicalAggregator(comms, torch.zeros(7, dtype=torch.float64), algorithm="tree")
             for layer in range(1, plan.depth + 1):
                 agg.flat.fill_(rank)
                 agg.aggregate(layer, rank + 1)
@@ -122,7 +122,7 @@ def test_zero_weight_device_is_left_out():
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     with LayerComms(comm, plan_fanouts([size], size)) as comms:
-        agg = HierarchicalAggregator(comms, 3, dtype=torch.float64)
+        agg = HierarchicalAggregator(comms, torch.zeros(3, dtype=torch.float64))
         agg.flat.fill_(1e6 if rank == 0 else rank)
         agg.aggregate(1, 0.0 if rank == 0 else 1.0)
         expected = sum(range(1, size)) / (size - 1)
@@ -135,7 +135,7 @@ def test_all_zero_weights_raise_on_every_rank(algorithm):
     comm = MPI.COMM_WORLD
     size = comm.Get_size()
     with LayerComms(comm, plan_fanouts([size], size)) as comms:
-        agg = HierarchicalAggregator(comms, 3, algorithm=algorithm)
+        agg = HierarchicalAggregator(comms, torch.zeros(3), algorithm=algorithm)
         with pytest.raises(ValueError, match="weight 0"):
             agg.aggregate(1, 0.0)
 
@@ -145,7 +145,7 @@ def test_broadcast_copies_root_model_everywhere():
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     with LayerComms(comm, plan_fanouts([size], size)) as comms:
-        agg = HierarchicalAggregator(comms, 5)
+        agg = HierarchicalAggregator(comms, torch.zeros(5))
         agg.flat.fill_(float(rank + 42))
         agg.broadcast()
         parallel_assert(comm, bool(torch.all(agg.flat == 42.0)))
@@ -187,8 +187,8 @@ def test_invalid_arguments_serial():
     comm = MPI.COMM_SELF
     with LayerComms(comm, plan_fanouts([1], 1)) as comms:
         with pytest.raises(ValueError, match="dtype"):
-            HierarchicalAggregator(comms, 3, dtype=torch.int32)
-        agg = HierarchicalAggregator(comms, 3)
+            HierarchicalAggregator(comms, torch.zeros(3, dtype=torch.int32))
+        agg = HierarchicalAggregator(comms, torch.zeros(3))
         with pytest.raises(ValueError, match="layer=2"):
             agg.aggregate(2, 1.0)
         with pytest.raises(ValueError, match="weight=-1"):
