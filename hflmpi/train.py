@@ -29,6 +29,7 @@ from hflmpi import __version__
 from hflmpi.aggregate import HierarchicalAggregator, measure_divergences
 from hflmpi.checkpoint import (
     CheckpointFallbackWarning,
+    checkpoint_paths,
     config_digest,
     load_latest_valid,
     save_checkpoint,
@@ -40,6 +41,7 @@ from hflmpi.flat import flatten_parameters
 from hflmpi.local import BatchSampler, LocalSolver, evaluate, lr_at
 from hflmpi.models import build_model
 from hflmpi.partition import make_partition, partition_stats
+from hflmpi.preempt import EXIT_PREEMPTED, PreemptionFlag
 from hflmpi.progress import Progress
 from hflmpi.schedule import round_events, steps_per_round
 from hflmpi.store import RoundMetrics, RunRecord, read_config_toml
@@ -68,6 +70,8 @@ class TrainResult:
         Copy of the final global model, flat, on the CPU.
     record_path : Path
         The HDF5 run file.
+    preempted : bool
+        The run stopped early on a signal, after checkpointing round ``rounds``.
     """
 
     rounds: int
@@ -75,6 +79,7 @@ class TrainResult:
     test_loss: float
     model: torch.Tensor
     record_path: Path
+    preempted: bool = False
 
 
 def agree(comm: MPI.Comm, what: str, action: Callable[[], T]) -> T:
@@ -222,6 +227,8 @@ def train(
     steps = steps_per_round(tau)
     started = time.perf_counter()
     test_loss = test_accuracy = math.nan
+    preemption = PreemptionFlag()
+    last_round = start_round - 1
 
     for rnd in range(start_round, rounds + 1):
         round_start = time.perf_counter()
@@ -275,15 +282,25 @@ def train(
             ))
             progress.update(rnd, loss=train_loss, accuracy=test_accuracy,
                             samples_per_second=size * steps * config.optim.batch_size / wall)
-        if rnd == rounds or (config.run.checkpoint_every > 0 and rnd % config.run.checkpoint_every == 0):
+        last_round = rnd
+        stop = preemption.requested(comm)  # all ranks: did any rank get SIGUSR1/SIGTERM?
+        if stop or rnd == rounds or (config.run.checkpoint_every > 0 and rnd % config.run.checkpoint_every == 0):
             _checkpoint(comm, record_path, rnd, params.flat, sampler, solver, config)  # all ranks
+        if stop:
+            if rank == 0:
+                print(f"hflmpi: {preemption.received.name if preemption.received else 'signal'} on "
+                      f"some rank: checkpointed round {rnd}, exiting for requeue", file=sys.stderr,
+                      flush=True)
+            break
 
+    preemption.restore()
     if rank == 0:
         progress.close()
         record.close()
     final = params.flat.detach().cpu().clone()
     comms.free()
-    return TrainResult(rounds, test_accuracy, test_loss, final, record_path)
+    return TrainResult(last_round, test_accuracy, test_loss, final, record_path,
+                       preempted=last_round < rounds)
 
 
 def _open_record(
@@ -377,6 +394,9 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set schedule.tau=[5,2] (repeatable)")
     parser.add_argument("--resume", metavar="RUN.h5", help="continue the run stored in RUN.h5")
+    parser.add_argument("--resume-if-exists", action="store_true",
+                        help="resume from run.out's checkpoint when there is one, else start fresh "
+                             "(for requeued batch jobs)")
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD if comm is None else comm
     rank = comm.Get_rank()
@@ -387,6 +407,8 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
             config = _config_from_run(Path(args.resume), args.overrides)
         else:
             config = load_config(args.config, args.overrides)
+        if args.resume_if_exists and args.resume is None and _has_checkpoint(Path(config.run.out)):
+            args.resume = config.run.out
         _limit_threads(comm)
         result = train(config, comm, resume=args.resume)
     except (ConfigError, TopologyError, SetupError) as exc:
@@ -394,10 +416,17 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
         if rank == 0:
             print(f"hflmpi: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    if result.preempted:
+        return EXIT_PREEMPTED
     if rank == 0:
         print(f"hflmpi: {result.rounds} rounds done; test accuracy {result.test_accuracy:.4f}, "
               f"test loss {result.test_loss:.4f}; run record {result.record_path}", flush=True)
     return 0
+
+
+def _has_checkpoint(run_path: Path) -> bool:
+    newest, previous = checkpoint_paths(run_path)
+    return run_path.exists() and (newest.exists() or previous.exists())
 
 
 def _config_from_run(path: Path, overrides: Sequence[str]) -> RunConfig:

@@ -1,0 +1,96 @@
+"""The Slurm scripts parse, their configs load, and the preemption signal path really works.
+
+The signal test launches real ``mpiexec`` runs: an uninterrupted one, and one that receives
+SIGUSR1 mid-run (as Slurm's ``--signal=USR1@N`` would send), must checkpoint and exit with 75,
+then resumes with ``--resume-if-exists``; both must end with the same model bits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hflmpi.checkpoint import load_checkpoint
+from hflmpi.config import load_config
+from hflmpi.preempt import EXIT_PREEMPTED
+from hflmpi.store import read_metrics
+
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+SCRIPTS = sorted(JOBS.glob("*.sbatch"))
+MPIEXEC = Path(sys.executable).with_name("mpiexec")
+
+
+def test_there_are_job_scripts():
+    assert len(SCRIPTS) >= 5
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_parses_and_has_a_matching_config(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert text.startswith("#!/bin/bash")
+    configs = set(re.findall(r"jobs/([\w-]+\.toml)", text))
+    assert configs == {script.stem + ".toml"}, f"{script.name} should launch jobs/{script.stem}.toml"
+    load_config(JOBS / f"{script.stem}.toml")
+    assert "python -m mpi4py -m hflmpi" in text.replace('"$PYTHON"', "python")
+
+
+def test_every_config_loads():
+    for config in JOBS.glob("*.toml"):
+        load_config(config)
+
+
+def _run_args(out: Path, rounds: int) -> list[str]:
+    return [
+        str(MPIEXEC), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hflmpi", "run",
+        str(JOBS / "preemptible.toml"),
+        "--set", f'run.out="{out}"', "--set", f"run.rounds={rounds}",
+        "--set", "topology.fanouts=[2]", "--set", "schedule.tau=[3]", "--set", "quantize.bits=[8]",
+        "--set", "run.checkpoint_every=1000", "--set", 'run.progress="off"',
+        "--set", "run.divergence=false", "--resume-if-exists",
+    ]
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to this python")
+def test_sigusr1_checkpoints_exits_75_and_resumes_bit_exactly(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rounds = 400
+    reference = tmp_path / "reference.h5"
+    subprocess.run(_run_args(reference, rounds), check=True, env=env, timeout=600,
+                   stdout=subprocess.DEVNULL)
+
+    run = tmp_path / "preempted.h5"
+    proc = subprocess.Popen(_run_args(run, rounds), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until training is under way
+        try:
+            if len(read_metrics(run)["round"]) >= 3:
+                break
+        except (OSError, KeyError):
+            pass
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, stderr
+    assert "SIGUSR1" in stderr and "checkpointed round" in stderr
+    stopped_at = load_checkpoint(run.with_name("preempted.ckpt.h5")).round
+    assert 3 <= stopped_at < rounds, "the signal must land mid-run"
+    assert list(read_metrics(run)["round"]) == list(range(1, stopped_at + 1))
+
+    subprocess.run(_run_args(run, rounds), check=True, env=env, timeout=600,
+                   stdout=subprocess.DEVNULL)
+    resumed = load_checkpoint(run.with_name("preempted.ckpt.h5"))
+    expected = load_checkpoint(reference.with_name("reference.ckpt.h5"))
+    assert resumed.round == expected.round == rounds
+    assert np.array_equal(resumed.model, expected.model), "resume changed the model bits"
+    assert list(read_metrics(run)["round"]) == list(range(1, rounds + 1))
