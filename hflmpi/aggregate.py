@@ -44,14 +44,46 @@ import torch
 from mpi4py import MPI
 
 from hflmpi.comm import LayerComms, cuda_aware_mpi
+from hflmpi.guard import NonFiniteUpdateError, handshake, handshake_key
+from hflmpi.privacy import clip_update, gaussian_noise, noise_std
 from hflmpi.quantize import auto_bucket_size
 from hflmpi.rng import torch_generator
+from hflmpi.robust import RULES, max_byzantine, robust_update
+from hflmpi.secure import DiffieHellmanSeeds, dh_keypair
 from hflmpi.transport import MpiBuffer
 from hflmpi.uplink import QuantizedUplink
 
-__all__ = ["AggregationStats", "HierarchicalAggregator", "measure_divergences", "METHOD_NAMES"]
+__all__ = [
+    "AggregationStats",
+    "HierarchicalAggregator",
+    "PrivacyOptions",
+    "measure_divergences",
+    "METHOD_NAMES",
+]
 
 METHOD_NAMES = ("none", "integer-sum", "gather")
+
+
+@dataclass(frozen=True)
+class PrivacyOptions:
+    """Client-level differential privacy at one layer: clip each child's update, add noise.
+
+    Attributes
+    ----------
+    layer : int
+        The layer whose uplink is privatised (1..N).
+    clip : float
+        L2 bound ``C`` on each child's update ``x_c - x``.
+    noise_multiplier : float
+        ``sigma``: noise std over the sensitivity ``C * max_c a_c``.
+    mode : {"central", "distributed"}
+        The leader adds the noise once, or every child adds its ``1/sqrt(k)`` share.
+    """
+
+    layer: int
+    clip: float
+    noise_multiplier: float
+    mode: str = "central"
 
 Algorithm = Literal["subtree", "tree"]
 
@@ -79,11 +111,12 @@ class AggregationStats:
     bytes_sent: list[int] = field(default_factory=list)
     quant_error: list[float] = field(default_factory=list)
     methods: list[int] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
 
     @classmethod
     def empty(cls, layers: int) -> "AggregationStats":
         """Return zeroed stats for ``layers`` layers."""
-        return cls([0.0] * layers, [0] * layers, [math.nan] * layers, [0] * layers)
+        return cls([0.0] * layers, [0] * layers, [math.nan] * layers, [0] * layers, [])
 
 
 class HierarchicalAggregator:
@@ -108,6 +141,21 @@ class HierarchicalAggregator:
         Run seed; quantization noise is keyed by (seed, rank, step, layer).
     method : {"auto", "sum", "gather"}
         Transport of quantized levels (see :mod:`hflmpi.uplink`).
+    robust : sequence of str, optional
+        Rule per layer from :data:`hflmpi.robust.RULES`; anything but ``"mean"`` gathers the
+        children's full-precision updates to the leader (such a layer must not be quantized).
+    robust_params : dict, optional
+        Parameters of the rules (``trim``, ``f``, ``m``).
+    secure : sequence of bool, optional
+        Per layer: mask the integer levels pairwise (Diffie-Hellman pair keys) so the leader
+        learns only the group sum. Needs a quantized layer; forces the integer-sum transport.
+    privacy : PrivacyOptions, optional
+        Clip and noise the uplink of one layer.
+    signature : int
+        Hash of the model layout, checked by the pre-collective handshake.
+    nonfinite : {"raise", "drop"}
+        What a NaN/Inf in a device's model does: raise on every rank, or drop that device from
+        the aggregation (weight 0) and report it in :attr:`AggregationStats.dropped`.
     """
 
     def __init__(
@@ -120,6 +168,12 @@ class HierarchicalAggregator:
         bucket_size: int = 0,
         seed: int = 0,
         method: str = "auto",
+        robust: Sequence[str] | None = None,
+        robust_params: dict[str, float] | None = None,
+        secure: Sequence[bool] | None = None,
+        privacy: PrivacyOptions | None = None,
+        signature: int = 0,
+        nonfinite: str = "raise",
     ) -> None:
         if flat.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype={flat.dtype} is not supported; use torch.float32 or torch.float64")
@@ -135,17 +189,67 @@ class HierarchicalAggregator:
         if len(self.bits) != comms.depth:
             raise ValueError(f"bits={self.bits} needs one entry per layer ({comms.depth})")
         self.seed = seed
+        self.robust = ["mean"] * comms.depth if robust is None else list(robust)
+        self.robust_params = dict(robust_params or {})
+        self.secure = [False] * comms.depth if secure is None else [bool(x) for x in secure]
+        self.privacy = privacy
+        self.signature = signature
+        if nonfinite not in ("raise", "drop"):
+            raise ValueError(f"nonfinite={nonfinite!r} must be 'raise' or 'drop'")
+        self.nonfinite = nonfinite
+        self._validate_layers()
         cuda_aware = cuda_aware_mpi()
         self._mpi = MpiBuffer(flat, cuda_aware)
         self._uplinks: dict[int, QuantizedUplink] = {}
         self._anchors: dict[int, torch.Tensor] = {}
+        self._special = [self._is_special(n) for n in range(1, self.depth + 1)]
         for n, width in enumerate(self.bits, start=1):
-            if width > 0 and comms.joins(n):
+            if not comms.joins(n):
+                continue
+            if width > 0:
                 bucket = bucket_size or auto_bucket_size(width)
+                seeds = self._pair_seeds(comms.layer(n)) if self.secure[n - 1] else None
                 self._uplinks[n] = QuantizedUplink(
-                    comms.layer(n), self.numel, width, bucket, flat.device, cuda_aware, method
+                    comms.layer(n), self.numel, width, bucket, flat.device, cuda_aware,
+                    "sum" if seeds is not None else method, seeds=seeds,
                 )
+            if self._special[n - 1]:
                 self._anchors[n] = flat.detach().clone()
+
+    def _validate_layers(self) -> None:
+        depth = self.depth
+        for name, values in (("robust", self.robust), ("secure", self.secure)):
+            if len(values) != depth:
+                raise ValueError(f"{name}={values} needs one entry per layer ({depth})")
+        for n, (rule, width, masked) in enumerate(zip(self.robust, self.bits, self.secure), start=1):
+            if rule not in RULES:
+                raise ValueError(f"robust rule {rule!r} at layer {n} is not one of {RULES}")
+            if rule != "mean" and width > 0:
+                raise ValueError(
+                    f"layer {n} has robust={rule!r} and bits={width}: robust rules need every "
+                    "child's full-precision update; set that layer's bits to 0"
+                )
+            if rule != "mean" and masked:
+                raise ValueError(f"layer {n}: secure aggregation hides the updates a robust rule needs")
+            if masked and width == 0:
+                raise ValueError(f"layer {n}: secure aggregation masks quantized levels; set bits > 0")
+            if rule != "mean" and self.comms.joins(n):
+                fan_in = self.comms.layer(n).Get_size()
+                params = {k: v for k, v in self.robust_params.items() if k in ("trim", "f", "m")}
+                if fan_in > 1 and max_byzantine(rule, fan_in, **_rule_params(rule, params)) < 0:
+                    raise ValueError(f"robust={rule!r} cannot run with {fan_in} children at layer {n}")
+        if self.privacy is not None and not 1 <= self.privacy.layer <= depth:
+            raise ValueError(f"privacy layer {self.privacy.layer} is outside 1..{depth}")
+
+    def _is_special(self, n: int) -> bool:
+        """Tell whether layer n needs the nested path (anything but an exact weighted mean)."""
+        private = self.privacy is not None and self.privacy.layer == n
+        return self.bits[n - 1] > 0 or self.robust[n - 1] != "mean" or private
+
+    def _pair_seeds(self, comm: MPI.Comm) -> DiffieHellmanSeeds:
+        private, public = dh_keypair()
+        keys = comm.allgather(public)  # layer participants, once at set-up
+        return DiffieHellmanSeeds(comm.Get_rank(), private, keys)
 
     def methods(self) -> list[str]:
         """Return how each layer's uplink travels from this rank ("none" where exact or absent)."""
@@ -200,6 +304,10 @@ class HierarchicalAggregator:
         if not weight >= 0 or weight == float("inf"):
             raise ValueError(f"weight={weight} must be finite and >= 0")
         start = time.perf_counter()
+        dropped = self._check(layer, step)  # all ranks of the subtree: handshake + NaN check
+        if self.comms.rank in dropped:
+            weight = 0.0
+            self.flat.zero_()  # finite, and weight 0 keeps it out of every sum
         # all ranks of the subtree: learn W_node first (8 bytes), so the model is scaled by
         # w / W_node in one pass and the big collective needs no division afterwards.
         total = self.comms.subtree(layer).allreduce(float(weight), op=MPI.SUM)
@@ -208,20 +316,38 @@ class HierarchicalAggregator:
                 f"layer-{layer} aggregation over a subtree whose devices all have weight 0 "
                 "(every client dropped?)"
             )
-        if any(self.bits[:layer]):
+        if any(self._special[:layer]):
             stats = self._nested(layer, weight, step, measure_error)
             stats.seconds[layer - 1] += time.perf_counter() - start - sum(stats.seconds)
-            return stats
-        share = weight / total
-        if share != 1.0:
-            self.flat.mul_(share)
-        prepare_seconds = time.perf_counter() - start
-        if self.algorithm == "subtree":
-            stats = self._subtree_allreduce(layer)
         else:
-            stats = self._tree_reduce_bcast(layer)
-        stats.seconds[layer - 1] += prepare_seconds
+            share = weight / total
+            if share != 1.0:
+                self.flat.mul_(share)
+            prepare_seconds = time.perf_counter() - start
+            if self.algorithm == "subtree":
+                stats = self._subtree_allreduce(layer)
+            else:
+                stats = self._tree_reduce_bcast(layer)
+            stats.seconds[layer - 1] += prepare_seconds
+        stats.dropped = dropped
         return stats
+
+    def _check(self, layer: int, step: int) -> list[int]:
+        """Handshake over the subtree; return the world ranks whose model is not finite."""
+        comm = self.comms.subtree(layer)
+        key = handshake_key(self.signature, self.numel, str(self.flat.dtype), step, layer)
+        finite = bool(torch.isfinite(self.flat).all())
+        what = f"layer-{layer} aggregation at step {step}"
+        bad = handshake(comm, key, finite, what)
+        if not bad:
+            return []
+        world = MPI.Group.Translate_ranks(comm.Get_group(), bad, self.comms.comm.Get_group())
+        if self.nonfinite == "raise" or len(bad) == comm.Get_size():
+            raise NonFiniteUpdateError(
+                f"{what}: the model of rank(s) {list(world)} holds NaN or Inf (diverged? lower "
+                "optim.lr); set run.nonfinite = \"drop\" to leave such devices out instead"
+            )
+        return [int(r) for r in world]
 
     def broadcast(self, layer: int | None = None) -> None:
         """Copy the layer-``layer`` leader's model to every device of its subtree (collective).
@@ -249,11 +375,17 @@ class HierarchicalAggregator:
             comm = self.comms.layer(n)
             node_weight = comm.allreduce(child_weight, op=MPI.SUM)  # layer-n participants
             share = child_weight / node_weight if node_weight > 0 else 0.0
-            if n in self._uplinks:
+            private = self.privacy is not None and self.privacy.layer == n
+            if private:
+                max_share = comm.allreduce(share, op=MPI.MAX)  # layer participants
+                self._clip_and_noise(n, comm, share, max_share, step)
+            if self.robust[n - 1] != "mean":
+                stats.bytes_sent[n - 1] += self._robust_layer(n, comm, child_weight)
+            elif n in self._uplinks:
                 generator = torch_generator(self.seed, purpose="quantize", rank=rank, round=step,
                                             layer=n, device=self.flat.device)
                 result = self._uplinks[n].exchange(self.flat, self._anchors[n], share, generator,
-                                                   measure_error)
+                                                   measure_error, step=step, layer=n)
                 stats.bytes_sent[n - 1] += result.bytes_sent
                 stats.quant_error[n - 1] = result.quant_error
                 stats.methods[n - 1] = 1 if self._uplinks[n].method == "sum" else 2
@@ -267,6 +399,8 @@ class HierarchicalAggregator:
                 else:
                     comm.Reduce(buf, None, op=MPI.SUM, root=0)
                     stats.bytes_sent[n - 1] += self._mpi.nbytes
+            if private and self.privacy.mode == "central" and comm.Get_rank() == 0:
+                self._central_noise(n, max_share, step)
             stats.seconds[n - 1] += time.perf_counter() - start
             child_weight = node_weight
             if comm.Get_rank() != 0:
@@ -282,6 +416,48 @@ class HierarchicalAggregator:
             if n <= layer:
                 anchor.copy_(self.flat)
         return stats
+
+    def _robust_layer(self, n: int, comm: MPI.Comm, child_weight: float) -> int:
+        """Gather the children's updates to the leader and apply the layer's robust rule."""
+        anchor = self._anchors[n]
+        update = (self.flat - anchor).to(torch.float32).contiguous()
+        weights = comm.gather(child_weight, root=0)  # layer participants
+        leader = comm.Get_rank() == 0
+        rows = torch.empty((comm.Get_size(), self.numel), dtype=torch.float32) if leader else None
+        comm.Gather(update.cpu().numpy(), rows.numpy() if leader else None, root=0)
+        if not leader:
+            return update.numel() * 4
+        rule = self.robust[n - 1]
+        params = _rule_params(rule, self.robust_params)
+        combined = robust_update(rule, rows, torch.tensor(weights, dtype=torch.float64), **params)
+        self.flat.copy_(anchor + combined.to(self.flat.device, self.flat.dtype))
+        return 0
+
+    def _clip_and_noise(
+        self, n: int, comm: MPI.Comm, share: float, max_share: float, step: int
+    ) -> None:
+        """Clip this child's update to ``C``; in distributed mode add its share of the noise."""
+        options = self.privacy
+        anchor = self._anchors[n]
+        update, _ = clip_update(self.flat - anchor, options.clip)
+        if options.mode == "distributed" and share > 0:
+            std = noise_std(options.noise_multiplier, options.clip, max_share=max_share,
+                            mode="distributed", participants=comm.Get_size())
+            generator = torch_generator(self.seed, purpose="dp", rank=self.comms.rank, round=step,
+                                        layer=n, device=self.flat.device)
+            # the uplink multiplies by the share, so the noise is pre-divided by it
+            update += gaussian_noise(update.shape, std / share, 1.0, generator, self.flat.device,
+                                     update.dtype)
+        self.flat.copy_(anchor + update)
+
+    def _central_noise(self, n: int, max_share: float, step: int) -> None:
+        """At the leader, add ``N(0, sigma^2 (C max a_c)^2)`` to the layer's aggregate."""
+        options = self.privacy
+        generator = torch_generator(self.seed, purpose="dp", rank=self.comms.rank, round=step,
+                                    layer=n, device=self.flat.device)
+        std = noise_std(options.noise_multiplier, options.clip, max_share=max_share, mode="central")
+        self.flat.add_(gaussian_noise(self.flat.shape, std, 1.0, generator, self.flat.device,
+                                      self.flat.dtype))
 
     def _subtree_allreduce(self, layer: int) -> AggregationStats:
         comm = self.comms.subtree(layer)
@@ -343,3 +519,12 @@ def measure_divergences(comms: LayerComms, flat: torch.Tensor, weight: float) ->
     sums = np.array([weight * up, weight * down])
     world_comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
     return float(sums[0] / total_weight), float(sums[1] / total_weight)
+
+
+def _rule_params(rule: str, params: dict[str, float]) -> dict[str, float]:
+    """Pick the parameters a robust rule takes from the configured ones."""
+    if rule == "trimmed_mean":
+        return {"trim": params.get("trim", 0.2)}
+    if rule == "krum":
+        return {"f": int(params.get("f", 1)), "m": int(params.get("m", 1))}
+    return {}

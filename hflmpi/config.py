@@ -42,6 +42,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
+    "PrivacyConfig",
     "RunConfig",
     "BUILTIN_MODELS",
     "load_config",
@@ -229,6 +230,25 @@ def _int_list(lo: int, *, hi: int | None = None, allow_empty: bool = False) -> _
     return check
 
 
+def _choice_list(*options: str) -> _Check:
+    def check(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise _Invalid(f"is {_type_name(value)} but must be a list of strings, one per layer")
+        for i, item in enumerate(value):
+            if item not in options:
+                raise _Invalid(f"has entry [{i}] = {_fmt(item)}; each entry must be one of "
+                               f"{', '.join(repr(o) for o in options)}")
+        return tuple(value)
+
+    return check
+
+
+def _bool_list(value: Any) -> tuple[bool, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, bool) for v in value):
+        raise _Invalid(f"is {_fmt(value)} but must be a list of true/false, one per layer")
+    return tuple(value)
+
+
 def _optional(check: _Check) -> _Check:
     def wrapped(value: Any) -> Any:
         return None if value is None else check(value)
@@ -364,6 +384,12 @@ class RunOptions(_Section):
     divergence : bool
         Measure H-SGD's upward/downward divergences at every evaluation (two extra
         full-model allreduces per evaluated round). Default true.
+    nonfinite : {"raise", "drop"}
+        A device whose model holds NaN/Inf before an aggregation stops the job on every rank
+        with its rank named (default), or is left out of that aggregation and logged.
+    watchdog_seconds : float
+        Abort the job if one aggregation takes longer than this (naming rank, layer and round);
+        0 (default) disables the watchdog.
     """
 
     section: ClassVar[str] = "run"
@@ -376,6 +402,8 @@ class RunOptions(_Section):
     progress: str = _opt("auto", _choice("auto", "on", "off"), '"auto"')
     dtype: str = _opt("float32", _choice("float32", "float64"), '"float32"')
     divergence: bool = _opt(True, _bool, "true")
+    nonfinite: str = _opt("raise", _choice("raise", "drop"), '"raise"')
+    watchdog_seconds: float = _opt(0.0, _float(0.0), "600")
 
 
 @dataclass(frozen=True)
@@ -486,11 +514,54 @@ class AggregationConfig(_Section):
     algorithm : {"subtree", "tree"}
         How full-precision layers are summed: one allreduce over the subtree (fastest, same
         result) or the literal reduce-up/broadcast-down tree. Default ``"subtree"``.
+    robust : list of str
+        Per layer, ``"mean"`` (the weighted mean of QMLHFL) or a Byzantine-robust rule that
+        gathers every child's update at the leader: ``"median"`` (coordinate-wise),
+        ``"trimmed_mean"``, ``"krum"``. Empty (default) means mean everywhere. Robust layers
+        must not be quantized (``quantize.bits`` 0 there).
+    trim : float
+        Fraction trimmed at each end by ``"trimmed_mean"``. Default 0.2.
+    krum_f : int
+        Byzantine children tolerated by ``"krum"``. Default 1.
+    secure : list of bool
+        Per layer: pairwise-masked secure aggregation of the quantized levels (the leader learns
+        only the group sum; see docs/security.md). Needs ``quantize.bits > 0`` there.
     """
 
     section: ClassVar[str] = "aggregation"
     weighting: str = _opt("samples", _choice("samples", "uniform"), '"samples"')
     algorithm: str = _opt("subtree", _choice("subtree", "tree"), '"subtree"')
+    robust: tuple[str, ...] = _opt(
+        (), _choice_list("mean", "median", "trimmed_mean", "krum"), '["mean", "median"]')
+    trim: float = _opt(0.2, _float(0.0, 0.5, hi_open=True), "0.2")
+    krum_f: int = _opt(1, _int(0), "1")
+    secure: tuple[bool, ...] = _opt((), _bool_list, "[true, false]")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig(_Section):
+    """The ``[privacy]`` section: client-level differential privacy at one layer.
+
+    Attributes
+    ----------
+    layer : int
+        Layer whose uplink is clipped and noised; 0 (default) turns privacy off.
+    mode : {"central", "distributed"}
+        The layer's leader adds the noise, or each child adds a ``1/sqrt(k)`` share.
+    clip : float
+        L2 bound on each child's update. Default 1.0.
+    noise_multiplier : float
+        Noise std over the sensitivity ``clip * max_c a_c``. Default 1.0.
+    delta : float
+        The delta of the reported (epsilon, delta). Default 1e-5.
+    """
+
+    section: ClassVar[str] = "privacy"
+    layer: int = _opt(0, _int(0), "1")
+    mode: str = _opt("central", _choice("central", "distributed"), '"central"')
+    clip: float = _opt(1.0, _float(0.0, lo_open=True), "1.0")
+    noise_multiplier: float = _opt(1.0, _float(0.0, lo_open=True), "1.0")
+    delta: float = _opt(1e-5, _float(0.0, 1.0, lo_open=True, hi_open=True), "1e-5")
 
 
 @dataclass(frozen=True)
@@ -667,6 +738,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -697,6 +769,38 @@ class RunConfig:
         if not bits:
             object.__setattr__(self, "quantize",
                                dataclasses.replace(self.quantize, bits=(0,) * depth))
+        self.check_layer_options(depth)
+
+    def check_layer_options(self, depth: int) -> None:
+        """Check the per-layer robust/secure/privacy options against a tree of ``depth`` layers."""
+        agg, bits = self.aggregation, self.quantize.bits_for(depth)
+        for name, values in (("robust", agg.robust), ("secure", agg.secure)):
+            if values and len(values) != depth:
+                raise ConfigError(
+                    f"aggregation.{name}={_fmt(values)} has {len(values)} entries but the tree has "
+                    f"{depth} layers; give one per layer (or leave it out)"
+                )
+        for n in range(depth):
+            rule = agg.robust[n] if agg.robust else "mean"
+            masked = agg.secure[n] if agg.secure else False
+            if rule != "mean" and bits[n] > 0:
+                raise ConfigError(
+                    f"aggregation.robust[{n}]={rule!r} with quantize.bits[{n}]={bits[n]}: robust "
+                    f"rules need full-precision updates; set quantize.bits[{n}] = 0"
+                )
+            if masked and bits[n] == 0:
+                raise ConfigError(
+                    f"aggregation.secure[{n}]=true with quantize.bits[{n}]=0: secure aggregation "
+                    f"masks quantized integer levels; set quantize.bits[{n}] to 1..16"
+                )
+            if masked and rule != "mean":
+                raise ConfigError(f"aggregation.secure[{n}] and robust[{n}]={rule!r} exclude "
+                                  "each other: masking hides the updates the rule needs")
+            if masked and self.quantize.method == "gather":
+                raise ConfigError('aggregation.secure needs quantize.method = "auto" or "sum"')
+        if self.privacy.layer > depth:
+            raise ConfigError(f"privacy.layer={self.privacy.layer} but the tree has {depth} layers; "
+                              f"use 1..{depth} (or 0 to turn privacy off)")
 
     @property
     def depth(self) -> int | None:
@@ -718,6 +822,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "data": DataConfig,
     "model": ModelConfig,
     "optim": OptimConfig,
+    "privacy": PrivacyConfig,
 }
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -37,6 +38,7 @@ from hflmpi.quantize import (
     sum_dtype,
     to_levels,
 )
+from hflmpi.secure import PairwiseSeeds, mask_levels
 from hflmpi.transport import MpiBuffer
 
 __all__ = ["UplinkResult", "QuantizedUplink", "choose_method"]
@@ -82,6 +84,11 @@ class QuantizedUplink:
         Whether MPI may read CUDA memory directly.
     method : {"auto", "sum", "gather"}
         ``"auto"`` picks the method that moves fewer bytes (:func:`choose_method`).
+    seeds : PairwiseSeeds, optional
+        Pair keys for secure aggregation: the levels are masked pairwise (Bonawitz et al. 2017)
+        modulo ``2**w`` of the integer container before the ``Reduce``, so a leader (or any rank
+        on the reduction tree) sees uniform residues, and the masks cancel in the sum. Needs
+        ``method="sum"``.
     """
 
     def __init__(
@@ -93,6 +100,7 @@ class QuantizedUplink:
         device: torch.device,
         cuda_aware: bool,
         method: str = "auto",
+        seeds: PairwiseSeeds | None = None,
     ) -> None:
         self.comm = comm
         self.numel = numel
@@ -105,6 +113,9 @@ class QuantizedUplink:
         if method not in ("sum", "gather"):
             raise ValueError(f"quantize.method={method!r} must be 'auto', 'sum' or 'gather'")
         self.method: Method = method  # type: ignore[assignment]
+        if seeds is not None and method != "sum":
+            raise ValueError("secure aggregation masks integer sums: it needs method='sum'")
+        self.seeds = seeds
         # The gather path's leader adds offset codes (up to 2s each) before removing the offsets,
         # so its accumulator gets one bit of headroom; the sum path's container is what travels.
         self.container = sum_dtype(bits, self.fan_in if method == "sum" else 2 * self.fan_in)
@@ -131,6 +142,9 @@ class QuantizedUplink:
         share: float,
         generator: torch.Generator,
         measure_error: bool = False,
+        *,
+        step: int = 0,
+        layer: int = 0,
     ) -> UplinkResult:
         """Send ``Q(share * (child - anchor))``; at the leader, overwrite ``child`` with the new model.
 
@@ -149,6 +163,8 @@ class QuantizedUplink:
             Keyed stream for the stochastic rounding of this participant.
         measure_error : bool
             Also return ``||Q(d) - d||^2 / ||d||^2`` of this participant's own update.
+        step, layer : int
+            Key the secure-aggregation masks (ignored without pair seeds).
         """
         diff = self._diff
         torch.sub(child, anchor, out=diff) if child.dtype == torch.float32 else diff.copy_(child - anchor)
@@ -172,6 +188,9 @@ class QuantizedUplink:
             sign=self.bits == 1, out=self._levels, workspace=self._workspace,
         )
         error = self._relative_error(diff, levels) if measure_error else float("nan")
+        if self.seeds is not None:
+            mask_levels(levels, self.comm.Get_rank(), self.fan_in, self.seeds, step=step,
+                        layer=layer, out=levels)
         if self.method == "sum":
             sent = self._reduce_sum()
         else:
@@ -184,6 +203,11 @@ class QuantizedUplink:
 
     def _reduce_sum(self) -> int:
         buf = self._levels_mpi.outbound()
+        if self.seeds is not None:
+            # Masked sums wrap around modulo 2**w by design: sum them as unsigned integers, whose
+            # overflow MPI (like C) defines as wrapping, then read the bits back as signed.
+            if isinstance(buf, np.ndarray):
+                buf = buf.view(buf.dtype.str.replace("i", "u"))
         if self.is_leader:
             self.comm.Reduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=0)
             self._levels_mpi.inbound()
