@@ -26,7 +26,7 @@ import torch
 from mpi4py import MPI
 
 from hflmpi import __version__
-from hflmpi.aggregate import HierarchicalAggregator, measure_divergences
+from hflmpi.aggregate import HierarchicalAggregator, PrivacyOptions, measure_divergences
 from hflmpi.checkpoint import (
     CheckpointFallbackWarning,
     checkpoint_paths,
@@ -38,6 +38,8 @@ from hflmpi.comm import LayerComms, plan_from_nodes
 from hflmpi.config import ConfigError, RunConfig, load_config, to_toml_string
 from hflmpi.data import TensorDataset, load_dataset
 from hflmpi.flat import flatten_parameters
+from hflmpi.guard import Watchdog
+from hflmpi.privacy import epsilon_for
 from hflmpi.local import BatchSampler, LocalSolver, evaluate, lr_at
 from hflmpi.models import build_model
 from hflmpi.partition import make_partition, partition_stats
@@ -97,6 +99,8 @@ def agree(comm: MPI.Comm, what: str, action: Callable[[], T]) -> T:
     failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
     if failed:
         rank, text = failed[0]
+        if len(failed) == comm.Get_size() and all(t == text for _, t in failed):
+            raise SetupError(text)  # the same error everywhere: the rank adds nothing
         more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
         raise SetupError(f"{what} failed on rank {rank}{more}: {text}")
     return result
@@ -146,6 +150,12 @@ def _resume_state(comm: MPI.Comm, resume: Path | None) -> dict[str, Any] | None:
             checkpoint = load_latest_valid(resume)
         for warning in caught:
             print(f"hflmpi: warning: {warning.message}", file=sys.stderr, flush=True)
+        saved = int(checkpoint.state.get("world_size", comm.Get_size()))
+        if saved != comm.Get_size():  # partition, batch positions and momentum are per rank
+            raise ValueError(
+                f"{checkpoint.path} was written by {saved} ranks but this run has "
+                f"{comm.Get_size()}; resume with mpiexec -n {saved}"
+            )
         return checkpoint
 
     checkpoint = agree(comm, f"loading a checkpoint for {resume}", load)
@@ -203,11 +213,18 @@ def train(
     params = flatten_parameters(model, dtype=dtype, device=device)
     comms = LayerComms(comm, plan)
     bits = list(config.quantize.bits_for(plan.depth))
-    aggregator = HierarchicalAggregator(
-        comms, params.flat, algorithm=config.aggregation.algorithm,
-        bits=bits, bucket_size=config.quantize.bucket_size, seed=seed,
-        method=config.quantize.method,
-    )
+    config.check_layer_options(plan.depth)
+    agg_cfg, privacy = config.aggregation, config.privacy
+    aggregator = agree(comm, "setting up the aggregation", lambda: HierarchicalAggregator(
+        comms, params.flat, algorithm=agg_cfg.algorithm, bits=bits,
+        bucket_size=config.quantize.bucket_size, seed=seed, method=config.quantize.method,
+        robust=list(agg_cfg.robust) or None, secure=list(agg_cfg.secure) or None,
+        robust_params={"trim": agg_cfg.trim, "f": agg_cfg.krum_f},
+        privacy=PrivacyOptions(privacy.layer, privacy.clip, privacy.noise_multiplier, privacy.mode)
+        if privacy.layer else None,
+        signature=params.signature_hash(), nonfinite=config.run.nonfinite,
+    ))
+    watchdog = Watchdog(comm, config.run.watchdog_seconds)
     sampler = BatchSampler(my_indices, config.optim.batch_size, seed=seed, client=rank)
 
     # ---- resume or start fresh; the run record is rank 0's ----
@@ -250,8 +267,12 @@ def train(
             compute[layer - 1] += time.perf_counter() - period_start
             if layer == plan.depth and evaluate_now and config.run.divergence:
                 upward, downward = measure_divergences(comms, params.flat, weight)  # all ranks
-            stats = aggregator.aggregate(layer, weight, step=(rnd - 1) * steps + step,
-                                         measure_error=evaluate_now)  # all ranks of the subtree
+            with watchdog.guard(f"the layer-{layer} aggregation of round {rnd} (step {step})"):
+                stats = aggregator.aggregate(layer, weight, step=(rnd - 1) * steps + step,
+                                             measure_error=evaluate_now)  # subtree ranks
+            if stats.dropped and comms.subtree(layer).Get_rank() == 0:
+                print(f"hflmpi: round {rnd}, layer {layer}: dropped rank(s) {stats.dropped} "
+                      "(NaN/Inf model) from the aggregation", file=sys.stderr, flush=True)
             solver.on_aggregation()
             comm_seconds[:layer] += stats.seconds
             bytes_sent[:layer] += stats.bytes_sent
@@ -294,8 +315,14 @@ def train(
             break
 
     preemption.restore()
+    watchdog.close()
     if rank == 0:
         progress.close()
+        if privacy.layer:
+            releases = last_round * math.prod(tau[privacy.layer:])
+            epsilon, _ = epsilon_for(privacy.noise_multiplier, releases, privacy.delta)
+            print(f"hflmpi: privacy: ({epsilon:.3g}, {privacy.delta:g})-DP per client at layer "
+                  f"{privacy.layer} after {releases} releases (RDP accounting)", flush=True)
         record.close()
     final = params.flat.detach().cpu().clone()
     comms.free()

@@ -1,0 +1,270 @@
+"""The ``hflmpi`` command line: usage, config errors (exit 2, one message naming the key), a tiny
+run end to end (in-process on a one-rank world and under ``mpiexec -n 2``), ``--set``,
+``--resume`` and ``hflmpi report``.
+
+Serial tests: run with ``python -m pytest tests/test_cli.py``. The in-process runs use the
+one-rank ``MPI.COMM_WORLD`` of a process started without mpiexec; two cases launch
+``mpiexec -n 2 python -m mpi4py -m hflmpi run ...`` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hflmpi.cli import main as cli_main
+from hflmpi.config import load_config
+from hflmpi.store import read_config_toml, read_metrics, read_run_info
+
+MPIEXEC = Path(sys.executable).with_name("mpiexec")
+TINY = """\
+[run]
+rounds = 2
+out = "{out}"
+progress = "off"
+seed = 3
+
+[schedule]
+tau = [2]
+
+[data]
+name = "synthetic"
+synthetic_samples = 256
+synthetic_features = 8
+synthetic_classes = 3
+
+[model]
+name = "logreg"
+
+[optim]
+lr = 0.2
+batch_size = 16
+"""
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """``hflmpi run`` sets torch's thread count for its rank; give the test process it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def write_config(
+    directory: Path, text: str = TINY, name: str = "tiny.toml", out: str = "run.h5"
+) -> Path:
+    path = directory / name
+    path.write_text(text.format(out=(directory / out).as_posix()), encoding="utf-8")
+    return path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli_main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_error(err: str, *needles: str) -> str:
+    """stderr must be exactly one ``hflmpi: error:`` line holding every needle."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got {lines!r}"
+    assert lines[0].startswith("hflmpi: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# usage
+
+
+def test_no_arguments_prints_usage(capsys):
+    code, out, err = run_cli(capsys)
+    assert code == 2
+    assert "usage: hflmpi" in out + err
+    for command in ("run", "report"):
+        assert command in out + err
+
+
+def test_help_exits_zero_and_unknown_command_fails(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "usage: hflmpi" in out
+    code, _, err = run_cli(capsys, "trian")
+    assert code == 2 and "unknown command 'trian'" in err
+
+
+def test_python_dash_m_without_arguments(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hflmpi"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "usage: hflmpi" in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# config errors: exit 2 and one message that names the key
+
+
+@pytest.mark.parametrize(
+    "edit, needles",
+    [
+        (("lr = 0.2", "lrr = 0.2"), ["optim.lrr", "did you mean optim.lr"]),
+        (("[model]", "[modle]"), ["[modle]", "did you mean [model]"]),
+        (("lr = 0.2", 'lr = "fast"'), ["optim.lr=\"fast\"", "a string", "must be a number"]),
+        (("tau = [2]", "tau = [2, 3]"), ["schedule.tau=[2, 3]", "2 entries", "1 layer",
+                                         "give one tau per layer"]),
+        (('progress = "off"', 'progress = "off"\ndevice = "gpu"'), ["run.device=\"gpu\""]),
+        (("[schedule]", "[topology]\nfanouts = [2, 2]\n\n[schedule]"),
+         ["schedule.tau=[2]", "topology.fanouts=[2, 2]"]),
+    ],
+    ids=["unknown-key", "unknown-section", "wrong-type", "tau-length", "bad-choice", "tau-vs-tree"],
+)
+def test_config_error_names_the_key(tmp_path, capsys, edit, needles):
+    old, new = edit
+    assert old in TINY
+    config = write_config(tmp_path, TINY.replace(old, new))
+    code, out, err = run_cli(capsys, "run", str(config))
+    assert code == 2, (out, err)
+    assert_one_error(err, *needles)
+    assert not (tmp_path / "run.h5").exists(), "a config error still created the run file"
+
+
+def test_topology_mismatch_in_process(tmp_path, capsys):
+    config = write_config(tmp_path)
+    code, _, err = run_cli(capsys, "run", str(config), "--set", "topology.fanouts=[4,3]",
+                           "--set", "schedule.tau=[2,1]")
+    assert code == 2
+    assert_one_error(err, "topology.fanouts=[4, 3] needs 12 ranks, got 1")
+
+
+def test_bad_override_and_missing_file(tmp_path, capsys):
+    config = write_config(tmp_path)
+    code, _, err = run_cli(capsys, "run", str(config), "--set", "optim.lr")
+    assert code == 2
+    assert_one_error(err, "--set 'optim.lr'", "section.key=value")
+    code, _, err = run_cli(capsys, "run", str(tmp_path / "nope.toml"))
+    assert code == 2
+    assert_one_error(err, "nope.toml", "does not exist")
+    code, _, err = run_cli(capsys, "run")
+    assert code == 2
+    assert_one_error(err, "CONFIG.toml")
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny run in-process (one rank), --set, refusing to overwrite, --resume, report
+
+
+def test_run_set_resume_and_report(tmp_path, capsys):
+    config = write_config(tmp_path)
+    run_file = tmp_path / "run.h5"
+    code, out, err = run_cli(capsys, "run", str(config), "--set", "run.rounds=3",
+                             "--set", "schedule.tau=[3]", "--set", "optim.momentum=0.5")
+    assert code == 0, err
+    assert "3 rounds done" in out
+    assert list(read_metrics(run_file)["round"]) == [1, 2, 3]
+    stored = load_config_text(read_config_toml(run_file), tmp_path)
+    assert stored.run.rounds == 3 and stored.schedule.tau == (3,) and stored.optim.momentum == 0.5
+    assert stored.optim.lr == 0.2  # from the file, untouched by the overrides
+
+    # The run file exists: starting again without --resume must refuse, not clobber it.
+    code, _, err = run_cli(capsys, "run", str(config))
+    assert code == 2
+    assert_one_error(err, "already exists")
+    assert list(read_metrics(run_file)["round"]) == [1, 2, 3]
+
+    # Resume with only the run file (its stored config) and more rounds.
+    code, out, err = run_cli(capsys, "run", "--resume", str(run_file), "--set", "run.rounds=5")
+    assert code == 0, err
+    assert "5 rounds done" in out
+    assert list(read_metrics(run_file)["round"]) == [1, 2, 3, 4, 5]
+    assert [entry["round"] for entry in read_run_info(run_file)["resume_log"]] == [3]
+
+    code, out, err = run_cli(capsys, "report", str(run_file))
+    assert code == 0, err
+    rows = dict(_split_row(line) for line in out.splitlines() if line.strip())
+    assert rows["rounds"] == "5"
+    assert rows["world size"] == "1"
+    assert rows["layers"] == "1"
+    assert rows["final test accuracy"].endswith("(r5)")
+
+
+def test_report_on_a_missing_file_fails(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "report", str(tmp_path / "missing.h5"))
+    assert code == 1
+    assert "missing.h5" in err
+
+
+def load_config_text(text: str, directory: Path):
+    path = directory / "stored.toml"
+    path.write_text(text, encoding="utf-8")
+    return load_config(path)
+
+
+def _split_row(line: str) -> tuple[str, str]:
+    name, _, value = line.partition("  ")
+    return name.strip(), value.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# under mpiexec -n 2 (subprocess)
+
+needs_mpiexec = pytest.mark.skipif(
+    not MPIEXEC.exists() and shutil.which("mpiexec") is None, reason="no mpiexec"
+)
+
+
+def _mpiexec(n: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    launcher = str(MPIEXEC) if MPIEXEC.exists() else shutil.which("mpiexec")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [launcher, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "hflmpi", *args],
+        capture_output=True, text=True, timeout=240, cwd=cwd, env=env,
+    )
+
+
+@needs_mpiexec
+def test_mpiexec_topology_mismatch_says_ranks(tmp_path):
+    config = write_config(tmp_path, TINY.replace(
+        "[schedule]\ntau = [2]", "[topology]\nfanouts = [4, 3]\n\n[schedule]\ntau = [2, 1]"))
+    proc = _mpiexec(2, "run", str(config), cwd=tmp_path)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hflmpi: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "topology.fanouts=[4, 3] needs 12 ranks, got 2" in errors[0]
+    assert not (tmp_path / "run.h5").exists()
+
+
+@needs_mpiexec
+def test_mpiexec_two_ranks_end_to_end(tmp_path, capsys):
+    config = write_config(tmp_path)
+    proc = _mpiexec(2, "run", str(config), "--set", "run.rounds=3",
+                    "--set", "topology.fanouts=[2]", cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert proc.stdout.count("3 rounds done") == 1, proc.stdout  # rank 0 only
+    run_file = tmp_path / "run.h5"
+    assert list(read_metrics(run_file)["round"]) == [1, 2, 3]
+    assert read_run_info(run_file)["world_size"] == 2
+    assert (tmp_path / "run.ckpt.h5").exists()
+    code, out, err = run_cli(capsys, "report", str(run_file))
+    assert code == 0, err
+    rows = dict(_split_row(line) for line in out.splitlines() if line.strip())
+    assert rows["rounds"] == "3" and rows["world size"] == "2"
+
+
+@needs_mpiexec
+def test_mpiexec_resume_with_other_rank_count_is_refused(tmp_path, capsys):
+    config = write_config(tmp_path)
+    code, _, err = run_cli(capsys, "run", str(config))
+    assert code == 0, err
+    run_file = tmp_path / "run.h5"
+    proc = _mpiexec(2, "run", "--resume", str(run_file), "--set", "run.rounds=4", cwd=tmp_path)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hflmpi: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "written by 1 ranks but this run has 2; resume with mpiexec -n 1" in errors[0]
+    assert list(read_metrics(run_file)["round"]) == [1, 2]
