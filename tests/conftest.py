@@ -58,6 +58,17 @@ def tree_specs(world_size: int) -> list[tuple[str, Any]]:
     return specs
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Run torch on one thread: tiny models crawl with several on a shared, oversubscribed CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def parallel_assert(comm: Any, condition: bool, message: str = "") -> None:
     """Assert ``condition`` on every rank at once, so one failing rank cannot hang the others."""
     verdicts = comm.allgather((bool(condition), message))

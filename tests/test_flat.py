@@ -12,12 +12,7 @@ from hflmpi.local import LocalSolver
 from hflmpi.models import build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cnn(seed=0):

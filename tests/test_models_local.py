@@ -15,13 +15,7 @@ from hflmpi.local import BatchSampler, LocalSolver, evaluate, lr_at
 from hflmpi.models import build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models are far slower with several threads on a shared, oversubscribed CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class WithInit(nn.Module):

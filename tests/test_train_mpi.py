@@ -53,13 +53,7 @@ RTOL = 1e-5  # float32 training; reference means in float64
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Up to 8 ranks share 2 cores here: one intra-op thread per rank keeps the run fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
