@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import socket
 import statistics
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -93,41 +94,52 @@ def bench_aggregate(
     """
     rows = []
     if gloo:
-        import torch.distributed as dist
-
         _gloo_group(comm)
     with LayerComms(comm, plan) as comms:
         for numel in sizes:
-            raw = np.ones(numel, dtype=np.float32)
-            gloo_tensor = torch.ones(numel, dtype=torch.float32)
-            subtree = HierarchicalAggregator(comms, torch.ones(numel), algorithm="subtree")
-            tree = HierarchicalAggregator(comms, torch.ones(numel), algorithm="tree")
-            for agg in (subtree, tree):
-                agg.flat.fill_(1.0)
-            candidates: dict[str, Callable[[], None]] = {
-                "mpi_allreduce": lambda: comm.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM),
-                "hfl_subtree": lambda: subtree.aggregate(plan.depth, 1.0),
-                "hfl_tree": lambda: tree.aggregate(plan.depth, 1.0),
-            }
-            if gloo:
-                candidates["gloo_all_reduce"] = lambda: dist.all_reduce(gloo_tensor)
-            quantized = {}
-            for width in bits:
-                model = torch.randn(numel, generator=torch.Generator().manual_seed(comm.Get_rank()))
-                agg = HierarchicalAggregator(comms, model, bits=[width] * plan.depth,
-                                             bucket_size=bucket_size, seed=0)
-                quantized[width] = agg
-                candidates[f"q{width}"] = _quantized_run(agg, plan.depth)
-            medians = time_interleaved(comm, candidates, repeats)
-            row = {"numel": float(numel), **medians}
-            for width, agg in quantized.items():
-                stats = agg.aggregate(plan.depth, 1.0, step=10**6)
-                row[f"q{width}_bytes"] = comm.allreduce(sum(stats.bytes_sent), op=MPI.SUM)
-                row[f"q{width}_method"] = float(stats.methods[0])
-            row["float_bytes"] = float((comm.Get_size() - 1) * numel * 4)
-            rows.append(row)
-            del raw, gloo_tensor, subtree, tree, quantized
+            rows.append(_bench_size(comm, comms, plan, numel, repeats, gloo, bits, bucket_size))
     return rows
+
+
+def _bench_size(
+    comm: MPI.Comm,
+    comms: LayerComms,
+    plan: TreePlan,
+    numel: int,
+    repeats: int,
+    gloo: bool,
+    bits: Sequence[int],
+    bucket_size: int,
+) -> dict[str, float]:
+    """Time every candidate on one model size (buffers are freed when this returns)."""
+    raw = np.ones(numel, dtype=np.float32)
+    subtree = HierarchicalAggregator(comms, torch.ones(numel), algorithm="subtree")
+    tree = HierarchicalAggregator(comms, torch.ones(numel), algorithm="tree")
+    candidates: dict[str, Callable[[], None]] = {
+        "mpi_allreduce": lambda: comm.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM),
+        "hfl_subtree": lambda: subtree.aggregate(plan.depth, 1.0),
+        "hfl_tree": lambda: tree.aggregate(plan.depth, 1.0),
+    }
+    if gloo:
+        import torch.distributed as dist
+
+        gloo_tensor = torch.ones(numel, dtype=torch.float32)
+        candidates["gloo_all_reduce"] = lambda: dist.all_reduce(gloo_tensor)
+    quantized = {}
+    for width in bits:
+        model = torch.randn(numel, generator=torch.Generator().manual_seed(comm.Get_rank()))
+        agg = HierarchicalAggregator(comms, model, bits=[width] * plan.depth,
+                                     bucket_size=bucket_size, seed=0)
+        quantized[width] = agg
+        candidates[f"q{width}"] = _quantized_run(agg, plan.depth)
+    row = {"numel": float(numel), **time_interleaved(comm, candidates, repeats)}
+    for width, agg in quantized.items():
+        stats = agg.aggregate(plan.depth, 1.0, step=10**6)
+        row[f"q{width}_bytes"] = comm.allreduce(sum(stats.bytes_sent), op=MPI.SUM)
+        row[f"q{width}_method"] = float(stats.methods[0])
+    # what a flat float32 reduction's uplinks carry: every rank but the root sends the model
+    row["float_bytes"] = float((comm.Get_size() - 1) * numel * 4)
+    return row
 
 
 def _quantized_run(agg: HierarchicalAggregator, depth: int) -> Callable[[], None]:
@@ -182,6 +194,18 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     agg.add_argument("--no-gloo", action="store_true", help="skip the torch.distributed baseline")
     agg.add_argument("--bits", default="", help="also time quantized aggregation at these widths, e.g. 8,4,2")
     agg.add_argument("--bucket-size", type=int, default=0, help="0 = auto per width")
+    sub.add_parser("scaling", add_help=False,
+                   help="strong/weak scaling rows to HDF5; 'scaling plot' adds cost-model predictions")
+    sub.add_parser("flower", add_help=False, help="FedAvg round time: hflmpi vs Flower's simulation")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw and raw[0] in ("scaling", "flower"):  # their own parsers (hflmpi.scaling, flower_compare)
+        if raw[0] == "scaling":
+            from hflmpi.scaling import main as scaling_main
+
+            return scaling_main(raw[1:], comm)
+        from hflmpi.flower_compare import main as flower_main
+
+        return flower_main(raw[1:], comm)
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD if comm is None else comm
     torch.set_num_threads(1)

@@ -11,11 +11,12 @@ from typing import Sequence
 
 __all__ = ["main"]
 
-_USAGE = """usage: hflmpi {run,report,bench} ...
+_USAGE = """usage: hflmpi {run,report,plan,bench} ...
 
   run CONFIG.toml [--set key=value ...] [--resume RUN.h5]   train (under mpiexec)
   report RUN.h5 [RUN2.h5 ...] [--out DIR]                    summary table and plots
-  bench aggregate [...]                                      benchmarks (under mpiexec)
+  plan --t-cp S --t-cm S1,S2 --deadline D [--bits 8,4 ...]  choose tau within a deadline
+  bench aggregate|scaling|flower [...]                       benchmarks (under mpiexec)
 """
 
 
@@ -34,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hflmpi.report import main as report_main
 
         return report_main(rest)
+    if command == "plan":
+        from hflmpi.plan import main as plan_main
+
+        return plan_main(rest)
     if command == "bench":
         from hflmpi.bench import main as bench_main
 

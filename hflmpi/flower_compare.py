@@ -1,0 +1,370 @@
+"""FedAvg round time: hflmpi over MPI versus Flower's simulation (``hflmpi bench flower``).
+
+The same job on both sides (McMahan et al., "Communication-efficient learning of deep networks
+from decentralized data", AISTATS 2017): ``clients`` clients (8 by default), an MLP of about 1M
+parameters (784-1024-256-10: 1,068,810) on hflmpi's synthetic data split IID, one local epoch of
+SGD per round (``samples_per_client / batch`` steps), sample-weighted averaging. Both sides use
+hflmpi's dataset, partition, initial model, batch sampler and :class:`hflmpi.local.LocalSolver`,
+so they run the same arithmetic and should end at (nearly) the same accuracy; only the
+aggregation and the runtime differ:
+
+* hflmpi: ``mpiexec -n 8 python -m mpi4py -m hflmpi bench flower``, one rank per client, tree
+  ``[clients]`` (FedAvg) with ``tau = [steps per epoch]``, an ``Allreduce`` per round;
+* Flower (``flwr``, https://flower.ai): ``flwr.simulation.run_simulation`` with the Message API
+  (``ClientApp``/``ServerApp``, ``flwr.serverapp.strategy.FedAvg``) on the Ray backend, the
+  clients as Ray actors sharing the machine's cores.
+
+Per-round time is the median over rounds 2..R (round 1 holds start-up: MPI/Ray actor warm-up).
+On hflmpi the last round (evaluation + checkpoint) is left out as well; on Flower each round is
+the time between two calls of the strategy's ``evaluate_fn`` (called before round 1 and after
+every round), measured before the evaluation runs. Under ``mpiexec`` rank 0 runs the Flower side
+after the hflmpi side while the other ranks wait in a sleeping ``Ibarrier`` loop (a busy MPI wait
+would steal the cores Flower needs). Without ``flwr`` the Flower side is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["Job", "job_config", "flower_available", "run_hflmpi", "run_flower", "main"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """The FedAvg job both sides run."""
+
+    clients: int = 8
+    rounds: int = 6
+    samples_per_client: int = 256
+    batch: int = 32
+    features: int = 784
+    hidden: tuple[int, ...] = (1024, 256)
+    lr: float = 0.05
+    seed: int = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Local SGD steps in one epoch over a client's samples."""
+        return -(-self.samples_per_client // self.batch)
+
+    @property
+    def numel(self) -> int:
+        """Model parameters."""
+        widths = [self.features, *self.hidden, 10]
+        return sum(a * b + b for a, b in zip(widths, widths[1:]))
+
+
+def job_config(job: Job, out: str) -> Any:
+    """Return the hflmpi :class:`~hflmpi.config.RunConfig` of ``job`` (FedAvg, one layer)."""
+    from hflmpi.config import config_from_dict
+
+    test_fraction = 0.2
+    return config_from_dict({
+        "run": {"seed": job.seed, "rounds": job.rounds, "out": out, "progress": "off",
+                "eval_every": 0, "checkpoint_every": 0, "divergence": False},
+        "topology": {"fanouts": [job.clients]},
+        "schedule": {"tau": [job.steps_per_epoch]},
+        "data": {"name": "synthetic", "partition": "iid", "test_fraction": test_fraction,
+                 "synthetic_samples": math.ceil(job.samples_per_client * job.clients / (1 - test_fraction)),
+                 "synthetic_features": job.features, "synthetic_classes": 10},
+        "model": {"name": "mlp", "hidden": list(job.hidden)},
+        "optim": {"lr": job.lr, "batch_size": job.batch},
+    })
+
+
+def flower_available() -> tuple[bool, str]:
+    """Return whether ``flwr`` with its simulation engine imports, and why not."""
+    try:
+        import flwr  # noqa: F401
+        from flwr.simulation import run_simulation  # noqa: F401
+        import ray  # noqa: F401
+    except ImportError as exc:
+        return False, f"{exc}; install it with pip install 'hflmpi[flower]' (flwr[simulation])"
+    return True, ""
+
+
+def _inner(values: Sequence[float], drop_last: bool) -> list[float]:
+    values = list(values)
+    end = len(values) - 1 if drop_last and len(values) >= 3 else len(values)
+    return values[1:end] if end > 1 else values
+
+
+# ---------------------------------------------------------------------------------------------
+# hflmpi side
+
+
+def run_hflmpi(comm: Any, job: Job) -> dict[str, Any]:
+    """Train ``job`` with :func:`hflmpi.train.train` over ``comm`` (one rank per client).
+
+    Collective. Returns (on every rank) the per-round seconds from the run record, their median
+    over the timed rounds, and the final test accuracy.
+    """
+    import numpy as np
+
+    from hflmpi.store import read_metrics
+    from hflmpi.train import train
+
+    if comm.Get_size() != job.clients:
+        raise ValueError(f"the hflmpi side needs one rank per client: run under mpiexec -n "
+                         f"{job.clients} (got {comm.Get_size()} ranks), or pass --clients "
+                         f"{comm.Get_size()}")
+    workdir = comm.bcast(tempfile.mkdtemp(prefix="hflmpi-flower-") if comm.Get_rank() == 0 else None)
+    try:
+        path = os.path.join(workdir, "fedavg.h5")
+        with open(os.devnull, "w") as quiet:
+            result = train(job_config(job, path), comm, stream=quiet)  # all ranks
+        summary = None
+        if comm.Get_rank() == 0:
+            wall = np.asarray(read_metrics(path)["wall_time"], dtype=np.float64)
+            rounds = np.diff(np.concatenate([[0.0], wall])).tolist()
+            timed = _inner(rounds, drop_last=True)
+            summary = {"framework": "hflmpi (MPI)", "round_seconds": rounds,
+                       "median_round_seconds": statistics.median(timed), "rounds_timed": len(timed),
+                       "test_accuracy": result.test_accuracy}
+        return comm.bcast(summary, root=0)
+    finally:
+        comm.Barrier()
+        if comm.Get_rank() == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flower side (imports flwr only when called)
+
+_CLIENT_CACHE: dict[str, Any] = {}
+_SERVER_LOG: dict[str, Any] = {}
+_SERVER_LOCK = threading.Lock()
+
+
+def _job_from(config: Any) -> Job:
+    return Job(clients=int(config["clients"]), rounds=int(config["rounds"]),
+               samples_per_client=int(config["samples_per_client"]), batch=int(config["batch"]),
+               features=int(config["features"]), hidden=tuple(json.loads(str(config["hidden"]))),
+               lr=float(config["lr"]), seed=int(config["seed"]))
+
+
+def _job_record(job: Job) -> dict[str, Any]:
+    return {"clients": job.clients, "rounds": job.rounds, "samples_per_client": job.samples_per_client,
+            "batch": job.batch, "features": job.features, "hidden": json.dumps(list(job.hidden)),
+            "lr": job.lr, "seed": job.seed}
+
+
+def _client_state(job: Job) -> dict[str, Any]:
+    """Load (once per Ray actor) the dataset, partition and a model + solver for ``job``."""
+    import torch
+
+    from hflmpi.data import load_dataset
+    from hflmpi.local import LocalSolver
+    from hflmpi.models import build_model
+    from hflmpi.partition import make_partition
+
+    key = json.dumps(asdict(job), sort_keys=True)
+    if key not in _CLIENT_CACHE:
+        torch.set_num_threads(1)
+        config = job_config(job, "unused.h5")
+        train_set, _ = load_dataset(config.data, job.seed)
+        parts = make_partition(train_set.labels.numpy(), job.clients, config.data, job.seed)
+        model = build_model(config.model, train_set.input_shape, train_set.num_classes, seed=job.seed)
+        _CLIENT_CACHE[key] = {"train": train_set, "parts": parts, "model": model,
+                              "solver": LocalSolver(model, config.optim)}
+    return _CLIENT_CACHE[key]
+
+
+def _flower_train(msg: Any, context: Any) -> Any:
+    """Flower ``ClientApp`` train handler: one local epoch with hflmpi's sampler and solver."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    from hflmpi.local import BatchSampler
+
+    config = msg.content["config"]
+    job = _job_from(config)
+    state = _client_state(job)
+    client = int(context.node_config["partition-id"])
+    model, solver, train_set = state["model"], state["solver"], state["train"]
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    solver.on_aggregation()
+    sampler = BatchSampler(state["parts"][client], job.batch, seed=job.seed, client=client)
+    sampler.load_state_dict({"epoch": int(config["server-round"]) - 1, "offset": 0})
+    loss = 0.0
+    for _ in range(len(sampler)):
+        batch = next(sampler)
+        loss += float(solver.step(train_set.features[batch], train_set.labels[batch]))
+    content = RecordDict({
+        "arrays": ArrayRecord(model.state_dict()),
+        "metrics": MetricRecord({"train_loss": loss / len(sampler),
+                                 "num-examples": len(state["parts"][client])}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def _flower_server(grid: Any, context: Any) -> None:
+    """Flower ``ServerApp`` main: FedAvg over every client, timing each round."""
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from hflmpi.data import load_dataset
+    from hflmpi.local import evaluate
+    from hflmpi.models import build_model
+
+    job: Job = _SERVER_LOG["job"]
+    config = job_config(job, "unused.h5")
+    _, test_set = load_dataset(config.data, job.seed)
+    model = build_model(config.model, (job.features,), 10, seed=job.seed)
+    stamps: list[float] = []
+
+    def timer(server_round: int, arrays: Any) -> Any:
+        stamps.append(time.perf_counter())  # before any evaluation work
+        if server_round == job.rounds:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            _SERVER_LOG["test_accuracy"] = evaluate(model, test_set)[1]
+        return MetricRecord({"round": server_round})
+
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=job.clients,
+                      min_available_nodes=job.clients)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=job.rounds,
+                   train_config=ConfigRecord(_job_record(job)), evaluate_fn=timer)
+    _SERVER_LOG["stamps"] = stamps
+
+
+def run_flower(job: Job, cpus: float | None = None) -> dict[str, Any]:
+    """Run ``job`` in Flower's simulation (Ray backend) in this process and time its rounds.
+
+    Parameters
+    ----------
+    job : Job
+    cpus : float, optional
+        CPUs given to Ray (default: all cores); each client actor gets ``cpus / clients``, so all
+        clients of a round run at once, like the MPI ranks.
+    """
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    cpus = float(cpus or os.cpu_count() or 1)
+    client_app = ClientApp()
+    client_app.train()(_flower_train)
+    server_app = ServerApp()
+    server_app.main()(_flower_server)
+    with _SERVER_LOCK:
+        _SERVER_LOG.clear()
+        _SERVER_LOG["job"] = job
+        started = time.perf_counter()
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=job.clients,
+            backend_config={"client_resources": {"num_cpus": cpus / job.clients, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": cpus, "include_dashboard": False}},
+        )
+        total = time.perf_counter() - started
+        stamps = list(_SERVER_LOG.get("stamps", []))
+        accuracy = _SERVER_LOG.get("test_accuracy", math.nan)
+    if len(stamps) != job.rounds + 1:
+        raise RuntimeError(f"Flower's simulation finished {len(stamps) - 1} of {job.rounds} rounds; "
+                           "see its log above")
+    rounds = [b - a for a, b in zip(stamps, stamps[1:])]
+    timed = _inner(rounds, drop_last=False)
+    return {"framework": f"Flower {_flower_version()} simulation (Ray)", "round_seconds": rounds,
+            "median_round_seconds": statistics.median(timed), "rounds_timed": len(timed),
+            "test_accuracy": accuracy, "total_seconds": total}
+
+
+def _flower_version() -> str:
+    try:
+        import flwr
+
+        return str(flwr.__version__)
+    except (ImportError, AttributeError):
+        return "?"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _wait_sleeping(comm: Any, poll: float = 0.05) -> None:
+    """Wait for rank 0 in an ``Ibarrier`` without spinning (all ranks)."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll)
+
+
+def _report(job: Job, results: list[dict[str, Any]]) -> str:
+    lines = [f"# FedAvg, {job.clients} clients, MLP {job.features}-{'-'.join(map(str, job.hidden))}-10 "
+             f"({job.numel:,} parameters), {job.samples_per_client} samples and "
+             f"{job.steps_per_epoch} SGD steps (1 epoch, batch {job.batch}) per client per round, "
+             f"{job.rounds} rounds, {os.cpu_count()} cores",
+             f"{'framework':<40} {'s/round (median)':>17} {'rounds timed':>13} {'test acc':>9}"]
+    for r in results:
+        lines.append(f"{r['framework']:<40} {r['median_round_seconds']:>17.4f} {r['rounds_timed']:>13} "
+                     f"{r['test_accuracy']:>9.4f}")
+    if len(results) == 2:
+        lines.append(f"Flower / hflmpi time per round: "
+                     f"{results[1]['median_round_seconds'] / results[0]['median_round_seconds']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, comm: Any = None) -> int:
+    """Entry point of ``hflmpi bench flower`` (under ``mpiexec -n CLIENTS``)."""
+    parser = argparse.ArgumentParser(prog="hflmpi bench flower", description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=0, help="default: the MPI world size (8 intended)")
+    parser.add_argument("--rounds", type=int, default=Job.rounds)
+    parser.add_argument("--samples-per-client", type=int, default=Job.samples_per_client)
+    parser.add_argument("--batch", type=int, default=Job.batch)
+    parser.add_argument("--hidden", default=",".join(map(str, Job.hidden)))
+    parser.add_argument("--side", choices=("both", "hflmpi", "flower"), default="both",
+                        help="flower alone needs no mpiexec")
+    parser.add_argument("--cpus", type=float, default=0, help="CPUs for Ray (default: all cores)")
+    parser.add_argument("--json", default="", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.side == "flower":
+        comm = None
+    else:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD if comm is None else comm
+    size = comm.Get_size() if comm is not None else 1
+    rank = comm.Get_rank() if comm is not None else 0
+    job = Job(clients=args.clients or (size if args.side != "flower" else Job.clients), rounds=args.rounds,
+              samples_per_client=args.samples_per_client, batch=args.batch,
+              hidden=tuple(int(h) for h in args.hidden.split(",") if h))
+    results: list[dict[str, Any]] = []
+    if args.side in ("both", "hflmpi"):
+        import torch
+
+        torch.set_num_threads(1)
+        try:
+            results.append(run_hflmpi(comm, job))
+        except ValueError as exc:
+            if rank == 0:
+                print(f"hflmpi bench flower: error: {exc}", file=sys.stderr)
+            return 2
+    message = ""
+    if args.side in ("both", "flower"):
+        available, why = flower_available()
+        if not available:
+            message = f"Flower comparison skipped: flwr is not usable here ({why})"
+        elif rank == 0:
+            results.append(run_flower(job, args.cpus or None))
+        if comm is not None and available:
+            _wait_sleeping(comm)  # all ranks; rank 0 arrives after Flower finished
+    if rank == 0:
+        if results:
+            print(_report(job, results))
+        if message:
+            print(message)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"job": asdict(job), "numel": job.numel,
+                                                   "results": results, "note": message}, indent=2))
+    return 0
