@@ -94,3 +94,21 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_bit_exactly(tmp_path):
     assert resumed.round == expected.round == rounds
     assert np.array_equal(resumed.model, expected.model), "resume changed the model bits"
     assert list(read_metrics(run)["round"]) == list(range(1, rounds + 1))
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to this python")
+def test_nodes_topology_follows_the_node_names(tmp_path):
+    """Two fake nodes (HFLMPI_NODE_NAME per rank, MPMD launch): one group per node, then a root."""
+    from hflmpi.store import read_run_info
+
+    out = tmp_path / "nodes.h5"
+    rank_cmd = [sys.executable, "-m", "mpi4py", "-m", "hflmpi", "run", str(JOBS / "cpu-node.toml"),
+                "--set", f'run.out="{out}"', "--set", "run.rounds=2", "--set", "schedule.tau=[2, 2]",
+                "--set", "quantize.bits=[8, 0]", "--set", 'run.progress="off"']
+    cmd = [str(MPIEXEC), "-n", "2", "-env", "HFLMPI_NODE_NAME", "node-a", *rank_cmd,
+           ":", "-n", "2", "-env", "HFLMPI_NODE_NAME", "node-b", *rank_cmd]
+    subprocess.run(cmd, check=True, timeout=300, stdout=subprocess.DEVNULL,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    tree = read_run_info(out)["tree"]
+    assert tree["children"] == [[[0, 1], [2, 3]], [[0, 1]]]
+    assert list(read_metrics(out)["round"]) == [1, 2]
