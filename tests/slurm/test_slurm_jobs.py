@@ -1,0 +1,259 @@
+"""Submit the jobs/ scripts to a real Slurm cluster and check what they produce.
+
+Needs a running cluster: ``bash .ci/slurm/run.sh`` starts a private one-node cluster
+(``.ci/slurm/cluster.sh``), runs this module with ``HFLMPI_SLURM=1`` and ``SLURM_CONF`` set, and
+stops the cluster. Without ``HFLMPI_SLURM=1`` (the normal serial and MPI suites) the module is
+skipped at import, before anything touches Slurm.
+
+The scripts are submitted unedited; they are scaled down only by what jobs/README.md documents:
+``sbatch`` options on the command line (``--ntasks=2``, ``--array=0-1``, ``--gpus-per-node=0``)
+and the ``HFLMPI_*`` environment variables (exported to the job by sbatch's default
+``--export=ALL``). Each job runs in a scratch directory holding a ``jobs`` link to the repository's
+jobs/, so ``runs/`` outputs never land in the checkout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("HFLMPI_SLURM") != "1":
+    pytest.skip("Slurm stage only: run `bash .ci/slurm/run.sh` (sets HFLMPI_SLURM=1 and starts a "
+                "private one-node cluster)", allow_module_level=True)
+
+
+def _sinfo_problem() -> str | None:
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "sinfo/sbatch are not on PATH"
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                              timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out after 20 s"
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return f"sinfo failed (exit {proc.returncode}): {proc.stderr.strip()}"
+    return None
+
+
+_PROBLEM = _sinfo_problem()
+if _PROBLEM is not None:
+    pytest.skip(f"HFLMPI_SLURM=1 but no usable Slurm cluster: {_PROBLEM}", allow_module_level=True)
+
+import numpy as np  # noqa: E402
+
+from hflmpi.checkpoint import load_checkpoint  # noqa: E402
+from hflmpi.store import read_metrics, read_run_info  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+JOBS = REPO / "jobs"
+PYTHON = sys.executable
+MPIEXEC = str(Path(sys.executable).with_name("mpiexec"))
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
+JOB_TIMEOUT = float(os.environ.get("HFLMPI_SLURM_JOB_TIMEOUT", "240"))
+
+# The preemption job: the scaled-down preemptible.toml of tests/test_jobs.py (2 ranks, one
+# group, tau [3]), long enough that a signal after a few rounds lands mid-run.
+PREEMPT_ROUNDS = 400
+PREEMPT_ARGS = [
+    f"--set run.rounds={PREEMPT_ROUNDS}", "--set topology.fanouts=[2]", "--set schedule.tau=[3]",
+    "--set quantize.bits=[8]", "--set run.checkpoint_every=1000", '--set run.progress="off"',
+    "--set run.divergence=false",
+]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A submit directory: ``jobs`` links to the repository's jobs/, ``runs/`` exists already
+    (Slurm opens ``--output=runs/...`` before the script's ``mkdir -p runs`` runs)."""
+    root = tmp_path_factory.mktemp("slurm-submit")
+    (root / "jobs").symlink_to(JOBS, target_is_directory=True)
+    (root / "runs").mkdir()
+    return root
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, HFLMPI_PYTHON=PYTHON, HFLMPI_SRUN_MPI="pmi2", OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")
+    for key in ("HFLMPI_ARGS", "HFLMPI_SCALING_RANKS", "HFLMPI_MPIRUN", "HFLMPI_MPIRUN_ARGS",
+                "HFLMPI_RUN"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def sbatch(workdir: Path, script: str, options: list[str], env: dict[str, str]) -> str:
+    """Submit ``jobs/SCRIPT`` from ``workdir``; return the job id."""
+    proc = subprocess.run(["sbatch", "--parsable", *options, str(JOBS / script)], cwd=workdir,
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"sbatch {script} failed: {proc.stderr}"
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_records(job_id: str) -> list[dict[str, str]]:
+    """``scontrol show job -o`` as dicts (one per array task). Finished jobs stay visible for
+    MinJobAge (600 s in the CI cluster); there is no accounting, so no sacct."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                          text=True, timeout=20)
+    if proc.returncode != 0:
+        return []
+    records = []
+    for line in proc.stdout.splitlines():
+        if line.strip():
+            records.append(dict(re.findall(r"(\w+)=(\S*)", line)))
+    return records
+
+
+def wait_for(job_id: str, count: int = 1, timeout: float = JOB_TIMEOUT) -> list[dict[str, str]]:
+    """Poll until ``count`` records of ``job_id`` are in a terminal state; release held jobs."""
+    deadline = time.monotonic() + timeout
+    records: list[dict[str, str]] = []
+    while time.monotonic() < deadline:
+        records = job_records(job_id)
+        for rec in records:  # a requeued job may come back held: let it go
+            if rec.get("JobState") == "PENDING" and "Held" in rec.get("Reason", ""):
+                subprocess.run(["scontrol", "release", rec["JobId"]], capture_output=True,
+                               timeout=20)
+        if len(records) >= count and all(r.get("JobState") in TERMINAL for r in records):
+            return records
+        time.sleep(0.5)
+    pytest.fail(f"job {job_id} not finished after {timeout:.0f} s: "
+                f"{[(r.get('JobId'), r.get('JobState'), r.get('Reason')) for r in records]}")
+
+
+def describe(workdir: Path, job_id: str) -> str:
+    """Every output file of the job and its scontrol record, for failure messages."""
+    parts = [f"scontrol: {job_records(job_id)}"]
+    for out in sorted((workdir / "runs").glob(f"*-{job_id}*.out")):
+        parts.append(f"--- {out.name}\n{out.read_text(errors='replace')[-4000:]}")
+    return "\n".join(parts)
+
+
+def assert_completed(workdir: Path, job_id: str, records: list[dict[str, str]]) -> None:
+    for rec in records:
+        assert rec.get("JobState") == "COMPLETED" and rec.get("ExitCode") == "0:0", \
+            describe(workdir, job_id)
+
+
+def check_record(path: Path, rounds: int, world_size: int) -> dict:
+    """A valid run record: one metrics row per round, finite accuracy, the right world size."""
+    assert path.exists(), f"no run record {path}"
+    metrics = read_metrics(path)
+    assert list(metrics["round"]) == list(range(1, rounds + 1))
+    final = float(metrics["test_accuracy"][-1])
+    assert math.isfinite(final) and 0.0 < final <= 1.0, metrics["test_accuracy"]
+    assert np.all(np.isfinite(metrics["train_loss"]))
+    info = read_run_info(path)
+    assert int(info["world_size"]) == world_size
+    return info
+
+
+# -- tests ---------------------------------------------------------------------------------------
+def test_the_node_is_up_with_two_cpus():
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %c %t"], capture_output=True, text=True,
+                         timeout=20, check=True).stdout.split()
+    assert len(out) == 3 and int(out[1]) >= 2 and out[2] in {"idle", "mix", "alloc"}, out
+
+
+def test_cpu_node_srun_pmi2_one_group_per_node(workdir):
+    env = job_env(HFLMPI_ARGS='--set run.rounds=3 --set run.progress="off"')
+    job = sbatch(workdir, "cpu-node.sbatch", ["--ntasks=2"], env)
+    assert_completed(workdir, job, wait_for(job))
+    info = check_record(workdir / "runs" / f"cpu-node-{job}.h5", rounds=3, world_size=2)
+    # topology.nodes = true on one node: a single group holding both ranks (flat FedAvg).
+    assert info["tree"]["groups_per_layer"] == [1], info["tree"]
+    assert info["tree"]["children"] == [[[0, 1]]], info["tree"]
+    assert "3 rounds done" in (workdir / "runs" / f"hflmpi-cpu-{job}.out").read_text()
+
+
+def test_config_error_fails_the_job_with_exit_2(workdir):
+    """A collective config error exits 2 on every rank; through srun (PMI2) the job must end
+    FAILED with exit code 2, not an MPI_Abort that srun reports as 137."""
+    env = job_env(HFLMPI_ARGS="--set schedule.tau=[5,2]")  # one layer on one node: one tau
+    job = sbatch(workdir, "cpu-node.sbatch", ["--ntasks=2"], env)
+    (record,) = wait_for(job)
+    assert (record.get("JobState"), record.get("ExitCode")) == ("FAILED", "2:0"), \
+        describe(workdir, job)
+    assert "hflmpi: error: ConfigError: schedule.tau" in \
+        (workdir / "runs" / f"hflmpi-cpu-{job}.out").read_text()
+
+
+def test_scaling_array_scaled_down(workdir):
+    env = job_env(HFLMPI_SCALING_RANKS="1 2",
+                  HFLMPI_ARGS="--set run.rounds=2 --set run.eval_every=1 "
+                              "--set data.synthetic_samples=2000")
+    job = sbatch(workdir, "scaling-array.sbatch", ["--array=0-1", "--ntasks=2"], env)
+    records = wait_for(job, count=2)
+    assert sorted(r.get("ArrayTaskId") for r in records) == ["0", "1"], records
+    assert_completed(workdir, job, records)
+    for ranks in (1, 2):
+        check_record(workdir / "runs" / f"scaling-{job}-n{ranks}.h5", rounds=2, world_size=ranks)
+
+
+def test_mpiexec_inside_the_allocation(workdir):
+    """gpu-nodes-mpirun.sbatch on CPU: the MPICH wheel's mpiexec (Hydra, which bootstraps through
+    Slurm inside an allocation) as HFLMPI_MPIRUN, no GPUs requested, run.device overridden."""
+    env = job_env(
+        HFLMPI_MPIRUN=MPIEXEC,
+        HFLMPI_ARGS='--set run.device="cpu" --set data.name="digits" --set model.name="mlp" '
+                    '--set schedule.tau=[5] --set quantize.bits=[8] --set run.rounds=3 '
+                    '--set run.progress="off"',
+    )
+    options = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
+               "--gpus-per-node=0"]
+    job = sbatch(workdir, "gpu-nodes-mpirun.sbatch", options, env)
+    assert_completed(workdir, job, wait_for(job))
+    info = check_record(workdir / "runs" / f"gpu-nodes-mpirun-{job}.h5", rounds=3, world_size=2)
+    assert info["tree"]["groups_per_layer"] == [1], info["tree"]
+
+
+def test_preemption_signal_checkpoints_requeues_and_resumes_bit_exactly(workdir, tmp_path):
+    # The uninterrupted reference: the same overrides, plain mpiexec, outside Slurm.
+    reference = tmp_path / "reference.h5"
+    args = " ".join(PREEMPT_ARGS).split()
+    subprocess.run([MPIEXEC, "-n", "2", PYTHON, "-m", "mpi4py", "-m", "hflmpi", "run",
+                    str(JOBS / "preemptible.toml"), "--set", f'run.out="{reference}"', *args],
+                   check=True, env=job_env(), timeout=600, stdout=subprocess.DEVNULL)
+    expected = load_checkpoint(reference.with_name("reference.ckpt.h5"))
+    assert expected.round == PREEMPT_ROUNDS
+
+    env = job_env(HFLMPI_ARGS=" ".join(PREEMPT_ARGS))
+    job = sbatch(workdir, "preemptible.sbatch", ["--ntasks=2"], env)
+    run = workdir / "runs" / f"preemptible-{job}.h5"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while True:  # wait until training is under way (signal handlers installed)
+        try:
+            if len(read_metrics(run)["round"]) >= 3:
+                break
+        except (OSError, KeyError):
+            pass
+        states = [r.get("JobState") for r in job_records(job)]
+        assert not set(states) & TERMINAL, describe(workdir, job)
+        assert time.monotonic() < deadline, f"no training rounds yet: {describe(workdir, job)}"
+        time.sleep(0.2)
+    # What `#SBATCH --signal=B:USR1@120` does at the deadline: USR1 to the batch shell only.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=20)
+
+    records = wait_for(job, timeout=JOB_TIMEOUT + 60)  # requeued (BeginTime delay), rerun, done
+    assert_completed(workdir, job, records)
+    assert records[0].get("Restarts") == "1", describe(workdir, job)
+    log = (workdir / "runs" / f"hflmpi-preemptible-{job}.out").read_text()  # --open-mode=append
+    stopped = re.search(r"checkpointed round (\d+)", log)
+    assert stopped and f"requeueing job {job}" in log, describe(workdir, job)
+    assert 3 <= int(stopped.group(1)) < PREEMPT_ROUNDS, "the signal must land mid-run"
+    assert f"{PREEMPT_ROUNDS} rounds done" in log, describe(workdir, job)
+
+    info = check_record(run, rounds=PREEMPT_ROUNDS, world_size=2)
+    assert [entry["round"] for entry in info["resume_log"]] == [int(stopped.group(1))], info
+    resumed = load_checkpoint(run.with_name(f"preemptible-{job}.ckpt.h5"))
+    assert resumed.round == PREEMPT_ROUNDS
+    assert np.array_equal(resumed.model, expected.model), "requeue + resume changed the model bits"
