@@ -336,7 +336,7 @@ class HierarchicalAggregator:
         """Handshake over the subtree; return the world ranks whose model is not finite."""
         comm = self.comms.subtree(layer)
         key = handshake_key(self.signature, self.numel, str(self.flat.dtype), step, layer)
-        finite = bool(torch.isfinite(self.flat).all())
+        finite = _all_finite(self.flat)
         what = f"layer-{layer} aggregation at step {step}"
         bad = handshake(comm, key, finite, what)
         if not bad:
@@ -519,6 +519,18 @@ def measure_divergences(comms: LayerComms, flat: torch.Tensor, weight: float) ->
     sums = np.array([weight * up, weight * down])
     world_comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
     return float(sums[0] / total_weight), float(sums[1] / total_weight)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Tell whether ``tensor`` holds no NaN/Inf, in one reduction pass.
+
+    A finite sum proves every element finite (NaN and Inf propagate through addition). A sum
+    that overflowed from finite values is a false alarm, so a non-finite sum is confirmed with the
+    exact element-wise check, which allocates a mask and is ~30x slower.
+    """
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _rule_params(rule: str, params: dict[str, float]) -> dict[str, float]:
