@@ -453,19 +453,6 @@ def _remove(*paths: Path) -> None:
             pass
 
 
-def _limit_threads(comm: Any) -> None:
-    """One torch thread per rank's share of the node (8 ranks on 2 cores crawl otherwise)."""
-    import torch
-    from mpi4py import MPI
-
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    here = local.Get_size()
-    local.Free()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // here))
-
-
 def run_experiment(
     spec: str | os.PathLike[str] | Experiment,
     out: str | os.PathLike[str],
@@ -951,7 +938,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     comm = MPI.COMM_WORLD
     try:
-        _limit_threads(comm)
+        from hflmpi.train import limit_threads
+
+        limit_threads(comm)
         run_experiment(args.spec, args.out, comm, small=args.small, reuse=args.reuse,
                        only=[s for s in args.only.split(",") if s] or None,
                        base_file=args.base, overrides=args.overrides)

@@ -49,7 +49,7 @@ from hflmpi.schedule import round_events, steps_per_round
 from hflmpi.store import RoundMetrics, RunRecord, read_config_toml
 from hflmpi.topology import TopologyError, TreePlan, plan_fanouts, plan_groups
 
-__all__ = ["SetupError", "TrainResult", "plan_for", "train", "main"]
+__all__ = ["SetupError", "TrainResult", "limit_threads", "plan_for", "train", "main"]
 
 T = TypeVar("T")
 
@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
             config = load_config(args.config, args.overrides)
         if args.resume_if_exists and args.resume is None and _has_checkpoint(Path(config.run.out)):
             args.resume = config.run.out
-        _limit_threads(comm)
+        limit_threads(comm)
         result = train(config, comm, resume=args.resume)
     except (ConfigError, TopologyError, SetupError) as exc:
         # Every rank raised the same error (config and setup checks are collective): say it once.
@@ -471,7 +471,7 @@ def _config_from_run(path: Path, overrides: Sequence[str]) -> RunConfig:
         os.unlink(handle.name)
 
 
-def _limit_threads(comm: MPI.Comm) -> None:
+def limit_threads(comm: MPI.Comm) -> None:
     """Give each rank its share of the node's cores (ranks oversubscribing cores crawl otherwise)."""
     if "OMP_NUM_THREADS" in os.environ:
         return

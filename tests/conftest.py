@@ -69,6 +69,23 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def wait_for_rounds(run_file: Any, rounds: int, timeout: float = 300.0) -> None:
+    """Poll a run file written by another process until it records ``rounds`` rounds."""
+    import time
+
+    from hflmpi.store import read_metrics
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if len(read_metrics(run_file)["round"]) >= rounds:
+                return
+        except (OSError, KeyError):
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"{run_file} did not reach {rounds} rounds within {timeout:.0f} s")
+
+
 def parallel_assert(comm: Any, condition: bool, message: str = "") -> None:
     """Assert ``condition`` on every rank at once, so one failing rank cannot hang the others."""
     verdicts = comm.allgather((bool(condition), message))

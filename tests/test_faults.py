@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import wait_for_rounds
 from hflmpi.checkpoint import load_checkpoint
 from hflmpi.store import read_metrics
 
@@ -85,14 +86,7 @@ def test_sigkill_of_one_rank_ends_the_job_and_resume_is_bit_exact(tmp_path):
     run = tmp_path / "killed.h5"
     proc = subprocess.Popen(_run_args(run, rounds), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if len(read_metrics(run)["round"]) >= 5:
-                break
-        except (OSError, KeyError):
-            pass
-        time.sleep(0.2)
+    wait_for_rounds(run, 5)
     victims = _rank_pids(str(run))
     assert len(victims) == 2, f"expected the 2 rank processes, found {victims}"
     os.kill(max(victims), signal.SIGKILL)

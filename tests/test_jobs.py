@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import wait_for_rounds
 from hflmpi.checkpoint import load_checkpoint
 from hflmpi.config import load_config
 from hflmpi.preempt import EXIT_PREEMPTED
@@ -71,14 +70,7 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_bit_exactly(tmp_path):
     run = tmp_path / "preempted.h5"
     proc = subprocess.Popen(_run_args(run, rounds), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # wait until training is under way
-        try:
-            if len(read_metrics(run)["round"]) >= 3:
-                break
-        except (OSError, KeyError):
-            pass
-        time.sleep(0.2)
+    wait_for_rounds(run, 3)
     proc.send_signal(signal.SIGUSR1)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, stderr

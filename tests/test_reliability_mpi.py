@@ -117,7 +117,7 @@ def test_robust_rule_matches_numpy_and_resists_an_attacker(rule):
 @pytest.mark.mpi(min_size=2)
 def test_secure_masks_cancel_bit_for_bit_and_hide_each_client():
     comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
+    rank = comm.Get_rank()
     results, sent = [], []
     with _flat_comms(comm) as comms:
         for secure in (False, True):
