@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import math
 from typing import Sequence
@@ -399,7 +399,8 @@ class HierarchicalAggregator:
                 else:
                     comm.Reduce(buf, None, op=MPI.SUM, root=0)
                     stats.bytes_sent[n - 1] += self._mpi.nbytes
-            if private and self.privacy.mode == "central" and comm.Get_rank() == 0:
+            if private and self.privacy is not None and self.privacy.mode == "central" \
+                    and comm.Get_rank() == 0:
                 self._central_noise(n, max_share, step)
             stats.seconds[n - 1] += time.perf_counter() - start
             child_weight = node_weight
@@ -422,11 +423,11 @@ class HierarchicalAggregator:
         anchor = self._anchors[n]
         update = (self.flat - anchor).to(torch.float32).contiguous()
         weights = comm.gather(child_weight, root=0)  # layer participants
-        leader = comm.Get_rank() == 0
-        rows = torch.empty((comm.Get_size(), self.numel), dtype=torch.float32) if leader else None
-        comm.Gather(update.cpu().numpy(), rows.numpy() if leader else None, root=0)
-        if not leader:
+        if comm.Get_rank() != 0:
+            comm.Gather(update.cpu().numpy(), None, root=0)
             return update.numel() * 4
+        rows = torch.empty((comm.Get_size(), self.numel), dtype=torch.float32)
+        comm.Gather(update.cpu().numpy(), rows.numpy(), root=0)
         rule = self.robust[n - 1]
         params = _rule_params(rule, self.robust_params)
         combined = robust_update(rule, rows, torch.tensor(weights, dtype=torch.float64), **params)
@@ -438,6 +439,7 @@ class HierarchicalAggregator:
     ) -> None:
         """Clip this child's update to ``C``; in distributed mode add its share of the noise."""
         options = self.privacy
+        assert options is not None
         anchor = self._anchors[n]
         update, _ = clip_update(self.flat - anchor, options.clip)
         if options.mode == "distributed" and share > 0:
@@ -453,6 +455,7 @@ class HierarchicalAggregator:
     def _central_noise(self, n: int, max_share: float, step: int) -> None:
         """At the leader, add ``N(0, sigma^2 (C max a_c)^2)`` to the layer's aggregate."""
         options = self.privacy
+        assert options is not None
         generator = torch_generator(self.seed, purpose="dp", rank=self.comms.rank, round=step,
                                     layer=n, device=self.flat.device)
         std = noise_std(options.noise_multiplier, options.clip, max_share=max_share, mode="central")
@@ -533,7 +536,7 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def _rule_params(rule: str, params: dict[str, float]) -> dict[str, float]:
+def _rule_params(rule: str, params: dict[str, float]) -> dict[str, Any]:
     """Pick the parameters a robust rule takes from the configured ones."""
     if rule == "trimmed_mean":
         return {"trim": params.get("trim", 0.2)}

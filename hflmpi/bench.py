@@ -37,7 +37,7 @@ def default_fanouts(world_size: int) -> list[int]:
 
 
 def time_interleaved(
-    comm: MPI.Comm, candidates: dict[str, Callable[[], None]], repeats: int, warmup: int = 1
+    comm: MPI.Comm, candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
 ) -> dict[str, float]:
     """Time each candidate ``repeats`` times, round-robin, and return the median seconds.
 
@@ -115,7 +115,7 @@ def _bench_size(
     raw = np.ones(numel, dtype=np.float32)
     subtree = HierarchicalAggregator(comms, torch.ones(numel), algorithm="subtree")
     tree = HierarchicalAggregator(comms, torch.ones(numel), algorithm="tree")
-    candidates: dict[str, Callable[[], None]] = {
+    candidates: dict[str, Callable[[], object]] = {
         "mpi_allreduce": lambda: comm.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM),
         "hfl_subtree": lambda: subtree.aggregate(plan.depth, 1.0),
         "hfl_tree": lambda: tree.aggregate(plan.depth, 1.0),

@@ -110,7 +110,7 @@ def plan_for(config: RunConfig, comm: MPI.Comm) -> TreePlan:
     """Plan the tree the config asks for over ``comm`` (collective only for ``nodes``)."""
     topo, size = config.topology, comm.Get_size()
     if topo.kind == "fanouts":
-        plan = plan_fanouts(list(topo.fanouts), size)
+        plan = plan_fanouts(list(topo.fanouts or ()), size)
     elif topo.kind == "groups":
         plan = plan_groups(topo.groups, size)
     elif topo.kind == "nodes":
@@ -216,7 +216,7 @@ def train(
     config.check_layer_options(plan.depth)
     agg_cfg, privacy = config.aggregation, config.privacy
     aggregator = agree(comm, "setting up the aggregation", lambda: HierarchicalAggregator(
-        comms, params.flat, algorithm=agg_cfg.algorithm, bits=bits,
+        comms, params.flat, algorithm="tree" if agg_cfg.algorithm == "tree" else "subtree", bits=bits,
         bucket_size=config.quantize.bucket_size, seed=seed, method=config.quantize.method,
         robust=list(agg_cfg.robust) or None, secure=list(agg_cfg.secure) or None,
         robust_params={"trim": agg_cfg.trim, "f": agg_cfg.krum_f},
@@ -288,7 +288,7 @@ def train(
         totals = _reduce(comm, bytes_sent, MPI.SUM)  # all ranks
         worst = np.concatenate([compute, comm_seconds, np.nan_to_num(quant_error, nan=-1.0)])
         slowest = _reduce(comm, worst, MPI.MAX)  # all ranks
-        if rank == 0:
+        if record is not None and progress is not None:  # rank 0
             wall = time.perf_counter() - round_start
             record.append_round(RoundMetrics(
                 round=rnd, wall_time=time.perf_counter() - started, train_loss=train_loss,
@@ -316,7 +316,7 @@ def train(
 
     preemption.restore()
     watchdog.close()
-    if rank == 0:
+    if record is not None and progress is not None:  # rank 0
         progress.close()
         if privacy.layer:
             releases = last_round * math.prod(tau[privacy.layer:])
@@ -402,7 +402,7 @@ def _checkpoint(
     gathered = comm.gather(mine, root=0)
 
     def write() -> None:
-        if comm.Get_rank() != 0:
+        if gathered is None:  # not rank 0
             return
         extra = {name: np.stack([g[name] for g in gathered]) for name in mine}
         save_checkpoint(
