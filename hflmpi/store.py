@@ -69,7 +69,8 @@ SCALAR_METRICS: Mapping[str, tuple[str, str, str]] = {
         "float64",
         "1",
         "H-SGD upward divergence: weighted mean of ||x_g - x||^2 over the group models x_g "
-        "around the global model x, just before the global aggregation (Wang et al., AAAI 2022)",
+        "around the global model x, just before the global aggregation (Wang et al., AAAI 2022); "
+        "measured on evaluated rounds when run.divergence is on",
     ),
     "downward_divergence": (
         "float64",
@@ -86,7 +87,8 @@ LAYER_METRICS: Mapping[str, tuple[str, str, str]] = {
     "quant_error": (
         "float64",
         "1",
-        "relative squared quantization error ||Q(d) - d||^2 / ||d||^2 of the uplink differences",
+        "relative squared quantization error ||Q(d) - d||^2 / ||d||^2 of the uplink differences "
+        "(worst participant; measured on evaluated rounds only, NaN otherwise)",
     ),
     "method": ("int8", "1", "aggregation method code, see attr 'codes' (-1: not recorded)"),
 }
