@@ -258,10 +258,14 @@ class HierarchicalAggregator:
             for n in range(1, self.depth + 1)
         ]
 
-    def reset_anchors(self) -> None:
-        """Make the current model every quantized layer's anchor (after a broadcast or resume)."""
-        for anchor in self._anchors.values():
-            anchor.copy_(self.flat)
+    def reset_anchors(self, up_to: int | None = None) -> None:
+        """Make the current model the anchor of layers ``1..up_to`` (all by default).
+
+        Called after every aggregation of layer ``up_to``, and after a broadcast or resume.
+        """
+        for n, anchor in self._anchors.items():
+            if up_to is None or n <= up_to:
+                anchor.copy_(self.flat)
 
     @property
     def depth(self) -> int:
@@ -359,9 +363,7 @@ class HierarchicalAggregator:
         buf = self._mpi.outbound(copy=comm.Get_rank() == 0)
         comm.Bcast(buf, root=0)
         self._mpi.inbound()
-        for n, anchor in self._anchors.items():
-            if n <= layer:
-                anchor.copy_(self.flat)
+        self.reset_anchors(layer)
 
     def _nested(self, layer: int, weight: float, step: int, measure_error: bool) -> AggregationStats:
         """Layer-by-layer uplink (quantized or exact per layer), then broadcast down."""
@@ -413,9 +415,7 @@ class HierarchicalAggregator:
                 self.comms.layer(n).Bcast(buf, root=0)
                 stats.seconds[n - 1] += time.perf_counter() - start
         self._mpi.inbound()
-        for n, anchor in self._anchors.items():
-            if n <= layer:
-                anchor.copy_(self.flat)
+        self.reset_anchors(layer)
         return stats
 
     def _robust_layer(self, n: int, comm: MPI.Comm, child_weight: float) -> int:

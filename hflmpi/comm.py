@@ -24,7 +24,7 @@ from mpi4py import MPI
 
 from hflmpi.topology import TopologyError, TreePlan, plan_nodes
 
-__all__ = ["LayerComms", "node_names", "plan_from_nodes", "cuda_aware_mpi"]
+__all__ = ["LayerComms", "node_local", "node_names", "plan_from_nodes", "cuda_aware_mpi"]
 
 
 class LayerComms:
@@ -94,6 +94,15 @@ class LayerComms:
 
     def __exit__(self, *exc: object) -> None:
         self.free()
+
+
+def node_local(comm: MPI.Comm) -> tuple[int, int]:
+    """Return this rank's index among the ranks sharing its node, and their count (collective)."""
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        return local.Get_rank(), local.Get_size()
+    finally:
+        local.Free()
 
 
 def node_names(comm: MPI.Comm) -> list[str]:

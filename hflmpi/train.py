@@ -34,7 +34,7 @@ from hflmpi.checkpoint import (
     load_latest_valid,
     save_checkpoint,
 )
-from hflmpi.comm import LayerComms, plan_from_nodes
+from hflmpi.comm import LayerComms, node_local, plan_from_nodes
 from hflmpi.config import ConfigError, RunConfig, load_config, to_toml_string
 from hflmpi.data import TensorDataset, load_dataset
 from hflmpi.flat import flatten_parameters
@@ -131,9 +131,7 @@ def _device(config: RunConfig, comm: MPI.Comm) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError('run.device="cuda" but torch sees no CUDA device; use "cpu" or "auto"')
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    local_rank = int(os.environ.get("SLURM_LOCALID", local.Get_rank()))
-    local.Free()
+    local_rank = int(os.environ.get("SLURM_LOCALID", node_local(comm)[0]))
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
@@ -475,7 +473,5 @@ def limit_threads(comm: MPI.Comm) -> None:
     """Give each rank its share of the node's cores (ranks oversubscribing cores crawl otherwise)."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    ranks_here = local.Get_size()
-    local.Free()
+    ranks_here = node_local(comm)[1]
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))

@@ -167,7 +167,10 @@ class QuantizedUplink:
             Key the secure-aggregation masks (ignored without pair seeds).
         """
         diff = self._diff
-        torch.sub(child, anchor, out=diff) if child.dtype == torch.float32 else diff.copy_(child - anchor)
+        if child.dtype == torch.float32:
+            torch.sub(child, anchor, out=diff)
+        else:  # float64 model: subtract in float64, then round once into the float32 scratch
+            diff.copy_(child - anchor)
         if share != 1.0:
             diff.mul_(share)
         self._scales.copy_(bucket_absmax(diff, self.bucket_size))
