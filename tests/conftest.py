@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,6 +69,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+MPIEXEC = Path(sys.executable).with_name("mpiexec")  # the venv's launcher, next to its python
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+
+
+def preemptible_run(out: Path, rounds: int, *settings: str) -> list[str]:
+    """Return an ``mpiexec -n 2 ... hflmpi run jobs/preemptible.toml`` command for a tiny job.
+
+    The job writes ``out``, runs ``rounds`` global rounds of a 2-rank FedAvg tree with tau 3 and
+    no progress output; ``settings`` adds more ``--set`` pairs or flags.
+    """
+    return [
+        str(MPIEXEC), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hflmpi", "run",
+        str(JOBS / "preemptible.toml"),
+        "--set", f'run.out="{out}"', "--set", f"run.rounds={rounds}",
+        "--set", "topology.fanouts=[2]", "--set", "schedule.tau=[3]",
+        "--set", 'run.progress="off"', *settings,
+    ]
 
 
 def wait_for_rounds(run_file: Any, rounds: int, timeout: float = 300.0) -> None:

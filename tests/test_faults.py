@@ -17,12 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import wait_for_rounds
+from conftest import MPIEXEC, preemptible_run, wait_for_rounds
 from hflmpi.checkpoint import load_checkpoint
 from hflmpi.store import read_metrics
 
-MPIEXEC = Path(sys.executable).with_name("mpiexec")
-JOBS = Path(__file__).resolve().parent.parent / "jobs"
 pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to this python")
 
 STALL = """
@@ -50,13 +48,8 @@ def test_watchdog_aborts_a_stalled_collective_naming_rank_layer_round(tmp_path):
 
 
 def _run_args(out: Path, rounds: int, *extra: str) -> list[str]:
-    return [
-        str(MPIEXEC), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hflmpi", "run",
-        str(JOBS / "preemptible.toml"),
-        "--set", f'run.out="{out}"', "--set", f"run.rounds={rounds}",
-        "--set", "topology.fanouts=[2]", "--set", "schedule.tau=[3]", "--set", "quantize.bits=[4]",
-        "--set", "run.checkpoint_every=1", "--set", 'run.progress="off"', *extra,
-    ]
+    return preemptible_run(out, rounds, "--set", "quantize.bits=[4]",
+                           "--set", "run.checkpoint_every=1", *extra)
 
 
 def _rank_pids(marker: str) -> list[int]:

@@ -17,15 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import wait_for_rounds
+from conftest import JOBS, MPIEXEC, preemptible_run, wait_for_rounds
 from hflmpi.checkpoint import load_checkpoint
 from hflmpi.config import load_config
 from hflmpi.preempt import EXIT_PREEMPTED
 from hflmpi.store import read_metrics
 
-JOBS = Path(__file__).resolve().parent.parent / "jobs"
 SCRIPTS = sorted(JOBS.glob("*.sbatch"))
-MPIEXEC = Path(sys.executable).with_name("mpiexec")
 
 
 def test_there_are_job_scripts():
@@ -49,14 +47,9 @@ def test_every_config_loads():
 
 
 def _run_args(out: Path, rounds: int) -> list[str]:
-    return [
-        str(MPIEXEC), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hflmpi", "run",
-        str(JOBS / "preemptible.toml"),
-        "--set", f'run.out="{out}"', "--set", f"run.rounds={rounds}",
-        "--set", "topology.fanouts=[2]", "--set", "schedule.tau=[3]", "--set", "quantize.bits=[8]",
-        "--set", "run.checkpoint_every=1000", "--set", 'run.progress="off"',
-        "--set", "run.divergence=false", "--resume-if-exists",
-    ]
+    return preemptible_run(out, rounds, "--set", "quantize.bits=[8]",
+                           "--set", "run.checkpoint_every=1000", "--set", "run.divergence=false",
+                           "--resume-if-exists")
 
 
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to this python")
