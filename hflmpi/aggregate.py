@@ -78,12 +78,17 @@ class PrivacyOptions:
         ``sigma``: noise std over the sensitivity ``C * max_c a_c``.
     mode : {"central", "distributed"}
         The leader adds the noise once, or every child adds its ``1/sqrt(k)`` share.
+    insecure_reproducible_noise : bool
+        Draw the noise from generators keyed by the run seed instead of the OS CSPRNG. Anyone
+        who knows the seed can then regenerate the noise and subtract it: **no privacy at all**.
+        For tests that need bit-for-bit reproducible DP runs only.
     """
 
     layer: int
     clip: float
     noise_multiplier: float
     mode: str = "central"
+    insecure_reproducible_noise: bool = False
 
 Algorithm = Literal["subtree", "tree"]
 
@@ -145,10 +150,21 @@ class HierarchicalAggregator:
         Rule per layer from :data:`hflmpi.robust.RULES`; anything but ``"mean"`` gathers the
         children's full-precision updates to the leader (such a layer must not be quantized).
     robust_params : dict, optional
-        Parameters of the rules (``trim``, ``f``, ``m``).
+        Parameters of the rules (``trim``, ``f``, ``m``). A rule that would tolerate no
+        Byzantine child at a layer's fan-in (``trim`` below ``1/k``, ``median`` of 2, ``krum``
+        with ``f = 0``) is an error.
+    weight_caps : sequence of float, optional
+        Per device (rank of ``comms.comm``), the largest weight it can honestly claim (its
+        sample count, known to every rank from the partition). Robust layers never trust a
+        claimed weight: the leader clamps each child's claim to the sum of the caps over that
+        child's subtree, and reports the clamped sum upward. Default: 1 per device, so robust
+        layers weigh children by their device count.
     secure : sequence of bool, optional
         Per layer: mask the integer levels pairwise (Diffie-Hellman pair keys) so the leader
         learns only the group sum. Needs a quantized layer; forces the integer-sum transport.
+    allow_small_secure_groups : bool
+        Accept secure layers with groups of 2 participants, where the leader learns its
+        partner's update exactly from the sum (an error otherwise).
     privacy : PrivacyOptions, optional
         Clip and noise the uplink of one layer.
     signature : int
@@ -170,7 +186,9 @@ class HierarchicalAggregator:
         method: str = "auto",
         robust: Sequence[str] | None = None,
         robust_params: dict[str, float] | None = None,
+        weight_caps: Sequence[float] | None = None,
         secure: Sequence[bool] | None = None,
+        allow_small_secure_groups: bool = False,
         privacy: PrivacyOptions | None = None,
         signature: int = 0,
         nonfinite: str = "raise",
@@ -192,6 +210,8 @@ class HierarchicalAggregator:
         self.robust = ["mean"] * comms.depth if robust is None else list(robust)
         self.robust_params = dict(robust_params or {})
         self.secure = [False] * comms.depth if secure is None else [bool(x) for x in secure]
+        self.allow_small_secure_groups = bool(allow_small_secure_groups)
+        self.weight_caps = _check_caps(weight_caps, comms.comm.Get_size())
         self.privacy = privacy
         self.signature = signature
         if nonfinite not in ("raise", "drop"):
@@ -235,11 +255,30 @@ class HierarchicalAggregator:
                 raise ValueError(f"layer {n}: secure aggregation masks quantized levels; set bits > 0")
             if rule != "mean" and self.comms.joins(n):
                 fan_in = self.comms.layer(n).Get_size()
-                params = {k: v for k, v in self.robust_params.items() if k in ("trim", "f", "m")}
-                if fan_in > 1 and max_byzantine(rule, fan_in, **_rule_params(rule, params)) < 0:
-                    raise ValueError(f"robust={rule!r} cannot run with {fan_in} children at layer {n}")
+                params = _rule_params(rule, self.robust_params)
+                if fan_in > 1 and max_byzantine(rule, fan_in, **params) < 1:
+                    raise ValueError(
+                        f"robust={rule!r} with {params or 'no parameters'} at layer {n} tolerates "
+                        f"no Byzantine child among {fan_in} (it would silently act as a plain "
+                        f"average); {_tolerance_fix(rule, fan_in)}"
+                    )
+            if masked and self.comms.joins(n) and self.comms.layer(n).Get_size() == 2 \
+                    and not self.allow_small_secure_groups:
+                raise ValueError(
+                    f"secure aggregation at layer {n} in a group of 2 participants hides nothing: "
+                    "the leader subtracts its own levels from the sum and learns its partner's "
+                    "exactly; use groups of at least 3, or pass allow_small_secure_groups=True "
+                    "to accept that"
+                )
         if self.privacy is not None and not 1 <= self.privacy.layer <= depth:
             raise ValueError(f"privacy layer {self.privacy.layer} is outside 1..{depth}")
+        if self.privacy is not None and self.robust[self.privacy.layer - 1] != "mean":
+            raise ValueError(
+                f"privacy at layer {self.privacy.layer} calibrates the noise to the weighted "
+                f"mean's sensitivity (clip * max a_c), which robust="
+                f"{self.robust[self.privacy.layer - 1]!r} there does not have; use the robust "
+                "rule at another layer"
+            )
 
     def _is_special(self, n: int) -> bool:
         """Tell whether layer n needs the nested path (anything but an exact weighted mean)."""
@@ -382,7 +421,10 @@ class HierarchicalAggregator:
                 max_share = comm.allreduce(share, op=MPI.MAX)  # layer participants
                 self._clip_and_noise(n, comm, share, max_share, step)
             if self.robust[n - 1] != "mean":
-                stats.bytes_sent[n - 1] += self._robust_layer(n, comm, child_weight)
+                sent, trusted_weight = self._robust_layer(n, comm, child_weight)
+                stats.bytes_sent[n - 1] += sent
+                if comm.Get_rank() == 0:
+                    node_weight = trusted_weight  # the clamped sum goes up, never the claims
             elif n in self._uplinks:
                 generator = torch_generator(self.seed, purpose="quantize", rank=rank, round=step,
                                             layer=n, device=self.flat.device)
@@ -418,21 +460,43 @@ class HierarchicalAggregator:
         self.reset_anchors(layer)
         return stats
 
-    def _robust_layer(self, n: int, comm: MPI.Comm, child_weight: float) -> int:
-        """Gather the children's updates to the leader and apply the layer's robust rule."""
+    def _robust_layer(self, n: int, comm: MPI.Comm, child_weight: float) -> tuple[int, float]:
+        """Gather the children's updates to the leader and apply the layer's robust rule.
+
+        Returns the bytes this rank sent and, at the leader, the sum of the clamped weights
+        (:meth:`_trusted_weights`); 0.0 elsewhere.
+        """
         anchor = self._anchors[n]
         update = (self.flat - anchor).to(torch.float32).contiguous()
-        weights = comm.gather(child_weight, root=0)  # layer participants
+        claims = comm.gather(child_weight, root=0)  # layer participants
         if comm.Get_rank() != 0:
             comm.Gather(update.cpu().numpy(), None, root=0)
-            return update.numel() * 4
+            return update.numel() * 4, 0.0
         rows = torch.empty((comm.Get_size(), self.numel), dtype=torch.float32)
         comm.Gather(update.cpu().numpy(), rows.numpy(), root=0)
+        weights = self._trusted_weights(n, claims or [])
         rule = self.robust[n - 1]
         params = _rule_params(rule, self.robust_params)
         combined = robust_update(rule, rows, torch.tensor(weights, dtype=torch.float64), **params)
         self.flat.copy_(anchor + combined.to(self.flat.device, self.flat.dtype))
-        return 0
+        return 0, float(sum(weights))
+
+    def _trusted_weights(self, n: int, claims: Sequence[float]) -> list[float]:
+        """Clamp each layer-``n`` child's claimed weight to its subtree's cap (at the leader).
+
+        A claim may be lower than the cap (0 drops the child) but never higher; a claim that is
+        not a finite number >= 0 counts as 0. Children are in layer-communicator order, i.e. by
+        the rank of their leader (``Split`` with ``key = rank``).
+        """
+        plan = self.comms.plan
+        node = plan.node_of(self.comms.rank, n)
+        children = sorted(plan.children[n - 1][node], key=lambda c: plan.leader(n - 1, c))
+        caps = [plan.subtree_weight(n - 1, c, self.weight_caps) for c in children]
+        weights = []
+        for claim, cap in zip(claims, caps):
+            value = float(claim) if isinstance(claim, (int, float)) else 0.0
+            weights.append(min(value, cap) if math.isfinite(value) and value > 0 else 0.0)
+        return weights
 
     def _clip_and_noise(
         self, n: int, comm: MPI.Comm, share: float, max_share: float, step: int
@@ -445,22 +509,26 @@ class HierarchicalAggregator:
         if options.mode == "distributed" and share > 0:
             std = noise_std(options.noise_multiplier, options.clip, max_share=max_share,
                             mode="distributed", participants=comm.Get_size())
-            generator = torch_generator(self.seed, purpose="dp", rank=self.comms.rank, round=step,
-                                        layer=n, device=self.flat.device)
             # the uplink multiplies by the share, so the noise is pre-divided by it
-            update += gaussian_noise(update.shape, std / share, 1.0, generator, self.flat.device,
-                                     update.dtype)
+            update += gaussian_noise(update.shape, std / share, 1.0, self._dp_generator(n, step),
+                                     self.flat.device, update.dtype)
         self.flat.copy_(anchor + update)
 
     def _central_noise(self, n: int, max_share: float, step: int) -> None:
         """At the leader, add ``N(0, sigma^2 (C max a_c)^2)`` to the layer's aggregate."""
         options = self.privacy
         assert options is not None
-        generator = torch_generator(self.seed, purpose="dp", rank=self.comms.rank, round=step,
-                                    layer=n, device=self.flat.device)
         std = noise_std(options.noise_multiplier, options.clip, max_share=max_share, mode="central")
-        self.flat.add_(gaussian_noise(self.flat.shape, std, 1.0, generator, self.flat.device,
-                                      self.flat.dtype))
+        self.flat.add_(gaussian_noise(self.flat.shape, std, 1.0, self._dp_generator(n, step),
+                                      self.flat.device, self.flat.dtype))
+
+    def _dp_generator(self, n: int, step: int) -> torch.Generator | None:
+        """Return None (OS CSPRNG noise), or the seed-keyed generator of the insecure test mode."""
+        assert self.privacy is not None
+        if not self.privacy.insecure_reproducible_noise:
+            return None
+        return torch_generator(self.seed, purpose="dp", rank=self.comms.rank, round=step, layer=n,
+                               device=self.flat.device)
 
     def _subtree_allreduce(self, layer: int) -> AggregationStats:
         comm = self.comms.subtree(layer)
@@ -534,6 +602,30 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     if bool(torch.isfinite(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())
+
+
+def _check_caps(caps: Sequence[float] | None, size: int) -> list[float]:
+    """Return one weight cap per device (1.0 each by default), validated."""
+    if caps is None:
+        return [1.0] * size
+    values = [float(c) for c in caps]
+    if len(values) != size or not all(math.isfinite(c) and c >= 0 for c in values):
+        raise ValueError(
+            f"weight_caps needs one finite value >= 0 per device ({size}), got {len(values)}"
+        )
+    return values
+
+
+def _tolerance_fix(rule: str, fan_in: int) -> str:
+    """Say how to make ``rule`` tolerate at least one Byzantine child among ``fan_in``."""
+    if rule == "trimmed_mean":
+        if fan_in < 3:
+            return "a trimmed mean needs at least 3 children; use larger groups or robust 'mean'"
+        return f"set trim >= 1/{fan_in} (e.g. {math.ceil(1000 / fan_in) / 1000}) and < 0.5"
+    if rule == "median":
+        return "the median of 2 is their mean; use groups of at least 3 children"
+    return (f"set f >= 1 with more than 2f + 2 children (krum with f = 1 needs at least 5, "
+            f"got {fan_in})")
 
 
 def _rule_params(rule: str, params: dict[str, float]) -> dict[str, Any]:

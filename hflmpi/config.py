@@ -383,7 +383,8 @@ class RunOptions(_Section):
         Parameter and aggregation dtype. Default ``"float32"``.
     divergence : bool
         Measure H-SGD's upward/downward divergences at every evaluation (two extra
-        full-model allreduces per evaluated round). Default true.
+        full-model allreduces per evaluated round). Default true. Must be false with a secure
+        or private layer: the allreduces carry the raw device models.
     nonfinite : {"raise", "drop"}
         A device whose model holds NaN/Inf before an aggregation stops the job on every rank
         with its rank named (default), or is left out of that aggregation and logged.
@@ -518,14 +519,23 @@ class AggregationConfig(_Section):
         Per layer, ``"mean"`` (the weighted mean of QMLHFL) or a Byzantine-robust rule that
         gathers every child's update at the leader: ``"median"`` (coordinate-wise),
         ``"trimmed_mean"``, ``"krum"``. Empty (default) means mean everywhere. Robust layers
-        must not be quantized (``quantize.bits`` 0 there).
+        must not be quantized (``quantize.bits`` 0 there). A robust layer never trusts the
+        weight a child claims: it is clamped to the child's true weight (partition sizes, which
+        every rank computes from the seed). A rule that tolerates no Byzantine child at some
+        group of its layer (e.g. ``trim`` below ``1/k``) is an error.
     trim : float
-        Fraction trimmed at each end by ``"trimmed_mean"``. Default 0.2.
+        Fraction trimmed at each end by ``"trimmed_mean"``: ``floor(trim * k)`` of the ``k``
+        children, which must be >= 1 in every group. Default 0.2 (groups of 5 or more).
     krum_f : int
-        Byzantine children tolerated by ``"krum"``. Default 1.
+        Byzantine children tolerated by ``"krum"`` (>= 1, with more than ``2 f + 2`` children).
+        Default 1.
     secure : list of bool
         Per layer: pairwise-masked secure aggregation of the quantized levels (the leader learns
-        only the group sum; see docs/security.md). Needs ``quantize.bits > 0`` there.
+        only the group sum; see docs/security.md). Needs ``quantize.bits > 0`` there, groups of
+        at least 3 participants, and ``run.divergence = false``.
+    allow_small_secure_groups : bool
+        Accept secure groups of 2 participants, whose leader learns its partner's update
+        exactly. Default false (such groups are an error).
     """
 
     section: ClassVar[str] = "aggregation"
@@ -536,6 +546,7 @@ class AggregationConfig(_Section):
     trim: float = _opt(0.2, _float(0.0, 0.5, hi_open=True), "0.2")
     krum_f: int = _opt(1, _int(0), "1")
     secure: tuple[bool, ...] = _opt((), _bool_list, "[true, false]")
+    allow_small_secure_groups: bool = _opt(False, _bool, "false")
 
 
 @dataclass(frozen=True)
@@ -554,6 +565,11 @@ class PrivacyConfig(_Section):
         Noise std over the sensitivity ``clip * max_c a_c``. Default 1.0.
     delta : float
         The delta of the reported (epsilon, delta). Default 1e-5.
+    insecure_reproducible_noise : bool
+        TESTS ONLY. Draw the noise from generators keyed by ``run.seed`` (stored in the run
+        file) instead of the OS CSPRNG, so a DP run is reproducible bit for bit, and anyone with
+        the run file can subtract the noise: no privacy at all. Every run that sets it warns on
+        stderr and records it in the run file. Default false.
     """
 
     section: ClassVar[str] = "privacy"
@@ -562,6 +578,7 @@ class PrivacyConfig(_Section):
     clip: float = _opt(1.0, _float(0.0, lo_open=True), "1.0")
     noise_multiplier: float = _opt(1.0, _float(0.0, lo_open=True), "1.0")
     delta: float = _opt(1e-5, _float(0.0, 1.0, lo_open=True, hi_open=True), "1e-5")
+    insecure_reproducible_noise: bool = _opt(False, _bool, "false")
 
 
 @dataclass(frozen=True)
@@ -771,8 +788,19 @@ class RunConfig:
                                dataclasses.replace(self.quantize, bits=(0,) * depth))
         self.check_layer_options(depth)
 
-    def check_layer_options(self, depth: int) -> None:
-        """Check the per-layer robust/secure/privacy options against a tree of ``depth`` layers."""
+    def check_layer_options(
+        self, depth: int, group_sizes: Sequence[Sequence[int]] | None = None
+    ) -> None:
+        """Check the per-layer robust/secure/privacy options against a tree of ``depth`` layers.
+
+        Parameters
+        ----------
+        depth : int
+            Number of aggregation layers.
+        group_sizes : sequence of sequences of int, optional
+            Per layer, the number of participants of each of its groups (the fan-ins, known
+            once the tree is planned); enables the checks that depend on them.
+        """
         agg, bits = self.aggregation, self.quantize.bits_for(depth)
         for name, values in (("robust", agg.robust), ("secure", agg.secure)):
             if values and len(values) != depth:
@@ -801,6 +829,82 @@ class RunConfig:
         if self.privacy.layer > depth:
             raise ConfigError(f"privacy.layer={self.privacy.layer} but the tree has {depth} layers; "
                               f"use 1..{depth} (or 0 to turn privacy off)")
+        self._check_side_channels()
+        if self.privacy.layer and agg.robust and agg.robust[self.privacy.layer - 1] != "mean":
+            n = self.privacy.layer - 1
+            raise ConfigError(
+                f"aggregation.robust[{n}]={_fmt(agg.robust[n])} at privacy.layer="
+                f"{self.privacy.layer}: the noise is calibrated to the weighted mean's "
+                "sensitivity (clip * max a_c), which a robust rule does not have, so the stated "
+                "epsilon would be false; put the robust rule on another layer"
+            )
+        if group_sizes is not None:
+            for n, sizes in enumerate(group_sizes[:depth]):
+                self._check_groups(n, sorted(set(int(k) for k in sizes)))
+
+    def _check_side_channels(self) -> None:
+        """Refuse the metrics and checkpoints that carry individual models past a protected layer."""
+        agg = self.aggregation
+        protected = []
+        if any(agg.secure):
+            protected.append(f"aggregation.secure[{list(agg.secure).index(True)}]=true")
+        if self.privacy.layer:
+            protected.append(f"privacy.layer={self.privacy.layer}")
+        if not protected:
+            return
+        what = " and ".join(protected)
+        if self.run.divergence:
+            raise ConfigError(
+                f"run.divergence=true with {what}: measuring the divergences allreduces every "
+                "device's raw model (and gives every rank the un-noised average), which the "
+                "protected layer is meant to hide; set run.divergence=false"
+            )
+        if self.optim.momentum > 0 and self.optim.momentum_reset == "never":
+            raise ConfigError(
+                f"optim.momentum_reset=\"never\" with {what}: every checkpoint gathers each "
+                "device's momentum buffer (a running sum of its own gradients) to rank 0, which "
+                "the protected layer is meant to hide; use optim.momentum_reset=\"aggregation\" "
+                "or optim.momentum=0"
+            )
+
+    def _check_groups(self, n: int, sizes: list[int]) -> None:
+        """Check layer ``n + 1``'s robust rule and secure masking against its group sizes."""
+        agg = self.aggregation
+        rule = agg.robust[n] if agg.robust else "mean"
+        masked = agg.secure[n] if agg.secure else False
+        for k in sizes:
+            if k < 2:
+                continue  # a group of one: the leader alone, nothing to defend or hide
+            if masked and k == 2 and not agg.allow_small_secure_groups:
+                raise ConfigError(
+                    f"aggregation.secure[{n}]=true with a layer-{n + 1} group of 2 participants: "
+                    "its leader subtracts its own levels from the sum and learns its partner's "
+                    "exactly; use groups of at least 3 (topology), or set "
+                    "aggregation.allow_small_secure_groups=true to accept that"
+                )
+            if rule == "trimmed_mean" and math.floor(agg.trim * k) < 1:
+                fix = (f"set aggregation.trim >= 1/{k} (e.g. aggregation.trim="
+                       f"{math.ceil(1000 / k) / 1000})" if k >= 3 else
+                       "use groups of at least 3 children (topology)")
+                raise ConfigError(
+                    f"aggregation.trim={_fmt(agg.trim)} trims floor({_fmt(agg.trim)} * {k}) = "
+                    f"{math.floor(agg.trim * k)} of the {k} children of a layer-{n + 1} group, so "
+                    f"aggregation.robust[{n}]=\"trimmed_mean\" would tolerate no Byzantine child "
+                    f"and silently average them all; {fix}"
+                )
+            if rule == "median" and k == 2:
+                raise ConfigError(
+                    f"aggregation.robust[{n}]=\"median\" with a layer-{n + 1} group of 2 "
+                    "children tolerates no Byzantine child (the median of two is their mean); "
+                    "use groups of at least 3 children (topology) or \"mean\" there"
+                )
+            if rule == "krum" and (agg.krum_f < 1 or k <= 2 * agg.krum_f + 2):
+                raise ConfigError(
+                    f"aggregation.krum_f={agg.krum_f} with a layer-{n + 1} group of {k} children: "
+                    f"krum needs f >= 1 Byzantine children tolerated and more than 2f + 2 = "
+                    f"{2 * agg.krum_f + 2} children; set aggregation.krum_f=1 with groups of at "
+                    "least 5 children, or use \"median\" there"
+                )
 
     @property
     def depth(self) -> int | None:

@@ -3,6 +3,10 @@
 Nothing in hflmpi touches the global RNGs of torch, numpy or :mod:`random`. Every consumer of
 randomness asks for a generator keyed by what it is for, so a run is reproducible bit for bit from
 its seed and no two streams overlap (keys are hashed with numpy's ``SeedSequence``).
+
+The seed is stored in the run file, so these streams are public: nothing secret may come from
+them. Differential-privacy noise therefore does not (it comes from the OS CSPRNG, see
+:mod:`hflmpi.privacy`), and a run with a private layer is not reproducible bit for bit.
 """
 
 from __future__ import annotations

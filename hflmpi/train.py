@@ -211,14 +211,21 @@ def train(
     params = flatten_parameters(model, dtype=dtype, device=device)
     comms = LayerComms(comm, plan)
     bits = list(config.quantize.bits_for(plan.depth))
-    config.check_layer_options(plan.depth)
+    config.check_layer_options(plan.depth, [[len(kids) for kids in layer] for layer in plan.children])
     agg_cfg, privacy = config.aggregation, config.privacy
+    if privacy.layer and privacy.insecure_reproducible_noise and rank == 0:
+        print(_INSECURE_NOISE_WARNING, file=sys.stderr, flush=True)
+    # what a device can honestly claim (every rank computes the whole partition from the seed):
+    # robust layers clamp each child's claimed weight to it
+    caps = [float(len(p)) if agg_cfg.weighting == "samples" else 1.0 for p in parts]
     aggregator = agree(comm, "setting up the aggregation", lambda: HierarchicalAggregator(
         comms, params.flat, algorithm="tree" if agg_cfg.algorithm == "tree" else "subtree", bits=bits,
         bucket_size=config.quantize.bucket_size, seed=seed, method=config.quantize.method,
         robust=list(agg_cfg.robust) or None, secure=list(agg_cfg.secure) or None,
-        robust_params={"trim": agg_cfg.trim, "f": agg_cfg.krum_f},
-        privacy=PrivacyOptions(privacy.layer, privacy.clip, privacy.noise_multiplier, privacy.mode)
+        robust_params={"trim": agg_cfg.trim, "f": agg_cfg.krum_f}, weight_caps=caps,
+        allow_small_secure_groups=agg_cfg.allow_small_secure_groups,
+        privacy=PrivacyOptions(privacy.layer, privacy.clip, privacy.noise_multiplier, privacy.mode,
+                               privacy.insecure_reproducible_noise)
         if privacy.layer else None,
         signature=params.signature_hash(), nonfinite=config.run.nonfinite,
     ))
@@ -317,15 +324,41 @@ def train(
     if record is not None and progress is not None:  # rank 0
         progress.close()
         if privacy.layer:
-            releases = last_round * math.prod(tau[privacy.layer:])
-            epsilon, _ = epsilon_for(privacy.noise_multiplier, releases, privacy.delta)
-            print(f"hflmpi: privacy: ({epsilon:.3g}, {privacy.delta:g})-DP per client at layer "
-                  f"{privacy.layer} after {releases} releases (RDP accounting)", flush=True)
+            print(_privacy_summary(config, bits, last_round), flush=True)
         record.close()
     final = params.flat.detach().cpu().clone()
     comms.free()
     return TrainResult(last_round, test_accuracy, test_loss, final, record_path,
                        preempted=last_round < rounds)
+
+
+_INSECURE_NOISE_WARNING = """\
+hflmpi: WARNING: ************************************************************************
+hflmpi: WARNING: privacy.insecure_reproducible_noise = true: the DP noise is drawn from
+hflmpi: WARNING: generators keyed by run.seed, which the run file stores. Anyone holding the run
+hflmpi: WARNING: file can regenerate the noise and subtract it: this run has NO differential
+hflmpi: WARNING: privacy. For tests only; never release its models.
+hflmpi: WARNING: ************************************************************************"""
+
+
+def _privacy_summary(config: RunConfig, bits: Sequence[int], last_round: int) -> str:
+    """Return the line that states the run's (epsilon, delta), or that there is none."""
+    privacy = config.privacy
+    releases = last_round * math.prod(config.schedule.tau[privacy.layer:])
+    if privacy.insecure_reproducible_noise:
+        return (f"hflmpi: privacy: NO differential privacy: privacy.insecure_reproducible_noise = "
+                f"true made the noise of all {releases} releases at layer {privacy.layer} a "
+                "function of run.seed (stored in the run file)")
+    epsilon, _ = epsilon_for(privacy.noise_multiplier, releases, privacy.delta)
+    caveats = []
+    if bits[privacy.layer - 1] > 0:
+        caveats.append(f"quantized DP layer (quantize.bits[{privacy.layer - 1}] > 0)")
+    if privacy.mode == "distributed":
+        caveats.append("distributed noise: holds only if every participant adds its share")
+    note = "" if not caveats else (
+        "; approximate: " + ", ".join(caveats) + " (see docs/security.md)")
+    return (f"hflmpi: privacy: ({epsilon:.3g}, {privacy.delta:g})-DP per client at layer "
+            f"{privacy.layer} after {releases} releases (RDP accounting{note})")
 
 
 def _open_record(
@@ -339,11 +372,13 @@ def _open_record(
         record.truncate_to(last_round)
         return record
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = RunRecord.create(
-        path, to_toml_string(config),
-        {"world_size": comm.Get_size(), "tree": plan.describe(), "hflmpi_version": __version__},
-        layer_count=plan.depth,
-    )
+    meta: dict[str, Any] = {"world_size": comm.Get_size(), "tree": plan.describe(),
+                            "hflmpi_version": __version__}
+    if config.privacy.layer:
+        meta["dp_noise"] = ("INSECURE: keyed by run.seed (privacy.insecure_reproducible_noise)"
+                            if config.privacy.insecure_reproducible_noise
+                            else "os.urandom (CSPRNG, not stored, not reproducible)")
+    record = RunRecord.create(path, to_toml_string(config), meta, layer_count=plan.depth)
     stats = partition_stats(parts, train_set.labels.cpu().numpy(), train_set.num_classes)
     record.write_partition(stats.sizes, stats.histograms)
     return record

@@ -171,6 +171,87 @@ def test_cross_field_rules():
     assert 'is only for import-path models, not model.name="mlp"' in msg
 
 
+SECURE = ["topology.fanouts=[3, 2]", "schedule.tau=[2, 2]", "quantize.bits=[8, 8]",
+          "aggregation.secure=[true, false]"]
+
+
+def test_secure_and_private_layers_refuse_side_channels():
+    # the divergence metric allreduces raw device models (on by default)
+    msg = _error(SECURE)
+    assert msg.startswith("run.divergence=true with aggregation.secure[0]=true: ")
+    assert "set run.divergence=false" in msg
+    msg = _error(["privacy.layer=1"])
+    assert msg.startswith("run.divergence=true with privacy.layer=1: ") and "un-noised" in msg
+    assert load_config(None, [*SECURE, "run.divergence=false"]).aggregation.secure == (True, False)
+    assert load_config(None, ["privacy.layer=1", "run.divergence=false"]).privacy.layer == 1
+    # per-device momentum buffers gathered into every checkpoint
+    never = ["run.divergence=false", "optim.momentum=0.9", 'optim.momentum_reset="never"']
+    msg = _error([*SECURE, *never])
+    assert msg.startswith('optim.momentum_reset="never" with aggregation.secure[0]=true: ')
+    assert 'use optim.momentum_reset="aggregation" or optim.momentum=0' in msg
+    assert "momentum_reset" in _error(["privacy.layer=1", *never])
+    load_config(None, [*SECURE, *never[:2]])  # reset at every aggregation: nothing per device
+
+
+def test_secure_groups_of_two_need_an_acknowledgement():
+    cfg = load_config(None, ["topology.fanouts=[3, 3]", "schedule.tau=[2, 2]",
+                             "quantize.bits=[8, 8]", "aggregation.secure=[true, true]",
+                             "run.divergence=false"])
+    cfg.check_layer_options(2, [[3, 3, 3], [3]])
+    cfg.check_layer_options(2, [[3, 1], [1]])  # a group of one has nobody to hide
+    with pytest.raises(ConfigError) as info:
+        cfg.check_layer_options(2, [[2, 2, 2], [3]])
+    assert str(info.value).startswith(
+        "aggregation.secure[0]=true with a layer-1 group of 2 participants: ")
+    assert "set aggregation.allow_small_secure_groups=true" in str(info.value)
+    with pytest.raises(ConfigError, match=r"secure\[1\]=true with a layer-2 group of 2"):
+        cfg.check_layer_options(2, [[3, 3], [2]])
+    allowed = dataclasses.replace(
+        cfg, aggregation=dataclasses.replace(cfg.aggregation, allow_small_secure_groups=True))
+    allowed.check_layer_options(2, [[2, 2, 2], [3]])
+
+
+def test_robust_rules_must_tolerate_an_attacker_at_every_fan_in():
+    cfg = load_config(None, ["topology.fanouts=[4, 2]", "schedule.tau=[2, 2]",
+                             'aggregation.robust=["trimmed_mean", "mean"]'])
+    assert cfg.aggregation.trim == 0.2
+    with pytest.raises(ConfigError) as info:
+        cfg.check_layer_options(2, [[4, 4], [2]])
+    assert str(info.value) == (
+        'aggregation.trim=0.2 trims floor(0.2 * 4) = 0 of the 4 children of a layer-1 group, so '
+        'aggregation.robust[0]="trimmed_mean" would tolerate no Byzantine child and silently '
+        "average them all; set aggregation.trim >= 1/4 (e.g. aggregation.trim=0.25)")
+    cfg.check_layer_options(2, [[5, 5], [2]])  # floor(0.2 * 5) = 1
+    quarter = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation, trim=0.25))
+    quarter.check_layer_options(2, [[4, 4], [2]])
+    with pytest.raises(ConfigError, match="use groups of at least 3 children"):
+        quarter.check_layer_options(2, [[2, 2, 2, 2], [4]])
+    median = dataclasses.replace(
+        cfg, aggregation=dataclasses.replace(cfg.aggregation, robust=("median", "mean")))
+    with pytest.raises(ConfigError, match=r'robust\[0\]="median" with a layer-1 group of 2'):
+        median.check_layer_options(2, [[2, 3], [2]])
+    median.check_layer_options(2, [[3, 1], [2]])
+    krum = dataclasses.replace(
+        cfg, aggregation=dataclasses.replace(cfg.aggregation, robust=("krum", "mean")))
+    with pytest.raises(ConfigError, match=r"aggregation.krum_f=1 with a layer-1 group of 4"):
+        krum.check_layer_options(2, [[4, 5], [2]])
+    krum.check_layer_options(2, [[5, 5], [2]])
+    no_f = dataclasses.replace(krum, aggregation=dataclasses.replace(krum.aggregation, krum_f=0))
+    with pytest.raises(ConfigError, match="krum_f=0"):
+        no_f.check_layer_options(2, [[5, 5], [2]])
+
+
+def test_privacy_options():
+    cfg = load_config(None, ["privacy.layer=1", "run.divergence=false",
+                             "privacy.insecure_reproducible_noise=true"])
+    assert cfg.privacy.insecure_reproducible_noise is True
+    assert "insecure_reproducible_noise = true" in to_toml_string(cfg)  # kept in the run file
+    assert load_config(None).privacy.insecure_reproducible_noise is False
+    msg = _error(["topology.fanouts=[4]", "privacy.layer=1", "run.divergence=false",
+                  'aggregation.robust=["median"]'])
+    assert msg.startswith('aggregation.robust[0]="median" at privacy.layer=1: ')
+
+
 def test_parse_override_values():
     assert parse_override("schedule.tau=[5,2]") == (("schedule", "tau"), [5, 2])
     assert parse_override("optim.lr=0.05") == (("optim", "lr"), 0.05)

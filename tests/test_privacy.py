@@ -1,4 +1,4 @@
-"""DP: clipping, noise scale and reproducibility, RDP accounting against independent references."""
+"""DP: clipping, noise scale and source, RDP accounting against independent references."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from hflmpi.privacy import (
     noise_std,
     rdp_gaussian,
     rdp_to_epsilon,
+    secure_standard_normal,
     sensitivity,
     sigma_for,
 )
@@ -72,7 +73,7 @@ def test_noise_std_matches():
     assert not gaussian_noise(10, 0.0, 1.0, torch_generator(7, purpose="dp")).any()
 
 
-def test_noise_is_reproducible_and_keyed():
+def test_seeded_noise_for_tests_is_reproducible_and_keyed():
     def draw(**key):
         return gaussian_noise(100, 1.0, 1.0, torch_generator(3, purpose="dp", **key))
 
@@ -84,7 +85,49 @@ def test_noise_is_reproducible_and_keyed():
     ):
         assert not torch.equal(draw(rank=1, round=5, layer=2), draw(**other))
     with pytest.raises(TypeError, match="Generator"):
-        gaussian_noise(3, 1.0, 1.0, None)  # type: ignore[arg-type]
+        gaussian_noise(3, 1.0, 1.0, 7)  # type: ignore[arg-type]
+
+
+def test_default_noise_is_not_a_function_of_any_seed():
+    """Without a generator the noise comes from os.urandom: two draws differ, and the torch
+    generator keyed by the run seed (the old, recoverable source) does not reproduce it."""
+    first, second = gaussian_noise(10_000, 1.0, 1.0), gaussian_noise(10_000, 1.0, 1.0)
+    assert not torch.equal(first, second)
+    for rank in range(4):
+        seeded = gaussian_noise(10_000, 1.0, 1.0, torch_generator(0, purpose="dp", rank=rank))
+        # independent draws: the difference has variance 2, not 0
+        assert float((first - seeded).double().var()) == pytest.approx(2.0, rel=0.1)
+    # the global RNG is not the source either
+    torch.manual_seed(0)
+    again = gaussian_noise(10_000, 1.0, 1.0)
+    torch.manual_seed(0)
+    assert not torch.equal(again, gaussian_noise(10_000, 1.0, 1.0))
+
+
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    return 0.5 * np.array([math.erfc(-v / math.sqrt(2.0)) for v in x])
+
+
+def test_secure_standard_normal_is_standard_normal():
+    values = secure_standard_normal(400_001).numpy()  # odd: the last pair is cut in half
+    assert values.shape == (400_001,) and values.dtype == np.float64
+    assert np.isfinite(values).all()
+    n = values.size
+    assert abs(values.mean()) < 5 / math.sqrt(n)
+    assert values.std() == pytest.approx(1.0, abs=5 * math.sqrt(0.5 / n))
+    # Kolmogorov-Smirnov distance against the exact normal CDF (2.7/sqrt(n): false alarm ~1e-6)
+    ordered = np.sort(values)
+    cdf = _normal_cdf(ordered[:: 97])  # every 97th order statistic is plenty for the sup
+    empirical = (np.arange(n)[:: 97] + 1) / n
+    assert np.abs(cdf - empirical).max() < 2.7 / math.sqrt(n) + 1e-4
+    # neighbouring values are uncorrelated
+    assert abs(np.corrcoef(values[:-1:2], values[1::2])[0, 1]) < 5 / math.sqrt(n / 2)
+    # shapes, dtypes and edge sizes
+    assert secure_standard_normal(0).numel() == 0
+    assert secure_standard_normal(1).shape == (1,)
+    assert secure_standard_normal(3, dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match="count"):
+        secure_standard_normal(-1)
 
 
 def test_distributed_noise_shares_add_up_to_central_noise():

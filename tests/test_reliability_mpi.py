@@ -19,7 +19,8 @@ from mpi4py import MPI  # noqa: E402
 from hflmpi.aggregate import HierarchicalAggregator, PrivacyOptions  # noqa: E402
 from hflmpi.comm import LayerComms  # noqa: E402
 from hflmpi.guard import HandshakeError, NonFiniteUpdateError  # noqa: E402
-from hflmpi.topology import plan_fanouts  # noqa: E402
+from hflmpi.rng import torch_generator  # noqa: E402
+from hflmpi.topology import plan_fanouts, plan_groups  # noqa: E402
 
 NUMEL = 4096
 
@@ -122,7 +123,8 @@ def test_secure_masks_cancel_bit_for_bit_and_hide_each_client():
     with _flat_comms(comm) as comms:
         for secure in (False, True):
             flat = _anchor().clone()
-            agg = HierarchicalAggregator(comms, flat, bits=[8], method="sum", secure=[secure], seed=3)
+            agg = HierarchicalAggregator(comms, flat, bits=[8], method="sum", secure=[secure], seed=3,
+                                         allow_small_secure_groups=True)  # also at -n 2
             flat.copy_(_model_of(rank))
             agg.aggregate(1, float(rank + 1), step=9)
             results.append(flat.clone())
@@ -142,28 +144,151 @@ def test_secure_masks_cancel_bit_for_bit_and_hide_each_client():
     parallel_assert(comm, ok, f"chi2 plain {plain:.0f}, masked {masked:.0f}")
 
 
+def _weighted_median(values: np.ndarray, weights: list[int]) -> np.ndarray:
+    """Column-wise weighted median for an odd integer total weight (no ties): the first sorted
+    value whose cumulative weight exceeds half the total."""
+    total = sum(weights)
+    out = np.empty(values.shape[1])
+    for col in range(values.shape[1]):
+        cumulative = 0
+        for row in np.argsort(values[:, col], kind="stable"):
+            cumulative += weights[row]
+            if 2 * cumulative > total:
+                out[col] = values[row, col]
+                break
+    return out
+
+
+@pytest.mark.mpi(min_size=4)
+def test_robust_layer_clamps_a_claimed_weight_to_the_known_size():
+    """Rank 1 sends a hostile update and claims weight 1e9 (issue 11, defect 4).
+
+    Tree: layer 1 = [[0, 1, 2], [3], [4], ...] with the weighted median, layer 2 = the weighted
+    mean over the groups. Every device's true weight (its cap) is 2r + 1. The reference clamps
+    rank 1's claim to 3, takes the weighted median of group 0 in numpy, and weighs group 0 by
+    1 + 3 + 5 = 9 at the root; trusting the claim would hand both layers to the attacker.
+    """
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    caps = [2 * r + 1 for r in range(size)]
+    anchor = _anchor().numpy().astype(np.float64)
+    plan = plan_groups([[0, 1, 2]] + [[r] for r in range(3, size)], size)
+    with LayerComms(comm, plan) as comms:
+        flat = _anchor().clone()
+        agg = HierarchicalAggregator(comms, flat, robust=["median", "mean"], weight_caps=caps)
+        model = _model_of(rank)
+        if rank == 1:
+            model = _anchor() - 1000.0 * (model - _anchor())
+        flat.copy_(model)
+        agg.aggregate(2, 1e9 if rank == 1 else float(caps[rank]), step=1)
+    updates = np.stack([_model_of(r).numpy().astype(np.float64) - anchor for r in range(3)])
+    updates[1] *= -1000.0
+    group0 = anchor + _weighted_median(updates, caps[:3])
+    others = [(caps[r], _model_of(r).numpy().astype(np.float64)) for r in range(3, size)]
+    total = sum(caps[:3]) + sum(w for w, _ in others)
+    expected = (sum(caps[:3]) * group0 + sum(w * m for w, m in others)) / total
+    err = float(np.abs(flat.numpy() - expected).max())
+    parallel_assert(comm, err < 1e-5, f"max diff from the clamped reference {err:.3g}")
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("rule,params", [("trimmed_mean", {"trim": 0.2}), ("median", {}),
+                                         ("krum", {"f": 0})])
+def test_robust_rule_that_trims_nothing_is_refused(rule, params):
+    """trim = 0.2 of 4 children trims floor(0.8) = 0: one Byzantine child would be averaged in."""
+    comm = MPI.COMM_WORLD
+    size = comm.Get_size()
+    if rule == "trimmed_mean":
+        params = {"trim": 0.9 / size}  # floor(0.9) = 0 at every fan-in
+    if rule == "median":  # the median of two is their mean: only groups of 2 can be refused
+        groups = [[0, 1]] + [[r] for r in range(2, size)]
+    else:
+        groups = [list(range(size))]
+    with LayerComms(comm, plan_groups(groups, size)) as comms:
+        try:
+            HierarchicalAggregator(comms, torch.zeros(8), robust=[rule, "mean"],
+                                   robust_params=params)
+            message = ""
+        except ValueError as exc:
+            message = str(exc)
+    in_refused_group = comm.Get_rank() < len(groups[0])
+    ok = ("Byzantine child" in message) == in_refused_group  # krum at k = 2: its own k > 2f + 2
+    parallel_assert(comm, ok, f"{rule} {params}: got {message!r}")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_secure_group_of_two_is_refused_unless_acknowledged():
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    plan = plan_groups([[0, 1]] + [[r] for r in range(2, size)], size)
+    outcomes = []
+    with LayerComms(comm, plan) as comms:
+        for allow in (False, True):
+            try:
+                HierarchicalAggregator(comms, torch.zeros(64), bits=[8, 0], secure=[True, False],
+                                       allow_small_secure_groups=allow)
+                outcomes.append("")
+            except ValueError as exc:
+                outcomes.append(str(exc))
+    refused = "learns its partner's exactly" in outcomes[0]
+    parallel_assert(comm, refused == (rank < 2) and outcomes[1] == "",
+                    f"rank {rank}: {outcomes}")
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("mode", ["central", "distributed"])
-def test_privacy_noise_has_the_promised_scale_and_is_reproducible(mode):
+def test_privacy_noise_has_the_promised_scale_and_is_fresh_each_run(mode):
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     sigma, clip = 0.5, 1e3  # clip far above the update norms: only the noise differs
-    outcomes = []
+    outcomes = {}
     with _flat_comms(comm) as comms:
-        for _ in range(2):
+        for insecure in (False, False, True, True):
             flat = _anchor().clone()
-            agg = HierarchicalAggregator(
-                comms, flat, seed=4, privacy=PrivacyOptions(1, clip, sigma, mode)
-            )
+            options = PrivacyOptions(1, clip, sigma, mode, insecure_reproducible_noise=insecure)
+            agg = HierarchicalAggregator(comms, flat, seed=4, privacy=options)
             flat.copy_(_model_of(rank))
             agg.aggregate(1, 1.0, step=2)
-            outcomes.append(flat.clone())
+            outcomes.setdefault(insecure, []).append(flat.clone())
     exact = torch.stack([_model_of(r).double() for r in range(size)]).mean(0)
-    noise = outcomes[0].double() - exact
     expected_std = sigma * clip / size  # sensitivity C * max share, shares 1/size
-    ratio = float(noise.std()) / expected_std
-    parallel_assert(comm, torch.equal(outcomes[0], outcomes[1]), "noise not reproducible")
-    parallel_assert(comm, 0.95 < ratio < 1.05, f"noise std is {ratio:.3f} x the promised one")
+    for insecure, (first, second) in outcomes.items():
+        ratio = float((first.double() - exact).std()) / expected_std
+        parallel_assert(comm, 0.95 < ratio < 1.05, f"noise std is {ratio:.3f} x the promised one")
+        same = torch.equal(first, second)
+        parallel_assert(comm, same == insecure,
+                        f"insecure={insecure}: same seed gave {'equal' if same else 'different'} noise")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_dp_noise_cannot_be_regenerated_from_the_run_seed():
+    """The attack of issue 11: rebuild the leader's noise from the stored seed and subtract it.
+
+    With the test-only override the attack recovers the exact aggregate (so the attack model is
+    right); by default the residual is as large as the noise itself.
+    """
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    seed, step, sigma, clip = 11, 3, 5.0, 1e3
+    std = sigma * clip / size  # central noise: sigma * C * max_c a_c with a_c = 1/size
+    exact = torch.stack([_model_of(r).double() for r in range(size)]).mean(0)
+    residual = {}
+    with _flat_comms(comm) as comms:
+        for insecure in (False, True):
+            flat = _anchor().clone()
+            options = PrivacyOptions(1, clip, sigma, "central", insecure_reproducible_noise=insecure)
+            agg = HierarchicalAggregator(comms, flat, seed=seed, privacy=options)
+            flat.copy_(_model_of(rank))
+            agg.aggregate(1, 1.0, step=step)
+            generator = torch_generator(seed, purpose="dp", rank=0, round=step, layer=1)
+            regenerated = torch.randn(NUMEL, generator=generator, dtype=torch.float32) * std
+            recovered = flat.double() - regenerated.double()
+            residual[insecure] = float((recovered - exact).abs().max())
+    parallel_assert(comm, residual[True] < 1e-6 * std,
+                    f"override: the seeded noise was not recovered ({residual[True]:.3g})")
+    parallel_assert(comm, residual[False] > std,
+                    f"default: subtracting the seed's noise recovered the update to "
+                    f"{residual[False]:.3g} (noise std {std:.3g})")
 
 
 @pytest.mark.mpi(min_size=2)
