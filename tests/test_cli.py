@@ -121,8 +121,12 @@ def test_python_dash_m_without_arguments(tmp_path):
         (('progress = "off"', 'progress = "off"\ndevice = "gpu"'), ["run.device=\"gpu\""]),
         (("[schedule]", "[topology]\nfanouts = [2, 2]\n\n[schedule]"),
          ["schedule.tau=[2]", "topology.fanouts=[2, 2]"]),
+        (("lr = 0.2", "lr = inf"), ["optim.lr=inf", "finite number > 0 and <= 1000"]),
+        (("lr = 0.2", "lr = 1e30"), ["optim.lr=1e+30", "<= 1000"]),
+        (("tau = [2]", "tau = [1000000000000]"), ["schedule.tau=[1000000000000]", "prod(tau)"]),
     ],
-    ids=["unknown-key", "unknown-section", "wrong-type", "tau-length", "bad-choice", "tau-vs-tree"],
+    ids=["unknown-key", "unknown-section", "wrong-type", "tau-length", "bad-choice", "tau-vs-tree",
+         "lr-inf", "lr-huge", "tau-huge"],
 )
 def test_config_error_names_the_key(tmp_path, capsys, edit, needles):
     old, new = edit
