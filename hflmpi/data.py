@@ -55,7 +55,7 @@ class TensorDataset:
     Attributes
     ----------
     features : torch.Tensor
-        float32 ``[n, *input_shape]``.
+        float32 ``[n, *input_shape]`` as loaded (the run's dtype after :meth:`to`).
     labels : torch.Tensor
         int64 ``[n]`` with values in ``0..num_classes-1``.
     num_classes : int
@@ -89,10 +89,15 @@ class TensorDataset:
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64, device=self.labels.device)
         return TensorDataset(self.features[idx], self.labels[idx], self.num_classes, self.name)
 
-    def to(self, device: torch.device | str) -> TensorDataset:
-        """Return the dataset with both tensors on ``device``."""
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TensorDataset:
+        """Return the dataset with both tensors on ``device`` and the features in ``dtype``.
+
+        ``dtype`` (default: keep float32) is the model's floating dtype, e.g. ``torch.float64``
+        for ``run.dtype = "float64"``; labels stay int64.
+        """
         return TensorDataset(
-            self.features.to(device), self.labels.to(device), self.num_classes, self.name
+            self.features.to(device=device, dtype=dtype), self.labels.to(device),
+            self.num_classes, self.name,
         )
 
 

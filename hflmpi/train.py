@@ -200,10 +200,11 @@ def train(
     device = agree(comm, "choosing the device", lambda: _device(config, comm))
     dtype = torch.float64 if config.run.dtype == "float64" else torch.float32
     train_set, test_set = agree(comm, "loading data", lambda: load_dataset(config.data, seed))
-    parts = make_partition(train_set.labels.numpy(), size, config.data, seed)
+    parts = agree(comm, "partitioning the data", lambda: _partition(config, train_set, size))
     my_indices = parts[rank]
     weight = float(len(my_indices)) if config.aggregation.weighting == "samples" else 1.0
-    train_set, test_set = train_set.to(device), test_set.to(device)
+    # Features in the model's dtype once, here, rather than a cast at every step.
+    train_set, test_set = train_set.to(device, dtype), test_set.to(device, dtype)
     my_test = test_set.subset(np.arange(rank, len(test_set), size))
 
     model = agree(comm, "building the model", lambda: build_model(
@@ -326,6 +327,20 @@ def train(
     comms.free()
     return TrainResult(last_round, test_accuracy, test_loss, final, record_path,
                        preempted=last_round < rounds)
+
+
+def _partition(config: RunConfig, train_set: TensorDataset, clients: int) -> list[np.ndarray]:
+    """Split the training samples over ``clients`` ranks; too few samples is a config error."""
+    if len(train_set) < clients:
+        data = config.data
+        knob = (f"data.synthetic_samples={data.synthetic_samples}" if data.name == "synthetic"
+                else f"data.name={data.name!r}")
+        raise ConfigError(
+            f"the training set holds {len(train_set)} samples ({knob}, "
+            f"data.test_fraction={data.test_fraction}) but there are {clients} clients (ranks) "
+            "and each needs at least one; use fewer ranks or more data"
+        )
+    return make_partition(train_set.labels.numpy(), clients, config.data, config.run.seed)
 
 
 def _open_record(
