@@ -53,6 +53,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "format_value",
     "to_toml_string",
 ]
 
@@ -109,6 +110,11 @@ def _fmt(value: Any) -> str:
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{_fmt_key(str(k))} = {_fmt(v)}" for k, v in value.items()) + "}"
     return repr(value)
+
+
+def format_value(value: Any) -> str:
+    """Return ``value`` in TOML syntax, as every config message prints it (None: ``(unset)``)."""
+    return _fmt(value)
 
 
 def _fmt_key(key: str) -> str:

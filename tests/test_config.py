@@ -251,3 +251,29 @@ def test_rounds_and_steps_per_round_are_bounded():
     ok = load_config(None, ["topology.fanouts=[1, 1]", "schedule.tau=[10000, 10000]"])
     assert ok.steps_per_round == 10**8
     assert ok.steps_per_round * 10**7 < 2**53  # the largest step count is exact in float64
+
+
+def test_resume_config_rules():
+    """hflmpi.resume: free keys pass, others need the flag, shape keys never change."""
+    from hflmpi.resume import FREE_KEYS, check_config_change, config_changes
+
+    stored = load_config(None, ["schedule.tau=[5]", "optim.lr=0.1"])
+    given = load_config(None, ["schedule.tau=[5]", "optim.lr=0.1", "run.rounds=40",
+                               "run.progress=off", "run.eval_every=2"])
+    changes = check_config_change(stored, given, run_path="r.h5", allow_change=False,
+                                  checkpoint_round=20)
+    assert [str(c) for c in changes] == ["run.rounds: stored 20, given 40",
+                                         "run.eval_every: stored 1, given 2",
+                                         'run.progress: stored "auto", given "off"']
+    assert all(c.key in FREE_KEYS for c in changes)
+    lr = load_config(None, ["schedule.tau=[5]", "optim.lr=0.2"])
+    with pytest.raises(ConfigError, match=r"optim\.lr: stored 0\.1, given 0\.2\. Only run\.rounds"):
+        check_config_change(stored, lr, run_path="r.h5", allow_change=False, checkpoint_round=3)
+    assert [c.key for c in check_config_change(stored, lr, run_path="r.h5", allow_change=True,
+                                               checkpoint_round=3)] == ["optim.lr"]
+    net = load_config(None, ['model.name="pkg.mod:Net"', "model.kwargs={width = 3}"])
+    wider = load_config(None, ['model.name="pkg.mod:Net"', "model.kwargs={width = 4}"])
+    assert [str(c) for c in config_changes(net, wider)] == [
+        "model.kwargs: stored {width = 3}, given {width = 4}"]
+    with pytest.raises(ConfigError, match="cannot change on resume, not even with"):
+        check_config_change(net, wider, run_path="r.h5", allow_change=True, checkpoint_round=1)

@@ -510,3 +510,27 @@ def test_resume_over_a_different_rank_count_fails_everywhere(comm, shared_dir):
                     in message, f"resume over {comm.size} ranks gave {message!r}")
     rounds = _rounds_in(comm, path)
     parallel_assert(comm, rounds == [1], f"the refused resume touched the metrics: {rounds}")
+
+
+@pytest.mark.mpi(min_size=1)
+def test_resume_with_a_changed_config_raises_everywhere(comm, shared_dir):
+    """train(resume=...) compares the config with the stored one on rank 0 and refuses on every
+    rank (before loading data); with allow_config_change the change goes into the run file."""
+    from hflmpi.config import ConfigError
+
+    path = os.path.join(shared_dir, "changed.h5")
+    topology = {"fanouts": [comm.size]}
+    train(make_config(path, topology, [2], run={"rounds": 1}), comm)
+    changed = make_config(path, topology, [3], run={"rounds": 2})
+    try:
+        train(changed, comm, resume=path)
+        message = "no error"
+    except ConfigError as exc:
+        message = str(exc)
+    parallel_assert(comm, "schedule.tau: stored [2], given [3]" in message, message)
+    parallel_assert(comm, _rounds_in(comm, path) == [1], "the refused resume touched the metrics")
+    result = train(changed, comm, resume=path, allow_config_change=True)
+    parallel_assert(comm, result.rounds == 2, f"resumed run ended at {result.rounds}")
+    history = comm.bcast(read_run_info(path)["config_history"] if comm.rank == 0 else None)
+    parallel_assert(comm, len(history) == 1 and "schedule.tau" in history[0]["changes"],
+                    f"config history {history}")
