@@ -463,3 +463,26 @@ def test_mpiexec_resume_with_a_changed_config_is_one_clear_error(tmp_path):
         assert len(errors) == 1 and errors[0].startswith("hflmpi: error: "), proc.stderr
         assert needle in errors[0], errors[0]
     assert list(read_metrics(run_file)["round"]) == [1, 2]
+
+
+def test_resume_with_a_model_whose_code_changed_is_one_error(tmp_path, capsys, monkeypatch):
+    """Same config, but the import-path model now builds another size (its code changed): the
+    checkpoint cannot be loaded into it. One clear error, not a shape traceback."""
+    module = f"hflmpi_test_sized_{os.getpid()}"
+    (tmp_path / f"{module}.py").write_text(
+        "import os\nfrom torch import nn\n\n\n"
+        "class Net(nn.Sequential):\n"
+        "    def __init__(self):\n"
+        "        width = int(os.environ['HFLMPI_TEST_WIDTH'])\n"
+        "        super().__init__(nn.Flatten(), nn.Linear(8, width), nn.Linear(width, 3))\n",
+        encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("HFLMPI_TEST_WIDTH", "4")
+    config, run_file = _finished_run(tmp_path, capsys, "--set", f'model.name="{module}:Net"')
+    monkeypatch.setenv("HFLMPI_TEST_WIDTH", "5")
+    code, _, err = run_cli(capsys, "run", str(config), "--resume", str(run_file),
+                           "--set", f'model.name="{module}:Net"', "--set", "run.rounds=3")
+    assert code == 2, err
+    assert_one_error(err, "the checkpoint holds a model of 51 parameters",
+                     "builds one of 63", "resume with the model (and its code)")
+    assert list(read_metrics(run_file)["round"]) == [1, 2]
