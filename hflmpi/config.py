@@ -45,15 +45,30 @@ __all__ = [
     "PrivacyConfig",
     "RunConfig",
     "BUILTIN_MODELS",
+    "MAX_LR",
+    "MAX_ROUNDS",
+    "MAX_STEPS_PER_ROUND",
     "load_config",
     "parse_override",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "format_value",
     "to_toml_string",
 ]
 
 BUILTIN_MODELS = ("mlp", "logreg", "cnn")
+
+MAX_LR = 1000.0
+"""Largest accepted ``optim.lr``: an SGD step that large only diverges (published SGD learning
+rates, large-batch ones included, stay below ~50), so a bigger value is a typo such as ``1e30``."""
+MAX_ROUNDS = 10**7
+"""Largest accepted ``run.rounds``."""
+MAX_STEPS_PER_ROUND = 10**8
+"""Largest accepted ``prod(schedule.tau)``: a global round is the unit of checkpoints, metrics and
+evaluation, and 10**8 local steps already take days at a millisecond a step. With
+:data:`MAX_ROUNDS` the global step counter ``rounds * prod(tau)`` stays below 10**15, exact in
+float64 and far inside int64 (it keys the quantization and DP random streams)."""
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -95,6 +110,11 @@ def _fmt(value: Any) -> str:
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{_fmt_key(str(k))} = {_fmt(v)}" for k, v in value.items()) + "}"
     return repr(value)
+
+
+def format_value(value: Any) -> str:
+    """Return ``value`` in TOML syntax, as every config message prints it (None: ``(unset)``)."""
+    return _fmt(value)
 
 
 def _fmt_key(key: str) -> str:
@@ -162,16 +182,26 @@ def _float(
     *,
     lo_open: bool = False,
     hi_open: bool = False,
+    why: str = "",
 ) -> _Check:
     bounds = _bounds_text(lo, hi, lo_open, hi_open)
     what = "a number" + (" " + bounds if bounds else "")
+    because = f" ({why})" if why else ""
 
     def check(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Invalid(f"is {_type_name(value)} but must be {what}")
-        x = float(value)
-        if math.isnan(x) or not _in_bounds(x, lo, hi, lo_open, hi_open):
-            raise _Invalid(f"must be {what}")
+        try:
+            x = float(value)
+        except OverflowError:  # an integer beyond float range
+            raise _Invalid(f"must be a finite number{' ' + bounds if bounds else ''}"
+                           f"{because if hi is not None and value > 0 else ''}") from None
+        above = hi is not None and x > hi  # +inf included
+        if not math.isfinite(x):  # nan and +-inf: no setting means "unbounded" by infinity
+            raise _Invalid(f"must be a finite number{' ' + bounds if bounds else ''}"
+                           f"{because if above else ''}")
+        if not _in_bounds(x, lo, hi, lo_open, hi_open):
+            raise _Invalid(f"must be {what}{because if above else ''}")
         return x
 
     return check
@@ -366,7 +396,8 @@ class RunOptions(_Section):
     seed : int
         Root of every random stream (see :mod:`hflmpi.rng`). Default 0.
     rounds : int
-        Global rounds; one global round is ``prod(schedule.tau)`` SGD steps per device. Default 20.
+        Global rounds, 1 to 10**7; one global round is ``prod(schedule.tau)`` SGD steps per
+        device. Default 20.
     out : str
         HDF5 run file (metrics, resolved config, checkpoints). Default ``"runs/run.h5"``.
     device : {"cpu", "cuda", "auto"}
@@ -395,7 +426,7 @@ class RunOptions(_Section):
 
     section: ClassVar[str] = "run"
     seed: int = _opt(0, _int(0, 2**63 - 1), "0")
-    rounds: int = _opt(20, _int(1), "20")
+    rounds: int = _opt(20, _int(1, MAX_ROUNDS), "20")
     out: str = _opt("runs/run.h5", _nonempty_str, '"runs/run.h5"')
     device: str = _opt("cpu", _choice("cpu", "cuda", "auto"), '"cpu"')
     checkpoint_every: int = _opt(1, _int(0), "1")
@@ -491,11 +522,21 @@ class ScheduleConfig(_Section):
     ----------
     tau : tuple of int
         One entry per layer: ``tau[0]`` local SGD steps per layer-1 aggregation, ``tau[n]``
-        layer-n aggregations per layer-(n+1) aggregation. Default ``(5,)``.
+        layer-n aggregations per layer-(n+1) aggregation. Default ``(5,)``. ``prod(tau)``, the
+        local steps of one global round, is at most 10**8 (:data:`MAX_STEPS_PER_ROUND`).
     """
 
     section: ClassVar[str] = "schedule"
     tau: tuple[int, ...] = _opt((5,), _int_list(1), "[5, 2]")
+
+    def _cross_check(self) -> None:
+        steps = math.prod(self.tau)
+        if steps > MAX_STEPS_PER_ROUND:
+            raise self._error(
+                "tau", f"makes prod(tau) = {steps} local steps per global round, more than "
+                f"{MAX_STEPS_PER_ROUND} (a round is the unit of checkpoints and metrics)",
+                "use smaller tau entries and more run.rounds",
+            )
 
     @property
     def steps_per_round(self) -> int:
@@ -698,7 +739,7 @@ class OptimConfig(_Section):
         Plain SGD, or SGD on the FedProx objective ``f(w) + mu/2 ||w - w_anchor||^2`` with
         ``w_anchor`` the model received at the last aggregation. Default ``"sgd"``.
     lr : float
-        Learning rate at round 0. Default 0.05.
+        Learning rate at round 0, finite, in (0, 1000] (:data:`MAX_LR`). Default 0.05.
     momentum : float
         Heavy-ball momentum in [0, 1). Default 0.0.
     weight_decay : float
@@ -720,7 +761,9 @@ class OptimConfig(_Section):
 
     section: ClassVar[str] = "optim"
     solver: str = _opt("sgd", _choice("sgd", "fedprox"), '"sgd"')
-    lr: float = _opt(0.05, _float(0.0, lo_open=True), "0.05")
+    lr: float = _opt(0.05, _float(0.0, MAX_LR, lo_open=True,
+                                  why="a larger SGD step only diverges; published rates stay "
+                                      "below ~50"), "0.05")
     momentum: float = _opt(0.0, _float(0.0, 1.0, hi_open=True), "0.9")
     weight_decay: float = _opt(0.0, _float(0.0), "0.0001")
     mu: float = _opt(0.0, _float(0.0), "0.01")

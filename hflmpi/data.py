@@ -55,7 +55,7 @@ class TensorDataset:
     Attributes
     ----------
     features : torch.Tensor
-        float32 ``[n, *input_shape]``.
+        float32 ``[n, *input_shape]`` as loaded (the run's dtype after :meth:`to`).
     labels : torch.Tensor
         int64 ``[n]`` with values in ``0..num_classes-1``.
     num_classes : int
@@ -89,10 +89,15 @@ class TensorDataset:
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64, device=self.labels.device)
         return TensorDataset(self.features[idx], self.labels[idx], self.num_classes, self.name)
 
-    def to(self, device: torch.device | str) -> TensorDataset:
-        """Return the dataset with both tensors on ``device``."""
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TensorDataset:
+        """Return the dataset with both tensors on ``device`` and the features in ``dtype``.
+
+        ``dtype`` (default: keep float32) is the model's floating dtype, e.g. ``torch.float64``
+        for ``run.dtype = "float64"``; labels stay int64.
+        """
         return TensorDataset(
-            self.features.to(device), self.labels.to(device), self.num_classes, self.name
+            self.features.to(device=device, dtype=dtype), self.labels.to(device),
+            self.num_classes, self.name,
         )
 
 
@@ -173,6 +178,20 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> tuple[TensorDatase
 # MNIST / Fashion-MNIST IDX files
 
 
+def _check_directory(root: Path, kind: str, contents: str) -> None:
+    """Raise :class:`DatasetError` unless ``root`` is a directory (saying what it is instead)."""
+    if root.is_dir():
+        return
+    if root.exists():
+        what = "a file" if root.is_file() else "not a directory"
+        raise DatasetError(
+            f"{kind} data.path {root} is {what}, expected a directory containing {contents}; "
+            f"set data.path to that directory, e.g. the file's folder {root.parent}"
+        )
+    raise DatasetError(f"{kind} directory {root} does not exist; put {contents} there; "
+                       "nothing is downloaded")
+
+
 def _find_file(directories: Sequence[Path], stem: str) -> Path | None:
     for directory in directories:
         for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
@@ -240,11 +259,8 @@ def load_mnist_idx(
     if kind not in _IDX_SUBDIRS:
         raise ValueError(f"kind={kind!r} must be 'mnist' or 'fashion_mnist'")
     root = Path(path)
-    if not root.is_dir():
-        raise DatasetError(
-            f"{kind} directory {root} does not exist; put the four IDX files there "
-            f"({', '.join(_IDX_FILES.values())}, raw or .gz); nothing is downloaded"
-        )
+    _check_directory(root, kind, f"the four IDX files ({', '.join(_IDX_FILES.values())}, raw or "
+                                 ".gz)")
     directories = [root] + [root / sub for sub in _IDX_SUBDIRS[kind]]
     arrays: dict[str, np.ndarray] = {}
     for key, stem in _IDX_FILES.items():
@@ -331,9 +347,7 @@ def load_cifar10(path: str | Path) -> tuple[TensorDataset, TensorDataset]:
     """
     root = Path(path)
     expected = ", ".join(_CIFAR_FILES)
-    if not root.is_dir():
-        raise DatasetError(f"cifar10 directory {root} does not exist; put the CIFAR-10 python "
-                           f"batches there ({expected}); nothing is downloaded")
+    _check_directory(root, "cifar10", f"the CIFAR-10 python batches ({expected})")
     directory = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
     missing = [name for name in _CIFAR_FILES if not (directory / name).is_file()]
     if missing:

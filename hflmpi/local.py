@@ -88,8 +88,13 @@ class LocalSolver:
             self.anchor = [p.detach().clone() for p in self.params] if self.mu > 0 else []
 
     def loss(self, batch_x: torch.Tensor, batch_y: torch.Tensor) -> torch.Tensor:
-        """Return the mean cross-entropy of the model on a batch (with autograd)."""
-        return F.cross_entropy(self.model(batch_x), batch_y)
+        """Return the mean cross-entropy of the model on a batch (with autograd).
+
+        The features are cast to the parameters' dtype first (a no-op when they match), so a
+        float64 model (``run.dtype = "float64"``) accepts the float32 features of the loaders.
+        """
+        dtype = self.params[0].dtype if self.params else batch_x.dtype
+        return F.cross_entropy(self.model(batch_x.to(dtype)), batch_y)
 
     def step(self, batch_x: torch.Tensor, batch_y: torch.Tensor) -> torch.Tensor:
         """Take one step on a minibatch and return its loss before the step.

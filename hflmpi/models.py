@@ -161,6 +161,10 @@ def build_model(
     (so their constructors cannot move the global RNG), then re-initialised by
     :func:`init_parameters`, unless the class defines ``init_parameters(self, generator)``, which is
     then called instead. Buffers (e.g. batch-norm statistics) are not aggregated by hflmpi.
+
+    Importing ``package.module`` runs that module's code: pass only a config the user gave.
+    ``hflmpi run --resume`` refuses an import path read back from a run file unless the command
+    line names it again (:func:`hflmpi.resume.check_untrusted_model`).
     """
     if generator is None:
         generator = torch_generator(seed, purpose="init")

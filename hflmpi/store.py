@@ -9,7 +9,8 @@ File layout (``format_version`` 1)::
 
     /                       attrs: format_version, hflmpi_version, config_toml, world_size,
                                    tree (JSON), layer_count, start_time (ISO 8601, UTC),
-                                   start_time_unix, resume_log (JSON list), any extra meta keys
+                                   start_time_unix, resume_log (JSON list), config_history
+                                   (JSON list: config changes made on resume), any extra meta keys
     /metrics/<scalar>       float64 [rounds]          (``round`` is int64)
     /metrics/<per-layer>    float64 [rounds, layers]  (``method`` is int8)
     /partition/sizes              int64 [clients]
@@ -104,6 +105,7 @@ _RESERVED_ATTRS = frozenset(
         "start_time",
         "start_time_unix",
         "resume_log",
+        "config_history",
     }
 )
 _SCALAR_CHUNK = 1024
@@ -243,6 +245,7 @@ class RunRecord:
             attrs["start_time"] = _now_iso(start)
             attrs["start_time_unix"] = start
             attrs["resume_log"] = "[]"
+            attrs["config_history"] = "[]"
             for key, value in meta.items():
                 if key not in _RESERVED_ATTRS:
                     attrs[key] = _attr_value(key, value)
@@ -378,6 +381,23 @@ class RunRecord:
         self.flush()
         return keep
 
+    def replace_config(self, config_toml: str, entry: Mapping[str, Any]) -> None:
+        """Store the config a resumed run continues under and log why it changed.
+
+        Parameters
+        ----------
+        config_toml : str
+            The new resolved config (TOML text); replaces the ``config_toml`` attribute.
+        entry : mapping
+            JSON-serialisable record appended to the ``config_history`` attribute, e.g. the round,
+            the changed keys with their old and new values and the previous config's hash.
+        """
+        history = json.loads(self._file.attrs.get("config_history", "[]"))
+        history.append({"time": _now_iso(time.time()), **entry})
+        self._file.attrs["config_history"] = json.dumps(history)
+        self._file.attrs["config_toml"] = config_toml
+        self.flush()
+
     def write_partition(self, sizes: Sequence[int] | np.ndarray, histograms: np.ndarray) -> None:
         """Store per-client sample counts [clients] and label histograms [clients, classes].
 
@@ -429,17 +449,30 @@ def read_metrics(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
 
 def read_config_toml(path: str | os.PathLike[str]) -> str:
-    """Return the resolved configuration (TOML text) stored in a run file."""
+    """Return the resolved configuration (TOML text) stored in a run file.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If the file holds no ``config_toml`` (not an hflmpi run file).
+    """
     with _open_read(path) as file:
-        return str(file.attrs["config_toml"])
+        if "config_toml" not in file.attrs:
+            raise ValueError(f"{os.fspath(path)} stores no config (no config_toml attribute); "
+                             "is it an hflmpi run file (not a checkpoint)?")
+        value = file.attrs["config_toml"]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def read_run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Return the root attributes of a run file (``tree`` and ``resume_log`` parsed from JSON)."""
+    """Return the root attributes of a run file (``tree``, ``resume_log`` and ``config_history``
+    parsed from JSON)."""
     with _open_read(path) as file:
         info = {key: value.item() if isinstance(value, np.generic) else value
                 for key, value in file.attrs.items()}
-    for key in ("tree", "resume_log"):
+    for key in ("tree", "resume_log", "config_history"):
         if isinstance(info.get(key), str):
             try:
                 info[key] = json.loads(info[key])

@@ -46,7 +46,16 @@ from hflmpi.partition import make_partition, partition_stats
 from hflmpi.preempt import EXIT_PREEMPTED, PreemptionFlag
 from hflmpi.progress import Progress
 from hflmpi.schedule import round_events, steps_per_round
-from hflmpi.store import RoundMetrics, RunRecord, read_config_toml
+from hflmpi.resume import (
+    ALLOW_FLAG,
+    FREE_KEYS,
+    ConfigChange,
+    check_checkpoint_config,
+    check_config_change,
+    check_untrusted_model,
+    stored_config,
+)
+from hflmpi.store import RoundMetrics, RunRecord, read_config_toml, read_run_info
 from hflmpi.topology import TopologyError, TreePlan, plan_fanouts, plan_groups
 
 __all__ = ["SetupError", "TrainResult", "limit_threads", "plan_for", "train", "main"]
@@ -135,28 +144,78 @@ def _device(config: RunConfig, comm: MPI.Comm) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def _resume_state(comm: MPI.Comm, resume: Path | None) -> dict[str, Any] | None:
-    """Rank 0 loads the newest valid checkpoint; every rank gets its own slice (all ranks)."""
+@dataclass(frozen=True)
+class _ConfigUpdate:
+    """Rank 0's note for the run file: the config a resume continues under, and what changed."""
+
+    stored_toml: str
+    changes: list[ConfigChange]
+
+
+def _load_checked(
+    resume: Path, config: RunConfig, world_size: int, depth: int, allow_change: bool
+) -> tuple[Any, _ConfigUpdate]:
+    """Load the newest valid checkpoint of ``resume`` and check it may continue as ``config``.
+
+    Rank 0 only (no collectives). Checks, in order: the world size; that the checkpoint was
+    written under a config the run file records; the changes from the stored config
+    (:func:`hflmpi.resume.check_config_change`); the tree depth (the metric columns).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CheckpointFallbackWarning)
+        checkpoint = load_latest_valid(resume)
+    for warning in caught:
+        print(f"hflmpi: warning: {warning.message}", file=sys.stderr, flush=True)
+    saved = int(checkpoint.state.get("world_size", world_size))
+    if saved != world_size:  # partition, batch positions and momentum are per rank
+        raise ValueError(
+            f"{checkpoint.path} was written by {saved} ranks but this run has "
+            f"{world_size}; resume with mpiexec -n {saved}"
+        )
+    info = read_run_info(resume)
+    check_checkpoint_config(checkpoint.state, info, checkpoint_path=str(checkpoint.path),
+                            run_path=str(resume))
+    text = read_config_toml(resume)
+    changes = check_config_change(stored_config(text, str(resume)), config, run_path=str(resume),
+                                  allow_change=allow_change, checkpoint_round=checkpoint.round)
+    layers = int(info.get("layer_count", depth))
+    if layers != depth:  # same config, other hosts: topology.nodes found another node count
+        raise ConfigError(
+            f"--resume {resume}: the run file has {layers} aggregation layers but the tree "
+            f"planned for this job has {depth} ({config.topology.describe_depth()}); resume on "
+            "the same layout of nodes and ranks"
+        )
+    return checkpoint, _ConfigUpdate(text, changes)
+
+
+def _resume_state(
+    comm: MPI.Comm, resume: Path | None, config: RunConfig, depth: int, allow_change: bool,
+) -> tuple[dict[str, Any] | None, _ConfigUpdate | None]:
+    """Rank 0 loads and checks the newest valid checkpoint; every rank gets its own slice.
+
+    All ranks. A refusal (see :func:`_load_checked`) raises :class:`ConfigError` (a config that
+    may not continue this run) or :class:`SetupError` (a file problem) on every rank, before
+    any data is loaded or any model code imported. Returns the shared state and, on rank 0, the
+    config update for the run file.
+    """
     if resume is None:
-        return None
-
-    def load() -> Any:
-        if comm.Get_rank() != 0:
-            return None
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", CheckpointFallbackWarning)
-            checkpoint = load_latest_valid(resume)
-        for warning in caught:
-            print(f"hflmpi: warning: {warning.message}", file=sys.stderr, flush=True)
-        saved = int(checkpoint.state.get("world_size", comm.Get_size()))
-        if saved != comm.Get_size():  # partition, batch positions and momentum are per rank
-            raise ValueError(
-                f"{checkpoint.path} was written by {saved} ranks but this run has "
-                f"{comm.Get_size()}; resume with mpiexec -n {saved}"
-            )
-        return checkpoint
-
-    checkpoint = agree(comm, f"loading a checkpoint for {resume}", load)
+        return None, None
+    checkpoint: Any = None
+    update: _ConfigUpdate | None = None
+    verdict: tuple[str, str] | None = None
+    if comm.Get_rank() == 0:
+        try:
+            checkpoint, update = _load_checked(resume, config, comm.Get_size(), depth,
+                                               allow_change)
+        except ConfigError as exc:
+            verdict = ("config", str(exc))
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            verdict = ("setup", f"loading a checkpoint for {resume} failed: "
+                                f"{type(exc).__name__}: {exc}")
+    verdict = comm.bcast(verdict, root=0)
+    if verdict is not None:
+        kind, text = verdict
+        raise ConfigError(text) if kind == "config" else SetupError(text)
     shared = None
     if comm.Get_rank() == 0:
         shared = {"round": checkpoint.round, "state": checkpoint.state, "model": checkpoint.model}
@@ -166,7 +225,24 @@ def _resume_state(comm: MPI.Comm, resume: Path | None) -> dict[str, Any] | None:
         names = sorted(checkpoint.extra_arrays)
         per_rank = [{n: checkpoint.extra_arrays[n][r] for n in names} for r in range(comm.Get_size())]
     shared["mine"] = comm.scatter(per_rank, root=0)
-    return shared
+    return shared, update
+
+
+def _check_model_size(state: dict[str, Any], numel: int, config: RunConfig) -> None:
+    stored = int(np.asarray(state["model"]).size)
+    if stored != numel:
+        raise ValueError(
+            f"the checkpoint holds a model of {stored} parameters but model.name="
+            f"{config.model.name!r} builds one of {numel} for this data; resume with the model "
+            "(and its code) the run was started with"
+        )
+
+
+def _checked_plan(config: RunConfig, comm: MPI.Comm) -> TreePlan:
+    """Plan the tree and check the per-layer options against its depth (before any model)."""
+    plan = plan_for(config, comm)
+    config.check_layer_options(plan.depth, [[len(kids) for kids in layer] for layer in plan.children])
+    return plan
 
 
 def train(
@@ -175,6 +251,7 @@ def train(
     *,
     resume: str | os.PathLike[str] | None = None,
     stream: TextIO | None = None,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Train federatedly over ``comm`` as ``config`` says and return the final global model.
 
@@ -188,30 +265,41 @@ def train(
         Devices of the federation (``MPI.COMM_WORLD`` from the CLI).
     resume : path, optional
         Run file whose newest valid checkpoint to continue from (metrics past it are dropped).
+        ``config`` must equal the run file's stored config except in
+        :data:`hflmpi.resume.FREE_KEYS`; otherwise :class:`ConfigError` on every rank.
     stream : text stream, optional
         Where rank 0 writes progress (default stdout).
+    allow_config_change : bool
+        Let a resume change keys outside :data:`hflmpi.resume.FREE_KEYS` (never those in
+        :data:`hflmpi.resume.FIXED_KEYS`); the changes are recorded in the run file.
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     seed, rounds, tau = config.run.seed, config.run.rounds, list(config.schedule.tau)
     record_path = Path(resume) if resume is not None else Path(config.run.out)
 
     # ---- set up: tree, data, model (all ranks; failures raise on every rank) ----
-    plan = agree(comm, "planning the tree", lambda: plan_for(config, comm))
+    plan = agree(comm, "planning the tree", lambda: _checked_plan(config, comm))
     device = agree(comm, "choosing the device", lambda: _device(config, comm))
     dtype = torch.float64 if config.run.dtype == "float64" else torch.float32
+    # Resume checks first: a refused config must stop before any data or model code is loaded.
+    state, update = _resume_state(comm, Path(resume) if resume is not None else None, config,
+                                  plan.depth, allow_config_change)
     train_set, test_set = agree(comm, "loading data", lambda: load_dataset(config.data, seed))
-    parts = make_partition(train_set.labels.numpy(), size, config.data, seed)
+    parts = agree(comm, "partitioning the data", lambda: _partition(config, train_set, size))
     my_indices = parts[rank]
     weight = float(len(my_indices)) if config.aggregation.weighting == "samples" else 1.0
-    train_set, test_set = train_set.to(device), test_set.to(device)
+    # Features in the model's dtype once, here, rather than a cast at every step.
+    train_set, test_set = train_set.to(device, dtype), test_set.to(device, dtype)
     my_test = test_set.subset(np.arange(rank, len(test_set), size))
 
     model = agree(comm, "building the model", lambda: build_model(
         config.model, train_set.input_shape, train_set.num_classes, seed=seed))
     params = flatten_parameters(model, dtype=dtype, device=device)
+    if state is not None:
+        agree(comm, "checking the checkpoint against the model",
+              lambda: _check_model_size(state, params.numel, config))
     comms = LayerComms(comm, plan)
     bits = list(config.quantize.bits_for(plan.depth))
-    config.check_layer_options(plan.depth, [[len(kids) for kids in layer] for layer in plan.children])
     agg_cfg, privacy = config.aggregation, config.privacy
     if privacy.layer and privacy.insecure_reproducible_noise and rank == 0:
         print(_INSECURE_NOISE_WARNING, file=sys.stderr, flush=True)
@@ -233,7 +321,6 @@ def train(
     sampler = BatchSampler(my_indices, config.optim.batch_size, seed=seed, client=rank)
 
     # ---- resume or start fresh; the run record is rank 0's ----
-    state = _resume_state(comm, Path(resume) if resume is not None else None)
     start_round = 1
     if state is not None:
         params.flat.copy_(torch.from_numpy(np.asarray(state["model"])).to(dtype))
@@ -244,7 +331,8 @@ def train(
     if state is not None and "momentum" in state["mine"]:
         _load_momentum(solver, state["mine"]["momentum"])
     record = agree(comm, "opening the run record", lambda: _open_record(
-        config, comm, plan, record_path, resume is not None, start_round - 1, parts, train_set))
+        config, comm, plan, record_path, resume is not None, start_round - 1, parts, train_set,
+        update, allow_config_change))
     progress = Progress(stream or sys.stdout, config.run.progress, total_rounds=rounds) if rank == 0 else None
     steps = steps_per_round(tau)
     started = time.perf_counter()
@@ -361,15 +449,42 @@ def _privacy_summary(config: RunConfig, bits: Sequence[int], last_round: int) ->
             f"{privacy.layer} after {releases} releases (RDP accounting{note})")
 
 
+def _partition(config: RunConfig, train_set: TensorDataset, clients: int) -> list[np.ndarray]:
+    """Split the training samples over ``clients`` ranks; too few samples is a config error."""
+    if len(train_set) < clients:
+        data = config.data
+        knob = (f"data.synthetic_samples={data.synthetic_samples}" if data.name == "synthetic"
+                else f"data.name={data.name!r}")
+        raise ConfigError(
+            f"the training set holds {len(train_set)} samples ({knob}, "
+            f"data.test_fraction={data.test_fraction}) but there are {clients} clients (ranks) "
+            "and each needs at least one; use fewer ranks or more data"
+        )
+    return make_partition(train_set.labels.numpy(), clients, config.data, config.run.seed)
+
+
 def _open_record(
     config: RunConfig, comm: MPI.Comm, plan: TreePlan, path: Path, resuming: bool,
     last_round: int, parts: list[np.ndarray], train_set: TensorDataset,
+    update: _ConfigUpdate | None = None, allow_change: bool = False,
 ) -> RunRecord | None:
     if comm.Get_rank() != 0:
         return None
     if resuming:
         record = RunRecord.open_append(path)
         record.truncate_to(last_round)
+        text = to_toml_string(config)
+        if update is not None and text != update.stored_toml:
+            # The stored config must stay the one the run continues under; the history keeps the
+            # previous hash so the checkpoints written before this resume still match the file.
+            record.replace_config(text, {
+                "round": last_round,
+                "changes": {c.key: {"stored": c.stored, "given": c.given} for c in update.changes},
+                "allowed_by": ALLOW_FLAG if allow_change and any(
+                    c.key not in FREE_KEYS for c in update.changes) else "free keys",
+                "previous_config_sha256": config_digest(update.stored_toml),
+                "config_sha256": config_digest(text),
+            })
         return record
     path.parent.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"world_size": comm.Get_size(), "tree": plan.describe(),
@@ -433,6 +548,7 @@ def _checkpoint(
     if momentum is not None:
         mine["momentum"] = momentum
     gathered = comm.gather(mine, root=0)
+    text = to_toml_string(config)
 
     def write() -> None:
         if gathered is None:  # not rank 0
@@ -440,7 +556,7 @@ def _checkpoint(
         extra = {name: np.stack([g[name] for g in gathered]) for name in mine}
         save_checkpoint(
             path, round=rnd, model_flat=flat.detach().cpu(), extra_arrays=extra,
-            state={"round": rnd, "config_sha256": config_digest(to_toml_string(config)),
+            state={"round": rnd, "config_sha256": config_digest(text), "config_toml": text,
                    "world_size": comm.Get_size(), "hflmpi_version": __version__},
         )
 
@@ -457,6 +573,10 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     parser.add_argument("--resume-if-exists", action="store_true",
                         help="resume from run.out's checkpoint when there is one, else start fresh "
                              "(for requeued batch jobs)")
+    parser.add_argument(ALLOW_FLAG, dest="allow_config_change", action="store_true",
+                        help="on resume, accept config changes beyond run.rounds, run.out, "
+                             "run.progress, run.eval_every, run.checkpoint_every, run.divergence "
+                             "and run.watchdog_seconds (recorded in the run file)")
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD if comm is None else comm
     rank = comm.Get_rank()
@@ -470,7 +590,8 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
         if args.resume_if_exists and args.resume is None and _has_checkpoint(Path(config.run.out)):
             args.resume = config.run.out
         limit_threads(comm)
-        result = train(config, comm, resume=args.resume)
+        result = train(config, comm, resume=args.resume,
+                       allow_config_change=args.allow_config_change)
     except (ConfigError, TopologyError, SetupError) as exc:
         # Every rank raised the same error (config and setup checks are collective): say it once.
         if rank == 0:
@@ -490,18 +611,18 @@ def _has_checkpoint(run_path: Path) -> bool:
 
 
 def _config_from_run(path: Path, overrides: Sequence[str]) -> RunConfig:
-    import tempfile
+    """Return the config stored in run file ``path`` with ``--set`` overrides (every rank).
 
+    The run file is data, not code: an import-path ``model.name`` it stores is refused unless
+    the command line names it again (:func:`hflmpi.resume.check_untrusted_model`).
+    """
     try:
         text = read_config_toml(path)
     except (OSError, KeyError, ValueError) as exc:
         raise ConfigError(f"--resume {path}: cannot read the stored config ({exc})") from None
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as handle:
-        handle.write(text)
-    try:
-        return load_config(handle.name, overrides)
-    finally:
-        os.unlink(handle.name)
+    config = stored_config(text, str(path), overrides)
+    check_untrusted_model(config, overrides, str(path))
+    return config
 
 
 def limit_threads(comm: MPI.Comm) -> None:

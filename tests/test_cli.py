@@ -121,8 +121,12 @@ def test_python_dash_m_without_arguments(tmp_path):
         (('progress = "off"', 'progress = "off"\ndevice = "gpu"'), ["run.device=\"gpu\""]),
         (("[schedule]", "[topology]\nfanouts = [2, 2]\n\n[schedule]"),
          ["schedule.tau=[2]", "topology.fanouts=[2, 2]"]),
+        (("lr = 0.2", "lr = inf"), ["optim.lr=inf", "finite number > 0 and <= 1000"]),
+        (("lr = 0.2", "lr = 1e30"), ["optim.lr=1e+30", "<= 1000"]),
+        (("tau = [2]", "tau = [1000000000000]"), ["schedule.tau=[1000000000000]", "prod(tau)"]),
     ],
-    ids=["unknown-key", "unknown-section", "wrong-type", "tau-length", "bad-choice", "tau-vs-tree"],
+    ids=["unknown-key", "unknown-section", "wrong-type", "tau-length", "bad-choice", "tau-vs-tree",
+         "lr-inf", "lr-huge", "tau-huge"],
 )
 def test_config_error_names_the_key(tmp_path, capsys, edit, needles):
     old, new = edit
@@ -267,4 +271,218 @@ def test_mpiexec_resume_with_other_rank_count_is_refused(tmp_path, capsys):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hflmpi: error:")]
     assert len(errors) == 1, proc.stderr
     assert "written by 1 ranks but this run has 2; resume with mpiexec -n 1" in errors[0]
+    assert list(read_metrics(run_file)["round"]) == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming: the stored config is compared, changes are refused or recorded, files are checked
+
+
+def _finished_run(tmp_path, capsys, *settings: str) -> tuple[Path, Path]:
+    config = write_config(tmp_path)
+    code, _, err = run_cli(capsys, "run", str(config), *settings)
+    assert code == 0, err
+    return config, tmp_path / "run.h5"
+
+
+def _stored(run_file: Path, directory: Path):
+    return load_config_text(read_config_toml(run_file), directory)
+
+
+@pytest.mark.parametrize("how", ["config", "set"])
+def test_resume_refuses_a_changed_config_with_a_diff(tmp_path, capsys, how):
+    """tau, lr, seed, bits, partition...: a resume that silently continued under another config
+    would leave a run file whose stored config lies. Refused, naming stored and given values."""
+    config, run_file = _finished_run(tmp_path, capsys)
+    changes = ["--set", "schedule.tau=[3]", "--set", "optim.lr=0.1", "--set", "run.seed=4",
+               "--set", "data.partition=dirichlet", "--set", "run.rounds=4"]
+    if how == "config":
+        argv = ["run", str(config), "--resume", str(run_file), *changes]
+    else:
+        argv = ["run", "--resume", str(run_file), *changes]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    line = assert_one_error(err, "schedule.tau: stored [2], given [3]", "optim.lr: stored 0.2, "
+                            "given 0.1", "run.seed: stored 3, given 4",
+                            'data.partition: stored "iid", given "dirichlet"',
+                            "--allow-config-change")
+    assert "run.rounds: stored" not in line  # extending the run needs no permission
+    assert list(read_metrics(run_file)["round"]) == [1, 2]
+    assert _stored(run_file, tmp_path).schedule.tau == (2,)
+
+
+def test_resume_with_allow_config_change_records_the_change(tmp_path, capsys):
+    _, run_file = _finished_run(tmp_path, capsys)
+    code, out, err = run_cli(capsys, "run", "--resume", str(run_file), "--set", "run.rounds=3",
+                             "--set", "optim.lr=0.1", "--set", "schedule.tau=[3]",
+                             "--allow-config-change")
+    assert code == 0, err
+    assert "3 rounds done" in out
+    stored = _stored(run_file, tmp_path)
+    assert stored.optim.lr == 0.1 and stored.schedule.tau == (3,) and stored.run.rounds == 3
+    history = read_run_info(run_file)["config_history"]
+    assert len(history) == 1 and history[0]["round"] == 2
+    assert history[0]["allowed_by"] == "--allow-config-change"
+    assert history[0]["changes"] == {"run.rounds": {"stored": "2", "given": "3"},
+                                     "optim.lr": {"stored": "0.2", "given": "0.1"},
+                                     "schedule.tau": {"stored": "[2]", "given": "[3]"}}
+    # A free key alone (more rounds) needs no flag and is recorded too, so the file stays true.
+    code, _, err = run_cli(capsys, "run", "--resume", str(run_file), "--set", "run.rounds=4")
+    assert code == 0, err
+    assert _stored(run_file, tmp_path).run.rounds == 4
+    history = read_run_info(run_file)["config_history"]
+    assert history[-1]["allowed_by"] == "free keys"
+    assert history[-1]["changes"] == {"run.rounds": {"stored": "3", "given": "4"}}
+    assert list(read_metrics(run_file)["round"]) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("change, needle", [
+    (["--set", "model.name=mlp"], 'model.name: stored "logreg", given "mlp"'),
+    (["--set", "topology.fanouts=[1, 1]", "--set", "schedule.tau=[2, 2]"],
+     "topology.fanouts: stored (unset), given [1, 1]"),
+    (["--set", "data.synthetic_features=9"], "data.synthetic_features: stored 8, given 9"),
+], ids=["model", "depth", "features"])
+def test_resume_never_changes_the_model_tree_or_data_shape(tmp_path, capsys, change, needle):
+    """A different model size or tree depth would die in tracebacks on every rank (the checkpoint
+    and the metric columns have the stored shape): one clear error, even with the flag."""
+    config, run_file = _finished_run(tmp_path, capsys)
+    code, _, err = run_cli(capsys, "run", str(config), "--resume", str(run_file), *change,
+                           "--allow-config-change")
+    assert code == 2, err
+    assert_one_error(err, needle, "cannot change on resume, not even with --allow-config-change",
+                     "start a new run")
+    assert list(read_metrics(run_file)["round"]) == [1, 2]
+
+
+def test_resume_refuses_rounds_below_the_checkpoint(tmp_path, capsys):
+    _, run_file = _finished_run(tmp_path, capsys)
+    code, _, err = run_cli(capsys, "run", "--resume", str(run_file), "--set", "run.rounds=1")
+    assert code == 2
+    assert_one_error(err, "run.rounds=1 but the checkpoint is at round 2")
+
+
+def test_resume_detects_an_edited_run_file(tmp_path, capsys):
+    """The checkpoint's config hash must match the run file's stored config."""
+    import h5py
+
+    _, run_file = _finished_run(tmp_path, capsys)
+    with h5py.File(run_file, "r+") as handle:
+        text = handle.attrs["config_toml"]
+        handle.attrs["config_toml"] = text.replace("lr = 0.2", "lr = 0.5")
+    code, _, err = run_cli(capsys, "run", "--resume", str(run_file), "--set", "run.rounds=3")
+    assert code == 2
+    assert_one_error(err, "run.ckpt.h5 was written under a config", "optim.lr: run file 0.5, "
+                     "checkpoint 0.2", "one of the files was edited")
+    assert list(read_metrics(run_file)["round"]) == [1, 2]
+
+
+def test_resume_after_a_stop_before_the_next_checkpoint(tmp_path, capsys):
+    """A resume that changed the config and stopped before its first checkpoint leaves the old
+    checkpoint (written under the previous config) next to the updated run file: still valid."""
+    _, run_file = _finished_run(tmp_path, capsys)
+    saved = {p.name: p.read_bytes() for p in tmp_path.glob("run.ckpt*.h5")}
+    code, _, err = run_cli(capsys, "run", "--resume", str(run_file), "--set", "run.rounds=3",
+                           "--set", "optim.lr=0.1", "--allow-config-change")
+    assert code == 0, err
+    for name, blob in saved.items():  # as if the job had died before round 3's checkpoint
+        (tmp_path / name).write_bytes(blob)
+    code, out, err = run_cli(capsys, "run", "--resume", str(run_file), "--set", "run.rounds=4")
+    assert code == 0, err
+    assert "4 rounds done" in out
+    assert _stored(run_file, tmp_path).optim.lr == 0.1  # the approved change stays
+    assert list(read_metrics(run_file)["round"]) == [1, 2, 3, 4]
+
+
+EVIL_MODEL = """\
+import os
+from pathlib import Path
+
+from torch import nn
+
+Path(os.environ["HFLMPI_TEST_MARKER"]).write_text("imported")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1))
+"""
+
+
+def test_resume_never_imports_a_model_named_only_by_the_run_file(tmp_path, capsys, monkeypatch):
+    """A run file is data: its model.name import path is not imported (so its module's code does
+    not run) unless the command line names it again."""
+    module = f"hflmpi_test_net_{os.getpid()}"
+    (tmp_path / f"{module}.py").write_text(EVIL_MODEL, encoding="utf-8")
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("HFLMPI_TEST_MARKER", str(marker))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config, run_file = _finished_run(tmp_path, capsys, "--set", f'model.name="{module}:Net"')
+    assert marker.exists()  # the user's own CONFIG named it: imported
+    marker.unlink()
+    monkeypatch.delitem(sys.modules, module)
+
+    code, _, err = run_cli(capsys, "run", "--resume", str(run_file), "--set", "run.rounds=3")
+    assert code == 2
+    assert_one_error(err, f'model.name="{module}:Net", an import path',
+                     "never imports code named by a run file",
+                     f'--set model.name="{module}:Net"')
+    assert not marker.exists(), "the module named by the run file was imported"
+
+    # Refusals come before any import, also when the user's CONFIG names the model.
+    code, _, err = run_cli(capsys, "run", str(config), "--resume", str(run_file),
+                           "--set", f'model.name="{module}:Net"', "--set", "schedule.tau=[3]")
+    assert code == 2
+    assert_one_error(err, "schedule.tau: stored [2], given [3]")
+    assert not marker.exists(), "the model module was imported before the resume was refused"
+
+    code, out, err = run_cli(capsys, "run", "--resume", str(run_file), "--set", "run.rounds=3",
+                             "--set", f"model.name={module}:Net")
+    assert code == 0, err
+    assert "3 rounds done" in out and marker.exists()
+
+
+@needs_mpiexec
+def test_mpiexec_resume_with_a_changed_config_is_one_clear_error(tmp_path):
+    """Two ranks: a refused resume (another tau; another model size) exits 2 with one message
+    and no traceback on any rank."""
+    config = write_config(tmp_path)
+    proc = _mpiexec(2, "run", str(config), "--set", "topology.fanouts=[2]", cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    run_file = tmp_path / "run.h5"
+    for change, needle in ((["--set", "schedule.tau=[3]"], "schedule.tau: stored [2], given [3]"),
+                           (["--set", "model.name=mlp", "--allow-config-change"],
+                            'model.name: stored "logreg", given "mlp"')):
+        proc = _mpiexec(2, "run", "--resume", str(run_file), "--set", "run.rounds=3", *change,
+                        cwd=tmp_path)
+        assert proc.returncode == 2, (proc.stdout, proc.stderr)
+        errors = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and errors[0].startswith("hflmpi: error: "), proc.stderr
+        assert needle in errors[0], errors[0]
+    assert list(read_metrics(run_file)["round"]) == [1, 2]
+
+
+def test_resume_with_a_model_whose_code_changed_is_one_error(tmp_path, capsys, monkeypatch):
+    """Same config, but the import-path model now builds another size (its code changed): the
+    checkpoint cannot be loaded into it. One clear error, not a shape traceback."""
+    module = f"hflmpi_test_sized_{os.getpid()}"
+    (tmp_path / f"{module}.py").write_text(
+        "import os\nfrom torch import nn\n\n\n"
+        "class Net(nn.Sequential):\n"
+        "    def __init__(self):\n"
+        "        width = int(os.environ['HFLMPI_TEST_WIDTH'])\n"
+        "        super().__init__(nn.Flatten(), nn.Linear(8, width), nn.Linear(width, 3))\n",
+        encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("HFLMPI_TEST_WIDTH", "4")
+    config, run_file = _finished_run(tmp_path, capsys, "--set", f'model.name="{module}:Net"')
+    monkeypatch.setenv("HFLMPI_TEST_WIDTH", "5")
+    code, _, err = run_cli(capsys, "run", str(config), "--resume", str(run_file),
+                           "--set", f'model.name="{module}:Net"', "--set", "run.rounds=3")
+    assert code == 2, err
+    assert_one_error(err, "the checkpoint holds a model of 51 parameters",
+                     "builds one of 63", "resume with the model (and its code)")
     assert list(read_metrics(run_file)["round"]) == [1, 2]

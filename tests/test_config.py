@@ -121,10 +121,11 @@ def test_unknown_key_and_section_suggest_fixes(tmp_path):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ('optim.lr="abc"', 'optim.lr="abc" is a string but must be a number > 0; e.g. optim.lr=0.05'),
-    ("optim.lr=-0.1", "optim.lr=-0.1 must be a number > 0; e.g. optim.lr=0.05"),
+    ('optim.lr="abc"', 'optim.lr="abc" is a string but must be a number > 0 and <= 1000; e.g. optim.lr=0.05'),
+    ("optim.lr=-0.1", "optim.lr=-0.1 must be a number > 0 and <= 1000; e.g. optim.lr=0.05"),
     ("run.rounds=true",
-     "run.rounds=true is a boolean but must be an integer >= 1; e.g. run.rounds=20"),
+     "run.rounds=true is a boolean but must be an integer >= 1 and <= 10000000; "
+     "e.g. run.rounds=20"),
     ("run.rounds=2.5", "run.rounds=2.5 is a float but must be an integer >= 1"),
     ("optim.momentum=1.0", "optim.momentum=1.0 must be a number >= 0 and < 1"),
     ("data.test_fraction=0", "data.test_fraction=0 must be a number > 0 and < 1"),
@@ -296,3 +297,64 @@ def test_sections_are_frozen_and_validate_on_construction():
         RunConfig(topology=TopologyConfig(fanouts=(2, 2)))
     assert OptimConfig(lr=1).lr == 1.0
     assert ModelConfig(name="pkg.sub:Net", kwargs={"a": [1, 2]}).kwargs == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=inf", "optim.lr=inf must be a finite number > 0 and <= 1000 (a larger SGD step "
+                     "only diverges"),
+    ("optim.lr=nan", "optim.lr=nan must be a finite number > 0 and <= 1000; e.g. optim.lr=0.05"),
+    ("optim.lr=1e30", "optim.lr=1e+30 must be a number > 0 and <= 1000 (a larger SGD step"),
+    ("optim.lr=1001", "optim.lr=1001 must be a number > 0 and <= 1000"),
+    ("optim.weight_decay=inf", "optim.weight_decay=inf must be a finite number >= 0"),
+    ("optim.mu=-inf", "optim.mu=-inf must be a finite number >= 0"),
+    ("data.alpha=inf", "data.alpha=inf must be a finite number > 0"),
+])
+def test_non_finite_and_absurd_floats_are_rejected(override, expected):
+    assert expected in _error([override])
+
+
+def test_lr_bound_is_inclusive():
+    assert load_config(None, ["optim.lr=1000"]).optim.lr == 1000.0
+
+
+def test_rounds_and_steps_per_round_are_bounded():
+    """The global step counter rounds * prod(tau) must stay far inside int64 (and exact in
+    float64), and one round must be a practical unit of checkpoints: both are capped."""
+    msg = _error(["run.rounds=18446744073709551616"])
+    assert msg.startswith("run.rounds=18446744073709551616 must be an integer >= 1 and <= 10000000")
+    assert load_config(None, ["run.rounds=10000000"]).run.rounds == 10**7
+    msg = _error(["topology.fanouts=[1, 1]", "schedule.tau=[1000000000000, 1]"])
+    assert msg.startswith("schedule.tau=[1000000000000, 1] makes prod(tau) = 1000000000000 local "
+                          "steps per global round, more than 100000000")
+    assert "use smaller tau entries and more run.rounds" in msg
+    msg = _error(["topology.fanouts=[1, 1]", "schedule.tau=[20000, 20000]"])
+    assert "prod(tau) = 400000000" in msg
+    ok = load_config(None, ["topology.fanouts=[1, 1]", "schedule.tau=[10000, 10000]"])
+    assert ok.steps_per_round == 10**8
+    assert ok.steps_per_round * 10**7 < 2**53  # the largest step count is exact in float64
+
+
+def test_resume_config_rules():
+    """hflmpi.resume: free keys pass, others need the flag, shape keys never change."""
+    from hflmpi.resume import FREE_KEYS, check_config_change, config_changes
+
+    stored = load_config(None, ["schedule.tau=[5]", "optim.lr=0.1"])
+    given = load_config(None, ["schedule.tau=[5]", "optim.lr=0.1", "run.rounds=40",
+                               "run.progress=off", "run.eval_every=2"])
+    changes = check_config_change(stored, given, run_path="r.h5", allow_change=False,
+                                  checkpoint_round=20)
+    assert [str(c) for c in changes] == ["run.rounds: stored 20, given 40",
+                                         "run.eval_every: stored 1, given 2",
+                                         'run.progress: stored "auto", given "off"']
+    assert all(c.key in FREE_KEYS for c in changes)
+    lr = load_config(None, ["schedule.tau=[5]", "optim.lr=0.2"])
+    with pytest.raises(ConfigError, match=r"optim\.lr: stored 0\.1, given 0\.2\. Only run\.rounds"):
+        check_config_change(stored, lr, run_path="r.h5", allow_change=False, checkpoint_round=3)
+    assert [c.key for c in check_config_change(stored, lr, run_path="r.h5", allow_change=True,
+                                               checkpoint_round=3)] == ["optim.lr"]
+    net = load_config(None, ['model.name="pkg.mod:Net"', "model.kwargs={width = 3}"])
+    wider = load_config(None, ['model.name="pkg.mod:Net"', "model.kwargs={width = 4}"])
+    assert [str(c) for c in config_changes(net, wider)] == [
+        "model.kwargs: stored {width = 3}, given {width = 4}"]
+    with pytest.raises(ConfigError, match="cannot change on resume, not even with"):
+        check_config_change(net, wider, run_path="r.h5", allow_change=True, checkpoint_round=1)

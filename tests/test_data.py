@@ -208,3 +208,22 @@ def test_tensor_dataset_subset_and_checks():
     assert sub.features.tolist() == [[8.0, 9.0], [2.0, 3.0]] and sub.labels.tolist() == [0, 1]
     with pytest.raises(ValueError, match="6 feature rows"):
         TensorDataset(torch.zeros(6, 2), torch.zeros(5, dtype=torch.int64), 2)
+
+
+def test_a_data_path_that_is_a_file_says_so(tmp_path):
+    """data.path naming a file (say one of the IDX files) is not "does not exist"."""
+    arrays_dir = tmp_path / "mnist"
+    _write_idx_set(arrays_dir)
+    inside = arrays_dir / "train-images-idx3-ubyte.gz"
+    for load, kind in ((load_mnist_idx, "mnist"), (load_cifar10, "cifar10")):
+        with pytest.raises(DatasetError) as info:
+            load(inside)
+        text = str(info.value)
+        assert "does not exist" not in text, text
+        assert f"{inside} is a file, expected a directory containing" in text, text
+        assert str(arrays_dir) in text.partition("expected")[2]  # suggests the file's folder
+        assert text.startswith(kind)
+    cfg = DataConfig(name="fashion_mnist", path=str(inside))
+    with pytest.raises(DatasetError, match="is a file, expected a directory containing the four "
+                                           "IDX files"):
+        load_dataset(cfg, seed=0)

@@ -243,3 +243,30 @@ def test_mlp_trains_on_digits_centrally():
         solver.step(train.features[idx], train.labels[idx])
     loss, acc = evaluate(model, test)
     assert acc > 0.9, (loss, acc)
+
+
+def test_float64_model_takes_the_loaders_float32_features():
+    """run.dtype = "float64": the flat float64 model is fed the float32 features the loaders give;
+    the step must run and match a float64 numpy step on the float32 values widened exactly."""
+    from hflmpi.flat import flatten_parameters
+
+    model, x64, y = _logreg_problem(seed=2)
+    flat = flatten_parameters(model, dtype=torch.float64)
+    x32 = x64.float()
+    solver = LocalSolver(model, OptimConfig(lr=0.3))
+    w, b = (p.detach().numpy().copy() for p in (model.linear.weight, model.linear.bias))
+    loss = solver.step(x32, y)
+    assert loss.dtype == torch.float64 and flat.flat.dtype == torch.float64
+    gw, gb = _numpy_logreg_grad(w, b, x32.numpy().astype(np.float64), y.numpy(), 3)
+    np.testing.assert_allclose(model.linear.weight.detach().numpy(), w - 0.3 * gw,
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(model.linear.bias.detach().numpy(), b - 0.3 * gb,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_dataset_to_model_dtype():
+    data = TensorDataset(torch.arange(6, dtype=torch.float32).view(3, 2), torch.tensor([0, 1, 0]), 2)
+    wide = data.to("cpu", torch.float64)
+    assert wide.features.dtype == torch.float64 and wide.labels.dtype == torch.int64
+    assert torch.equal(wide.features, data.features.double())
+    assert data.to("cpu").features.dtype == torch.float32

@@ -189,3 +189,24 @@ def test_live_run_is_readable_from_another_process(run_path):
         )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[1, 2]"
+
+
+def test_replace_config_keeps_a_history(run_path):
+    """A resume that changes the config stores the new one and logs the change."""
+    RunRecord.create(run_path, CONFIG, META, layer_count=2).close()
+    assert read_run_info(run_path)["config_history"] == []
+    new = CONFIG.replace("seed = 7", "seed = 8")
+    with RunRecord.open_append(run_path) as rec:
+        rec.replace_config(new, {"round": 3, "changes": {"run.seed": {"stored": "7", "given": "8"}}})
+    assert read_config_toml(run_path) == new
+    history = read_run_info(run_path)["config_history"]
+    assert len(history) == 1 and history[0]["round"] == 3 and "time" in history[0]
+    assert history[0]["changes"] == {"run.seed": {"stored": "7", "given": "8"}}
+
+
+def test_read_config_toml_of_a_file_without_one(tmp_path):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as handle:
+        handle.attrs["something"] = 1
+    with pytest.raises(ValueError, match="stores no config"):
+        read_config_toml(path)

@@ -171,19 +171,23 @@ def _reference_lr(config: RunConfig, round0: int) -> float:
 
 
 def serial_reference(
-    config: RunConfig, world: int, subtrees: list[list[list[int]]]
+    config: RunConfig, world: int, subtrees: list[list[list[int]]],
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Replay the federation serially and return the final global model, flat, float32.
+    """Replay the federation serially and return the final global model, flat, in ``dtype``.
 
     Every client trains its own copy with ``torch.optim.SGD``; after local step ``t`` of a round
     the highest layer ``L`` whose period ``tau_1 * ... * tau_L`` divides ``t`` averages each of
     its subtrees (float64, weights = samples or 1), and everyone in it continues from that mean.
+    With ``dtype=torch.float64`` the models and the (float32-loaded) features are widened first.
     """
     seed, optim = config.run.seed, config.optim
     train_set, _ = load_dataset(config.data, seed)
+    features = train_set.features.to(dtype)
     parts = make_partition(train_set.labels.numpy(), world, config.data, seed)
     weights = [float(len(p)) if config.aggregation.weighting == "samples" else 1.0 for p in parts]
-    start = build_model(config.model, train_set.input_shape, train_set.num_classes, seed=seed)
+    start = build_model(config.model, train_set.input_shape, train_set.num_classes,
+                        seed=seed).to(dtype)
     models = [copy.deepcopy(start) for _ in range(world)]
     anchors = [[p.detach().clone() for p in m.parameters()] for m in models]
     mu = optim.mu if optim.solver == "fedprox" else 0.0
@@ -204,7 +208,7 @@ def serial_reference(
         for t in range(1, periods[-1] + 1):
             for r in range(world):
                 batch = samplers[r].next()
-                logits = models[r](train_set.features[batch])
+                logits = models[r](features[batch])
                 loss = F.cross_entropy(logits, train_set.labels[batch])
                 if mu:
                     pairs = zip(models[r].parameters(), anchors[r])
@@ -230,7 +234,7 @@ def serial_reference(
                     optimizers[r] = fresh_optimizer(models[r])
                     for group in optimizers[r].param_groups:
                         group["lr"] = lr
-    return torch.cat([p.detach().reshape(-1) for p in models[0].parameters()]).float()
+    return torch.cat([p.detach().reshape(-1) for p in models[0].parameters()]).to(dtype)
 
 
 def initial_model(config: RunConfig) -> torch.Tensor:
@@ -305,6 +309,55 @@ def test_hierarchy_equals_serial_hsgd(comm, shared_dir, shape):
         plain = serial_reference(fedavg_only_global, comm.size, [[list(range(comm.size))]])
         gap = float((plain - reference).abs().max())
         parallel_assert(comm, gap > 100 * RTOL, f"group averaging changed nothing (gap {gap:.3g})")
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("shape", ["flat", "pairs"])
+def test_float64_run_equals_serial_float64_reference(comm, shared_dir, shape):
+    """run.dtype = "float64" (a documented option) trains in float64 end to end: the float32
+    features are widened for the float64 model and the result matches a float64 serial
+    FedAvg / H-SGD to a tolerance no float32 computation could meet."""
+    planned = tree_shape(shape, comm.size)
+    if planned is None:
+        pytest.skip(f"tree shape {shape!r} does not fit {comm.size} ranks")
+    topology, subtrees = planned
+    tau = [4] if len(subtrees) == 1 else [2, 2]
+    config = make_config(os.path.join(shared_dir, f"f64-{shape}.h5"), topology, tau,
+                         run={"dtype": "float64"}, optim={"momentum": 0.5, "lr": 0.1})
+    result = train(config, comm)
+    parallel_assert(comm, result.model.dtype == torch.float64, f"model dtype {result.model.dtype}")
+    assert_same_bits_everywhere(comm, result.model, f"float64 {shape}")
+    reference = serial_reference(config, comm.size, subtrees, dtype=torch.float64)
+    start = initial_model(config).double()
+    parallel_assert(comm, float((reference - start).abs().max()) > 1e-3,
+                    "the reference barely moved; the comparison would prove nothing")
+    assert_close(comm, result.model, reference, f"float64 {shape}", rtol=1e-10)
+    float32 = serial_reference(config, comm.size, subtrees, dtype=torch.float32).double()
+    gap = float((float32 - reference).abs().max())
+    parallel_assert(comm, gap > 1e-10 * 100, f"float32 and float64 references agree to {gap:.3g}; "
+                    "the tolerance would not tell them apart")
+    parallel_assert(comm, math.isfinite(result.test_accuracy), "no evaluation in float64")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_fewer_samples_than_clients_is_one_setup_error(comm, shared_dir):
+    """Partitioning runs inside the collective set-up checks: every rank raises the same
+    SetupError (naming the sample count, the ranks and the fix), none a bare ValueError."""
+    from hflmpi.train import SetupError
+
+    config = make_config(os.path.join(shared_dir, "tiny.h5"), {"fanouts": [comm.size]}, [2],
+                         data={"synthetic_samples": 2, "partition": "iid"})
+    try:
+        train(config, comm)
+        message = "no error"
+    except SetupError as exc:
+        message = str(exc)
+    except Exception as exc:  # noqa: BLE001 - the test reports what was raised instead
+        message = f"{type(exc).__name__} instead of SetupError: {exc}"
+    parallel_assert(comm, "holds 1 samples" in message and f"{comm.size} clients" in message
+                    and "use fewer ranks or more data" in message, message)
+    exists = os.path.exists(os.path.join(shared_dir, "tiny.h5"))
+    parallel_assert(comm, not exists, "the refused run created its run file")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,3 +510,27 @@ def test_resume_over_a_different_rank_count_fails_everywhere(comm, shared_dir):
                     in message, f"resume over {comm.size} ranks gave {message!r}")
     rounds = _rounds_in(comm, path)
     parallel_assert(comm, rounds == [1], f"the refused resume touched the metrics: {rounds}")
+
+
+@pytest.mark.mpi(min_size=1)
+def test_resume_with_a_changed_config_raises_everywhere(comm, shared_dir):
+    """train(resume=...) compares the config with the stored one on rank 0 and refuses on every
+    rank (before loading data); with allow_config_change the change goes into the run file."""
+    from hflmpi.config import ConfigError
+
+    path = os.path.join(shared_dir, "changed.h5")
+    topology = {"fanouts": [comm.size]}
+    train(make_config(path, topology, [2], run={"rounds": 1}), comm)
+    changed = make_config(path, topology, [3], run={"rounds": 2})
+    try:
+        train(changed, comm, resume=path)
+        message = "no error"
+    except ConfigError as exc:
+        message = str(exc)
+    parallel_assert(comm, "schedule.tau: stored [2], given [3]" in message, message)
+    parallel_assert(comm, _rounds_in(comm, path) == [1], "the refused resume touched the metrics")
+    result = train(changed, comm, resume=path, allow_config_change=True)
+    parallel_assert(comm, result.rounds == 2, f"resumed run ended at {result.rounds}")
+    history = comm.bcast(read_run_info(path)["config_history"] if comm.rank == 0 else None)
+    parallel_assert(comm, len(history) == 1 and "schedule.tau" in history[0]["changes"],
+                    f"config history {history}")
