@@ -41,6 +41,7 @@ from hflmpi.flat import flatten_parameters
 from hflmpi.guard import Watchdog
 from hflmpi.privacy import epsilon_for
 from hflmpi.local import BatchSampler, LocalSolver, evaluate, lr_at
+from hflmpi.messages import MessageError, allgather_text, bcast_array, bcast_int, gather_array, scatter_array
 from hflmpi.models import build_model
 from hflmpi.partition import make_partition, partition_stats
 from hflmpi.preempt import EXIT_PREEMPTED, PreemptionFlag
@@ -52,6 +53,10 @@ from hflmpi.topology import TopologyError, TreePlan, plan_fanouts, plan_groups
 __all__ = ["SetupError", "TrainResult", "limit_threads", "plan_for", "train", "main"]
 
 T = TypeVar("T")
+
+_ERROR_BYTES = 4096  # longest error text a rank shares in agree(); longer ones are cut
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_INT64 = (np.dtype(np.int64),)
 
 
 class SetupError(RuntimeError):
@@ -88,6 +93,7 @@ def agree(comm: MPI.Comm, what: str, action: Callable[[], T]) -> T:
     """Run ``action`` on every rank; if it fails anywhere, raise :class:`SetupError` everywhere.
 
     All ranks. Keeps a bad file or config on one rank from leaving the others in a collective.
+    The errors travel as bounded UTF-8 texts (:func:`hflmpi.messages.allgather_text`).
     """
     error: str | None = None
     result: Any = None
@@ -95,7 +101,7 @@ def agree(comm: MPI.Comm, what: str, action: Callable[[], T]) -> T:
         result = action()
     except (OSError, ValueError, RuntimeError, KeyError, ImportError, TypeError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    errors = comm.allgather(error)
+    errors = allgather_text(comm, error, max_bytes=_ERROR_BYTES, what=f"{what}: sharing the outcome")
     failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
     if failed:
         rank, text = failed[0]
@@ -135,8 +141,14 @@ def _device(config: RunConfig, comm: MPI.Comm) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def _resume_state(comm: MPI.Comm, resume: Path | None) -> dict[str, Any] | None:
-    """Rank 0 loads the newest valid checkpoint; every rank gets its own slice (all ranks)."""
+def _resume_state(comm: MPI.Comm, resume: Path | None, numel: int) -> dict[str, Any] | None:
+    """Rank 0 loads the newest valid checkpoint; every rank gets its own slice (all ranks).
+
+    Returns ``{"round", "model", "mine"}`` where ``mine`` holds this rank's ``"sampler"`` position
+    (int64 ``[epoch, offset]``) and, if saved, its flat ``"momentum"``; ``numel`` is the model's
+    length, which the checkpoint's model must have. Everything travels as typed, validated
+    buffers (:mod:`hflmpi.messages`).
+    """
     if resume is None:
         return None
 
@@ -157,16 +169,21 @@ def _resume_state(comm: MPI.Comm, resume: Path | None) -> dict[str, Any] | None:
         return checkpoint
 
     checkpoint = agree(comm, f"loading a checkpoint for {resume}", load)
-    shared = None
-    if comm.Get_rank() == 0:
-        shared = {"round": checkpoint.round, "state": checkpoint.state, "model": checkpoint.model}
-    shared = comm.bcast(shared, root=0)
-    per_rank = None
-    if comm.Get_rank() == 0:
-        names = sorted(checkpoint.extra_arrays)
-        per_rank = [{n: checkpoint.extra_arrays[n][r] for n in names} for r in range(comm.Get_size())]
-    shared["mine"] = comm.scatter(per_rank, root=0)
-    return shared
+    root = comm.Get_rank() == 0
+    what = f"sending the checkpoint of {resume} from rank 0"
+    rnd = bcast_int(comm, checkpoint.round if root else None, low=0, what=what)
+    model = bcast_array(comm, checkpoint.model if root else None, max_elements=numel,
+                        dtypes=_FLOATS, shape=(numel,), what=what)
+    mine: dict[str, np.ndarray] = {}
+    for name, dtypes, shape in (("sampler", _INT64, (2,)), ("momentum", _FLOATS, (None,))):
+        row = scatter_array(comm, checkpoint.extra_arrays.get(name) if root else None,
+                            max_elements=numel, dtypes=dtypes, shape=shape, what=f"{what} ({name})")
+        if row is not None:
+            mine[name] = row
+    if "sampler" not in mine:
+        raise SetupError(f"{what}: the checkpoint holds no per-rank \"sampler\" positions; it was "
+                         "not written by hflmpi run")
+    return {"round": rnd, "model": model, "mine": mine}
 
 
 def train(
@@ -226,7 +243,7 @@ def train(
     sampler = BatchSampler(my_indices, config.optim.batch_size, seed=seed, client=rank)
 
     # ---- resume or start fresh; the run record is rank 0's ----
-    state = _resume_state(comm, Path(resume) if resume is not None else None)
+    state = _resume_state(comm, Path(resume) if resume is not None else None, params.flat.numel())
     start_round = 1
     if state is not None:
         params.flat.copy_(torch.from_numpy(np.asarray(state["model"])).to(dtype))
@@ -393,16 +410,18 @@ def _checkpoint(
 ) -> None:
     """Gather per-rank state to rank 0 and write an atomic checkpoint (all ranks)."""
     position = sampler.state_dict()
-    mine = {"sampler": np.array([position["epoch"], position["offset"]], dtype=np.int64)}
-    momentum = _flat_momentum(solver)
-    if momentum is not None:
-        mine["momentum"] = momentum
-    gathered = comm.gather(mine, root=0)
+    what = f"gathering the round-{rnd} checkpoint state"
+    positions = gather_array(comm, np.array([position["epoch"], position["offset"]], dtype=np.int64),
+                             max_elements=2, dtypes=_INT64, shape=(2,), what=what)
+    momentum = gather_array(comm, _flat_momentum(solver), max_elements=flat.numel(),
+                            dtypes=_FLOATS, shape=(None,), what=f"{what} (momentum)")
 
     def write() -> None:
-        if gathered is None:  # not rank 0
+        if positions is None:  # not rank 0
             return
-        extra = {name: np.stack([g[name] for g in gathered]) for name in mine}
+        extra = {"sampler": positions}
+        if momentum is not None:
+            extra["momentum"] = momentum
         save_checkpoint(
             path, round=rnd, model_flat=flat.detach().cpu(), extra_arrays=extra,
             state={"round": rnd, "config_sha256": config_digest(to_toml_string(config)),
@@ -436,7 +455,7 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
             args.resume = config.run.out
         limit_threads(comm)
         result = train(config, comm, resume=args.resume)
-    except (ConfigError, TopologyError, SetupError) as exc:
+    except (ConfigError, TopologyError, SetupError, MessageError) as exc:
         # Every rank raised the same error (config and setup checks are collective): say it once.
         if rank == 0:
             print(f"hflmpi: error: {exc}", file=sys.stderr, flush=True)
