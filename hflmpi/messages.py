@@ -89,46 +89,52 @@ class MessageError(RuntimeError):
 # Agreement
 
 
-def agree_valid(comm: MPI.Comm, problem: str | None, what: str) -> None:
-    """Raise :class:`MessageError` on every rank if ``problem`` is set on any rank (collective).
+def agree_valid(comm: MPI.Comm, problem: str | None, what: str, *, own: str | None = None) -> None:
+    """Raise :class:`MessageError` on every rank if any rank reports a problem (collective).
 
     Parameters
     ----------
     comm : MPI.Comm
         The ranks that exchanged the message.
     problem : str or None
-        What this rank found wrong (naming the sending rank), or ``None``.
+        What this rank found wrong in a message it received (naming the sender), or ``None``.
     what : str
         The exchange, e.g. ``"exchanging Diffie-Hellman public keys"``; starts the error text.
+    own : str or None
+        What is wrong with this rank's own message (it could not pack its value). The sender
+        knows best, so such a report is shown before the receivers' reports.
     """
-    flag = np.array([0 if problem is None else 1], dtype=np.int32)
+    report = own if own is not None else problem
+    flag = np.array([0 if report is None else 1], dtype=np.int32)
     comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
     if flag[0] == 0:
         return
-    reports = _exchange_reports(comm, problem)
-    found = [(rank, text) for rank, text in enumerate(reports) if text is not None]
+    reports = _exchange_reports(comm, report, 1 if own is not None else 0)
+    found = sorted((-priority, rank, text) for rank, (text, priority) in enumerate(reports)
+                   if text is not None)
     if not found:
         raise MessageError(f"{what}: a rank flagged a bad message without describing it; {_FIX}")
-    rank, text = found[0]
+    _, rank, text = found[0]
     more = f" and {len(found) - 1} more" if len(found) > 1 else ""
     raise MessageError(f"{what}: {text} (found by {_who(comm, rank)}{more}); {_FIX}")
 
 
-def _exchange_reports(comm: MPI.Comm, problem: str | None) -> list[str | None]:
-    """Allgather every rank's report (bounded, decoded leniently: reports are only shown)."""
+def _exchange_reports(comm: MPI.Comm, report: str | None, priority: int) -> list[tuple[str | None, int]]:
+    """Allgather every rank's ``(report, priority)`` (bounded, decoded leniently: only shown)."""
     size = comm.Get_size()
-    data = b"" if problem is None else problem.encode("utf-8")[:_REPORT_BYTES]
+    data = b"" if report is None else report.encode("utf-8")[:_REPORT_BYTES]
     mine = np.zeros(_REPORT_BYTES, dtype=np.uint8)
     mine[: len(data)] = np.frombuffer(data, dtype=np.uint8)
-    lengths = np.empty(size, dtype=np.int64)
+    heads = np.empty((size, 2), dtype=np.int64)
     rows = np.empty((size, _REPORT_BYTES), dtype=np.uint8)
-    comm.Allgather(np.array([-1 if problem is None else len(data)], dtype=np.int64), lengths)
+    comm.Allgather(np.array([-1 if report is None else len(data), priority], dtype=np.int64), heads)
     comm.Allgather(mine, rows)
-    reports: list[str | None] = []
+    reports: list[tuple[str | None, int]] = []
     for rank in range(size):
-        n = int(lengths[rank])
-        reports.append(None if n < 0 else rows[rank, : min(n, _REPORT_BYTES)].tobytes()
-                       .decode("utf-8", errors="replace"))
+        n, rank_priority = int(heads[rank, 0]), 1 if heads[rank, 1] == 1 else 0
+        text = None if n < 0 else rows[rank, : min(n, _REPORT_BYTES)].tobytes().decode(
+            "utf-8", errors="replace")
+        reports.append((text, rank_priority))
     return reports
 
 
@@ -170,13 +176,13 @@ def allgather_text(
         Indexed by rank.
     """
     size, me = comm.Get_size(), comm.Get_rank()
-    problem = None
+    own = problem = None
     data = b""
     if text is not None:
         data = text.encode("utf-8")
         if len(data) > max_bytes:
             if strict:
-                problem = (f"{_who(comm, me)} has a text of {len(data)} bytes ({text[:40]!r}...), "
+                own = (f"{_who(comm, me)} has a text of {len(data)} bytes ({text[:40]!r}...), "
                            f"more than the {max_bytes} allowed; shorten it")
                 data = b""
             else:
@@ -190,7 +196,7 @@ def allgather_text(
     comm.Allgather(mine, rows)
     texts: list[str | None] = []
     if strict and text is None:
-        problem = f"{_who(comm, me)} has no text to send"
+        own = f"{_who(comm, me)} has no text to send"
     shortest = 0 if strict else -1
     for rank in range(size):
         n = int(lengths[rank])
@@ -209,7 +215,7 @@ def allgather_text(
                 texts.append(None)
             continue
         texts.append(None if raw is None else raw.decode("utf-8", errors="replace"))
-    agree_valid(comm, problem, what)
+    agree_valid(comm, problem, what, own=own)
     return texts
 
 
@@ -222,23 +228,23 @@ def bcast_texts(
     Collective; non-root ranks pass ``None``. Bytes that are not UTF-8 are replaced.
     """
     me = comm.Get_rank()
-    problem = None
+    own = problem = None
     header = np.zeros(2, dtype=np.int64)
     blobs: list[bytes] = []
     if me == root:
         blobs = [t.encode("utf-8") for t in texts or ()]
         total = sum(len(b) for b in blobs)
         if len(blobs) > max_count or total > max_bytes:
-            problem = (f"{_who(comm, root)} has {len(blobs)} texts of {total} bytes, more than the "
+            own = (f"{_who(comm, root)} has {len(blobs)} texts of {total} bytes, more than the "
                        f"{max_count} texts / {max_bytes} bytes allowed")
             blobs = []
         header[:] = (len(blobs), sum(len(b) for b in blobs))
     comm.Bcast(header, root=root)
     count, total = int(header[0]), int(header[1])
-    if problem is None and not (0 <= count <= max_count and 0 <= total <= max_bytes):
+    if not (0 <= count <= max_count and 0 <= total <= max_bytes):
         problem = (f"{_who(comm, root)} announced {count} texts of {total} bytes, outside "
                    f"[0, {max_count}] texts and [0, {max_bytes}] bytes")
-    agree_valid(comm, problem, what)
+    agree_valid(comm, problem, what, own=own)
     lengths = np.array([len(b) for b in blobs], dtype=np.int64) if me == root \
         else np.empty(count, dtype=np.int64)
     payload = np.frombuffer(b"".join(blobs), dtype=np.uint8).copy() if me == root \
@@ -272,18 +278,18 @@ def bcast_int(
     high: int = _INT64[1], what: str,
 ) -> int:
     """Broadcast ``root``'s integer, which must lie in ``[low, high]`` (collective)."""
-    problem = None
-    buf = np.zeros(1, dtype=np.int64)
+    own = problem = None
+    buf = np.array([max(low, _INT64[0])], dtype=np.int64)
     if comm.Get_rank() == root:
         if value is None or not low <= value <= high or not _INT64[0] <= value <= _INT64[1]:
-            problem = f"{_who(comm, root)} has the value {value!r}, outside [{low}, {high}]"
+            own = f"{_who(comm, root)} has the value {value!r}, outside [{low}, {high}]"
         else:
             buf[0] = value
     comm.Bcast(buf, root=root)
     got = int(buf[0])
-    if problem is None and not low <= got <= high:
+    if not low <= got <= high:
         problem = f"{_who(comm, root)} sent {got}, outside [{low}, {high}]"
-    agree_valid(comm, problem, what)
+    agree_valid(comm, problem, what, own=own)
     return got
 
 
@@ -313,19 +319,19 @@ def allgather_int64(
     """
     width = len(low)
     mine = np.asarray(values, dtype=np.int64)
-    problem = None
+    own = problem = None
     if mine.shape != (width,):
-        problem = f"{_who(comm, comm.Get_rank())} has {mine.size} values, not {width}"
-        mine = np.zeros(width, dtype=np.int64)
+        own = f"{_who(comm, comm.Get_rank())} has {mine.size} values, not {width}"
+        mine = np.asarray(low, dtype=np.int64)
     rows = np.empty((comm.Get_size(), width), dtype=np.int64)
     comm.Allgather(mine, rows)
     lo, hi = np.asarray(low, dtype=np.int64), np.asarray(high, dtype=np.int64)
     bad = np.argwhere((rows < lo) | (rows > hi))
-    if problem is None and len(bad):
+    if len(bad):
         rank, column = (int(x) for x in bad[0])
         problem = (f"{_who(comm, rank)} sent {int(rows[rank, column])} as value {column}, outside "
                    f"[{low[column]}, {high[column]}]")
-    agree_valid(comm, problem, what)
+    agree_valid(comm, problem, what, own=own)
     return rows
 
 
@@ -337,10 +343,11 @@ def allgather_bigint(
     Collective. Every received value must lie in ``[low, high]`` (e.g. a Diffie-Hellman public key
     in ``[2, p - 2]`` with ``nbytes`` the byte length of ``p``).
     """
-    problem = None
+    own = problem = None
     if not 0 <= value < 256**nbytes:
-        problem = f"{_who(comm, comm.Get_rank())} has a value of {value.bit_length()} bits, more than {8 * nbytes}"
-        value = 0
+        own = (f"{_who(comm, comm.Get_rank())} has a value of {value.bit_length()} bits, more "
+               f"than {8 * nbytes}")
+        value = low if 0 <= low < 256**nbytes else 0
     mine = np.frombuffer(value.to_bytes(nbytes, "big"), dtype=np.uint8).copy()
     rows = np.empty((comm.Get_size(), nbytes), dtype=np.uint8)
     comm.Allgather(mine, rows)
@@ -348,7 +355,7 @@ def allgather_bigint(
     for rank, got in enumerate(values):
         if problem is None and not low <= got <= high:
             problem = f"{_who(comm, rank)} sent {_short(got)}, outside [{_short(low)}, {_short(high)}]"
-    agree_valid(comm, problem, what)
+    agree_valid(comm, problem, what, own=own)
     return values
 
 
@@ -374,6 +381,11 @@ def gather_float(
 
 # ---------------------------------------------------------------------------------------------
 # Arrays
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """Return ``array`` C-contiguous (a copy only if needed), keeping 0-d arrays 0-d."""
+    return np.require(np.asarray(array), requirements="C")
 
 
 def _header(array: np.ndarray | None) -> tuple[np.ndarray, str | None]:
@@ -433,23 +445,23 @@ def bcast_array(
     Collective. The dtype must be in :data:`DTYPES` (and in ``dtypes`` when given), the element
     count at most ``max_elements``, and the shape ``shape`` where given (``None`` entries are free).
     """
-    problem = None
+    own = problem = None
     data = None
     header = np.zeros(_HEADER, dtype=np.int64)
     if comm.Get_rank() == root:
         if array is None:
-            problem = f"{_who(comm, root)} has no array to broadcast"
+            own = f"{_who(comm, root)} has no array to broadcast"
         else:
-            data = np.ascontiguousarray(array)
-            header, problem = _header(data)
-            problem = None if problem is None else f"{_who(comm, root)}: {problem}"
+            data = _contiguous(array)
+            header, local = _header(data)
+            own = None if local is None else f"{_who(comm, root)}: {local}"
     comm.Bcast(header, root=root)
     dtype, dims, bad = _read_header(header, max_elements=max_elements, dtypes=dtypes, shape=shape)
-    if problem is None and bad is None and dtype is None:
+    if bad is None and dtype is None:
         bad = "no array"
-    if problem is None and bad is not None:
+    if bad is not None:
         problem = f"{_who(comm, root)} sent {bad}"
-    agree_valid(comm, problem, what)
+    agree_valid(comm, problem, what, own=own)
     assert dtype is not None
     if data is None:
         data = np.empty(dims, dtype=dtype)
@@ -466,22 +478,22 @@ def scatter_array(
     Collective; the other ranks' ``stacked`` is ignored. ``root`` passing ``None`` gives ``None``
     everywhere. ``max_elements``, ``dtypes`` and ``shape`` constrain one row.
     """
-    problem = None
+    own = problem = None
     data = None
     header = np.zeros(_HEADER, dtype=np.int64)
     if comm.Get_rank() == root and stacked is not None:
-        data = np.ascontiguousarray(stacked)
+        data = _contiguous(stacked)
         if data.ndim < 1 or data.shape[0] != comm.Get_size():
-            problem = (f"{_who(comm, root)} has an array of shape {data.shape} to scatter, whose "
-                       f"leading axis is not the {comm.Get_size()} ranks")
+            own = (f"{_who(comm, root)} has an array of shape {data.shape} to scatter, whose "
+                   f"leading axis is not the {comm.Get_size()} ranks")
         else:
             header, local = _header(data[0])
-            problem = None if local is None else f"{_who(comm, root)}: {local}"
+            own = None if local is None else f"{_who(comm, root)}: {local}"
     comm.Bcast(header, root=root)
     dtype, dims, bad = _read_header(header, max_elements=max_elements, dtypes=dtypes, shape=shape)
-    if problem is None and bad is not None:
+    if bad is not None:
         problem = f"{_who(comm, root)} sent {bad}"
-    agree_valid(comm, problem, what)
+    agree_valid(comm, problem, what, own=own)
     if dtype is None:
         return None
     row = np.empty(dims, dtype=dtype)
@@ -504,14 +516,15 @@ def gather_array(
         ``[size, *shape]`` on ``root``; ``None`` elsewhere (and everywhere when all sent ``None``).
     """
     me, size = comm.Get_rank(), comm.Get_size()
-    data = None if array is None else np.ascontiguousarray(array)
+    data = None if array is None else _contiguous(array)
     header, local = _header(data)
-    problem = None if local is None else f"{_who(comm, me)}: {local}"
+    own = None if local is None else f"{_who(comm, me)}: {local}"
+    problem = None
     headers = np.empty((size, _HEADER), dtype=np.int64) if me == root else None
     comm.Gather(header, headers, root=root)
     dtype: np.dtype | None = None
     dims: tuple[int, ...] = ()
-    if headers is not None and problem is None:
+    if headers is not None:
         dtype, dims, bad = _read_header(headers[root], max_elements=max_elements, dtypes=dtypes,
                                         shape=shape)
         if bad is not None:
@@ -520,7 +533,7 @@ def gather_array(
             if problem is None and not np.array_equal(headers[rank], headers[root]):
                 problem = (f"{_who(comm, rank)} sent {_describe(headers[rank])} but "
                            f"{_who(comm, root)} has {_describe(headers[root])}")
-    agree_valid(comm, problem, what)
+    agree_valid(comm, problem, what, own=own)
     if data is None:  # every rank sent None (agreed above)
         return None
     if headers is None:
