@@ -1,10 +1,10 @@
 """Typed messages between ranks: fixed-layout numpy buffers, validated on receipt.
 
-mpi4py's lower-case methods (``comm.bcast(obj)``, ``comm.allreduce(1.0)``, ...) pickle the object on
-the sending rank and unpickle it on the receiving one, and unpickling runs whatever code the sender
-chose: one faulty or compromised rank could execute code on every other. hflmpi therefore moves
-nothing between ranks but buffers of known dtype and size (the upper-case collectives), and this
-module is the one place where small control messages (texts, integers, weights, public keys,
+mpi4py's lower-case methods (``bcast``, ``gather``, ``allreduce``, ... of Python objects) pickle
+the object on the sending rank and unpickle it on the receiving one, and unpickling runs whatever
+code the sender chose: one faulty or compromised rank could execute code on every other. hflmpi
+therefore moves nothing between ranks but buffers of known dtype and size (the upper-case
+collectives), and this module is the one place where small control messages (texts, integers, weights, public keys,
 per-rank checkpoint state) are packed into such buffers and checked when they arrive.
 
 Every receiver validates lengths, dtypes, shapes and value ranges before using a message. A
@@ -420,7 +420,8 @@ def _read_header(
     dims = tuple(int(d) for d in header[2: 2 + ndim])
     if any(d < 0 for d in dims) or math.prod(dims) > max_elements:
         return None, (), f"an array of shape {dims}, more than {max_elements} elements or negative"
-    if shape is not None and (len(shape) != ndim or any(w is not None and w != d for w, d in zip(shape, dims))):
+    if shape is not None and (len(shape) != ndim
+                              or any(w is not None and w != d for w, d in zip(shape, dims))):
         expected = tuple("any" if w is None else w for w in shape)
         return None, (), f"an array of shape {dims}, expected {expected}"
     return dtype, dims, None
