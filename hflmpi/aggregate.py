@@ -45,11 +45,12 @@ from mpi4py import MPI
 
 from hflmpi.comm import LayerComms, cuda_aware_mpi
 from hflmpi.guard import NonFiniteUpdateError, handshake, handshake_key
+from hflmpi.messages import allgather_bigint, allreduce_float
 from hflmpi.privacy import clip_update, gaussian_noise, noise_std
 from hflmpi.quantize import auto_bucket_size
 from hflmpi.rng import torch_generator
 from hflmpi.robust import RULES, max_byzantine, robust_update
-from hflmpi.secure import DiffieHellmanSeeds, dh_keypair
+from hflmpi.secure import MODP_2048_P, DiffieHellmanSeeds, dh_keypair
 from hflmpi.transport import MpiBuffer
 from hflmpi.uplink import QuantizedUplink
 
@@ -287,7 +288,9 @@ class HierarchicalAggregator:
 
     def _pair_seeds(self, comm: MPI.Comm) -> DiffieHellmanSeeds:
         private, public = dh_keypair()
-        keys = comm.allgather(public)  # layer participants, once at set-up
+        keys = allgather_bigint(  # layer participants, once at set-up: fixed 256-byte integers
+            comm, public, nbytes=(MODP_2048_P.bit_length() + 7) // 8, low=2, high=MODP_2048_P - 2,
+            what="exchanging Diffie-Hellman public keys (RFC 3526 group 14) for secure aggregation")
         return DiffieHellmanSeeds(comm.Get_rank(), private, keys)
 
     def methods(self) -> list[str]:
@@ -353,7 +356,12 @@ class HierarchicalAggregator:
             self.flat.zero_()  # finite, and weight 0 keeps it out of every sum
         # all ranks of the subtree: learn W_node first (8 bytes), so the model is scaled by
         # w / W_node in one pass and the big collective needs no division afterwards.
-        total = self.comms.subtree(layer).allreduce(float(weight), op=MPI.SUM)
+        total = allreduce_float(self.comms.subtree(layer), weight, MPI.SUM)
+        if not math.isfinite(total):  # the same value on every rank, so every rank raises
+            raise ValueError(
+                f"layer-{layer} aggregation: the subtree's total weight is {total}; every weight "
+                "must be finite and >= 0 (a rank sent a non-finite weight)"
+            )
         if not total > 0:
             raise ValueError(
                 f"layer-{layer} aggregation over a subtree whose devices all have weight 0 "
@@ -414,11 +422,11 @@ class HierarchicalAggregator:
                 break
             start = time.perf_counter()
             comm = self.comms.layer(n)
-            node_weight = comm.allreduce(child_weight, op=MPI.SUM)  # layer-n participants
+            node_weight = allreduce_float(comm, child_weight, MPI.SUM)  # layer-n participants
             share = child_weight / node_weight if node_weight > 0 else 0.0
             private = self.privacy is not None and self.privacy.layer == n
             if private:
-                max_share = comm.allreduce(share, op=MPI.MAX)  # layer participants
+                max_share = allreduce_float(comm, share, MPI.MAX)  # layer participants
                 self._clip_and_noise(n, comm, share, max_share, step)
             if self.robust[n - 1] != "mean":
                 sent, trusted_weight = self._robust_layer(n, comm, child_weight)
@@ -468,7 +476,12 @@ class HierarchicalAggregator:
         """
         anchor = self._anchors[n]
         update = (self.flat - anchor).to(torch.float32).contiguous()
-        claims = comm.gather(child_weight, root=0)  # layer participants
+        # Typed float64 claims; Byzantine values (NaN, Inf, negative, huge) are not an error here:
+        # _trusted_weights clamps them, so one hostile child cannot stop the layer.
+        mine = np.array([child_weight], dtype=np.float64)
+        gathered = np.empty(comm.Get_size(), dtype=np.float64) if comm.Get_rank() == 0 else None
+        comm.Gather(mine, gathered, root=0)  # layer participants
+        claims = None if gathered is None else gathered.tolist()
         if comm.Get_rank() != 0:
             comm.Gather(update.cpu().numpy(), None, root=0)
             return update.numel() * 4, 0.0
@@ -575,8 +588,8 @@ def measure_divergences(comms: LayerComms, flat: torch.Tensor, weight: float) ->
     (Wang et al., AAAI 2022, Sec. 4). Costs two full-model allreduces; leaves ``flat`` unchanged.
     """
     group_comm, world_comm = comms.subtree(1), comms.subtree(comms.depth)
-    group_weight = group_comm.allreduce(float(weight), op=MPI.SUM)
-    total_weight = world_comm.allreduce(float(weight), op=MPI.SUM)
+    group_weight = allreduce_float(group_comm, weight, MPI.SUM)
+    total_weight = allreduce_float(world_comm, weight, MPI.SUM)
     if group_weight <= 0 or total_weight <= 0:
         return math.nan, math.nan
     host = flat.detach().to("cpu", torch.float64)

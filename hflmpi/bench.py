@@ -23,6 +23,7 @@ from mpi4py import MPI
 
 from hflmpi.aggregate import HierarchicalAggregator
 from hflmpi.comm import LayerComms
+from hflmpi.messages import allreduce_float, allreduce_int, bcast_int
 from hflmpi.topology import TreePlan, plan_fanouts
 
 __all__ = ["default_fanouts", "time_interleaved", "bench_aggregate", "main"]
@@ -50,7 +51,7 @@ def time_interleaved(
             comm.Barrier()
             start = time.perf_counter()
             run()
-            elapsed = comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+            elapsed = allreduce_float(comm, time.perf_counter() - start, MPI.MAX)
             if iteration >= warmup:
                 samples[name].append(elapsed)
     return {name: statistics.median(values) for name, values in samples.items()}
@@ -61,12 +62,12 @@ def _gloo_group(comm: MPI.Comm) -> bool:
 
     if dist.is_initialized():
         return True
-    port = None
+    chosen: int | None = None
     if comm.Get_rank() == 0:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-    port = comm.bcast(port, root=0)
+            chosen = int(probe.getsockname()[1])
+    port = bcast_int(comm, chosen, root=0, low=1, high=65535, what="sharing the gloo port")
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -135,7 +136,7 @@ def _bench_size(
     row = {"numel": float(numel), **time_interleaved(comm, candidates, repeats)}
     for width, agg in quantized.items():
         stats = agg.aggregate(plan.depth, 1.0, step=10**6)
-        row[f"q{width}_bytes"] = comm.allreduce(sum(stats.bytes_sent), op=MPI.SUM)
+        row[f"q{width}_bytes"] = allreduce_int(comm, sum(stats.bytes_sent), MPI.SUM)
         row[f"q{width}_method"] = float(stats.methods[0])
     # what a flat float32 reduction's uplinks carry: every rank but the root sends the model
     row["float_bytes"] = float((comm.Get_size() - 1) * numel * 4)

@@ -22,9 +22,12 @@ from typing import Sequence
 
 from mpi4py import MPI
 
+from hflmpi.messages import allgather_text, bcast_int
 from hflmpi.topology import TopologyError, TreePlan, plan_nodes
 
 __all__ = ["LayerComms", "node_local", "node_names", "plan_from_nodes", "cuda_aware_mpi"]
+
+_NODE_NAME_BYTES = 1024  # longest node name (UTF-8 bytes) a rank may report
 
 
 class LayerComms:
@@ -111,15 +114,23 @@ def node_names(comm: MPI.Comm) -> list[str]:
     Collective. Ranks that share memory (``MPI.COMM_TYPE_SHARED``) get the same name: the host
     name of the node's lowest rank, suffixed with that rank so two shared-memory domains on one
     host stay apart. ``HFLMPI_NODE_NAME`` overrides the detected name (for testing "nodes"
-    trees on a single machine).
+    trees on a single machine). Names travel as UTF-8 of at most 1024 bytes.
+
+    Raises
+    ------
+    hflmpi.messages.MessageError
+        On every rank, if a name is longer or not UTF-8.
     """
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
-        first_rank = local.bcast(comm.Get_rank(), root=0)
+        first_rank = bcast_int(local, comm.Get_rank() if local.Get_rank() == 0 else None, root=0,
+                               low=0, high=comm.Get_size() - 1, what="naming the node's first rank")
     finally:
         local.Free()
     name = os.environ.get("HFLMPI_NODE_NAME") or f"{MPI.Get_processor_name()}#{first_rank}"
-    return list(comm.allgather(name))
+    names = allgather_text(comm, name, max_bytes=_NODE_NAME_BYTES, strict=True,
+                           what="sharing the node names (HFLMPI_NODE_NAME or the processor name)")
+    return [str(n) for n in names]  # strict: every entry is a validated text
 
 
 def plan_from_nodes(comm: MPI.Comm, node_fanouts: Sequence[int] = ()) -> TreePlan:

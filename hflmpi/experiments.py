@@ -94,6 +94,7 @@ _SECTIONS = ("run", "topology", "schedule", "aggregation", "quantize", "data", "
 _FIGURE_KINDS = ("accuracy_vs_steps", "accuracy_vs_bytes", "accuracy_vs_time", "divergence",
                  "quant_vs_bits", "metric_vs_x")
 _CHECK_KINDS = ("order", "close", "finite", "at_least", "above_median")
+_ERROR_BYTES = 4096  # longest error text rank 0 shares with the others
 
 
 class ExperimentError(ValueError):
@@ -490,6 +491,7 @@ def run_experiment(
     stream : text stream, optional
         Rank 0's progress lines (default stdout).
     """
+    from hflmpi.messages import bcast_int, bcast_text
     from hflmpi.train import train
 
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -500,15 +502,17 @@ def run_experiment(
     variants = list(exp.variants)
     probe = variants[0].run_config(exp.seeds[0], "probe.h5", exp.eval_every_steps) if variants \
         else config_from_dict(_merge(exp.base, {"run": {"seed": exp.seeds[0]}}))
-    numel: Any = None
+    probe_numel, probe_error = 0, None
     if rank == 0:  # load the data and build the model once to learn its size
         try:
-            numel = _model_numel(probe)
+            probe_numel = _model_numel(probe)
         except (OSError, ValueError, RuntimeError, ImportError) as exc:
-            numel = f"{type(exc).__name__}: {exc}"
-    numel = comm.bcast(numel, root=0)  # all ranks
-    if isinstance(numel, str):
-        raise ExperimentError(f"loading the data / building the model failed on rank 0: {numel}")
+            probe_error = f"{type(exc).__name__}: {exc}"
+    probe_error = bcast_text(comm, probe_error, root=0, max_bytes=_ERROR_BYTES,
+                             what="sharing rank 0's model probe")  # all ranks
+    if probe_error is not None:
+        raise ExperimentError(f"loading the data / building the model failed on rank 0: {probe_error}")
+    numel = bcast_int(comm, probe_numel, root=0, low=1, what="sharing the model size")  # all ranks
     if exp.plan is not None:
         variants += _plan_variants(exp, numel)
     if only:
@@ -531,7 +535,7 @@ def run_experiment(
             skip = reuse and _complete(path, config.run.rounds)
             if not skip:
                 _remove(path, *checkpoint_paths(path))
-        skip = comm.bcast(skip, root=0)
+        skip = bool(bcast_int(comm, int(skip), root=0, low=0, high=1, what="sharing reuse"))
         t0 = time.perf_counter()
         if not skip:
             result = train(config, comm)
@@ -552,7 +556,8 @@ def run_experiment(
         else:
             print(f"[{exp.name}] {len(pairs)} runs in {time.perf_counter() - started:.0f} s; "
                   f"results in {out}", file=stream, flush=True)
-    error = comm.bcast(error, root=0)  # all ranks
+    error = bcast_text(comm, error, root=0, max_bytes=_ERROR_BYTES,
+                       what="sharing rank 0's result")  # all ranks
     if error is not None:
         raise ExperimentError(error)
     return out

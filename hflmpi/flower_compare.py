@@ -113,6 +113,7 @@ def run_hflmpi(comm: Any, job: Job) -> dict[str, Any]:
     """
     import numpy as np
 
+    from hflmpi.messages import bcast_array, bcast_text
     from hflmpi.store import read_metrics
     from hflmpi.train import train
 
@@ -120,20 +121,23 @@ def run_hflmpi(comm: Any, job: Job) -> dict[str, Any]:
         raise ValueError(f"the hflmpi side needs one rank per client: run under mpiexec -n "
                          f"{job.clients} (got {comm.Get_size()} ranks), or pass --clients "
                          f"{comm.Get_size()}")
-    workdir = comm.bcast(tempfile.mkdtemp(prefix="hflmpi-flower-") if comm.Get_rank() == 0 else None)
+    workdir = bcast_text(comm, tempfile.mkdtemp(prefix="hflmpi-flower-") if comm.Get_rank() == 0
+                         else None, max_bytes=4096, what="sharing rank 0's work directory")
+    assert workdir is not None
     try:
         path = os.path.join(workdir, "fedavg.h5")
         with open(os.devnull, "w") as quiet:
             result = train(job_config(job, path), comm, stream=quiet)  # all ranks
-        summary = None
+        wall = None
         if comm.Get_rank() == 0:
             wall = np.asarray(read_metrics(path)["wall_time"], dtype=np.float64)
-            rounds = np.diff(np.concatenate([[0.0], wall])).tolist()
-            timed = _inner(rounds, drop_last=True)
-            summary = {"framework": "hflmpi (MPI)", "round_seconds": rounds,
-                       "median_round_seconds": statistics.median(timed), "rounds_timed": len(timed),
-                       "test_accuracy": result.test_accuracy}
-        return comm.bcast(summary, root=0)
+        wall = bcast_array(comm, wall, root=0, max_elements=job.rounds, dtypes=(np.float64,),
+                           shape=(None,), what="sharing rank 0's round times")  # all ranks
+        rounds = np.diff(np.concatenate([[0.0], wall])).tolist()
+        timed = _inner(rounds, drop_last=True)
+        return {"framework": "hflmpi (MPI)", "round_seconds": rounds,
+                "median_round_seconds": statistics.median(timed), "rounds_timed": len(timed),
+                "test_accuracy": result.test_accuracy}  # identical on every rank
     finally:
         comm.Barrier()
         if comm.Get_rank() == 0:

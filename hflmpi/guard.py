@@ -22,6 +22,8 @@ from typing import Iterator
 import numpy as np
 from mpi4py import MPI
 
+from hflmpi.messages import allgather_int64
+
 __all__ = ["HandshakeError", "NonFiniteUpdateError", "handshake_key", "handshake", "Watchdog"]
 
 
@@ -42,7 +44,8 @@ def handshake_key(*parts: object) -> int:
 def handshake(comm: MPI.Comm, key: int, finite: bool, what: str) -> list[int]:
     """Check that all ranks of ``comm`` agree on ``key``; report ranks whose data is not finite.
 
-    Collective over ``comm`` (one 24-byte allreduce, plus an allgather only on failure).
+    Collective over ``comm`` (one 24-byte allreduce, plus a typed allgather of every rank's
+    ``[key, finite]`` only on failure).
 
     Parameters
     ----------
@@ -64,23 +67,26 @@ def handshake(comm: MPI.Comm, key: int, finite: bool, what: str) -> list[int]:
     ------
     HandshakeError
         On every rank, if the keys differ.
+    hflmpi.messages.MessageError
+        On every rank, if a rank's ``[key, finite]`` report is out of range.
     """
     probe = np.array([key, -key, 0 if finite else 1], dtype=np.int64)
     comm.Allreduce(MPI.IN_PLACE, probe, op=MPI.MAX)
     mismatch = probe[0] != -probe[1]
     if not mismatch and probe[2] == 0:
         return []
-    reports = comm.allgather((key, finite))
+    reports = allgather_int64(comm, [key, 1 if finite else 0], low=[0, 0], high=[2**63 - 1, 1],
+                              what=f"{what}: sharing the handshake")
     if mismatch:
         groups: dict[int, list[int]] = {}
-        for rank, (their_key, _) in enumerate(reports):
+        for rank, (their_key, _) in enumerate(reports.tolist()):
             groups.setdefault(their_key, []).append(rank)
         detail = "; ".join(f"ranks {ranks} have key {k:#x}" for k, ranks in groups.items())
         raise HandshakeError(
             f"{what}: ranks disagree on the model layout, step or layer ({detail}); every rank "
             "must run the same config and code version"
         )
-    return [rank for rank, (_, ok) in enumerate(reports) if not ok]
+    return [rank for rank, (_, ok) in enumerate(reports.tolist()) if not ok]
 
 
 class Watchdog:

@@ -62,6 +62,7 @@ _RUN_COLUMNS: dict[str, str] = {
     "bytes_per_round": "f8", "predicted_bytes_per_round": "f8", "samples_per_second": "f8",
     "cores": "i8", "time_unix": "f8", "host": "str",
 }
+_MAX_ROWS = 10_000  # most rows one measure() call shares between ranks
 _COLLECTIVE_COLUMNS: dict[str, str] = {
     "world": "i8", "op": "str", "nbytes": "f8", "seconds": "f8", "time_unix": "f8",
 }
@@ -151,11 +152,14 @@ def measure(
     Returns the rows (identical on every rank). ``job`` goes to :func:`job_config`.
     """
     from hflmpi.costmodel import bytes_per_round
+    from hflmpi.messages import bcast_text
     from hflmpi.store import read_metrics
     from hflmpi.train import train
 
     rank, world = comm.Get_rank(), comm.Get_size()
-    workdir = comm.bcast(tempfile.mkdtemp(prefix="hflmpi-scaling-") if rank == 0 else None, root=0)
+    workdir = bcast_text(comm, tempfile.mkdtemp(prefix="hflmpi-scaling-") if rank == 0 else None,
+                         root=0, max_bytes=4096, what="sharing rank 0's work directory")
+    assert workdir is not None
     rows: list[dict[str, Any]] = []
     samples = []
     try:
@@ -171,7 +175,7 @@ def measure(
                 if rank == 0:
                     rows.append(_row(world, depth, fanouts, mode, config, read_metrics(path),
                                      bytes_per_round))
-        rows = comm.bcast(rows, root=0)
+        rows = _bcast_rows(comm, rows, _RUN_COLUMNS)  # all ranks
         if rank == 0:
             append_table(out, "runs", _RUN_COLUMNS, rows)
             if samples:
@@ -184,6 +188,43 @@ def measure(
         if rank == 0:
             shutil.rmtree(workdir, ignore_errors=True)
     return rows
+
+
+def _bcast_rows(comm: Any, rows: list[dict[str, Any]], columns: dict[str, str]) -> list[dict[str, Any]]:
+    """Give every rank rank 0's ``rows`` as typed buffers, one per column kind (collective).
+
+    ``i8`` and ``f8`` columns travel as int64 / float64 arrays ``[rows, columns]``, ``str``
+    columns as UTF-8 texts; every rank (rank 0 too) returns the rows rebuilt from the buffers.
+    """
+    from hflmpi.messages import bcast_array, bcast_texts
+
+    root = comm.Get_rank() == 0
+    names = {kind: [n for n, k in columns.items() if k == kind] for kind in ("i8", "f8", "str")}
+    count = len(rows) if root else 0
+    tables: dict[str, Any] = {}
+    for kind, dtype in (("i8", np.int64), ("f8", np.float64)):
+        local = np.array([[row[n] for n in names[kind]] for row in rows], dtype=dtype).reshape(
+            count, len(names[kind])) if root else None
+        tables[kind] = bcast_array(comm, local, root=0, max_elements=_MAX_ROWS * len(names[kind]),
+                                   dtypes=(dtype,), shape=(None, len(names[kind])),
+                                   what=f"sharing rank 0's scaling rows ({kind} columns)")
+    count = tables["i8"].shape[0]
+    texts = bcast_texts(comm, [str(row[n]) for row in rows for n in names["str"]] if root else None,
+                        root=0, max_count=_MAX_ROWS * len(names["str"]), max_bytes=1 << 20,
+                        what="sharing rank 0's scaling rows (text columns)")
+    if tables["f8"].shape[0] != count or len(texts) != count * len(names["str"]):
+        from hflmpi.messages import MessageError
+
+        raise MessageError(f"sharing rank 0's scaling rows: rank 0 sent {count} integer rows, "
+                           f"{tables['f8'].shape[0]} float rows and {len(texts)} texts")
+    out = []
+    for i in range(count):
+        row: dict[str, Any] = {}
+        row.update(zip(names["i8"], (int(v) for v in tables["i8"][i])))
+        row.update(zip(names["f8"], (float(v) for v in tables["f8"][i])))
+        row.update(zip(names["str"], texts[i * len(names["str"]):(i + 1) * len(names["str"])]))
+        out.append({n: row[n] for n in columns})
+    return out
 
 
 def _row(world: int, depth: int, fanouts: list[int], mode: str, config: Any,

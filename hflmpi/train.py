@@ -41,6 +41,15 @@ from hflmpi.flat import flatten_parameters
 from hflmpi.guard import Watchdog
 from hflmpi.privacy import epsilon_for
 from hflmpi.local import BatchSampler, LocalSolver, evaluate, lr_at
+from hflmpi.messages import (
+    MessageError,
+    allgather_text,
+    bcast_array,
+    bcast_int,
+    bcast_text,
+    gather_array,
+    scatter_array,
+)
 from hflmpi.models import build_model
 from hflmpi.partition import make_partition, partition_stats
 from hflmpi.preempt import EXIT_PREEMPTED, PreemptionFlag
@@ -61,6 +70,10 @@ from hflmpi.topology import TopologyError, TreePlan, plan_fanouts, plan_groups
 __all__ = ["SetupError", "TrainResult", "limit_threads", "plan_for", "train", "main"]
 
 T = TypeVar("T")
+
+_ERROR_BYTES = 4096  # longest error text a rank shares in agree(); longer ones are cut
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_INT64 = (np.dtype(np.int64),)
 
 
 class SetupError(RuntimeError):
@@ -97,6 +110,7 @@ def agree(comm: MPI.Comm, what: str, action: Callable[[], T]) -> T:
     """Run ``action`` on every rank; if it fails anywhere, raise :class:`SetupError` everywhere.
 
     All ranks. Keeps a bad file or config on one rank from leaving the others in a collective.
+    The errors travel as bounded UTF-8 texts (:func:`hflmpi.messages.allgather_text`).
     """
     error: str | None = None
     result: Any = None
@@ -104,12 +118,18 @@ def agree(comm: MPI.Comm, what: str, action: Callable[[], T]) -> T:
         result = action()
     except (OSError, ValueError, RuntimeError, KeyError, ImportError, TypeError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    errors = comm.allgather(error)
+    errors = allgather_text(comm, error, max_bytes=_ERROR_BYTES, what=f"{what}: sharing the outcome")
     failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
     if failed:
         rank, text = failed[0]
         if len(failed) == comm.Get_size() and all(t == text for _, t in failed):
-            raise SetupError(text)  # the same error everywhere: the rank adds nothing
+            # The same error everywhere: the rank adds nothing, and a config or tree error
+            # stays one (the user fixes the config, not a file).
+            for kind in (ConfigError, TopologyError):
+                prefix = f"{kind.__name__}: "
+                if text.startswith(prefix):
+                    raise kind(text[len(prefix):])
+            raise SetupError(text)
         more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
         raise SetupError(f"{what} failed on rank {rank}{more}: {text}")
     return result
@@ -188,48 +208,69 @@ def _load_checked(
     return checkpoint, _ConfigUpdate(text, changes)
 
 
-def _resume_state(
+def _check_resume(
     comm: MPI.Comm, resume: Path | None, config: RunConfig, depth: int, allow_change: bool,
-) -> tuple[dict[str, Any] | None, _ConfigUpdate | None]:
-    """Rank 0 loads and checks the newest valid checkpoint; every rank gets its own slice.
+) -> tuple[Any, _ConfigUpdate | None]:
+    """Rank 0 loads and checks the newest valid checkpoint; the verdict reaches every rank.
 
     All ranks. A refusal (see :func:`_load_checked`) raises :class:`ConfigError` (a config that
     may not continue this run) or :class:`SetupError` (a file problem) on every rank, before
-    any data is loaded or any model code imported. Returns the shared state and, on rank 0, the
-    config update for the run file.
+    any data is loaded or any model code imported. Returns, on rank 0, the checkpoint and the
+    config update for the run file (``None`` elsewhere; :func:`_resume_state` sends each rank
+    its part once the model exists).
     """
     if resume is None:
         return None, None
     checkpoint: Any = None
     update: _ConfigUpdate | None = None
-    verdict: tuple[str, str] | None = None
+    kind, text = 0, ""
     if comm.Get_rank() == 0:
         try:
             checkpoint, update = _load_checked(resume, config, comm.Get_size(), depth,
                                                allow_change)
         except ConfigError as exc:
-            verdict = ("config", str(exc))
+            kind, text = 1, str(exc)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-            verdict = ("setup", f"loading a checkpoint for {resume} failed: "
-                                f"{type(exc).__name__}: {exc}")
-    verdict = comm.bcast(verdict, root=0)
-    if verdict is not None:
-        kind, text = verdict
-        raise ConfigError(text) if kind == "config" else SetupError(text)
-    shared = None
-    if comm.Get_rank() == 0:
-        shared = {"round": checkpoint.round, "state": checkpoint.state, "model": checkpoint.model}
-    shared = comm.bcast(shared, root=0)
-    per_rank = None
-    if comm.Get_rank() == 0:
-        names = sorted(checkpoint.extra_arrays)
-        per_rank = [{n: checkpoint.extra_arrays[n][r] for n in names} for r in range(comm.Get_size())]
-    shared["mine"] = comm.scatter(per_rank, root=0)
-    return shared, update
+            kind, text = 2, (f"loading a checkpoint for {resume} failed: "
+                             f"{type(exc).__name__}: {exc}")
+    what = f"checking the checkpoint of {resume} on rank 0"
+    kind = bcast_int(comm, kind, low=0, high=2, what=what)
+    if kind:
+        text = (bcast_text(comm, text, max_bytes=_ERROR_BYTES, what=what) or "")[:_ERROR_BYTES]
+        raise ConfigError(text) if kind == 1 else SetupError(text)
+    return checkpoint, update
 
 
-def _check_model_size(state: dict[str, Any], numel: int, config: RunConfig) -> None:
-    stored = int(np.asarray(state["model"]).size)
+def _resume_state(comm: MPI.Comm, checkpoint: Any, numel: int) -> dict[str, Any]:
+    """Send rank 0's checkpoint to every rank: its round, model and each rank's own slice.
+
+    All ranks. Returns ``{"round", "model", "mine"}`` where ``mine`` holds this rank's
+    ``"sampler"`` position (int64 ``[epoch, offset]``) and, if saved, its flat ``"momentum"``;
+    ``numel`` is the model's length, which the checkpoint's model must have. Everything travels
+    as typed, validated buffers (:mod:`hflmpi.messages`).
+    """
+    root = comm.Get_rank() == 0
+    what = "sending the checkpoint from rank 0"
+    rnd = bcast_int(comm, checkpoint.round if root else None, low=0, what=what)
+    model = bcast_array(comm, checkpoint.model if root else None, max_elements=numel,
+                        dtypes=_FLOATS, shape=(numel,), what=what)
+    mine: dict[str, np.ndarray] = {}
+    for name, dtypes, shape in (("sampler", _INT64, (2,)), ("momentum", _FLOATS, (None,))):
+        row = scatter_array(comm, checkpoint.extra_arrays.get(name) if root else None,
+                            max_elements=numel, dtypes=dtypes, shape=shape, what=f"{what} ({name})")
+        if row is not None:
+            mine[name] = row
+    if "sampler" not in mine:
+        raise SetupError(f"{what}: the checkpoint holds no per-rank \"sampler\" positions; it was "
+                         "not written by hflmpi run")
+    return {"round": rnd, "model": model, "mine": mine}
+
+
+def _check_model_size(checkpoint: Any, numel: int, config: RunConfig) -> None:
+    """On rank 0 (which holds the checkpoint): refuse a model whose size the checkpoint lacks."""
+    if checkpoint is None:  # not rank 0
+        return
+    stored = int(np.asarray(checkpoint.model).size)
     if stored != numel:
         raise ValueError(
             f"the checkpoint holds a model of {stored} parameters but model.name="
@@ -282,8 +323,8 @@ def train(
     device = agree(comm, "choosing the device", lambda: _device(config, comm))
     dtype = torch.float64 if config.run.dtype == "float64" else torch.float32
     # Resume checks first: a refused config must stop before any data or model code is loaded.
-    state, update = _resume_state(comm, Path(resume) if resume is not None else None, config,
-                                  plan.depth, allow_config_change)
+    checkpoint, update = _check_resume(comm, Path(resume) if resume is not None else None, config,
+                                       plan.depth, allow_config_change)
     train_set, test_set = agree(comm, "loading data", lambda: load_dataset(config.data, seed))
     parts = agree(comm, "partitioning the data", lambda: _partition(config, train_set, size))
     my_indices = parts[rank]
@@ -295,9 +336,11 @@ def train(
     model = agree(comm, "building the model", lambda: build_model(
         config.model, train_set.input_shape, train_set.num_classes, seed=seed))
     params = flatten_parameters(model, dtype=dtype, device=device)
-    if state is not None:
+    state: dict[str, Any] | None = None
+    if resume is not None:
         agree(comm, "checking the checkpoint against the model",
-              lambda: _check_model_size(state, params.numel, config))
+              lambda: _check_model_size(checkpoint, params.numel, config))
+        state = _resume_state(comm, checkpoint, params.numel)  # all ranks: typed buffers
     comms = LayerComms(comm, plan)
     bits = list(config.quantize.bits_for(plan.depth))
     agg_cfg, privacy = config.aggregation, config.privacy
@@ -543,17 +586,19 @@ def _checkpoint(
 ) -> None:
     """Gather per-rank state to rank 0 and write an atomic checkpoint (all ranks)."""
     position = sampler.state_dict()
-    mine = {"sampler": np.array([position["epoch"], position["offset"]], dtype=np.int64)}
-    momentum = _flat_momentum(solver)
-    if momentum is not None:
-        mine["momentum"] = momentum
-    gathered = comm.gather(mine, root=0)
+    what = f"gathering the round-{rnd} checkpoint state"
+    positions = gather_array(comm, np.array([position["epoch"], position["offset"]], dtype=np.int64),
+                             max_elements=2, dtypes=_INT64, shape=(2,), what=what)
+    momentum = gather_array(comm, _flat_momentum(solver), max_elements=flat.numel(),
+                            dtypes=_FLOATS, shape=(None,), what=f"{what} (momentum)")
     text = to_toml_string(config)
 
     def write() -> None:
-        if gathered is None:  # not rank 0
+        if positions is None:  # not rank 0
             return
-        extra = {name: np.stack([g[name] for g in gathered]) for name in mine}
+        extra = {"sampler": positions}
+        if momentum is not None:
+            extra["momentum"] = momentum
         save_checkpoint(
             path, round=rnd, model_flat=flat.detach().cpu(), extra_arrays=extra,
             state={"round": rnd, "config_sha256": config_digest(text), "config_toml": text,
@@ -592,7 +637,7 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
         limit_threads(comm)
         result = train(config, comm, resume=args.resume,
                        allow_config_change=args.allow_config_change)
-    except (ConfigError, TopologyError, SetupError) as exc:
+    except (ConfigError, TopologyError, SetupError, MessageError) as exc:
         # Every rank raised the same error (config and setup checks are collective): say it once.
         if rank == 0:
             print(f"hflmpi: error: {exc}", file=sys.stderr, flush=True)
