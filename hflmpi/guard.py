@@ -210,7 +210,7 @@ class Watchdog:
     ``timeout > 0`` it agrees on the MPI thread level (one tiny allreduce) and, when every rank
     runs ``MPI_THREAD_MULTIPLE`` (mpi4py's default), duplicates ``comm`` for the watchdog's own
     messages. A daemon thread then checks the deadline and answers "where are you?" probes
-    on that duplicate communicator a few times a second.
+    on that duplicate communicator twice a second.
 
     Every collective runs inside :meth:`guard` (lock plus clock, no communication). When a rank's
     phase outlives the timeout, its thread probes every other rank, waits up to ``grace``
@@ -330,7 +330,7 @@ class Watchdog:
             self._sending = [(request, buf) for request, buf in self._sending if not request.Test()]
 
     def _watch(self) -> None:
-        period = min(0.1 if self._status_comm is not None else 1.0, self.timeout / 4)
+        period = min(0.5, self.timeout / 4)  # answers a probe well within the 2 s minimum grace
         while not self._stop.wait(period):
             self._serve()
             with self._lock:
