@@ -420,8 +420,9 @@ class RunOptions(_Section):
         A device whose model holds NaN/Inf before an aggregation stops the job on every rank
         with its rank named (default), or is left out of that aggregation and logged.
     watchdog_seconds : float
-        Abort the job if one aggregation takes longer than this (naming rank, layer and round);
-        0 (default) disables the watchdog.
+        Abort the job if one collective (aggregation, divergence measurement, metrics,
+        preemption poll, checkpoint) waits longer than this, naming the collective and the rank
+        that did not arrive (see :class:`hflmpi.guard.Watchdog`); 0 (default) disables it.
     """
 
     section: ClassVar[str] = "run"

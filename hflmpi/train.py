@@ -361,97 +361,105 @@ def train(
         signature=params.signature_hash(), nonfinite=config.run.nonfinite,
     ))
     watchdog = Watchdog(comm, config.run.watchdog_seconds)
-    sampler = BatchSampler(my_indices, config.optim.batch_size, seed=seed, client=rank)
+    try:
+        sampler = BatchSampler(my_indices, config.optim.batch_size, seed=seed, client=rank)
 
-    # ---- resume or start fresh; the run record is rank 0's ----
-    start_round = 1
-    if state is not None:
-        params.flat.copy_(torch.from_numpy(np.asarray(state["model"])).to(dtype))
-        sampler.load_state_dict({k: int(v) for k, v in zip(("epoch", "offset"), state["mine"]["sampler"])})
-        start_round = int(state["round"]) + 1
-    aggregator.broadcast()  # all ranks: start from rank 0's model, bit for bit (sets anchors)
-    solver = LocalSolver(model, config.optim)
-    if state is not None and "momentum" in state["mine"]:
-        _load_momentum(solver, state["mine"]["momentum"])
-    record = agree(comm, "opening the run record", lambda: _open_record(
-        config, comm, plan, record_path, resume is not None, start_round - 1, parts, train_set,
-        update, allow_config_change))
-    progress = Progress(stream or sys.stdout, config.run.progress, total_rounds=rounds) if rank == 0 else None
-    steps = steps_per_round(tau)
-    started = time.perf_counter()
-    test_loss = test_accuracy = math.nan
-    preemption = PreemptionFlag()
-    last_round = start_round - 1
+        # ---- resume or start fresh; the run record is rank 0's ----
+        start_round = 1
+        if state is not None:
+            params.flat.copy_(torch.from_numpy(np.asarray(state["model"])).to(dtype))
+            sampler.load_state_dict({k: int(v) for k, v in zip(("epoch", "offset"), state["mine"]["sampler"])})
+            start_round = int(state["round"]) + 1
+        with watchdog.guard("the broadcast of rank 0's initial model"):
+            aggregator.broadcast()  # all ranks: start from rank 0's model, bit for bit (sets anchors)
+        solver = LocalSolver(model, config.optim)
+        if state is not None and "momentum" in state["mine"]:
+            _load_momentum(solver, state["mine"]["momentum"])
+        with watchdog.guard("opening the run record"):
+            record = agree(comm, "opening the run record", lambda: _open_record(
+                config, comm, plan, record_path, resume is not None, start_round - 1, parts, train_set,
+                update, allow_config_change))
+        progress = Progress(stream or sys.stdout, config.run.progress, total_rounds=rounds) if rank == 0 else None
+        steps = steps_per_round(tau)
+        started = time.perf_counter()
+        test_loss = test_accuracy = math.nan
+        preemption = PreemptionFlag()
+        last_round = start_round - 1
 
-    for rnd in range(start_round, rounds + 1):
-        round_start = time.perf_counter()
-        solver.lr = lr_at(rnd - 1, config.optim, rounds)
-        compute = np.zeros(plan.depth)
-        comm_seconds = np.zeros(plan.depth)
-        bytes_sent = np.zeros(plan.depth)
-        quant_error = np.full(plan.depth, np.nan)
-        methods = [0] * plan.depth
-        upward = downward = math.nan
-        evaluate_now = rnd == rounds or (config.run.eval_every > 0 and rnd % config.run.eval_every == 0)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        period_start = time.perf_counter()
-        for step, layer in round_events(tau):
-            batch = next(sampler)
-            loss_sum += solver.step(train_set.features[batch], train_set.labels[batch])
-            if layer == 0:
-                continue
-            compute[layer - 1] += time.perf_counter() - period_start
-            if layer == plan.depth and evaluate_now and config.run.divergence:
-                upward, downward = measure_divergences(comms, params.flat, weight)  # all ranks
-            with watchdog.guard(f"the layer-{layer} aggregation of round {rnd} (step {step})"):
-                stats = aggregator.aggregate(layer, weight, step=(rnd - 1) * steps + step,
-                                             measure_error=evaluate_now)  # subtree ranks
-            if stats.dropped and comms.subtree(layer).Get_rank() == 0:
-                print(f"hflmpi: round {rnd}, layer {layer}: dropped rank(s) {stats.dropped} "
-                      "(NaN/Inf model) from the aggregation", file=sys.stderr, flush=True)
-            solver.on_aggregation()
-            comm_seconds[:layer] += stats.seconds
-            bytes_sent[:layer] += stats.bytes_sent
-            for n, (err, method) in enumerate(zip(stats.quant_error, stats.methods)):
-                if not math.isnan(err):
-                    quant_error[n] = err if math.isnan(quant_error[n]) else max(quant_error[n], err)
-                methods[n] = method
+        for rnd in range(start_round, rounds + 1):
+            round_start = time.perf_counter()
+            solver.lr = lr_at(rnd - 1, config.optim, rounds)
+            compute = np.zeros(plan.depth)
+            comm_seconds = np.zeros(plan.depth)
+            bytes_sent = np.zeros(plan.depth)
+            quant_error = np.full(plan.depth, np.nan)
+            methods = [0] * plan.depth
+            upward = downward = math.nan
+            evaluate_now = rnd == rounds or (config.run.eval_every > 0 and rnd % config.run.eval_every == 0)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             period_start = time.perf_counter()
+            for step, layer in round_events(tau):
+                batch = next(sampler)
+                loss_sum += solver.step(train_set.features[batch], train_set.labels[batch])
+                if layer == 0:
+                    continue
+                compute[layer - 1] += time.perf_counter() - period_start
+                if layer == plan.depth and evaluate_now and config.run.divergence:
+                    with watchdog.guard(f"the divergence measurement of round {rnd}"):
+                        upward, downward = measure_divergences(comms, params.flat, weight)  # all ranks
+                with watchdog.guard(f"the layer-{layer} aggregation of round {rnd} (step {step})"):
+                    stats = aggregator.aggregate(layer, weight, step=(rnd - 1) * steps + step,
+                                                 measure_error=evaluate_now)  # subtree ranks
+                if stats.dropped and comms.subtree(layer).Get_rank() == 0:
+                    print(f"hflmpi: round {rnd}, layer {layer}: dropped rank(s) {stats.dropped} "
+                          "(NaN/Inf model) from the aggregation", file=sys.stderr, flush=True)
+                solver.on_aggregation()
+                comm_seconds[:layer] += stats.seconds
+                bytes_sent[:layer] += stats.bytes_sent
+                for n, (err, method) in enumerate(zip(stats.quant_error, stats.methods)):
+                    if not math.isnan(err):
+                        quant_error[n] = err if math.isnan(quant_error[n]) else max(quant_error[n], err)
+                    methods[n] = method
+                period_start = time.perf_counter()
 
-        if evaluate_now:
-            test_loss, test_accuracy = _evaluate_global(model, my_test, comm)  # all ranks
-        train_loss = _weighted_mean(comm, float(loss_sum) / steps, weight)  # all ranks
-        totals = _reduce(comm, bytes_sent, MPI.SUM)  # all ranks
-        worst = np.concatenate([compute, comm_seconds, np.nan_to_num(quant_error, nan=-1.0)])
-        slowest = _reduce(comm, worst, MPI.MAX)  # all ranks
-        if record is not None and progress is not None:  # rank 0
-            wall = time.perf_counter() - round_start
-            record.append_round(RoundMetrics(
-                round=rnd, wall_time=time.perf_counter() - started, train_loss=train_loss,
-                test_loss=test_loss if evaluate_now else math.nan,
-                test_accuracy=test_accuracy if evaluate_now else math.nan,
-                samples_per_second=size * steps * config.optim.batch_size / wall,
-                compute_seconds=list(slowest[: plan.depth]),
-                comm_seconds=list(slowest[plan.depth: 2 * plan.depth]),
-                bytes_sent=list(totals), method=methods,
-                quant_error=[math.nan if e < 0 else e for e in slowest[2 * plan.depth:]],
-                upward_divergence=upward, downward_divergence=downward,
-            ))
-            progress.update(rnd, loss=train_loss, accuracy=test_accuracy,
-                            samples_per_second=size * steps * config.optim.batch_size / wall)
-        last_round = rnd
-        stop = preemption.requested(comm)  # all ranks: did any rank get SIGUSR1/SIGTERM?
-        if stop or rnd == rounds or (config.run.checkpoint_every > 0 and rnd % config.run.checkpoint_every == 0):
-            _checkpoint(comm, record_path, rnd, params.flat, sampler, solver, config)  # all ranks
-        if stop:
-            if rank == 0:
-                print(f"hflmpi: {preemption.received.name if preemption.received else 'signal'} on "
-                      f"some rank: checkpointed round {rnd}, exiting for requeue", file=sys.stderr,
-                      flush=True)
-            break
-
+            evaluated = _evaluate_local(model, my_test) if evaluate_now else None
+            worst = np.concatenate([compute, comm_seconds, np.nan_to_num(quant_error, nan=-1.0)])
+            with watchdog.guard(f"the metrics reduction of round {rnd}"):
+                if evaluated is not None:
+                    test_loss, test_accuracy = _sum_evaluation(comm, evaluated)  # all ranks
+                train_loss = _weighted_mean(comm, float(loss_sum) / steps, weight)  # all ranks
+                totals = _reduce(comm, bytes_sent, MPI.SUM)  # all ranks
+                slowest = _reduce(comm, worst, MPI.MAX)  # all ranks
+            if record is not None and progress is not None:  # rank 0
+                wall = time.perf_counter() - round_start
+                record.append_round(RoundMetrics(
+                    round=rnd, wall_time=time.perf_counter() - started, train_loss=train_loss,
+                    test_loss=test_loss if evaluate_now else math.nan,
+                    test_accuracy=test_accuracy if evaluate_now else math.nan,
+                    samples_per_second=size * steps * config.optim.batch_size / wall,
+                    compute_seconds=list(slowest[: plan.depth]),
+                    comm_seconds=list(slowest[plan.depth: 2 * plan.depth]),
+                    bytes_sent=list(totals), method=methods,
+                    quant_error=[math.nan if e < 0 else e for e in slowest[2 * plan.depth:]],
+                    upward_divergence=upward, downward_divergence=downward,
+                ))
+                progress.update(rnd, loss=train_loss, accuracy=test_accuracy,
+                                samples_per_second=size * steps * config.optim.batch_size / wall)
+            last_round = rnd
+            with watchdog.guard(f"the preemption poll after round {rnd}"):
+                stop = preemption.requested(comm)  # all ranks: did any rank get SIGUSR1/SIGTERM?
+            if stop or rnd == rounds or (config.run.checkpoint_every > 0 and rnd % config.run.checkpoint_every == 0):
+                _checkpoint(comm, record_path, rnd, params.flat, sampler, solver, config,
+                            watchdog)  # all ranks
+            if stop:
+                if rank == 0:
+                    print(f"hflmpi: {preemption.received.name if preemption.received else 'signal'} on "
+                          f"some rank: checkpointed round {rnd}, exiting for requeue", file=sys.stderr,
+                          flush=True)
+                break
+    finally:
+        watchdog.close()  # all ranks; also when an error leaves the loop
     preemption.restore()
-    watchdog.close()
     if record is not None and progress is not None:  # rank 0
         progress.close()
         if privacy.layer:
@@ -542,11 +550,18 @@ def _open_record(
     return record
 
 
-def _evaluate_global(model: torch.nn.Module, my_test: TensorDataset, comm: MPI.Comm) -> tuple[float, float]:
-    """Evaluate the (identical) global model on this rank's slice of the test set; sum over ranks."""
+def _evaluate_local(model: torch.nn.Module, my_test: TensorDataset) -> np.ndarray:
+    """Evaluate the (identical) global model on this rank's slice of the test set (no MPI).
+
+    Returns the sums ``[loss * count, accuracy * count, count]`` that :func:`_sum_evaluation` adds.
+    """
     count = len(my_test)
     loss, accuracy = evaluate(model, my_test) if count else (0.0, 0.0)
-    totals = np.array([loss * count, accuracy * count, count], dtype=np.float64)
+    return np.array([loss * count, accuracy * count, count], dtype=np.float64)
+
+
+def _sum_evaluation(comm: MPI.Comm, totals: np.ndarray) -> tuple[float, float]:
+    """Add every rank's :func:`_evaluate_local` sums; return the global (loss, accuracy) (all ranks)."""
     comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
     return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
@@ -582,15 +597,16 @@ def _load_momentum(solver: LocalSolver, flat: np.ndarray) -> None:
 
 def _checkpoint(
     comm: MPI.Comm, path: Path, rnd: int, flat: torch.Tensor, sampler: BatchSampler,
-    solver: LocalSolver, config: RunConfig,
+    solver: LocalSolver, config: RunConfig, watchdog: Watchdog,
 ) -> None:
-    """Gather per-rank state to rank 0 and write an atomic checkpoint (all ranks)."""
+    """Gather per-rank state to rank 0 and write an atomic checkpoint (all ranks, both guarded)."""
     position = sampler.state_dict()
     what = f"gathering the round-{rnd} checkpoint state"
-    positions = gather_array(comm, np.array([position["epoch"], position["offset"]], dtype=np.int64),
-                             max_elements=2, dtypes=_INT64, shape=(2,), what=what)
-    momentum = gather_array(comm, _flat_momentum(solver), max_elements=flat.numel(),
-                            dtypes=_FLOATS, shape=(None,), what=f"{what} (momentum)")
+    with watchdog.guard(f"the round-{rnd} checkpoint (gathering every rank's state)"):
+        positions = gather_array(comm, np.array([position["epoch"], position["offset"]], dtype=np.int64),
+                                 max_elements=2, dtypes=_INT64, shape=(2,), what=what)
+        momentum = gather_array(comm, _flat_momentum(solver), max_elements=flat.numel(),
+                                dtypes=_FLOATS, shape=(None,), what=f"{what} (momentum)")
     text = to_toml_string(config)
 
     def write() -> None:
@@ -605,7 +621,8 @@ def _checkpoint(
                    "world_size": comm.Get_size(), "hflmpi_version": __version__},
         )
 
-    agree(comm, f"writing the round-{rnd} checkpoint", write)
+    with watchdog.guard(f"the round-{rnd} checkpoint (writing it and agreeing it was written)"):
+        agree(comm, f"writing the round-{rnd} checkpoint", write)
 
 
 def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int:

@@ -1,8 +1,9 @@
 """Injected faults end the job with a clear message (no hang) and lose no data.
 
-Each case runs real processes: a stalled collective under the watchdog, and a rank killed with
-SIGKILL in the middle of a run, after which ``--resume`` must reproduce the uninterrupted run's
-final model bit for bit.
+Each case runs real processes: a rank stopped (SIGSTOP) or busy while the others wait in a
+collective, which the watchdog must end naming that rank, in every collective of a round; and a
+rank killed with SIGKILL in the middle of a run, after which ``--resume`` must reproduce the
+uninterrupted run's final model bit for bit.
 """
 
 from __future__ import annotations
@@ -17,34 +18,175 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MPIEXEC, preemptible_run, wait_for_rounds
+from conftest import JOBS, MPIEXEC, preemptible_run, wait_for_rounds
 from hflmpi.checkpoint import load_checkpoint
 from hflmpi.store import read_metrics
 
 pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to this python")
 
 STALL = """
-import time
+import os, signal, sys, time
 from mpi4py import MPI
 from hflmpi.guard import Watchdog
 comm = MPI.COMM_WORLD
 dog = Watchdog(comm, 1.0)
+with dog.guard("the warm-up barrier"):
+    comm.Barrier()
+if comm.Get_rank() == 1:  # a stuck rank: the others wait for it in the next collective
+    if sys.argv[1] == "stopped":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    else:
+        time.sleep(120)
 with dog.guard("the layer-2 aggregation of round 7"):
-    if comm.Get_rank() == 1:
-        time.sleep(60)      # a stuck rank: the others wait for it in the barrier
     comm.Barrier()
 """
 
 
-def test_watchdog_aborts_a_stalled_collective_naming_rank_layer_round(tmp_path):
+def _kill_ranks(pids: list[int], marker: str) -> None:
+    """SIGCONT then SIGKILL the rank processes whose command line still mentions ``marker``."""
+    for pid in pids:
+        try:
+            if marker not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                continue  # gone (the pid may be someone else's now)
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def _watchdog_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("hflmpi: watchdog:")]
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("stopped", "no answer within 2 s: stopped, dead, or stuck holding the GIL"),
+    ("busy", "busy outside any collective since the warm-up barrier ended"),
+])
+def test_watchdog_names_the_rank_that_did_not_arrive(tmp_path, how, reason):
     script = tmp_path / "stall.py"
     script.write_text(STALL)
-    start = time.monotonic()
-    proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(script)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.Popen([str(MPIEXEC), "-n", "3", sys.executable, str(script), how],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the watchdog did not end the job with rank 1 {how}")
+    finally:
+        _kill_ranks(_rank_pids(str(script), "stall.py"), str(script))
+    lines = _watchdog_lines(stderr)
     assert proc.returncode != 0
-    assert time.monotonic() - start < 45, "the watchdog should end the job within seconds"
-    assert "stalled for more than 1 s in the layer-2 aggregation of round 7" in proc.stderr
+    assert lines, stderr
+    for line in lines:  # every rank that timed out (0 and 2) tells the same story
+        assert "the layer-2 aggregation of round 7 stalled for more than 1 s on rank " in line, line
+        assert f"rank 1 did not arrive ({reason}" in line, line
+
+
+def test_watchdog_below_thread_multiple_still_aborts(tmp_path):
+    script = tmp_path / "stall.py"
+    script.write_text(STALL)
+    env = dict(os.environ, MPI4PY_RC_THREAD_LEVEL="serialized")
+    proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(script), "busy"],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode != 0
+    assert ("the layer-2 aggregation of round 7 stalled for more than 1 s on rank 0; cannot tell "
+            "which rank is missing (MPI runs below MPI_THREAD_MULTIPLE)") in proc.stderr
+
+
+# `hflmpi run` with one rank SIGSTOPping itself on entry to the nth call of a function: the other
+# ranks wait in the collective that follows, and the watchdog must name the stopped rank.
+STOP_ON_ENTRY = """
+import os, signal, sys
+from pathlib import Path
+from mpi4py import MPI
+rank = MPI.COMM_WORLD.Get_rank()
+Path(sys.argv[1], f"rank{rank}.pid").write_text(str(os.getpid()))
+import hflmpi.train
+from hflmpi.aggregate import HierarchicalAggregator
+from hflmpi.preempt import PreemptionFlag
+victim, target, nth = int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+owner = {"aggregate": HierarchicalAggregator, "requested": PreemptionFlag,
+         "measure_divergences": hflmpi.train, "_checkpoint": hflmpi.train}[target]
+original = getattr(owner, target)
+calls = [0]
+def stop_on_entry(*args, **kwargs):
+    calls[0] += 1
+    if rank == victim and calls[0] == nth:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return original(*args, **kwargs)
+setattr(owner, target, stop_on_entry)
+sys.exit(hflmpi.train.main(sys.argv[5:]))
+"""
+
+TAU, EVAL_EVERY, CHECKPOINT_EVERY, WATCHDOG = 3, 2, 3, 6.0
+
+
+def _stop_points() -> list[tuple[int, str, int, str]]:
+    """(victim rank, function, nth call, the phase the others wait in) from the run's schedule.
+
+    One global round is one layer-1 aggregation after TAU steps; the divergences are measured
+    before it in every EVAL_EVERY-th round; the preemption poll follows every round; checkpoints
+    are written every CHECKPOINT_EVERY rounds.
+    """
+    return [
+        (1, "aggregate", 2, f"the layer-1 aggregation of round 2 (step {TAU})"),
+        (2, "measure_divergences", 1, f"the divergence measurement of round {EVAL_EVERY}"),
+        (3, "_checkpoint", 1, f"the round-{CHECKPOINT_EVERY} checkpoint"),
+        (2, "requested", 2, "the preemption poll after round 2"),
+    ]
+
+
+def _is_stopped(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+@pytest.mark.parametrize("victim, target, nth, phase", _stop_points())
+def test_watchdog_names_the_stopped_rank_in_every_collective(tmp_path, victim, target, nth, phase):
+    script, piddir = tmp_path / "stop_on_entry.py", tmp_path / "pids"
+    script.write_text(STOP_ON_ENTRY)
+    piddir.mkdir()
+    command = [
+        str(MPIEXEC), "-n", "4", sys.executable, "-m", "mpi4py", str(script),
+        str(piddir), str(victim), target, str(nth), str(JOBS / "preemptible.toml"),
+        "--set", f'run.out="{tmp_path / "run.h5"}"', "--set", "run.rounds=6",
+        "--set", "topology.fanouts=[4]", "--set", f"schedule.tau=[{TAU}]",
+        "--set", "quantize.bits=[8]", "--set", 'run.progress="off"',
+        "--set", f"run.eval_every={EVAL_EVERY}", "--set", "run.divergence=true",
+        "--set", f"run.checkpoint_every={CHECKPOINT_EVERY}",
+        "--set", f"run.watchdog_seconds={WATCHDOG}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    pidfile = piddir / f"rank{victim}.pid"
+    try:
+        deadline = time.monotonic() + 300  # start-up of 4 ranks on a busy machine
+        while not (pidfile.exists() and pidfile.read_text() and _is_stopped(int(pidfile.read_text()))):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"rank {victim} never stopped at call {nth} of {target}; exit code "
+                            f"{proc.poll()}: {proc.communicate(timeout=60)[1] if proc.poll() else ''}")
+            time.sleep(0.2)
+        # the timeout, the grace period for answers, and generous slack for a busy machine
+        _, stderr = proc.communicate(timeout=WATCHDOG + WATCHDOG + 90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the job hung with rank {victim} stopped at call {nth} of {target}")
+    finally:
+        pids = [int(f.read_text()) for f in piddir.glob("rank*.pid") if f.read_text()]
+        _kill_ranks(pids, str(script))
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = _watchdog_lines(stderr)
+    assert proc.returncode != 0
+    assert lines, stderr
+    for line in lines:
+        assert phase in line, line
+        assert f"rank {victim} did not arrive (no answer" in line, line
 
 
 def _run_args(out: Path, rounds: int, *extra: str) -> list[str]:
@@ -52,8 +194,8 @@ def _run_args(out: Path, rounds: int, *extra: str) -> list[str]:
                            "--set", "run.checkpoint_every=1", *extra)
 
 
-def _rank_pids(marker: str) -> list[int]:
-    """Return the PIDs of python ranks whose command line mentions ``marker``."""
+def _rank_pids(marker: str, program: str = "hflmpi") -> list[int]:
+    """Return the PIDs of python ranks whose command line mentions ``marker`` and ``program``."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -63,7 +205,7 @@ def _rank_pids(marker: str) -> list[int]:
         except OSError:
             continue
         text = b" ".join(cmdline).decode(errors="replace")
-        if marker in text and "hflmpi" in text and "mpiexec" not in cmdline[0].decode(errors="replace") \
+        if marker in text and program in text and "mpiexec" not in cmdline[0].decode(errors="replace") \
                 and "hydra" not in text:
             pids.append(int(entry.name))
     return pids

@@ -1,5 +1,8 @@
 """MPI tests of the guards and the hostile-client defences in the aggregation layer.
 
+The watchdog's survey of where the ranks are is checked in-process here (the aborts it leads to
+are in test_faults.py).
+
 References are independent: numpy medians and means of the models every rank regenerates from
 its seed, the plain quantized aggregation for secure masking (masks must cancel bit for bit), and
 a chi-square test for the uniformity of what a masked client sends.
@@ -18,7 +21,9 @@ from mpi4py import MPI  # noqa: E402
 
 from hflmpi.aggregate import HierarchicalAggregator, PrivacyOptions  # noqa: E402
 from hflmpi.comm import LayerComms  # noqa: E402
-from hflmpi.guard import HandshakeError, NonFiniteUpdateError  # noqa: E402
+from hflmpi.guard import (  # noqa: E402
+    HandshakeError, NonFiniteUpdateError, RankStatus, Watchdog, stall_report,
+)
 from hflmpi.rng import torch_generator  # noqa: E402
 from hflmpi.topology import plan_fanouts, plan_groups  # noqa: E402
 
@@ -321,3 +326,73 @@ def test_invalid_layer_options_serial():
             HierarchicalAggregator(comms, flat, robust=["mode"])
         with pytest.raises(ValueError, match="nonfinite"):
             HierarchicalAggregator(comms, flat, nonfinite="ignore")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_watchdog_survey_names_the_rank_outside_the_collective():
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    last = size - 1
+    dog = Watchdog(comm, 600.0)
+    inner = comm.Split(0 if rank != last else MPI.UNDEFINED, rank)
+    message = ""
+    try:
+        with dog.guard("the warm-up barrier"):
+            comm.Barrier()
+        if rank != last:
+            with dog.guard("the test barrier"):
+                inner.Barrier()  # every rank but the last is inside "the test barrier" now
+                if rank == 0:
+                    message = dog.report()
+                comm.Barrier()
+        else:
+            comm.Barrier()  # unguarded: to the others it looks like a rank still computing
+    finally:
+        dog.close()
+        if inner != MPI.COMM_NULL:
+            inner.Free()
+    if rank == 0:
+        expected = [
+            "hflmpi: watchdog: the test barrier stalled for more than 600 s on rank 0; ",
+            f"rank {last} did not arrive (busy outside any collective since the warm-up barrier ended",
+        ]
+        if size > 2:
+            expected.append(f"{'rank 1' if size == 3 else f'ranks 1-{last - 1}'} waiting in it too")
+        ok = all(part in message for part in expected)
+    else:
+        ok = True
+    parallel_assert(comm, ok, f"report: {message!r}")
+
+
+def test_rank_status_crosses_the_wire_as_fixed_bytes_serial():
+    long_name = "the layer-2 aggregation of round 12 (step 40) " * 10
+    status = RankStatus(sequence=41, inside=True, seconds=2.5, phase=long_name)
+    buf = status.encode()
+    assert buf.dtype == np.uint8 and buf.shape == (256,)
+    back = RankStatus.decode(buf)
+    assert (back.sequence, back.inside, back.seconds) == (41, True, 2.5)
+    assert long_name.startswith(back.phase) and len(back.phase.encode()) == 256 - 32
+
+
+def test_stall_report_names_silent_ranks_first_serial():
+    here = RankStatus(7, True, 6.0, "the preemption poll after round 2")
+    answers = {
+        1: here,
+        2: RankStatus(6, False, 9.0, "the metrics reduction of round 2"),  # busy, but answers
+        4: RankStatus(8, True, 1.0, "the round-2 checkpoint"),  # past it
+        5: RankStatus(7, False, 0.5, "the preemption poll after round 2"),  # left it already
+    }
+    text = stall_report(0, 6, "the preemption poll after round 2", 7, 5.0, 4.0, answers)
+    assert text == (
+        "hflmpi: watchdog: the preemption poll after round 2 stalled for more than 5 s on rank 0; "
+        "rank 3 did not arrive (no answer within 4 s: stopped, dead, or stuck holding the GIL) "
+        "(the others: rank 1 waiting in it too; rank 2 busy outside any collective since the "
+        "metrics reduction of round 2 ended 9 s ago; ranks 4-5 past it)"
+    )
+    answers[3] = RankStatus(5, True, 12.0, "the divergence measurement of round 2")
+    text = stall_report(0, 6, "the preemption poll after round 2", 7, 5.0, 4.0, answers)
+    assert "; rank 2 did not arrive (busy outside any collective since the metrics reduction of " \
+           "round 2 ended 9 s ago); rank 3 did not arrive (still in the divergence measurement " \
+           "of round 2) (the others: rank 1 waiting in it too; ranks 4-5 past it)" in text
+    everyone = {r: here for r in range(1, 4)}
+    assert "none is missing: the collective itself hangs" in stall_report(0, 4, "x", 7, 5, 4, everyone)
