@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 from conftest import MPIEXEC, preemptible_run, wait_for_rounds
-from hflmpi.checkpoint import load_checkpoint
-from hflmpi.store import read_metrics
+from hflmpi.record.checkpoint import load_checkpoint
+from hflmpi.record.store import read_metrics
 
 pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to this python")
 
 STALL = """
 import time
 from mpi4py import MPI
-from hflmpi.guard import Watchdog
+from hflmpi.mpi.guard import Watchdog
 comm = MPI.COMM_WORLD
 dog = Watchdog(comm, 1.0)
 with dog.guard("the layer-2 aggregation of round 7"):

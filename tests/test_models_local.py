@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from hflmpi.config import ModelConfig, OptimConfig
-from hflmpi.data import TensorDataset, load_digits
-from hflmpi.local import BatchSampler, LocalSolver, evaluate, lr_at
-from hflmpi.models import build_model
+from hflmpi.learn.data import TensorDataset, load_digits
+from hflmpi.learn.local import BatchSampler, LocalSolver, evaluate, lr_at
+from hflmpi.learn.models import build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -16,10 +16,10 @@ from conftest import parallel_assert
 mpi4py = pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
-from hflmpi.aggregate import HierarchicalAggregator, PrivacyOptions  # noqa: E402
-from hflmpi.comm import LayerComms  # noqa: E402
-from hflmpi.guard import HandshakeError, NonFiniteUpdateError  # noqa: E402
-from hflmpi.topology import plan_fanouts  # noqa: E402
+from hflmpi.mpi.aggregate import HierarchicalAggregator, PrivacyOptions  # noqa: E402
+from hflmpi.mpi.comm import LayerComms  # noqa: E402
+from hflmpi.mpi.guard import HandshakeError, NonFiniteUpdateError  # noqa: E402
+from hflmpi.core.topology import plan_fanouts  # noqa: E402
 
 NUMEL = 4096
 

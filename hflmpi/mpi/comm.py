@@ -1,4 +1,4 @@
-"""Map a :class:`~hflmpi.topology.TreePlan` onto MPI communicators, one group per layer.
+"""Map a :class:`~hflmpi.core.topology.TreePlan` onto MPI communicators, one group per layer.
 
 For every layer n = 1..N two communicators are made with ``Comm.Split`` (``key = rank``, so the
 lowest rank, the node's leader, is rank 0 in each):
@@ -8,9 +8,9 @@ lowest rank, the node's leader, is rank 0 in each):
   where the uplink of layer n is reduced (or gathered) to the layer-n leader.
 * the *subtree* communicator joins every device under one layer-n node. Full-precision
   aggregation of layers 1..n collapses into one weighted allreduce over it (see
-  :mod:`hflmpi.aggregate`).
+  :mod:`hflmpi.mpi.aggregate`).
 
-This module and :mod:`hflmpi.aggregate` are the only places that talk MPI; the communicator is
+This module and :mod:`hflmpi.mpi.aggregate` are the only places that talk MPI; the communicator is
 always passed in explicitly.
 """
 
@@ -22,7 +22,7 @@ from typing import Sequence
 
 from mpi4py import MPI
 
-from hflmpi.topology import TopologyError, TreePlan, plan_nodes
+from hflmpi.core.topology import TopologyError, TreePlan, plan_nodes
 
 __all__ = ["LayerComms", "node_local", "node_names", "plan_from_nodes", "cuda_aware_mpi"]
 

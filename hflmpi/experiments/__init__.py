@@ -4,7 +4,7 @@ An *experiment* is one TOML file under ``experiments/``: a base run config, a li
 (each overrides config sections), seeds, a fixed number of SGD steps per device, a stated
 alpha-beta time model, the figures to draw and the papers' claims as machine-checked
 ``[[check]]`` entries. ``run`` trains every (variant, seed) pair in ONE MPI job, one
-:func:`hflmpi.train.train` call after the other over the same communicator, each into its own run
+:func:`hflmpi.federation.train` call after the other over the same communicator, each into its own run
 file, and rank 0 collects the curves into one results HDF5. ``plot`` (serial) draws PNGs and
 writes a markdown table plus the verdict of every check::
 
@@ -24,10 +24,10 @@ tau sweeps of QMLHFL (arXiv 2505.08145, Sec. VI).
 Modelled wall time (stated, not measured; this machine's timings are noise): one local step
 costs ``t_cp``; one layer-n aggregation costs ``alpha_n + 4 numel r(b_n) / bandwidth_n`` (the
 uplink of one child's float32 model difference scaled by ``r(b) = b/32 + 1/B``,
-:func:`hflmpi.plan.bytes_ratio`; children upload in parallel, the downlink is not charged), with
+:func:`hflmpi.core.tau_search.bytes_ratio`; children upload in parallel, the downlink is not charged), with
 ``(alpha, bandwidth)`` of ``[timing] edge`` for layers ``1..N-1`` and of ``[timing] root`` for
 the root layer N. A round then takes ``T(tau) = t_cp prod(tau) + sum_n t_cm,n prod_{m>n} tau_m``
-(:func:`hflmpi.plan.round_time`), the same model ``hflmpi plan`` optimises.
+(:func:`hflmpi.core.tau_search.round_time`), the same model ``hflmpi plan`` optimises.
 
 Results file layout::
 
@@ -56,9 +56,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from hflmpi import __version__
-from hflmpi.checkpoint import checkpoint_paths
+from hflmpi.record.checkpoint import checkpoint_paths
 from hflmpi.config import ConfigError, RunConfig, apply_overrides, config_from_dict
-from hflmpi.topology import TopologyError, TreePlan, plan_fanouts, plan_groups
+from hflmpi.core.topology import TopologyError, TreePlan, plan_fanouts, plan_groups
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -116,7 +116,7 @@ class Timing:
 
     def layer_costs(self, depth: int, numel: int, bits: Sequence[int], bucket: int = 0) -> list[float]:
         """Return ``t_cm,n`` (seconds of one layer-n aggregation) for ``n = 1..depth``."""
-        from hflmpi.plan import bytes_ratio
+        from hflmpi.core.tau_search import bytes_ratio
 
         costs = []
         for n in range(1, depth + 1):
@@ -127,7 +127,7 @@ class Timing:
 
     def round_time(self, tau: Sequence[int], numel: int, bits: Sequence[int], bucket: int = 0) -> float:
         """Return the modelled seconds of one global round, ``T(tau)``."""
-        from hflmpi.plan import round_time
+        from hflmpi.core.tau_search import round_time
 
         return round_time(list(tau), self.t_cp, self.layer_costs(len(tau), numel, bits, bucket))
 
@@ -371,8 +371,8 @@ def _describe_tree(config: RunConfig) -> str:
 
 
 def _model_numel(config: RunConfig) -> int:
-    from hflmpi.data import load_dataset
-    from hflmpi.models import build_model
+    from hflmpi.learn.data import load_dataset
+    from hflmpi.learn.models import build_model
 
     train_set, _ = load_dataset(config.data, config.run.seed)
     model = build_model(config.model, train_set.input_shape, train_set.num_classes,
@@ -385,7 +385,7 @@ def _plan_variants(exp: Experiment, numel: int) -> list[Variant]:
 
     Every variant trains for the whole rounds that fit in the same modelled deadline.
     """
-    from hflmpi.plan import BoundConstants, search
+    from hflmpi.core.tau_search import BoundConstants, search
 
     spec = dict(exp.plan or {})
     base = config_from_dict(exp.base)
@@ -437,7 +437,7 @@ def _run_file(out: Path, variant: str, seed: int) -> Path:
 
 
 def _complete(path: Path, rounds: int) -> bool:
-    from hflmpi.store import read_metrics
+    from hflmpi.record.store import read_metrics
 
     try:
         return path.exists() and len(read_metrics(path)["round"]) >= rounds
@@ -490,7 +490,7 @@ def run_experiment(
     stream : text stream, optional
         Rank 0's progress lines (default stdout).
     """
-    from hflmpi.train import train
+    from hflmpi.federation import train
 
     rank, size = comm.Get_rank(), comm.Get_size()
     exp = spec if isinstance(spec, Experiment) else load_experiment(
@@ -562,7 +562,7 @@ def _write_results(exp: Experiment, variants: Sequence[Variant], out: Path, nume
                    world_size: int) -> None:
     import h5py
 
-    from hflmpi.store import read_config_toml, read_metrics
+    from hflmpi.record.store import read_config_toml, read_metrics
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.h5")
@@ -934,11 +934,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from mpi4py import MPI
 
-    from hflmpi.train import SetupError
+    from hflmpi.federation import SetupError
 
     comm = MPI.COMM_WORLD
     try:
-        from hflmpi.train import limit_threads
+        from hflmpi.federation import limit_threads
 
         limit_threads(comm)
         run_experiment(args.spec, args.out, comm, small=args.small, reuse=args.reuse,

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hflmpi.aggregate import HierarchicalAggregator
-from hflmpi.comm import LayerComms
-from hflmpi.topology import TreePlan, plan_fanouts
+from hflmpi.mpi.aggregate import HierarchicalAggregator
+from hflmpi.mpi.comm import LayerComms
+from hflmpi.core.topology import TreePlan, plan_fanouts
 
 __all__ = ["default_fanouts", "time_interleaved", "bench_aggregate", "main"]
 
@@ -198,12 +198,12 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
                    help="strong/weak scaling rows to HDF5; 'scaling plot' adds cost-model predictions")
     sub.add_parser("flower", add_help=False, help="FedAvg round time: hflmpi vs Flower's simulation")
     raw = list(sys.argv[1:] if argv is None else argv)
-    if raw and raw[0] in ("scaling", "flower"):  # their own parsers (hflmpi.scaling, flower_compare)
+    if raw and raw[0] in ("scaling", "flower"):  # their own parsers (hflmpi.bench.scaling, flower_compare)
         if raw[0] == "scaling":
-            from hflmpi.scaling import main as scaling_main
+            from hflmpi.bench.scaling import main as scaling_main
 
             return scaling_main(raw[1:], comm)
-        from hflmpi.flower_compare import main as flower_main
+        from hflmpi.bench.flower import main as flower_main
 
         return flower_main(raw[1:], comm)
     args = parser.parse_args(argv)

@@ -93,7 +93,7 @@ def packed_nbytes(numel: int, bits: int) -> int:
 
 def _require_little_endian() -> None:
     if sys.byteorder != "little":  # pragma: no cover - no big-endian torch targets exist
-        raise RuntimeError("hflmpi.packing needs a little-endian host")
+        raise RuntimeError("hflmpi.core.packing needs a little-endian host")
 
 
 def _padded(codes: torch.Tensor, multiple: int, dtype: torch.dtype) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from hflmpi.config import ModelConfig
-from hflmpi.rng import torch_generator
+from hflmpi.core.rng import torch_generator
 
 __all__ = ["LogisticRegression", "MLP", "SmallCNN", "build_model", "init_parameters"]
 

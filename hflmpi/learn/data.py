@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from hflmpi.config import DataConfig
-from hflmpi.rng import numpy_generator
+from hflmpi.core.rng import numpy_generator
 
 __all__ = [
     "DatasetError",

@@ -23,11 +23,11 @@ non-negative) least-squares fit. ``family="nccl"`` uses rings everywhere (NCCL's
 algorithms): allreduce as above, pipelined reduce/bcast ``(p-1) alpha + n beta (+ (p-1)/p n gamma)``
 and gather ``(p-1) alpha + (p-1) n beta``.
 
-One layer-n aggregation of hflmpi (:mod:`hflmpi.aggregate`) over a node with ``f`` participants
+One layer-n aggregation of hflmpi (:mod:`hflmpi.mpi.aggregate`) over a node with ``f`` participants
 and a model of ``numel`` float32 entries costs the 8-byte weight allreduce, the uplink (exact:
 ``reduce(4 numel)``; quantized: the scales ``allreduce(4 ceil(numel/B))`` then either
 ``reduce(numel * container)`` ("sum") or ``gather(ceil(numel bits / 8))``, whichever moves
-fewer bytes, as :func:`hflmpi.uplink.choose_method`) and the downlink ``bcast(4 numel)``. With
+fewer bytes, as :func:`hflmpi.mpi.uplink.choose_method`) and the downlink ``bcast(4 numel)``. With
 quantization off the default ``"subtree"`` algorithm replaces a layer-L event by one
 ``allreduce(4 numel)`` over the ``m_L`` devices of the subtree. A global round costs
 ``t_cp prod(tau)`` of compute plus, for every event, the sum of its layers (the round-time formula
@@ -304,7 +304,7 @@ def bytes_per_layer(
 ) -> list[float]:
     """Return the uplink bytes of one round per layer, summed over ranks, as hflmpi records them.
 
-    This is the model of ``/metrics/bytes_sent`` (:mod:`hflmpi.store`). Exact subtree event at
+    This is the model of ``/metrics/bytes_sent`` (:mod:`hflmpi.record.store`). Exact subtree event at
     layer L: every device but the subtree's root sends ``4 numel``, charged to layer L.
     Nested/tree layer n: every non-leader participant sends its payload; quantized layers add
     every participant's ``4 ceil(numel/B)`` bytes of scales.
@@ -363,7 +363,7 @@ def predict(
     """Return predicted ``rounds_per_second``, ``round_seconds``, ``comm_seconds`` and ``bytes_per_round``.
 
     ``overhead`` adds fixed seconds per round (hflmpi's bookkeeping: the loss and metric
-    reductions, rank 0's HDF5 append and flush), measured by :mod:`hflmpi.scaling`.
+    reductions, rank 0's HDF5 append and flush), measured by :mod:`hflmpi.bench.scaling`.
     """
     if math.prod(fanouts) != world:
         raise ValueError(f"fanouts={list(fanouts)} do not multiply to world={world}")

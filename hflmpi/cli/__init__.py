@@ -28,19 +28,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "run":
-        from hflmpi.train import main as run_main
+        from hflmpi.federation import main as run_main
 
         return run_main(rest)
     if command == "report":
-        from hflmpi.report import main as report_main
+        from hflmpi.record.report import main as report_main
 
         return report_main(rest)
     if command == "plan":
-        from hflmpi.plan import main as plan_main
+        from hflmpi.core.tau_search import main as plan_main
 
         return plan_main(rest)
     if command == "bench":
-        from hflmpi.bench import main as bench_main
+        from hflmpi.bench.aggregate import main as bench_main
 
         return bench_main(rest)
     print(f"hflmpi: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Hand torch tensors to MPI without copies on the CPU and with the right path on the GPU.
 
 CPU tensors are passed as numpy views (zero copy). CUDA tensors go to MPI directly when the MPI
-library is CUDA-aware (:func:`hflmpi.comm.cuda_aware_mpi`), after a stream synchronisation so MPI
+library is CUDA-aware (:func:`hflmpi.mpi.comm.cuda_aware_mpi`), after a stream synchronisation so MPI
 never reads memory a kernel is still writing; otherwise they are staged through a pinned host
 mirror allocated once and reused.
 """

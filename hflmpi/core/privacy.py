@@ -195,7 +195,7 @@ def gaussian_noise(
 
     Pass ``clip = Delta`` (:func:`sensitivity`) and, for one share of distributed noise,
     ``sigma / sqrt(k)`` (or use :func:`noise_std` and ``clip = 1``). The generator should come from
-    ``hflmpi.rng.torch_generator(seed, purpose="dp", rank=rank, round=step, layer=n,
+    ``hflmpi.core.rng.torch_generator(seed, purpose="dp", rank=rank, round=step, layer=n,
     device=device)``, which makes the noise reproducible from the run seed. The same seed must
     never be reused for two releases.
 
@@ -217,7 +217,7 @@ def gaussian_noise(
     if not isinstance(generator, torch.Generator):
         raise TypeError(
             "DP noise needs an explicit torch.Generator "
-            "(hflmpi.rng.torch_generator(seed, purpose='dp', ...)), got "
+            "(hflmpi.core.rng.torch_generator(seed, purpose='dp', ...)), got "
             f"{type(generator).__name__}"
         )
     if (

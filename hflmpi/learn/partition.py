@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hflmpi.config import DataConfig
-from hflmpi.rng import numpy_generator
+from hflmpi.core.rng import numpy_generator
 
 __all__ = [
     "iid",

@@ -1,7 +1,7 @@
 """The QMLHFL training loop: every MPI rank is a device; one global round is ``prod(tau)`` steps.
 
 Reads top to bottom: set up (config, tree, data, model, aggregator, run record), then for each
-global round run the nested schedule of :mod:`hflmpi.schedule` (local SGD steps, with layers
+global round run the nested schedule of :mod:`hflmpi.core.schedule` (local SGD steps, with layers
 ``1..L`` aggregating whenever a layer-L period closes), evaluate the global model, record the
 round and checkpoint. Collectives are marked "all ranks" (or the subtree that takes part).
 
@@ -26,28 +26,28 @@ import torch
 from mpi4py import MPI
 
 from hflmpi import __version__
-from hflmpi.aggregate import HierarchicalAggregator, PrivacyOptions, measure_divergences
-from hflmpi.checkpoint import (
+from hflmpi.mpi.aggregate import HierarchicalAggregator, PrivacyOptions, measure_divergences
+from hflmpi.record.checkpoint import (
     CheckpointFallbackWarning,
     checkpoint_paths,
     config_digest,
     load_latest_valid,
     save_checkpoint,
 )
-from hflmpi.comm import LayerComms, node_local, plan_from_nodes
+from hflmpi.mpi.comm import LayerComms, node_local, plan_from_nodes
 from hflmpi.config import ConfigError, RunConfig, load_config, to_toml_string
-from hflmpi.data import TensorDataset, load_dataset
-from hflmpi.flat import flatten_parameters
-from hflmpi.guard import Watchdog
-from hflmpi.privacy import epsilon_for
-from hflmpi.local import BatchSampler, LocalSolver, evaluate, lr_at
-from hflmpi.models import build_model
-from hflmpi.partition import make_partition, partition_stats
-from hflmpi.preempt import EXIT_PREEMPTED, PreemptionFlag
-from hflmpi.progress import Progress
-from hflmpi.schedule import round_events, steps_per_round
-from hflmpi.store import RoundMetrics, RunRecord, read_config_toml
-from hflmpi.topology import TopologyError, TreePlan, plan_fanouts, plan_groups
+from hflmpi.learn.data import TensorDataset, load_dataset
+from hflmpi.learn.flat import flatten_parameters
+from hflmpi.mpi.guard import Watchdog
+from hflmpi.core.privacy import epsilon_for
+from hflmpi.learn.local import BatchSampler, LocalSolver, evaluate, lr_at
+from hflmpi.learn.models import build_model
+from hflmpi.learn.partition import make_partition, partition_stats
+from hflmpi.mpi.preempt import EXIT_PREEMPTED, PreemptionFlag
+from hflmpi.record.progress import Progress
+from hflmpi.core.schedule import round_events, steps_per_round
+from hflmpi.record.store import RoundMetrics, RunRecord, read_config_toml
+from hflmpi.core.topology import TopologyError, TreePlan, plan_fanouts, plan_groups
 
 __all__ = ["SetupError", "TrainResult", "limit_threads", "plan_for", "train", "main"]
 

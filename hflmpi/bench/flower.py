@@ -4,7 +4,7 @@ The same job on both sides (McMahan et al., "Communication-efficient learning of
 from decentralized data", AISTATS 2017): ``clients`` clients (8 by default), an MLP of about 1M
 parameters (784-1024-256-10: 1,068,810) on hflmpi's synthetic data split IID, one local epoch of
 SGD per round (``samples_per_client / batch`` steps), sample-weighted averaging. Both sides use
-hflmpi's dataset, partition, initial model, batch sampler and :class:`hflmpi.local.LocalSolver`,
+hflmpi's dataset, partition, initial model, batch sampler and :class:`hflmpi.learn.local.LocalSolver`,
 so they run the same arithmetic and should end at (nearly) the same accuracy; only the
 aggregation and the runtime differ:
 
@@ -106,15 +106,15 @@ def _inner(values: Sequence[float], drop_last: bool) -> list[float]:
 
 
 def run_hflmpi(comm: Any, job: Job) -> dict[str, Any]:
-    """Train ``job`` with :func:`hflmpi.train.train` over ``comm`` (one rank per client).
+    """Train ``job`` with :func:`hflmpi.federation.train` over ``comm`` (one rank per client).
 
     Collective. Returns (on every rank) the per-round seconds from the run record, their median
     over the timed rounds, and the final test accuracy.
     """
     import numpy as np
 
-    from hflmpi.store import read_metrics
-    from hflmpi.train import train
+    from hflmpi.record.store import read_metrics
+    from hflmpi.federation import train
 
     if comm.Get_size() != job.clients:
         raise ValueError(f"the hflmpi side needs one rank per client: run under mpiexec -n "
@@ -165,10 +165,10 @@ def _client_state(job: Job) -> dict[str, Any]:
     """Load (once per Ray actor) the dataset, partition and a model + solver for ``job``."""
     import torch
 
-    from hflmpi.data import load_dataset
-    from hflmpi.local import LocalSolver
-    from hflmpi.models import build_model
-    from hflmpi.partition import make_partition
+    from hflmpi.learn.data import load_dataset
+    from hflmpi.learn.local import LocalSolver
+    from hflmpi.learn.models import build_model
+    from hflmpi.learn.partition import make_partition
 
     key = json.dumps(asdict(job), sort_keys=True)
     if key not in _CLIENT_CACHE:
@@ -186,7 +186,7 @@ def _flower_train(msg: Any, context: Any) -> Any:
     """Flower ``ClientApp`` train handler: one local epoch with hflmpi's sampler and solver."""
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-    from hflmpi.local import BatchSampler
+    from hflmpi.learn.local import BatchSampler
 
     config = msg.content["config"]
     job = _job_from(config)
@@ -214,9 +214,9 @@ def _flower_server(grid: Any, context: Any) -> None:
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
     from flwr.serverapp.strategy import FedAvg
 
-    from hflmpi.data import load_dataset
-    from hflmpi.local import evaluate
-    from hflmpi.models import build_model
+    from hflmpi.learn.data import load_dataset
+    from hflmpi.learn.local import evaluate
+    from hflmpi.learn.models import build_model
 
     job: Job = _SERVER_LOG["job"]
     config = job_config(job, "unused.h5")

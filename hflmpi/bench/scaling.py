@@ -2,19 +2,19 @@
 
 ``mpiexec -n P python -m mpi4py -m hflmpi bench scaling --out runs/scaling.h5`` trains, for every
 tree depth 1..3 whose fan-outs (all >= 2) fit P and for each mode, a tiny synthetic job with
-:func:`hflmpi.train.train` for a few rounds and appends one row per (P, depth, mode) to the HDF5
+:func:`hflmpi.federation.train` for a few rounds and appends one row per (P, depth, mode) to the HDF5
 file: rounds/second (median round time, first and last rounds left out: warm-up, evaluation and
 checkpoint), compute/communication seconds and uplink bytes per round from the run record, plus
-the bytes the cost model predicts (:func:`hflmpi.costmodel.bytes_per_round`). It also times raw
+the bytes the cost model predicts (:func:`hflmpi.core.costmodel.bytes_per_round`). It also times raw
 ``Allreduce``/``Reduce``/``Bcast``/``Gather`` at a few sizes for the calibration.
 
 * strong scaling: fixed total samples and a fixed total batch per step, split over the ranks;
 * weak scaling: fixed samples and batch per rank.
 
 ``hflmpi bench scaling plot --out runs/scaling.h5 --plots DIR`` (serial) fits the alpha-beta-gamma
-model to the timed collectives (:func:`hflmpi.costmodel.calibrate`) and the compute per step to
+model to the timed collectives (:func:`hflmpi.core.costmodel.calibrate`) and the compute per step to
 the runs that had a core per rank, draws the measured points with the model's predictions for
-64..4096 ranks over named interconnects (:data:`hflmpi.costmodel.INTERCONNECTS`) to PNGs, and
+64..4096 ranks over named interconnects (:data:`hflmpi.core.costmodel.INTERCONNECTS`) to PNGs, and
 prints the tables. HDF5 layout: ``/runs/<column>`` and ``/collectives/<column>``, one resizable
 1-D dataset per column, one entry per row; rank 0 writes (PyPI h5py has no parallel HDF5).
 """
@@ -150,9 +150,9 @@ def measure(
 
     Returns the rows (identical on every rank). ``job`` goes to :func:`job_config`.
     """
-    from hflmpi.costmodel import bytes_per_round
-    from hflmpi.store import read_metrics
-    from hflmpi.train import train
+    from hflmpi.core.costmodel import bytes_per_round
+    from hflmpi.record.store import read_metrics
+    from hflmpi.federation import train
 
     rank, world = comm.Get_rank(), comm.Get_size()
     workdir = comm.bcast(tempfile.mkdtemp(prefix="hflmpi-scaling-") if rank == 0 else None, root=0)
@@ -218,13 +218,13 @@ def time_collectives(comm: Any, sizes: Sequence[int], repeats: int = 5) -> list[
     """Time ``Allreduce``, ``Reduce``, ``Bcast`` and ``Gather`` of ``sizes`` bytes over ``comm``.
 
     Collective. Each time is the median over ``repeats`` of the slowest rank (after a barrier),
-    the candidates interleaved (:func:`hflmpi.bench.time_interleaved`). Returns
-    :class:`hflmpi.costmodel.Sample` rows.
+    the candidates interleaved (:func:`hflmpi.bench.aggregate.time_interleaved`). Returns
+    :class:`hflmpi.core.costmodel.Sample` rows.
     """
     from mpi4py import MPI
 
-    from hflmpi.bench import time_interleaved
-    from hflmpi.costmodel import Sample
+    from hflmpi.bench.aggregate import time_interleaved
+    from hflmpi.core.costmodel import Sample
 
     world, rank = comm.Get_size(), comm.Get_rank()
     out = []
@@ -317,7 +317,7 @@ def predictions(
     ("shm-calibrated"; also over all samples and per ``p``, for the tables), compute per step
     ``t_cp(b) = c0 + c1 b`` and a fixed per-round overhead (round time minus compute minus
     communication) from the runs with ``world <= cores``. The predictions for ``worlds`` use
-    :func:`hflmpi.costmodel.tree_for` trees with the measured schedule per depth, one core (or
+    :func:`hflmpi.core.costmodel.tree_for` trees with the measured schedule per depth, one core (or
     GPU) per rank, the per-rank batch of the mode (strong: the measured total batch split over
     the ranks, at least 1) and the named interconnects; "nvlink+ib-hdr" puts layer 1 (groups of
     8, one node) on NVLink and the layers above on InfiniBand. With ``numel`` (another model
@@ -328,7 +328,7 @@ def predictions(
     "measured_model", "predicted", "cores"}``; each prediction row has world, depth, mode,
     network, fanouts, batch, rounds_per_second, round_seconds, comm_seconds, bytes_per_round.
     """
-    from hflmpi.costmodel import INTERCONNECTS, Sample, calibrate, fit_compute, predict, tree_for, with_gamma
+    from hflmpi.core.costmodel import INTERCONNECTS, Sample, calibrate, fit_compute, predict, tree_for, with_gamma
 
     rows = latest_rows(rows)
     if not rows:

@@ -210,7 +210,7 @@ def bytes_ratio(bits: int, bucket_size: int = 0) -> float:
     """Return the wire bytes of a ``bits``-bit payload relative to float32: ``bits/32 + 1/B``.
 
     ``bits`` packed bits per entry plus one float32 scale per bucket of ``B`` entries
-    (``B = 0`` picks :func:`hflmpi.quantize.auto_bucket_size`); ``bits = 0`` (exact) gives 1.
+    (``B = 0`` picks :func:`hflmpi.core.quantize.auto_bucket_size`); ``bits = 0`` (exact) gives 1.
     """
     if bits == 0:
         return 1.0
@@ -225,7 +225,7 @@ def quantized_comm_time(t_float32: float, bits: int, bucket_size: int = 0, laten
 
     ``t = latency + (t_float32 - latency) * bytes_ratio(bits, bucket_size)``: only the
     bandwidth part shrinks with the payload. ``latency`` (per-aggregation fixed cost, e.g. the
-    alpha terms of :mod:`hflmpi.costmodel`) defaults to 0, i.e. all of the time scales.
+    alpha terms of :mod:`hflmpi.core.costmodel`) defaults to 0, i.e. all of the time scales.
     """
     if t_float32 < 0 or latency < 0 or latency > t_float32:
         raise PlanError(f"need 0 <= latency={latency} <= t_float32={t_float32}")
@@ -233,14 +233,14 @@ def quantized_comm_time(t_float32: float, bits: int, bucket_size: int = 0, laten
 
 
 def _auto_bucket(bits: int) -> int:
-    from hflmpi.quantize import auto_bucket_size
+    from hflmpi.core.quantize import auto_bucket_size
 
     return auto_bucket_size(bits)
 
 
 def variance_factors(bits: Sequence[int], bucket_size: int = 0) -> list[float]:
-    """Return ``q_n`` per layer: :func:`hflmpi.quantize.variance_bound` (0 for exact layers)."""
-    from hflmpi.quantize import variance_bound
+    """Return ``q_n`` per layer: :func:`hflmpi.core.quantize.variance_bound` (0 for exact layers)."""
+    from hflmpi.core.quantize import variance_bound
 
     return [0.0 if b == 0 else float(variance_bound(b, bucket_size or _auto_bucket(b))) for b in bits]
 
@@ -515,7 +515,7 @@ class MeasuredTimes:
 
 
 def times_from_run(path: str | Path, skip_first: bool = True) -> MeasuredTimes:
-    """Derive ``t_cp`` and ``t_cm,n`` from a run record's ``/metrics`` (see :mod:`hflmpi.store`).
+    """Derive ``t_cp`` and ``t_cm,n`` from a run record's ``/metrics`` (see :mod:`hflmpi.record.store`).
 
     Per round, ``compute_seconds`` summed over layers is the compute of ``prod(tau)`` steps, and
     ``comm_seconds[n]`` is layer n's time over its ``prod_{m > n} tau_m`` aggregations (slowest
@@ -527,7 +527,7 @@ def times_from_run(path: str | Path, skip_first: bool = True) -> MeasuredTimes:
     """
     import tomllib
 
-    from hflmpi.store import read_config_toml, read_metrics, read_run_info
+    from hflmpi.record.store import read_config_toml, read_metrics, read_run_info
 
     metrics = read_metrics(path)
     config = tomllib.loads(read_config_toml(path))

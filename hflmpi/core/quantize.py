@@ -20,7 +20,7 @@ quantizer: ``Q(x)_i = +m`` with probability ``(1 + x_i/m)/2``, else ``-m`` (see
 Inf input raises ``ValueError``.
 
 What crosses the wire (:class:`StochasticUniformCodec`) is the levels bit-packed by
-:mod:`hflmpi.packing` plus one float32 scale per bucket: ``ceil(n*bits/8) + 4*ceil(n/B)`` bytes.
+:mod:`hflmpi.core.packing` plus one float32 scale per bucket: ``ceil(n*bits/8) + 4*ceil(n/B)`` bytes.
 
 The integer-sum path (:func:`to_levels`, :func:`from_level_sum`) lets a group of ``k`` children
 agree on shared scales (a MAX allreduce of :func:`bucket_absmax`), round to integer levels, and sum
@@ -45,7 +45,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from hflmpi.packing import (
+from hflmpi.core.packing import (
     check_bits,
     levels_for_bits,
     pack_codes,
@@ -307,7 +307,7 @@ def _check_generator(generator: torch.Generator | None, device: torch.device) ->
     if not isinstance(generator, torch.Generator):
         raise TypeError(
             "stochastic quantization needs an explicit torch.Generator "
-            "(hflmpi.rng.torch_generator(seed, purpose='quantize', ...)); got "
+            "(hflmpi.core.rng.torch_generator(seed, purpose='quantize', ...)); got "
             f"{type(generator).__name__}"
         )
     if generator.device.type != device.type:
@@ -410,7 +410,7 @@ def to_levels(
     s : int
         Largest level, ``levels_for_bits(bits)``.
     generator : torch.Generator
-        Keyed generator on ``x``'s device (:func:`hflmpi.rng.torch_generator`).
+        Keyed generator on ``x``'s device (:func:`hflmpi.core.rng.torch_generator`).
     dtype : torch.dtype
         ``int8``/``int16``/``int32``/``int64``; pick :func:`sum_dtype` so the group sum fits.
         Ignored when ``out`` is given.
@@ -521,7 +521,7 @@ class QuantizedPayload:
     Attributes
     ----------
     packed : Tensor
-        ``uint8`` bit-packed level codes, ``ceil(numel*bits/8)`` bytes (:mod:`hflmpi.packing`).
+        ``uint8`` bit-packed level codes, ``ceil(numel*bits/8)`` bytes (:mod:`hflmpi.core.packing`).
     scales : Tensor
         float32 max-abs scale per bucket, ``ceil(numel/bucket_size)`` of them.
     numel : int

@@ -1,7 +1,7 @@
 """The local solver on each device: SGD with momentum and weight decay, or FedProx.
 
 The update is written out as tensor operations on the parameters, in place, so the parameters can
-stay views into one flat buffer (see :mod:`hflmpi.flat`). For parameters ``w``, gradient ``g`` of
+stay views into one flat buffer (see :mod:`hflmpi.learn.flat`). For parameters ``w``, gradient ``g`` of
 the minibatch cross-entropy, learning rate ``lr``::
 
     d = g + weight_decay * w + mu * (w - w_anchor)      # mu = 0 for plain SGD
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hflmpi.config import OptimConfig
-from hflmpi.data import TensorDataset
-from hflmpi.rng import torch_generator
+from hflmpi.learn.data import TensorDataset
+from hflmpi.core.rng import torch_generator
 
 __all__ = ["LocalSolver", "BatchSampler", "lr_at", "evaluate"]
 
@@ -63,7 +63,7 @@ class LocalSolver:
     Notes
     -----
     Build the solver after the model has its final dtype, device and flat binding
-    (:func:`hflmpi.flat.flatten_parameters`): momentum and anchor buffers are allocated here, like
+    (:func:`hflmpi.learn.flat.flatten_parameters`): momentum and anchor buffers are allocated here, like
     the parameters. The anchor starts as the model at construction.
 
     Attributes

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hflmpi.packing import pack_codes, packed_nbytes, unpack_codes
-from hflmpi.quantize import (
+from hflmpi.core.packing import pack_codes, packed_nbytes, unpack_codes
+from hflmpi.core.quantize import (
     bucket_absmax,
     from_level_sum,
     levels_for_bits,
@@ -38,8 +38,8 @@ from hflmpi.quantize import (
     sum_dtype,
     to_levels,
 )
-from hflmpi.secure import PairwiseSeeds, mask_levels
-from hflmpi.transport import MpiBuffer
+from hflmpi.core.secure import PairwiseSeeds, mask_levels
+from hflmpi.mpi.transport import MpiBuffer
 
 __all__ = ["UplinkResult", "QuantizedUplink", "choose_method"]
 
@@ -49,7 +49,7 @@ Method = Literal["sum", "gather"]
 def choose_method(numel: int, bits: int, fan_in: int) -> Method:
     """Return the method whose per-child payload is smaller (ties go to ``"sum"``).
 
-    ``"sum"`` sends ``numel`` integers of :func:`~hflmpi.quantize.sum_dtype` (wide enough for the
+    ``"sum"`` sends ``numel`` integers of :func:`~hflmpi.core.quantize.sum_dtype` (wide enough for the
     group sum); ``"gather"`` sends ``ceil(numel * bits / 8)`` packed bytes. Both also send the
     same ``4 * ceil(numel / bucket_size)`` bytes of scales.
     """

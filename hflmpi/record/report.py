@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hflmpi.store import read_config_toml, read_metrics, read_run_info
+from hflmpi.record.store import read_config_toml, read_metrics, read_run_info
 
 __all__ = ["RunSummary", "load_runs", "summarize", "plot", "main", "PLOT_NAMES"]
 

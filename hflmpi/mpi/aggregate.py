@@ -21,7 +21,7 @@ and then one of two algorithms sums the scaled models:
   layer. This is the literal tree (and the shape the quantized layers use).
 
 Quantized layers (``bits[n-1] > 0``) need the nested form: each layer's participants send
-``Q_n(a_c (x_c - x))`` to their leader (:mod:`hflmpi.uplink`, exact integer sums), layer by layer,
+``Q_n(a_c (x_c - x))`` to their leader (:mod:`hflmpi.mpi.uplink`, exact integer sums), layer by layer,
 and the top leader's model is broadcast down, layer by layer. Each participant keeps the anchor
 ``x`` of every quantized layer it takes part in (the model at that layer's last aggregation).
 
@@ -43,15 +43,15 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hflmpi.comm import LayerComms, cuda_aware_mpi
-from hflmpi.guard import NonFiniteUpdateError, handshake, handshake_key
-from hflmpi.privacy import clip_update, gaussian_noise, noise_std
-from hflmpi.quantize import auto_bucket_size
-from hflmpi.rng import torch_generator
-from hflmpi.robust import RULES, max_byzantine, robust_update
-from hflmpi.secure import DiffieHellmanSeeds, dh_keypair
-from hflmpi.transport import MpiBuffer
-from hflmpi.uplink import QuantizedUplink
+from hflmpi.mpi.comm import LayerComms, cuda_aware_mpi
+from hflmpi.mpi.guard import NonFiniteUpdateError, handshake, handshake_key
+from hflmpi.core.privacy import clip_update, gaussian_noise, noise_std
+from hflmpi.core.quantize import auto_bucket_size
+from hflmpi.core.rng import torch_generator
+from hflmpi.core.robust import RULES, max_byzantine, robust_update
+from hflmpi.core.secure import DiffieHellmanSeeds, dh_keypair
+from hflmpi.mpi.transport import MpiBuffer
+from hflmpi.mpi.uplink import QuantizedUplink
 
 __all__ = [
     "AggregationStats",
@@ -128,21 +128,21 @@ class HierarchicalAggregator:
         Communicators of this rank.
     flat : torch.Tensor
         The model as one contiguous 1-D float32/float64 tensor (CPU or CUDA), aggregated in
-        place. Bind the model's parameters to it (:func:`hflmpi.flat.flatten_parameters`) so
+        place. Bind the model's parameters to it (:func:`hflmpi.learn.flat.flatten_parameters`) so
         training and aggregation share memory and nothing is copied.
     algorithm : {"subtree", "tree"}
         How full-precision aggregation is carried out (see the module docstring).
     bits : sequence of int, optional
         Uplink quantizer width per layer (0 = exact); default exact everywhere.
     bucket_size : int
-        Elements per quantization scale; 0 picks :func:`~hflmpi.quantize.auto_bucket_size`
+        Elements per quantization scale; 0 picks :func:`~hflmpi.core.quantize.auto_bucket_size`
         per layer.
     seed : int
         Run seed; quantization noise is keyed by (seed, rank, step, layer).
     method : {"auto", "sum", "gather"}
-        Transport of quantized levels (see :mod:`hflmpi.uplink`).
+        Transport of quantized levels (see :mod:`hflmpi.mpi.uplink`).
     robust : sequence of str, optional
-        Rule per layer from :data:`hflmpi.robust.RULES`; anything but ``"mean"`` gathers the
+        Rule per layer from :data:`hflmpi.core.robust.RULES`; anything but ``"mean"`` gathers the
         children's full-precision updates to the leader (such a layer must not be quantized).
     robust_params : dict, optional
         Parameters of the rules (``trim``, ``f``, ``m``).

@@ -1,7 +1,7 @@
 r"""Secure aggregation of integer levels by pairwise additive masking (pure tensor math).
 
-The quantized uplink (:mod:`hflmpi.uplink`) sums the children's integer levels ``l_i`` in a signed
-container of ``D`` bits (:func:`hflmpi.quantize.sum_dtype`). Following Bonawitz et al.,
+The quantized uplink (:mod:`hflmpi.mpi.uplink`) sums the children's integer levels ``l_i`` in a signed
+container of ``D`` bits (:func:`hflmpi.core.quantize.sum_dtype`). Following Bonawitz et al.,
 "Practical secure aggregation for privacy-preserving machine learning" (CCS 2017, Sec. 4), each of
 the ``k`` participants ``i = 0..k-1`` of a group sends instead
 
