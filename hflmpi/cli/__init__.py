@@ -1,4 +1,4 @@
-"""Command line: ``hflmpi run|report|plan|bench``.
+"""Command line: ``hflmpi run|report|plan|bench|experiments``.
 
 Launch training under MPI as ``mpiexec -n 8 python -m mpi4py -m hflmpi run CONFIG.toml`` so an
 exception on one rank aborts the whole job instead of hanging it.
@@ -11,12 +11,13 @@ from typing import Sequence
 
 __all__ = ["main"]
 
-_USAGE = """usage: hflmpi {run,report,plan,bench} ...
+_USAGE = """usage: hflmpi {run,report,plan,bench,experiments} ...
 
   run CONFIG.toml [--set key=value ...] [--resume RUN.h5]   train (under mpiexec)
   report RUN.h5 [RUN2.h5 ...] [--out DIR]                    summary table and plots
   plan --t-cp S --t-cm S1,S2 --deadline D [--bits 8,4 ...]  choose tau within a deadline
   bench aggregate|scaling|flower [...]                       benchmarks (under mpiexec)
+  experiments run SPEC --out R.h5 | plot R.h5 --out DIR     paper-reproduction sweeps
 """
 
 
@@ -39,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hflmpi.core.tau_search import main as plan_main
 
         return plan_main(rest)
+    if command == "experiments":
+        from hflmpi.cli.experiments import main as experiments_main
+
+        return experiments_main(rest)
     if command == "bench":
         from hflmpi.bench.aggregate import main as bench_main
 
