@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hflmpi.record.report import PLOT_NAMES, main, plot, summarize
+from hflmpi.cli.report import main
+from hflmpi.record.report import PLOT_NAMES, plot, summarize
 from hflmpi.record.store import RoundMetrics, RunRecord
 
 ROUNDS = 12

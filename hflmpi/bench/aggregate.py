@@ -10,10 +10,8 @@ rank 0 prints ratios to the raw Allreduce. Speed targets live here, not in the u
 
 from __future__ import annotations
 
-import argparse
 import socket
 import statistics
-import sys
 import time
 from typing import Callable, Sequence
 
@@ -23,9 +21,9 @@ from mpi4py import MPI
 
 from hflmpi.mpi.aggregate import HierarchicalAggregator
 from hflmpi.mpi.comm import LayerComms
-from hflmpi.core.topology import TreePlan, plan_fanouts
+from hflmpi.core.topology import TreePlan
 
-__all__ = ["default_fanouts", "time_interleaved", "bench_aggregate", "main"]
+__all__ = ["default_fanouts", "time_interleaved", "bench_aggregate"]
 
 
 def default_fanouts(world_size: int) -> list[int]:
@@ -150,71 +148,3 @@ def _quantized_run(agg: HierarchicalAggregator, depth: int) -> Callable[[], None
         agg.aggregate(depth, 1.0, step=step[0])
 
     return run
-
-
-def _format_rows(rows: list[dict[str, float]], world_size: int, fanouts: Sequence[int]) -> str:
-    lines = [
-        f"# hflmpi bench aggregate: {world_size} ranks, tree fanouts={list(fanouts)}, float32, "
-        "median of repeats, slowest rank",
-        f"{'params':>10} {'raw MPI ms':>11} {'subtree ms':>11} {'tree ms':>9} {'gloo ms':>9} "
-        f"{'subtree/raw':>12} {'tree/raw':>9} {'gloo/raw':>9}",
-    ]
-    for row in rows:
-        raw = row["mpi_allreduce"]
-        gloo = row.get("gloo_all_reduce", float("nan"))
-        lines.append(
-            f"{int(row['numel']):>10} {raw * 1e3:>11.2f} {row['hfl_subtree'] * 1e3:>11.2f} "
-            f"{row['hfl_tree'] * 1e3:>9.2f} {gloo * 1e3:>9.2f} {row['hfl_subtree'] / raw:>12.3f} "
-            f"{row['hfl_tree'] / raw:>9.3f} {gloo / raw:>9.3f}"
-        )
-    widths = sorted({int(k[1:]) for row in rows for k in row if k[0] == "q" and k[1:].isdigit()}, reverse=True)
-    if widths:
-        lines.append("# quantized (quantize + exact integer reduce + dequantize + broadcast), all layers")
-        lines.append(f"{'params':>10} {'bits':>4} {'method':>11} {'ms':>9} {'time/raw':>9} "
-                     f"{'uplink bytes':>13} {'bytes/float32':>14}")
-        for row in rows:
-            for width in widths:
-                method = "integer-sum" if row[f"q{width}_method"] == 1 else "gather"
-                lines.append(
-                    f"{int(row['numel']):>10} {width:>4} {method:>11} {row[f'q{width}'] * 1e3:>9.2f} "
-                    f"{row[f'q{width}'] / row['mpi_allreduce']:>9.3f} {int(row[f'q{width}_bytes']):>13} "
-                    f"{row[f'q{width}_bytes'] / row['float_bytes']:>14.4f}"
-                )
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int:
-    """Entry point of ``hflmpi bench``; run it under ``mpiexec -n P``."""
-    parser = argparse.ArgumentParser(prog="hflmpi bench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="what", required=True)
-    agg = sub.add_parser("aggregate", help="hierarchical aggregation vs raw Allreduce and gloo")
-    agg.add_argument("--sizes", default="1000000,10000000,25000000", help="parameter counts, comma-separated")
-    agg.add_argument("--fanouts", default="", help="tree fan-outs, e.g. 4,2 (default: groups of 4 or 2)")
-    agg.add_argument("--repeats", type=int, default=7)
-    agg.add_argument("--no-gloo", action="store_true", help="skip the torch.distributed baseline")
-    agg.add_argument("--bits", default="", help="also time quantized aggregation at these widths, e.g. 8,4,2")
-    agg.add_argument("--bucket-size", type=int, default=0, help="0 = auto per width")
-    sub.add_parser("scaling", add_help=False,
-                   help="strong/weak scaling rows to HDF5; 'scaling plot' adds cost-model predictions")
-    sub.add_parser("flower", add_help=False, help="FedAvg round time: hflmpi vs Flower's simulation")
-    raw = list(sys.argv[1:] if argv is None else argv)
-    if raw and raw[0] in ("scaling", "flower"):  # their own parsers (hflmpi.bench.scaling, flower_compare)
-        if raw[0] == "scaling":
-            from hflmpi.bench.scaling import main as scaling_main
-
-            return scaling_main(raw[1:], comm)
-        from hflmpi.bench.flower import main as flower_main
-
-        return flower_main(raw[1:], comm)
-    args = parser.parse_args(argv)
-    comm = MPI.COMM_WORLD if comm is None else comm
-    torch.set_num_threads(1)
-    sizes = [int(float(s)) for s in args.sizes.split(",") if s]
-    fanouts = [int(f) for f in args.fanouts.split(",") if f] or default_fanouts(comm.Get_size())
-    plan = plan_fanouts(fanouts, comm.Get_size())
-    bits = [int(b) for b in args.bits.split(",") if b]
-    rows = bench_aggregate(comm, sizes, plan, args.repeats, gloo=not args.no_gloo, bits=bits,
-                           bucket_size=args.bucket_size)
-    if comm.Get_rank() == 0:
-        print(_format_rows(rows, comm.Get_size(), fanouts), flush=True)
-    return 0

@@ -24,21 +24,18 @@ would steal the cores Flower needs). Without ``flwr`` the Flower side is skipped
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["Job", "job_config", "flower_available", "run_hflmpi", "run_flower", "main"]
+__all__ = ["Job", "job_config", "flower_available", "run_hflmpi", "run_flower", "wait_sleeping"]
 
 
 @dataclass(frozen=True)
@@ -292,79 +289,8 @@ def _flower_version() -> str:
 # CLI
 
 
-def _wait_sleeping(comm: Any, poll: float = 0.05) -> None:
+def wait_sleeping(comm: Any, poll: float = 0.05) -> None:
     """Wait for rank 0 in an ``Ibarrier`` without spinning (all ranks)."""
     request = comm.Ibarrier()
     while not request.Test():
         time.sleep(poll)
-
-
-def _report(job: Job, results: list[dict[str, Any]]) -> str:
-    lines = [f"# FedAvg, {job.clients} clients, MLP {job.features}-{'-'.join(map(str, job.hidden))}-10 "
-             f"({job.numel:,} parameters), {job.samples_per_client} samples and "
-             f"{job.steps_per_epoch} SGD steps (1 epoch, batch {job.batch}) per client per round, "
-             f"{job.rounds} rounds, {os.cpu_count()} cores",
-             f"{'framework':<40} {'s/round (median)':>17} {'rounds timed':>13} {'test acc':>9}"]
-    for r in results:
-        lines.append(f"{r['framework']:<40} {r['median_round_seconds']:>17.4f} {r['rounds_timed']:>13} "
-                     f"{r['test_accuracy']:>9.4f}")
-    if len(results) == 2:
-        lines.append(f"Flower / hflmpi time per round: "
-                     f"{results[1]['median_round_seconds'] / results[0]['median_round_seconds']:.2f}x")
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None, comm: Any = None) -> int:
-    """Entry point of ``hflmpi bench flower`` (under ``mpiexec -n CLIENTS``)."""
-    parser = argparse.ArgumentParser(prog="hflmpi bench flower", description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=0, help="default: the MPI world size (8 intended)")
-    parser.add_argument("--rounds", type=int, default=Job.rounds)
-    parser.add_argument("--samples-per-client", type=int, default=Job.samples_per_client)
-    parser.add_argument("--batch", type=int, default=Job.batch)
-    parser.add_argument("--hidden", default=",".join(map(str, Job.hidden)))
-    parser.add_argument("--side", choices=("both", "hflmpi", "flower"), default="both",
-                        help="flower alone needs no mpiexec")
-    parser.add_argument("--cpus", type=float, default=0, help="CPUs for Ray (default: all cores)")
-    parser.add_argument("--json", default="", help="also write the results here")
-    args = parser.parse_args(argv)
-    if args.side == "flower":
-        comm = None
-    else:
-        from mpi4py import MPI
-
-        comm = MPI.COMM_WORLD if comm is None else comm
-    size = comm.Get_size() if comm is not None else 1
-    rank = comm.Get_rank() if comm is not None else 0
-    job = Job(clients=args.clients or (size if args.side != "flower" else Job.clients), rounds=args.rounds,
-              samples_per_client=args.samples_per_client, batch=args.batch,
-              hidden=tuple(int(h) for h in args.hidden.split(",") if h))
-    results: list[dict[str, Any]] = []
-    if args.side in ("both", "hflmpi"):
-        import torch
-
-        torch.set_num_threads(1)
-        try:
-            results.append(run_hflmpi(comm, job))
-        except ValueError as exc:
-            if rank == 0:
-                print(f"hflmpi bench flower: error: {exc}", file=sys.stderr)
-            return 2
-    message = ""
-    if args.side in ("both", "flower"):
-        available, why = flower_available()
-        if not available:
-            message = f"Flower comparison skipped: flwr is not usable here ({why})"
-        elif rank == 0:
-            results.append(run_flower(job, args.cpus or None))
-        if comm is not None and available:
-            _wait_sleeping(comm)  # all ranks; rank 0 arrives after Flower finished
-    if rank == 0:
-        if results:
-            print(_report(job, results))
-        if message:
-            print(message)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({"job": asdict(job), "numel": job.numel,
-                                                   "results": results, "note": message}, indent=2))
-    return 0

@@ -21,13 +21,11 @@ prints the tables. HDF5 layout: ``/runs/<column>`` and ``/collectives/<column>``
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -47,7 +45,6 @@ __all__ = [
     "latest_rows",
     "predictions",
     "plot",
-    "main",
 ]
 
 TAUS: dict[int, list[int]] = {1: [8], 2: [4, 2], 3: [2, 2, 2]}
@@ -517,76 +514,3 @@ def plot(
     plt.close(fig)
     written.append(target)
     return written, _tables(rows, model)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def main(argv: Sequence[str] | None = None, comm: Any = None) -> int:
-    """Entry point of ``hflmpi bench scaling [plot]``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "plot":
-        parser = argparse.ArgumentParser(prog="hflmpi bench scaling plot",
-                                         description="Plot scaling rows with cost-model predictions.")
-        parser.add_argument("--out", default="runs/scaling.h5", help="the scaling HDF5 file")
-        parser.add_argument("--plots", default="runs/scaling_plots", help="directory for the PNGs")
-        parser.add_argument("--numel", type=int, default=0, help="model size for the predictions "
-                            "(default: the measured model's)")
-        parser.add_argument("--worlds", default=",".join(map(str, PREDICT_WORLDS)),
-                            help="rank counts to predict (powers of two times 8)")
-        parser.add_argument("--t-cp", type=float, default=0.0, help="seconds per SGD step for the "
-                            "predictions (default: fitted, scaled to --numel)")
-        parser.add_argument("--table", default="", help="also write the tables (Markdown) here")
-        opts = parser.parse_args(args[1:])
-        try:
-            worlds = [int(w) for w in opts.worlds.split(",") if w]
-            written, tables = plot(opts.out, opts.plots, numel=opts.numel or None, worlds=worlds,
-                                   t_cp=opts.t_cp or None)
-        except (OSError, ValueError) as exc:
-            print(f"hflmpi bench scaling plot: error: {exc}", file=sys.stderr)
-            return 2
-        print(tables)
-        if opts.table:
-            Path(opts.table).write_text(tables + "\n", encoding="utf-8")
-        print("\n".join(f"wrote {p}" for p in written))
-        return 0
-    parser = argparse.ArgumentParser(prog="hflmpi bench scaling",
-                                     description="Strong/weak scaling rows (run under mpiexec -n P).")
-    parser.add_argument("--out", default="runs/scaling.h5", help="HDF5 file the rows are appended to")
-    parser.add_argument("--modes", default="strong,weak")
-    parser.add_argument("--depths", default="1,2,3")
-    parser.add_argument("--rounds", type=int, default=12, help="rounds per job (first and last not timed)")
-    parser.add_argument("--features", type=int, default=64)
-    parser.add_argument("--hidden", default="256,256", help="MLP hidden widths")
-    parser.add_argument("--total-samples", type=int, default=4096, help="strong scaling: all ranks")
-    parser.add_argument("--total-batch", type=int, default=64, help="strong scaling: batch over all ranks")
-    parser.add_argument("--per-rank-samples", type=int, default=512, help="weak scaling")
-    parser.add_argument("--batch", type=int, default=16, help="weak scaling: batch per rank")
-    parser.add_argument("--bits", type=int, default=0, help="quantizer bits at every layer (0 = exact)")
-    parser.add_argument("--no-collectives", action="store_true", help="skip timing raw collectives")
-    parser.add_argument("--sizes", default="8,4096,262144,2097152", help="collective sizes (bytes)")
-    parser.add_argument("--repeats", type=int, default=5)
-    opts = parser.parse_args(args)
-    import torch
-    from mpi4py import MPI
-
-    torch.set_num_threads(1)
-    comm = MPI.COMM_WORLD if comm is None else comm
-    rows = measure(
-        comm, opts.out, modes=[m for m in opts.modes.split(",") if m],
-        depths=[int(d) for d in opts.depths.split(",") if d], collectives=not opts.no_collectives,
-        sizes=[int(s) for s in opts.sizes.split(",") if s], repeats=opts.repeats,
-        rounds=opts.rounds, features=opts.features,
-        hidden=[int(h) for h in opts.hidden.split(",") if h], total_samples=opts.total_samples,
-        total_batch=opts.total_batch, per_rank_samples=opts.per_rank_samples, batch=opts.batch,
-        bits=opts.bits,
-    )
-    if comm.Get_rank() == 0:
-        for r in rows:
-            print(f"P={r['world']} depth={r['depth']} {r['mode']:>6} fanouts={r['fanouts']} "
-                  f"batch={r['batch']} rounds/s={r['rounds_per_second']:.1f} "
-                  f"compute={r['compute_seconds'] * 1e3:.2f} ms comm={r['comm_seconds'] * 1e3:.2f} ms "
-                  f"bytes/round={r['bytes_per_round']:.0f} (model {r['predicted_bytes_per_round']:.0f})",
-                  flush=True)
-    return 0

@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_main(rest)
     if command == "report":
-        from hflmpi.record.report import main as report_main
+        from hflmpi.cli.report import main as report_main
 
         return report_main(rest)
     if command == "plan":
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return experiments_main(rest)
     if command == "bench":
-        from hflmpi.bench.aggregate import main as bench_main
+        from hflmpi.cli.bench import main as bench_main
 
         return bench_main(rest)
     print(f"hflmpi: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)

@@ -10,11 +10,9 @@ left out of the lines rather than breaking them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +20,7 @@ import numpy as np
 
 from hflmpi.record.store import read_config_toml, read_metrics, read_run_info
 
-__all__ = ["RunSummary", "load_runs", "summarize", "plot", "main", "PLOT_NAMES"]
+__all__ = ["RunSummary", "load_runs", "summarize", "plot", "PLOT_NAMES"]
 
 PLOT_NAMES = (
     "accuracy_vs_round.png",
@@ -302,28 +300,3 @@ def plot(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str
     ax.set_xticks(np.arange(1, layers + 1))
     written.append(_finish(fig, ax, drew, out / PLOT_NAMES[3]))
     return written
-
-
-# -- command line ----------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hflmpi report",
-        description="Summarise and compare hflmpi run records (HDF5).",
-    )
-    parser.add_argument("runs", nargs="+", metavar="RUN.h5", help="run record(s) to compare")
-    parser.add_argument("--out", metavar="DIR", help="also write comparison PNGs into DIR")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``hflmpi report``; return the exit status (0 ok, 1 unreadable input)."""
-    args = _parser().parse_args(argv)
-    try:
-        sys.stdout.write(summarize(args.runs))
-        if args.out:
-            for path in plot(args.runs, args.out):
-                sys.stdout.write(f"wrote {path}\n")
-    except (OSError, KeyError, ValueError) as err:
-        sys.stderr.write(f"hflmpi report: error: {err}\n")
-        return 1
-    return 0
