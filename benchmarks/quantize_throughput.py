@@ -1,6 +1,6 @@
 """Measure single-core encode/decode throughput of the stochastic uniform codec.
 
-Prints parameters per second per core for :class:`hflmpi.quantize.StochasticUniformCodec`
+Prints parameters per second per core for :class:`hflmpi.core.quantize.StochasticUniformCodec`
 encode (bucket max-abs, dither, round, bit-pack) and decode (unpack, rescale), and each as a
 ratio to a baseline measured in the same run on the same tensor: ``torch.rand(n)`` followed by
 ``.copy_(x)`` (one uniform draw and one float copy per element, the floor of any naive
@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-from hflmpi.quantize import StochasticUniformCodec
-from hflmpi.rng import torch_generator
+from hflmpi.core.quantize import StochasticUniformCodec
+from hflmpi.core.rng import torch_generator
 
 
 def _best_time(

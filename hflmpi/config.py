@@ -7,7 +7,7 @@ raise :class:`ConfigError`, whose message names the key, the value, the constrai
     schedule.tau=[5] has 1 entry but the tree has 2 layers (topology.fanouts=[4, 2]); give one tau
     per layer, e.g. tau=[5, 2]
 
-Checks that need the world size (tree versus rank count) live in :mod:`hflmpi.topology`; the tau and
+Checks that need the world size (tree versus rank count) live in :mod:`hflmpi.core.topology`; the tau and
 quantizer lengths are checked here whenever the tree depth is known from the config alone.
 
 Layers follow the QMLHFL paper (arXiv 2505.08145): devices are layer 0, aggregators layers
@@ -394,7 +394,7 @@ class RunOptions(_Section):
     Attributes
     ----------
     seed : int
-        Root of every random stream (see :mod:`hflmpi.rng`). Default 0.
+        Root of every random stream (see :mod:`hflmpi.core.rng`). Default 0.
     rounds : int
         Global rounds, 1 to 10**7; one global round is ``prod(schedule.tau)`` SGD steps per
         device. Default 20.
@@ -422,7 +422,7 @@ class RunOptions(_Section):
     watchdog_seconds : float
         Abort the job if one collective (aggregation, divergence measurement, metrics,
         preemption poll, checkpoint) waits longer than this, naming the collective and the rank
-        that did not arrive (see :class:`hflmpi.guard.Watchdog`); 0 (default) disables it.
+        that did not arrive (see :class:`hflmpi.mpi.guard.Watchdog`); 0 (default) disables it.
     """
 
     section: ClassVar[str] = "run"
@@ -636,7 +636,7 @@ class QuantizeConfig(_Section):
     bucket_size : int
         Entries sharing one scale; 0 (the default) picks per layer the smallest power of two
         that keeps the scales under ~1% of the payload: 512 at 8 bits, 1024 at 4, 2048 at 2
-        (:func:`hflmpi.quantize.auto_bucket_size`).
+        (:func:`hflmpi.core.quantize.auto_bucket_size`).
     method : {"auto", "sum", "gather"}
         How quantized levels travel: integer ``Reduce`` or ``Gather`` of packed bytes; ``"auto"``
         picks the one that moves fewer bytes. The result is the same bits either way.
@@ -750,7 +750,7 @@ class OptimConfig(_Section):
     batch_size : int
         Minibatch size. Default 32.
     lr_schedule : {"constant", "cosine", "step"}
-        Learning-rate schedule over global rounds (see :func:`hflmpi.local.lr_at`).
+        Learning-rate schedule over global rounds (see :func:`hflmpi.learn.local.lr_at`).
     lr_step_rounds : int
         ``step`` schedule: multiply by ``lr_gamma`` every this many rounds. Default 10.
     lr_gamma : float

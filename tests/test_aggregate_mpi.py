@@ -19,9 +19,9 @@ from conftest import parallel_assert, tree_specs
 mpi4py = pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
-from hflmpi.aggregate import HierarchicalAggregator  # noqa: E402
-from hflmpi.comm import LayerComms  # noqa: E402
-from hflmpi.topology import plan_fanouts, plan_groups  # noqa: E402
+from hflmpi.mpi.aggregate import HierarchicalAggregator  # noqa: E402
+from hflmpi.mpi.comm import LayerComms  # noqa: E402
+from hflmpi.core.topology import plan_fanouts, plan_groups  # noqa: E402
 
 NUMEL = 1001
 
@@ -153,7 +153,7 @@ def test_broadcast_copies_root_model_everywhere():
 
 @pytest.mark.mpi(min_size=1)
 def test_world_size_mismatch_raises_before_any_collective():
-    from hflmpi.topology import TopologyError
+    from hflmpi.core.topology import TopologyError
 
     comm = MPI.COMM_WORLD
     size = comm.Get_size()

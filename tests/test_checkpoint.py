@@ -1,4 +1,4 @@
-"""Serial tests of atomic, checksummed checkpoints (hflmpi.checkpoint)."""
+"""Serial tests of atomic, checksummed checkpoints (hflmpi.record.checkpoint)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import hflmpi
-from hflmpi.checkpoint import (
+from hflmpi.record.checkpoint import (
     CheckpointError,
     CheckpointFallbackWarning,
     CheckpointNotFoundError,
@@ -234,7 +234,7 @@ def test_real_write_failure_inside_hdf5_keeps_old_checkpoint(run):
         """
         import resource, signal, sys
         import numpy as np
-        from hflmpi.checkpoint import CheckpointError, save_checkpoint
+        from hflmpi.record.checkpoint import CheckpointError, save_checkpoint
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
         try:

@@ -20,7 +20,7 @@ import torch
 
 from hflmpi.cli import main as cli_main
 from hflmpi.config import load_config
-from hflmpi.store import read_config_toml, read_metrics, read_run_info
+from hflmpi.record.store import read_config_toml, read_metrics, read_run_info
 
 MPIEXEC = Path(sys.executable).with_name("mpiexec")
 TINY = """\

@@ -335,8 +335,8 @@ def test_rounds_and_steps_per_round_are_bounded():
 
 
 def test_resume_config_rules():
-    """hflmpi.resume: free keys pass, others need the flag, shape keys never change."""
-    from hflmpi.resume import FREE_KEYS, check_config_change, config_changes
+    """hflmpi.record.resume: free keys pass, others need the flag, shape keys never change."""
+    from hflmpi.record.resume import FREE_KEYS, check_config_change, config_changes
 
     stored = load_config(None, ["schedule.tau=[5]", "optim.lr=0.1"])
     given = load_config(None, ["schedule.tau=[5]", "optim.lr=0.1", "run.rounds=40",

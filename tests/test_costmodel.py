@@ -1,4 +1,4 @@
-"""Tests of :mod:`hflmpi.costmodel`: collective formulas, hflmpi's layers, bytes and calibration."""
+"""Tests of :mod:`hflmpi.core.costmodel`: collective formulas, hflmpi's layers, bytes and calibration."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from hflmpi.costmodel import (
+from hflmpi.core.costmodel import (
     INTERCONNECTS,
     Network,
     Sample,

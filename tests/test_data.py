@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hflmpi.config import DataConfig
-from hflmpi.data import (
+from hflmpi.learn.data import (
     DatasetError,
     TensorDataset,
     load_cifar10,

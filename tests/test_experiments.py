@@ -22,7 +22,7 @@ from hflmpi.experiments import (
     results_markdown,
     summarize,
 )
-from hflmpi.plan import bytes_ratio, round_time
+from hflmpi.core.tau_search import bytes_ratio, round_time
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml"))
 

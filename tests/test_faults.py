@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 
 from conftest import JOBS, MPIEXEC, preemptible_run, wait_for_rounds
-from hflmpi.checkpoint import load_checkpoint
-from hflmpi.store import read_metrics
+from hflmpi.record.checkpoint import load_checkpoint
+from hflmpi.record.store import read_metrics
 
 pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to this python")
 
 STALL = """
 import os, signal, sys, time
 from mpi4py import MPI
-from hflmpi.guard import Watchdog
+from hflmpi.mpi.guard import Watchdog
 comm = MPI.COMM_WORLD
 dog = Watchdog(comm, 1.0)
 with dog.guard("the warm-up barrier"):
@@ -101,12 +101,12 @@ from pathlib import Path
 from mpi4py import MPI
 rank = MPI.COMM_WORLD.Get_rank()
 Path(sys.argv[1], f"rank{rank}.pid").write_text(str(os.getpid()))
-import hflmpi.train
-from hflmpi.aggregate import HierarchicalAggregator
-from hflmpi.preempt import PreemptionFlag
+import hflmpi.federation
+from hflmpi.mpi.aggregate import HierarchicalAggregator
+from hflmpi.mpi.preempt import PreemptionFlag
 victim, target, nth = int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 owner = {"aggregate": HierarchicalAggregator, "requested": PreemptionFlag,
-         "measure_divergences": hflmpi.train, "_checkpoint": hflmpi.train}[target]
+         "measure_divergences": hflmpi.federation, "_checkpoint": hflmpi.federation}[target]
 original = getattr(owner, target)
 calls = [0]
 def stop_on_entry(*args, **kwargs):
@@ -115,7 +115,7 @@ def stop_on_entry(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGSTOP)
     return original(*args, **kwargs)
 setattr(owner, target, stop_on_entry)
-sys.exit(hflmpi.train.main(sys.argv[5:]))
+sys.exit(hflmpi.federation.main(sys.argv[5:]))
 """
 
 TAU, EVAL_EVERY, CHECKPOINT_EVERY, WATCHDOG = 3, 2, 3, 6.0

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from hflmpi.config import ModelConfig, OptimConfig
-from hflmpi.flat import flatten_parameters
-from hflmpi.local import LocalSolver
-from hflmpi.models import build_model
+from hflmpi.learn.flat import flatten_parameters
+from hflmpi.learn.local import LocalSolver
+from hflmpi.learn.models import build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,4 +1,4 @@
-"""MPI tests of :mod:`hflmpi.messages`: typed round trips and malformed messages.
+"""MPI tests of :mod:`hflmpi.mpi.messages`: typed round trips and malformed messages.
 
 Round trips are compared with plain numpy / Python values every rank computes for itself. A
 malformed message is either sent through the public API (a NaN weight, an out-of-range key: the
@@ -20,9 +20,9 @@ from conftest import parallel_assert
 mpi4py = pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
-from hflmpi import messages  # noqa: E402
-from hflmpi.messages import MessageError  # noqa: E402
-from hflmpi.secure import MODP_2048_P  # noqa: E402
+from hflmpi.mpi import messages  # noqa: E402
+from hflmpi.mpi.messages import MessageError  # noqa: E402
+from hflmpi.core.secure import MODP_2048_P  # noqa: E402
 
 WHAT = "testing"
 
@@ -297,7 +297,7 @@ def test_handshake_report_out_of_range_fails_everywhere():
 
 @pytest.mark.mpi(min_size=2)
 def test_overlong_node_name_fails_everywhere(monkeypatch):
-    from hflmpi.comm import node_names
+    from hflmpi.mpi.comm import node_names
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from hflmpi.config import ModelConfig, OptimConfig
-from hflmpi.data import TensorDataset, load_digits
-from hflmpi.local import BatchSampler, LocalSolver, evaluate, lr_at
-from hflmpi.models import build_model
+from hflmpi.learn.data import TensorDataset, load_digits
+from hflmpi.learn.local import BatchSampler, LocalSolver, evaluate, lr_at
+from hflmpi.learn.models import build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -248,7 +248,7 @@ def test_mlp_trains_on_digits_centrally():
 def test_float64_model_takes_the_loaders_float32_features():
     """run.dtype = "float64": the flat float64 model is fed the float32 features the loaders give;
     the step must run and match a float64 numpy step on the float32 values widened exactly."""
-    from hflmpi.flat import flatten_parameters
+    from hflmpi.learn.flat import flatten_parameters
 
     model, x64, y = _logreg_problem(seed=2)
     flat = flatten_parameters(model, dtype=torch.float64)

@@ -3,7 +3,7 @@
 mpi4py's lower-case methods (``comm.bcast(obj)``, ``comm.allreduce(1.0)``, ...) pickle the object on
 the sending rank and *unpickle* it on the receiving rank: any rank could run code on any other by
 sending a crafted pickle. Every message between ranks must be a typed buffer (upper-case methods,
-:mod:`hflmpi.messages`). This test scans the syntax tree of every module under ``hflmpi/`` and
+:mod:`hflmpi.mpi.messages`). This test scans the syntax tree of every module under ``hflmpi/`` and
 fails on any attribute call whose name is one of those methods, whatever the receiver: a receiver
 cannot be proven to be something other than a communicator by looking at the source, so a
 non-MPI method of the same name (``torch.Tensor.gather``) must be listed, with its receiver and
@@ -28,8 +28,8 @@ PICKLE_METHODS = frozenset({
 
 # (module, receiver source, method) -> why it is not an mpi4py call. Keep it short and exact.
 ALLOWED: dict[tuple[str, str, str], str] = {
-    ("robust.py", "values", "gather"): "torch.Tensor.gather(dim, index) on the sorted updates",
-    ("robust.py", "cumulative", "gather"): "torch.Tensor.gather(dim, index) on cumulative weights",
+    ("core/robust.py", "values", "gather"): "torch.Tensor.gather(dim, index) on the sorted updates",
+    ("core/robust.py", "cumulative", "gather"): "torch.Tensor.gather(dim, index) on cumulative weights",
 }
 
 
@@ -55,7 +55,7 @@ def test_no_pickle_based_mpi_calls_in_hflmpi():
     ]
     assert not offenders, (
         "pickle-based mpi4py calls (a receiving rank unpickles what another rank sent, which can "
-        "run arbitrary code); send typed buffers with hflmpi.messages instead:\n  "
+        "run arbitrary code); send typed buffers with hflmpi.mpi.messages instead:\n  "
         + "\n  ".join(offenders)
     )
 
@@ -83,6 +83,6 @@ def test_scanner_catches_the_shapes_of_pickle_calls():
         "comm.barrier()",  # no object
         "values.gather(0, first)",  # allowed in robust.py only
     ])
-    lines = [line for line, _, _ in pickle_calls(source, "aggregate.py")]
+    lines = [line for line, _, _ in pickle_calls(source, "mpi/aggregate.py")]
     assert lines == [1, 2, 3, 4, 5, 8]
-    assert [line for line, _, _ in pickle_calls(source, "robust.py")] == [1, 2, 3, 4, 5]
+    assert [line for line, _, _ in pickle_calls(source, "core/robust.py")] == [1, 2, 3, 4, 5]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hflmpi.packing import (
+from hflmpi.core.packing import (
     levels_for_bits,
     pack_codes,
     pack_levels,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hflmpi.config import DataConfig
-from hflmpi.partition import (
+from hflmpi.learn.partition import (
     dirichlet,
     iid,
     label_sorted,

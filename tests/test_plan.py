@@ -1,4 +1,4 @@
-"""Tests of :mod:`hflmpi.plan`: round time, the surrogate bound, the search and the CLI."""
+"""Tests of :mod:`hflmpi.core.tau_search`: round time, the surrogate bound, the search and the CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from hflmpi.plan import (
+from hflmpi.core.tau_search import (
     BoundConstants,
     PlanError,
     bytes_ratio,
@@ -23,7 +23,7 @@ from hflmpi.plan import (
     steps_within,
     variance_factors,
 )
-from hflmpi.quantize import variance_bound
+from hflmpi.core.quantize import variance_bound
 
 
 def test_round_time_matches_hand_computation():
@@ -174,7 +174,7 @@ def test_cli_prints_and_emits_json(capsys):
 
 def test_cli_reads_times_from_a_run_record(tmp_path, capsys):
     from hflmpi.config import config_from_dict, to_toml_string
-    from hflmpi.store import RoundMetrics, RunRecord
+    from hflmpi.record.store import RoundMetrics, RunRecord
 
     config = config_from_dict({"topology": {"fanouts": [2, 2]}, "schedule": {"tau": [4, 3]},
                                "quantize": {"bits": [8, 0]}})
@@ -187,7 +187,7 @@ def test_cli_reads_times_from_a_run_record(tmp_path, capsys):
             record.append_round(RoundMetrics(
                 round=rnd, compute_seconds=[warm * 0.9, warm * 0.3],  # 12 steps: 0.1 s/step
                 comm_seconds=[warm * 0.6, warm * 0.5], bytes_sent=[1, 1]))
-    from hflmpi.plan import times_from_run
+    from hflmpi.core.tau_search import times_from_run
 
     measured = times_from_run(path)
     assert measured.t_cp == pytest.approx(0.1)

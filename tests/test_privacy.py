@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hflmpi.privacy import (
+from hflmpi.core.privacy import (
     DEFAULT_ALPHAS,
     clip_update,
     epsilon_for,
@@ -21,7 +21,7 @@ from hflmpi.privacy import (
     sensitivity,
     sigma_for,
 )
-from hflmpi.rng import torch_generator
+from hflmpi.core.rng import torch_generator
 
 # --------------------------------------------------------------------------------------------
 # Clipping

@@ -1,4 +1,4 @@
-"""Serial tests of the rank-0 progress line (hflmpi.progress)."""
+"""Serial tests of the rank-0 progress line (hflmpi.record.progress)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from hflmpi.progress import Progress, format_progress, is_ci, resolve_style
+from hflmpi.record.progress import Progress, format_progress, is_ci, resolve_style
 
 
 class FakeTTY(io.StringIO):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from hflmpi.packing import unpack_levels
-from hflmpi.quantize import (
+from hflmpi.core.packing import unpack_levels
+from hflmpi.core.quantize import (
     Codec,
     IdentityCodec,
     QuantizedPayload,
@@ -30,7 +30,7 @@ from hflmpi.quantize import (
     to_levels,
     variance_bound,
 )
-from hflmpi.rng import torch_generator
+from hflmpi.core.rng import torch_generator
 
 B = 16
 BUCKET_SCALES = [3.0, 0.5, 0.0, 1e-20, 7.5e5, 2.0]  # bucket 2 is all zeros; the last is short

@@ -21,13 +21,13 @@ from conftest import parallel_assert, random_nested_groups
 mpi4py = pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
-from hflmpi.aggregate import HierarchicalAggregator  # noqa: E402
-from hflmpi.comm import LayerComms  # noqa: E402
-from hflmpi.packing import packed_nbytes  # noqa: E402
-from hflmpi.quantize import bucket_absmax, from_level_sum, levels_for_bits, to_levels  # noqa: E402
-from hflmpi.rng import torch_generator  # noqa: E402
-from hflmpi.topology import plan_fanouts, plan_groups  # noqa: E402
-from hflmpi.uplink import choose_method  # noqa: E402
+from hflmpi.mpi.aggregate import HierarchicalAggregator  # noqa: E402
+from hflmpi.mpi.comm import LayerComms  # noqa: E402
+from hflmpi.core.packing import packed_nbytes  # noqa: E402
+from hflmpi.core.quantize import bucket_absmax, from_level_sum, levels_for_bits, to_levels  # noqa: E402
+from hflmpi.core.rng import torch_generator  # noqa: E402
+from hflmpi.core.topology import plan_fanouts, plan_groups  # noqa: E402
+from hflmpi.mpi.uplink import choose_method  # noqa: E402
 
 NUMEL = 1000
 BUCKET = 64

@@ -19,13 +19,13 @@ from conftest import parallel_assert
 mpi4py = pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
-from hflmpi.aggregate import HierarchicalAggregator, PrivacyOptions  # noqa: E402
-from hflmpi.comm import LayerComms  # noqa: E402
-from hflmpi.guard import (  # noqa: E402
+from hflmpi.mpi.aggregate import HierarchicalAggregator, PrivacyOptions  # noqa: E402
+from hflmpi.mpi.comm import LayerComms  # noqa: E402
+from hflmpi.mpi.guard import (  # noqa: E402
     HandshakeError, NonFiniteUpdateError, RankStatus, Watchdog, stall_report,
 )
-from hflmpi.rng import torch_generator  # noqa: E402
-from hflmpi.topology import plan_fanouts, plan_groups  # noqa: E402
+from hflmpi.core.rng import torch_generator  # noqa: E402
+from hflmpi.core.topology import plan_fanouts, plan_groups  # noqa: E402
 
 NUMEL = 4096
 

@@ -1,4 +1,4 @@
-"""Serial tests of ``hflmpi report`` (hflmpi.report) on synthetic run files."""
+"""Serial tests of ``hflmpi report`` (hflmpi.record.report) on synthetic run files."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hflmpi.report import PLOT_NAMES, main, plot, summarize
-from hflmpi.store import RoundMetrics, RunRecord
+from hflmpi.cli.report import main
+from hflmpi.record.report import PLOT_NAMES, plot, summarize
+from hflmpi.record.store import RoundMetrics, RunRecord
 
 ROUNDS = 12
 

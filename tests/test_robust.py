@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hflmpi.robust import (
+from hflmpi.core.robust import (
     RULES,
     coordinate_median,
     krum,

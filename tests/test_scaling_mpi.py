@@ -1,4 +1,4 @@
-"""MPI test of :mod:`hflmpi.scaling`: a minimal scaling measurement, its HDF5 rows and the plot.
+"""MPI test of :mod:`hflmpi.bench.scaling`: a minimal scaling measurement, its HDF5 rows and the plot.
 
 Run with ``mpiexec -n N python tests/mpi_pytest.py LOGDIR tests/test_scaling_mpi.py`` (any N).
 """
@@ -18,7 +18,7 @@ from conftest import parallel_assert
 pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
-from hflmpi.scaling import latest_rows, measure, plot, read_table  # noqa: E402
+from hflmpi.bench.scaling import latest_rows, measure, plot, read_table  # noqa: E402
 
 TINY = dict(rounds=3, features=16, hidden=(32,), total_samples=256, total_batch=16,
             per_rank_samples=64, batch=8)

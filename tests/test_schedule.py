@@ -2,7 +2,7 @@
 
 import pytest
 
-from hflmpi.schedule import aggregation_layer, period_lengths, round_events, steps_per_round
+from hflmpi.core.schedule import aggregation_layer, period_lengths, round_events, steps_per_round
 
 
 def test_two_layers_hsgd_local_and_global_periods():

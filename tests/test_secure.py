@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hflmpi.secure import (
+from hflmpi.core.secure import (
     MODP_2048_G,
     MODP_2048_P,
     DiffieHellmanSeeds,

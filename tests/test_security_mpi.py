@@ -1,4 +1,4 @@
-"""End-to-end MPI checks of the security settings of :func:`hflmpi.train.train` (issue 11).
+"""End-to-end MPI checks of the security settings of :func:`hflmpi.federation.train` (issue 11).
 
 * DP noise comes from the OS CSPRNG: two runs with the same seed release different models, and
   only the loudly-warned test override (``privacy.insecure_reproducible_noise``) makes them equal.
@@ -22,8 +22,8 @@ pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
 from hflmpi.config import ConfigError, RunConfig, config_from_dict  # noqa: E402
-from hflmpi.store import read_run_info  # noqa: E402
-from hflmpi.train import train  # noqa: E402
+from hflmpi.record.store import read_run_info  # noqa: E402
+from hflmpi.federation import train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,4 +1,4 @@
-"""Serial tests of the HDF5 run record (hflmpi.store)."""
+"""Serial tests of the HDF5 run record (hflmpi.record.store)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 import hflmpi
 from hflmpi import __version__
-from hflmpi.store import (
+from hflmpi.record.store import (
     LAYER_METRICS,
     METHOD_CODES,
     SCALAR_METRICS,
@@ -177,7 +177,7 @@ def test_live_run_is_readable_from_another_process(run_path):
     import sys
 
     code = (
-        "import sys; from hflmpi.store import read_metrics; "
+        "import sys; from hflmpi.record.store import read_metrics; "
         "print(read_metrics(sys.argv[1])['round'].tolist())"
     )
     with RunRecord.create(run_path, CONFIG, META, layer_count=1) as rec:

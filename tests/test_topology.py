@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import random_nested_groups, tree_specs
-from hflmpi.topology import TopologyError, TreePlan, plan_fanouts, plan_groups, plan_nodes
+from hflmpi.core.topology import TopologyError, TreePlan, plan_fanouts, plan_groups, plan_nodes
 
 
 def _plan(kind, spec, world_size):

@@ -1,4 +1,4 @@
-"""End-to-end MPI tests of :func:`hflmpi.train.train` against independent serial references.
+"""End-to-end MPI tests of :func:`hflmpi.federation.train` against independent serial references.
 
 Run with ``mpiexec -n N python tests/mpi_pytest.py LOGDIR tests/test_train_mpi.py`` for N in
 1, 2, 4, 8. With quantization off the distributed run must reproduce, to float32 rounding,
@@ -38,12 +38,12 @@ pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
 from hflmpi.config import RunConfig, config_from_dict  # noqa: E402
-from hflmpi.data import load_dataset  # noqa: E402
-from hflmpi.models import build_model  # noqa: E402
-from hflmpi.partition import make_partition  # noqa: E402
-from hflmpi.rng import torch_generator  # noqa: E402
-from hflmpi.store import read_metrics, read_run_info  # noqa: E402
-from hflmpi.train import train  # noqa: E402
+from hflmpi.learn.data import load_dataset  # noqa: E402
+from hflmpi.learn.models import build_model  # noqa: E402
+from hflmpi.learn.partition import make_partition  # noqa: E402
+from hflmpi.core.rng import torch_generator  # noqa: E402
+from hflmpi.record.store import read_metrics, read_run_info  # noqa: E402
+from hflmpi.federation import train  # noqa: E402
 
 SAMPLES, FEATURES, CLASSES = 512, 20, 4
 RTOL = 1e-5  # float32 training; reference means in float64
@@ -343,7 +343,7 @@ def test_float64_run_equals_serial_float64_reference(comm, shared_dir, shape):
 def test_fewer_samples_than_clients_is_one_setup_error(comm, shared_dir):
     """Partitioning runs inside the collective set-up checks: every rank raises the same
     SetupError (naming the sample count, the ranks and the fix), none a bare ValueError."""
-    from hflmpi.train import SetupError
+    from hflmpi.federation import SetupError
 
     config = make_config(os.path.join(shared_dir, "tiny.h5"), {"fanouts": [comm.size]}, [2],
                          data={"synthetic_samples": 2, "partition": "iid"})
@@ -493,7 +493,7 @@ def test_quantized_training_learns(comm, shared_dir):
 def test_resume_over_a_different_rank_count_fails_everywhere(comm, shared_dir):
     """A checkpoint written by one rank cannot continue over ``size`` ranks: the partition, the
     batch positions and the momentum are per rank. Every rank must raise (not hang, not go on)."""
-    from hflmpi.train import SetupError
+    from hflmpi.federation import SetupError
 
     path = os.path.join(shared_dir, "solo.h5")
     config = make_config(path, {"fanouts": [1]}, [2], run={"rounds": 1})

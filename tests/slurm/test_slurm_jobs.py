@@ -49,8 +49,8 @@ if _PROBLEM is not None:
 
 import numpy as np  # noqa: E402
 
-from hflmpi.checkpoint import load_checkpoint  # noqa: E402
-from hflmpi.store import read_metrics, read_run_info  # noqa: E402
+from hflmpi.record.checkpoint import load_checkpoint  # noqa: E402
+from hflmpi.record.store import read_metrics, read_run_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = REPO / "jobs"

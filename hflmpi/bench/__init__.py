@@ -1,0 +1,1 @@
+"""Benchmarks run under mpiexec: aggregation vs raw Allreduce and gloo, scaling, Flower."""

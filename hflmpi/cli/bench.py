@@ -1,0 +1,233 @@
+"""``hflmpi bench aggregate|scaling|flower``: benchmarks run under ``mpiexec -n P``.
+
+``aggregate`` times the hierarchical aggregation against a raw mpi4py ``Allreduce`` (and gloo) of
+the same buffer in the same run; ``scaling`` writes strong/weak scaling rows (and ``scaling plot``
+adds cost-model predictions); ``flower`` compares a FedAvg round with Flower's simulation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from mpi4py import MPI
+
+from hflmpi.bench.aggregate import bench_aggregate, default_fanouts
+from hflmpi.bench.flower import Job, flower_available, run_flower, run_hflmpi, wait_sleeping
+from hflmpi.bench.scaling import PREDICT_WORLDS, measure, plot
+from hflmpi.core.topology import plan_fanouts
+
+__all__ = ["main"]
+
+
+def _format_rows(rows: list[dict[str, float]], world_size: int, fanouts: Sequence[int]) -> str:
+    lines = [
+        f"# hflmpi bench aggregate: {world_size} ranks, tree fanouts={list(fanouts)}, float32, "
+        "median of repeats, slowest rank",
+        f"{'params':>10} {'raw MPI ms':>11} {'subtree ms':>11} {'tree ms':>9} {'gloo ms':>9} "
+        f"{'subtree/raw':>12} {'tree/raw':>9} {'gloo/raw':>9}",
+    ]
+    for row in rows:
+        raw = row["mpi_allreduce"]
+        gloo = row.get("gloo_all_reduce", float("nan"))
+        lines.append(
+            f"{int(row['numel']):>10} {raw * 1e3:>11.2f} {row['hfl_subtree'] * 1e3:>11.2f} "
+            f"{row['hfl_tree'] * 1e3:>9.2f} {gloo * 1e3:>9.2f} {row['hfl_subtree'] / raw:>12.3f} "
+            f"{row['hfl_tree'] / raw:>9.3f} {gloo / raw:>9.3f}"
+        )
+    widths = sorted({int(k[1:]) for row in rows for k in row if k[0] == "q" and k[1:].isdigit()}, reverse=True)
+    if widths:
+        lines.append("# quantized (quantize + exact integer reduce + dequantize + broadcast), all layers")
+        lines.append(f"{'params':>10} {'bits':>4} {'method':>11} {'ms':>9} {'time/raw':>9} "
+                     f"{'uplink bytes':>13} {'bytes/float32':>14}")
+        for row in rows:
+            for width in widths:
+                method = "integer-sum" if row[f"q{width}_method"] == 1 else "gather"
+                lines.append(
+                    f"{int(row['numel']):>10} {width:>4} {method:>11} {row[f'q{width}'] * 1e3:>9.2f} "
+                    f"{row[f'q{width}'] / row['mpi_allreduce']:>9.3f} {int(row[f'q{width}_bytes']):>13} "
+                    f"{row[f'q{width}_bytes'] / row['float_bytes']:>14.4f}"
+                )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int:
+    """Entry point of ``hflmpi bench``; run it under ``mpiexec -n P``."""
+    parser = argparse.ArgumentParser(prog="hflmpi bench", description="Benchmarks under mpiexec: aggregation, scaling, Flower.")
+    sub = parser.add_subparsers(dest="what", required=True)
+    agg = sub.add_parser("aggregate", help="hierarchical aggregation vs raw Allreduce and gloo")
+    agg.add_argument("--sizes", default="1000000,10000000,25000000", help="parameter counts, comma-separated")
+    agg.add_argument("--fanouts", default="", help="tree fan-outs, e.g. 4,2 (default: groups of 4 or 2)")
+    agg.add_argument("--repeats", type=int, default=7)
+    agg.add_argument("--no-gloo", action="store_true", help="skip the torch.distributed baseline")
+    agg.add_argument("--bits", default="", help="also time quantized aggregation at these widths, e.g. 8,4,2")
+    agg.add_argument("--bucket-size", type=int, default=0, help="0 = auto per width")
+    sub.add_parser("scaling", add_help=False,
+                   help="strong/weak scaling rows to HDF5; 'scaling plot' adds cost-model predictions")
+    sub.add_parser("flower", add_help=False, help="FedAvg round time: hflmpi vs Flower's simulation")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw and raw[0] == "scaling":  # their own parsers
+        return _scaling(raw[1:], comm)
+    if raw and raw[0] == "flower":
+        return _flower(raw[1:], comm)
+    args = parser.parse_args(argv)
+    comm = MPI.COMM_WORLD if comm is None else comm
+    torch.set_num_threads(1)
+    sizes = [int(float(s)) for s in args.sizes.split(",") if s]
+    fanouts = [int(f) for f in args.fanouts.split(",") if f] or default_fanouts(comm.Get_size())
+    plan = plan_fanouts(fanouts, comm.Get_size())
+    bits = [int(b) for b in args.bits.split(",") if b]
+    rows = bench_aggregate(comm, sizes, plan, args.repeats, gloo=not args.no_gloo, bits=bits,
+                           bucket_size=args.bucket_size)
+    if comm.Get_rank() == 0:
+        print(_format_rows(rows, comm.Get_size(), fanouts), flush=True)
+    return 0
+
+
+
+def _scaling(argv: Sequence[str] | None = None, comm: Any = None) -> int:
+    """Entry point of ``hflmpi bench scaling [plot]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "plot":
+        parser = argparse.ArgumentParser(prog="hflmpi bench scaling plot",
+                                         description="Plot scaling rows with cost-model predictions.")
+        parser.add_argument("--out", default="runs/scaling.h5", help="the scaling HDF5 file")
+        parser.add_argument("--plots", default="runs/scaling_plots", help="directory for the PNGs")
+        parser.add_argument("--numel", type=int, default=0, help="model size for the predictions "
+                            "(default: the measured model's)")
+        parser.add_argument("--worlds", default=",".join(map(str, PREDICT_WORLDS)),
+                            help="rank counts to predict (powers of two times 8)")
+        parser.add_argument("--t-cp", type=float, default=0.0, help="seconds per SGD step for the "
+                            "predictions (default: fitted, scaled to --numel)")
+        parser.add_argument("--table", default="", help="also write the tables (Markdown) here")
+        opts = parser.parse_args(args[1:])
+        try:
+            worlds = [int(w) for w in opts.worlds.split(",") if w]
+            written, tables = plot(opts.out, opts.plots, numel=opts.numel or None, worlds=worlds,
+                                   t_cp=opts.t_cp or None)
+        except (OSError, ValueError) as exc:
+            print(f"hflmpi bench scaling plot: error: {exc}", file=sys.stderr)
+            return 2
+        print(tables)
+        if opts.table:
+            Path(opts.table).write_text(tables + "\n", encoding="utf-8")
+        print("\n".join(f"wrote {p}" for p in written))
+        return 0
+    parser = argparse.ArgumentParser(prog="hflmpi bench scaling",
+                                     description="Strong/weak scaling rows (run under mpiexec -n P).")
+    parser.add_argument("--out", default="runs/scaling.h5", help="HDF5 file the rows are appended to")
+    parser.add_argument("--modes", default="strong,weak")
+    parser.add_argument("--depths", default="1,2,3")
+    parser.add_argument("--rounds", type=int, default=12, help="rounds per job (first and last not timed)")
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--hidden", default="256,256", help="MLP hidden widths")
+    parser.add_argument("--total-samples", type=int, default=4096, help="strong scaling: all ranks")
+    parser.add_argument("--total-batch", type=int, default=64, help="strong scaling: batch over all ranks")
+    parser.add_argument("--per-rank-samples", type=int, default=512, help="weak scaling")
+    parser.add_argument("--batch", type=int, default=16, help="weak scaling: batch per rank")
+    parser.add_argument("--bits", type=int, default=0, help="quantizer bits at every layer (0 = exact)")
+    parser.add_argument("--no-collectives", action="store_true", help="skip timing raw collectives")
+    parser.add_argument("--sizes", default="8,4096,262144,2097152", help="collective sizes (bytes)")
+    parser.add_argument("--repeats", type=int, default=5)
+    opts = parser.parse_args(args)
+    import torch
+    from mpi4py import MPI
+
+    torch.set_num_threads(1)
+    comm = MPI.COMM_WORLD if comm is None else comm
+    rows = measure(
+        comm, opts.out, modes=[m for m in opts.modes.split(",") if m],
+        depths=[int(d) for d in opts.depths.split(",") if d], collectives=not opts.no_collectives,
+        sizes=[int(s) for s in opts.sizes.split(",") if s], repeats=opts.repeats,
+        rounds=opts.rounds, features=opts.features,
+        hidden=[int(h) for h in opts.hidden.split(",") if h], total_samples=opts.total_samples,
+        total_batch=opts.total_batch, per_rank_samples=opts.per_rank_samples, batch=opts.batch,
+        bits=opts.bits,
+    )
+    if comm.Get_rank() == 0:
+        for r in rows:
+            print(f"P={r['world']} depth={r['depth']} {r['mode']:>6} fanouts={r['fanouts']} "
+                  f"batch={r['batch']} rounds/s={r['rounds_per_second']:.1f} "
+                  f"compute={r['compute_seconds'] * 1e3:.2f} ms comm={r['comm_seconds'] * 1e3:.2f} ms "
+                  f"bytes/round={r['bytes_per_round']:.0f} (model {r['predicted_bytes_per_round']:.0f})",
+                  flush=True)
+    return 0
+
+
+
+def _report(job: Job, results: list[dict[str, Any]]) -> str:
+    lines = [f"# FedAvg, {job.clients} clients, MLP {job.features}-{'-'.join(map(str, job.hidden))}-10 "
+             f"({job.numel:,} parameters), {job.samples_per_client} samples and "
+             f"{job.steps_per_epoch} SGD steps (1 epoch, batch {job.batch}) per client per round, "
+             f"{job.rounds} rounds, {os.cpu_count()} cores",
+             f"{'framework':<40} {'s/round (median)':>17} {'rounds timed':>13} {'test acc':>9}"]
+    for r in results:
+        lines.append(f"{r['framework']:<40} {r['median_round_seconds']:>17.4f} {r['rounds_timed']:>13} "
+                     f"{r['test_accuracy']:>9.4f}")
+    if len(results) == 2:
+        lines.append(f"Flower / hflmpi time per round: "
+                     f"{results[1]['median_round_seconds'] / results[0]['median_round_seconds']:.2f}x")
+    return "\n".join(lines)
+
+
+def _flower(argv: Sequence[str] | None = None, comm: Any = None) -> int:
+    """Entry point of ``hflmpi bench flower`` (under ``mpiexec -n CLIENTS``)."""
+    parser = argparse.ArgumentParser(prog="hflmpi bench flower", description="FedAvg round time: hflmpi vs Flower's simulation of the same job.")
+    parser.add_argument("--clients", type=int, default=0, help="default: the MPI world size (8 intended)")
+    parser.add_argument("--rounds", type=int, default=Job.rounds)
+    parser.add_argument("--samples-per-client", type=int, default=Job.samples_per_client)
+    parser.add_argument("--batch", type=int, default=Job.batch)
+    parser.add_argument("--hidden", default=",".join(map(str, Job.hidden)))
+    parser.add_argument("--side", choices=("both", "hflmpi", "flower"), default="both",
+                        help="flower alone needs no mpiexec")
+    parser.add_argument("--cpus", type=float, default=0, help="CPUs for Ray (default: all cores)")
+    parser.add_argument("--json", default="", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.side == "flower":
+        comm = None
+    else:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD if comm is None else comm
+    size = comm.Get_size() if comm is not None else 1
+    rank = comm.Get_rank() if comm is not None else 0
+    job = Job(clients=args.clients or (size if args.side != "flower" else Job.clients), rounds=args.rounds,
+              samples_per_client=args.samples_per_client, batch=args.batch,
+              hidden=tuple(int(h) for h in args.hidden.split(",") if h))
+    results: list[dict[str, Any]] = []
+    if args.side in ("both", "hflmpi"):
+        import torch
+
+        torch.set_num_threads(1)
+        try:
+            results.append(run_hflmpi(comm, job))
+        except ValueError as exc:
+            if rank == 0:
+                print(f"hflmpi bench flower: error: {exc}", file=sys.stderr)
+            return 2
+    message = ""
+    if args.side in ("both", "flower"):
+        available, why = flower_available()
+        if not available:
+            message = f"Flower comparison skipped: flwr is not usable here ({why})"
+        elif rank == 0:
+            results.append(run_flower(job, args.cpus or None))
+        if comm is not None and available:
+            wait_sleeping(comm)  # all ranks; rank 0 arrives after Flower finished
+    if rank == 0:
+        if results:
+            print(_report(job, results))
+        if message:
+            print(message)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"job": asdict(job), "numel": job.numel,
+                                                   "results": results, "note": message}, indent=2))
+    return 0
+

@@ -1,0 +1,36 @@
+"""``hflmpi report RUN.h5 [RUN2.h5 ...] [--out DIR]``: summary table and comparison plots."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from hflmpi.record.report import plot, summarize
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hflmpi report",
+        description="Summarise and compare hflmpi run records (HDF5).",
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN.h5", help="run record(s) to compare")
+    parser.add_argument("--out", metavar="DIR", help="also write comparison PNGs into DIR")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hflmpi report``; return the exit status (0 ok, 1 unreadable input)."""
+    args = _parser().parse_args(argv)
+    try:
+        sys.stdout.write(summarize(args.runs))
+        if args.out:
+            for path in plot(args.runs, args.out):
+                sys.stdout.write(f"wrote {path}\n")
+    except (OSError, KeyError, ValueError) as err:
+        sys.stderr.write(f"hflmpi report: error: {err}\n")
+        return 1
+    return 0
+

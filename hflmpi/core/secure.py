@@ -1,0 +1,485 @@
+r"""Secure aggregation of integer levels by pairwise additive masking (pure tensor math).
+
+The quantized uplink (:mod:`hflmpi.mpi.uplink`) sums the children's integer levels ``l_i`` in a signed
+container of ``D`` bits (:func:`hflmpi.core.quantize.sum_dtype`). Following Bonawitz et al.,
+"Practical secure aggregation for privacy-preserving machine learning" (CCS 2017, Sec. 4), each of
+the ``k`` participants ``i = 0..k-1`` of a group sends instead
+
+.. math::
+
+    y_i = l_i + \sum_{j > i} p_{ij} - \sum_{j < i} p_{ij} \pmod{2^w},
+
+where ``p_ij = PRG(key_ij)`` is a vector of uniform ``w``-bit integers from a key that only
+participants ``i`` and ``j`` hold (``w <= D``, default ``w = D``). Every pair's mask is added once
+and subtracted once, so ``sum_i y_i = sum_i l_i (mod 2^w)`` and, as long as the true sum lies in
+``[-2^(w-1), 2^(w-1))`` (``sum_dtype`` guarantees it for ``w = D``), :func:`unmask_sum` returns it
+exactly. Any single ``y_i`` (and any partial sum of fewer than all ``k``) is uniform over
+``Z_{2^w}`` whatever ``l_i`` is, given that the observer lacks the pair keys involved.
+
+Keys and generator:
+
+* A :class:`PairwiseSeeds` gives the 32-byte key of pair ``{i, j}`` for one release, bound to the
+  context ``(step, layer, group)``; masks are never reused across releases (reuse would reveal
+  ``l_i - l'_i``).
+* :class:`SharedSecretSeeds` derives it as ``BLAKE2b(key=secret, person="hflmpi-secagg",
+  data=(step, layer, group, min(i,j), max(i,j)))`` from one run secret that **every holder knows**:
+  it hides the levels only from parties without the secret (see ``docs/security.md``).
+* :class:`DiffieHellmanSeeds` agrees a key per pair with finite-field Diffie-Hellman in the
+  2048-bit MODP group 14 (RFC 3526) and derives the per-release key from it with keyed BLAKE2b;
+  each participant then holds only its own ``k - 1`` pair keys, so an honest-but-curious leader
+  (itself participant 0) learns only the sum.
+* The PRG expands a key with SHAKE-128 (FIPS 202), block by block (``2**20`` elements per block,
+  each block an independent XOF output keyed by ``(key, block index)``), ``ceil(w/8)`` bytes per
+  element, little-endian, reduced modulo ``2^w``. It runs on the CPU (about 0.2-0.4 GB/s);
+  masks are copied to the levels' device.
+
+Dropouts: if a participant that others masked against does not contribute, the sum carries its
+pairs' masks and is garbage. There is no secret-sharing recovery in this version: the round must
+be aborted and retried, or the survivors each add :func:`mask_correction` (they hold the pair keys
+with the dropped participants) in a second message, which removes exactly those masks. A dropped
+participant's late message must then be discarded: with the corrections, it would reveal its levels
+(Bonawitz et al.'s double masking prevents this; it is not implemented).
+
+Arithmetic: for ``w <= 32`` everything is exact int64 arithmetic reduced modulo ``2^w``; for
+``w = 64`` masks are combined in numpy ``uint64`` (defined wrap-around) and added to int64 levels
+with torch's two's-complement wrapping add. Results are mapped to the signed range
+``[-2^(w-1), 2^(w-1))`` and stored in the levels' dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "PairwiseSeeds",
+    "SharedSecretSeeds",
+    "DiffieHellmanSeeds",
+    "dh_keypair",
+    "MODP_2048_P",
+    "MODP_2048_G",
+    "dtype_bits",
+    "required_modulus_bits",
+    "pair_mask",
+    "mask_levels",
+    "unmask_sum",
+    "mask_correction",
+]
+
+_INT_DTYPES = {torch.int8: 8, torch.int16: 16, torch.int32: 32, torch.int64: 64}
+_BLOCK = 1 << 20  # elements per independent PRG block
+_PERSON = b"hflmpi-secagg"  # BLAKE2b personalization (at most 16 bytes)
+_CONTEXT = struct.Struct("<QQQQQ")  # step, layer, group, low id, high id
+
+# RFC 3526, Sec. 3: the 2048-bit MODP group (group 14), p = 2^2048 - 2^1984 - 1 + 2^64 *
+# ([2^1918 pi] + 124476), a safe prime; g = 2 generates the subgroup of prime order (p - 1) / 2.
+MODP_2048_P = int(
+    "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74"
+    "020BBEA63B139B22514A08798E3404DDEF9519B3CD3A431B302B0A6DF25F1437"
+    "4FE1356D6D51C245E485B576625E7EC6F44C42E9A637ED6B0BFF5CB6F406B7ED"
+    "EE386BFB5A899FA5AE9F24117C4B1FE649286651ECE45B3DC2007CB8A163BF05"
+    "98DA48361C55D39A69163FA8FD24CF5F83655D23DCA3AD961C62F356208552BB"
+    "9ED529077096966D670C354E4ABC9804F1746C08CA18217C32905E462E36CE3B"
+    "E39E772C180E86039B2783A2EC07A28FB5C55DF06F4C52C9DE2BCBF695581718"
+    "3995497CEA956AE515D2261898FA051015728E5A8AACAA68FFFFFFFFFFFFFFFF",
+    16,
+)
+MODP_2048_G = 2
+_MODP_Q = (MODP_2048_P - 1) // 2
+
+
+# --------------------------------------------------------------------------------------------
+# Pair keys
+# --------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class PairwiseSeeds(Protocol):
+    """Source of the secret key of a participant pair for one release.
+
+    Implementations must be symmetric (``pair_key(i, j, ...) == pair_key(j, i, ...)``), give
+    different keys for different contexts, and be unpredictable to anyone but ``i`` and ``j``
+    (that last property is what the threat model rests on).
+    """
+
+    def pair_key(self, i: int, j: int, *, step: int, layer: int, group: int) -> bytes:
+        """Return the 32-byte key of pair ``{i, j}`` (``i != j``) for ``(step, layer, group)``."""
+        ...
+
+
+def _context(i: int, j: int, step: int, layer: int, group: int) -> bytes:
+    for name, value in (("i", i), ("j", j), ("step", step), ("layer", layer), ("group", group)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+            raise ValueError(f"pair key {name}={value!r} must be an integer in [0, 2**64)")
+    if i == j:
+        raise ValueError(f"a pair needs two different participants, got i = j = {i}")
+    return _CONTEXT.pack(step, layer, group, min(i, j), max(i, j))
+
+
+class SharedSecretSeeds:
+    """Pair keys derived from one run secret: ``BLAKE2b(key=secret, data=context)``.
+
+    Everyone holding ``secret`` can derive every pair's key and therefore unmask every
+    participant. Use it only where the secret is kept from the party the levels must be hidden
+    from (see ``docs/security.md``); :class:`DiffieHellmanSeeds` needs no such trust.
+
+    Parameters
+    ----------
+    secret : bytes
+        16 to 64 bytes of secret randomness (e.g. ``secrets.token_bytes(32)``), identical on all
+        participants. Never derive it from the run seed, which is stored in the run file.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        if not isinstance(secret, (bytes, bytearray)) or not 16 <= len(secret) <= 64:
+            got = len(secret) if isinstance(secret, (bytes, bytearray)) else type(secret).__name__
+            raise ValueError(
+                "the secure-aggregation secret must be 16..64 bytes "
+                f"(e.g. secrets.token_bytes(32)), got {got}"
+            )
+        self._secret = bytes(secret)
+
+    def pair_key(self, i: int, j: int, *, step: int, layer: int, group: int) -> bytes:
+        """Return ``BLAKE2b-256(key=secret, person="hflmpi-secagg", data=context)``."""
+        data = _context(i, j, step, layer, group)
+        return hashlib.blake2b(data, digest_size=32, key=self._secret, person=_PERSON).digest()
+
+    def __repr__(self) -> str:
+        return "SharedSecretSeeds(<secret>)"
+
+
+def dh_keypair() -> tuple[int, int]:
+    """Return a fresh Diffie-Hellman ``(private, public)`` pair in the RFC 3526 2048-bit group.
+
+    The private exponent is 256 bits from :mod:`secrets` (the OS CSPRNG); the public key is
+    ``g^private mod p``. Publish the public key to the group (one allgather at set-up).
+    """
+    private = secrets.randbits(256) | (1 << 255)
+    return private, pow(MODP_2048_G, private, MODP_2048_P)
+
+
+class DiffieHellmanSeeds:
+    """Pair keys agreed with Diffie-Hellman: each participant knows only its own ``k - 1`` pairs.
+
+    Participant ``me`` computes ``s_{me,j} = public_j^private mod p`` for every peer ``j``, hashes
+    it with BLAKE2b into a pair master key, and derives the key of each release as
+    ``BLAKE2b(key=master, person="hflmpi-secagg", data=context)``. Secure against an
+    honest-but-curious leader and eavesdroppers; not against a leader that substitutes public keys
+    (an active attacker), which needs authenticated keys (signatures or a PKI).
+
+    Parameters
+    ----------
+    me : int
+        This participant's id (its rank in the group).
+    private : int
+        Its private exponent from :func:`dh_keypair`.
+    public_keys : sequence of int
+        Every participant's public key, indexed by id (``public_keys[me]`` is its own).
+    session : bytes
+        Optional label mixed into every master key (e.g. the run id).
+
+    Raises
+    ------
+    ValueError
+        If a peer's public key is not in the prime-order subgroup (``1 < y < p - 1`` and
+        ``y^q = 1``), which also rejects the degenerate keys 0, 1 and ``p - 1``.
+    """
+
+    def __init__(
+        self, me: int, private: int, public_keys: Sequence[int], *, session: bytes = b""
+    ) -> None:
+        k = len(public_keys)
+        if not 0 <= me < k:
+            raise ValueError(f"participant id me={me} is outside 0..{k - 1}")
+        if pow(MODP_2048_G, private, MODP_2048_P) != public_keys[me]:
+            raise ValueError(f"public_keys[{me}] is not this participant's public key")
+        self.me = me
+        self.group_size = k
+        self._masters: dict[int, bytes] = {}
+        for j, public in enumerate(public_keys):
+            if j == me:
+                continue
+            if not 1 < public < MODP_2048_P - 1 or pow(public, _MODP_Q, MODP_2048_P) != 1:
+                raise ValueError(f"public key of participant {j} is not a valid group element")
+            shared = pow(public, private, MODP_2048_P).to_bytes(256, "big")
+            self._masters[j] = hashlib.blake2b(
+                shared + bytes(session), digest_size=32, person=b"hflmpi-dh"
+            ).digest()
+
+    def pair_key(self, i: int, j: int, *, step: int, layer: int, group: int) -> bytes:
+        """Return the key of pair ``{i, j}``; one of them must be this participant."""
+        data = _context(i, j, step, layer, group)
+        if self.me not in (i, j):
+            raise PermissionError(
+                f"participant {self.me} holds no key for the pair ({i}, {j}); only its own pairs"
+            )
+        peer = j if i == self.me else i
+        if peer not in self._masters:
+            raise ValueError(f"participant {peer} is outside the group of {self.group_size}")
+        return hashlib.blake2b(
+            data, digest_size=32, key=self._masters[peer], person=_PERSON
+        ).digest()
+
+    def __repr__(self) -> str:
+        return f"DiffieHellmanSeeds(me={self.me}, group_size={self.group_size})"
+
+
+# --------------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------------
+
+
+def dtype_bits(dtype: torch.dtype) -> int:
+    """Return the width of a signed integer dtype (int8/16/32/64)."""
+    if dtype not in _INT_DTYPES:
+        raise TypeError(f"secure aggregation needs int8/16/32/64 levels, got {dtype}")
+    return _INT_DTYPES[dtype]
+
+
+def required_modulus_bits(bound: int) -> int:
+    """Return the smallest ``w`` with ``[-bound, bound]`` inside ``[-2^(w-1), 2^(w-1))``.
+
+    For a group of ``fan_in`` children with levels in ``[-s, s]`` pass ``bound = fan_in * s``.
+    """
+    if isinstance(bound, bool) or not isinstance(bound, int) or bound < 0:
+        raise ValueError(f"bound={bound!r} must be an integer >= 0")
+    return bound.bit_length() + 1
+
+
+def _check_modulus(modulus_bits: int | None, dtype: torch.dtype) -> int:
+    width = dtype_bits(dtype)
+    if modulus_bits is None:
+        return width
+    if isinstance(modulus_bits, bool) or not isinstance(modulus_bits, int):
+        raise TypeError(f"modulus_bits={modulus_bits!r} must be an integer")
+    if not 2 <= modulus_bits <= width:
+        raise ValueError(
+            f"modulus_bits={modulus_bits} must be in 2..{width} for {dtype} levels "
+            "(the masked values must fit the container)"
+        )
+    return modulus_bits
+
+
+def pair_mask(key: bytes, numel: int, modulus_bits: int, *, start: int = 0) -> np.ndarray:
+    """Return elements ``start .. start+numel`` of the mask stream of ``key`` as ``uint64 < 2^w``.
+
+    Element ``e`` of the stream is bytes ``[(e % B) c, (e % B + 1) c)`` of
+    ``SHAKE-128(key || "blk" || le64(e // B))`` read little-endian and reduced modulo ``2^w``,
+    with ``B = 2**20`` elements per block and ``c = 1, 2, 4`` or ``8`` bytes (the smallest
+    that holds ``w`` bits).
+    """
+    if not 1 <= modulus_bits <= 64:
+        raise ValueError(f"modulus_bits={modulus_bits} must be in 1..64")
+    if numel < 0 or start < 0:
+        raise ValueError(f"numel={numel} and start={start} must be >= 0")
+    nbytes = next(c for c in (1, 2, 4, 8) if 8 * c >= modulus_bits)
+    dtype = np.dtype(f"<u{nbytes}")
+    out = np.empty(numel, dtype=np.uint64)
+    done = 0
+    while done < numel:
+        element = start + done
+        block, offset = divmod(element, _BLOCK)
+        count = min(numel - done, _BLOCK - offset)
+        stream = hashlib.shake_128(key + b"blk" + struct.pack("<Q", block)).digest(
+            (offset + count) * nbytes
+        )
+        out[done : done + count] = np.frombuffer(stream, dtype=dtype, offset=offset * nbytes)
+        done += count
+    if modulus_bits < 64:
+        out &= np.uint64((1 << modulus_bits) - 1)
+    return out
+
+
+def _pair_keys(
+    participant: int, peers: Iterable[int], seeds: PairwiseSeeds, step: int, layer: int, group: int
+) -> list[tuple[int, bytes]]:
+    return [(j, seeds.pair_key(participant, j, step=step, layer=layer, group=group)) for j in peers]
+
+
+def _net_mask(
+    participant: int, keys: list[tuple[int, bytes]], start: int, count: int, modulus_bits: int
+) -> np.ndarray:
+    """Return ``sum_{j > i} p_ij - sum_{j < i} p_ij mod 2^w`` over ``keys`` for one block."""
+    total = np.zeros(count, dtype=np.uint64)
+    for j, key in keys:
+        mask = pair_mask(key, count, modulus_bits, start=start)
+        if j > participant:
+            total += mask  # uint64 arithmetic wraps modulo 2^64 by definition
+        else:
+            total -= mask
+    if modulus_bits < 64:
+        total &= np.uint64((1 << modulus_bits) - 1)
+    return total
+
+
+def _add_mod(levels: torch.Tensor, mask: np.ndarray, modulus_bits: int, out: torch.Tensor) -> None:
+    """Write ``centered((levels + mask) mod 2^w)`` into ``out`` (1-D views of one block)."""
+    addend = torch.from_numpy(mask.view(np.int64)).to(levels.device)
+    if modulus_bits == 64:
+        torch.add(levels, addend, out=out)  # int64 two's-complement wrap-around
+        return
+    # exact for container widths <= 32; for int64 levels any wrap is modulo 2^64, a multiple of 2^w
+    wide = levels.to(torch.int64) + addend
+    half = 1 << (modulus_bits - 1)
+    wide.add_(half).bitwise_and_((1 << modulus_bits) - 1).sub_(half)
+    out.copy_(wide)
+
+
+def _apply_masks(
+    levels: torch.Tensor,
+    out: torch.Tensor,
+    participant: int,
+    keys: list[tuple[int, bytes]],
+    modulus_bits: int,
+    negate: bool = False,
+) -> None:
+    """Add (or subtract) the net mask of ``keys`` to 1-D ``levels`` into ``out``, block by block."""
+    numel = levels.numel()
+    for start in range(0, numel, _BLOCK):
+        count = min(_BLOCK, numel - start)
+        net = _net_mask(participant, keys, start, count, modulus_bits)
+        if negate:
+            net = np.zeros(count, dtype=np.uint64) - net  # wraps modulo 2^64
+            if modulus_bits < 64:
+                net &= np.uint64((1 << modulus_bits) - 1)
+        _add_mod(levels[start : start + count], net, modulus_bits, out[start : start + count])
+
+
+def _check_group(participant: int, group_size: int) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be an integer >= 1")
+    if isinstance(participant, bool) or not isinstance(participant, int):
+        raise TypeError(f"participant={participant!r} must be an integer id")
+    if not 0 <= participant < group_size:
+        raise ValueError(f"participant={participant} is outside 0..{group_size - 1}")
+
+
+def mask_levels(
+    levels: torch.Tensor,
+    participant: int,
+    group_size: int,
+    seeds: PairwiseSeeds,
+    modulus_bits: int | None = None,
+    *,
+    step: int,
+    layer: int,
+    group: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return ``participant``'s masked levels ``l_i + sum_{j>i} p_ij - sum_{j<i} p_ij (mod 2^w)``.
+
+    Parameters
+    ----------
+    levels : Tensor
+        int8/16/32/64 levels (any shape, any device).
+    participant : int
+        This participant's id ``i`` in ``0..group_size-1`` (its rank in the group communicator).
+    group_size : int
+        Number of participants ``k`` whose masked levels will be summed. With ``k = 1`` there is
+        no pair and the levels are returned unmasked (a sum of one reveals it anyway).
+    seeds : PairwiseSeeds
+        Pair keys.
+    modulus_bits : int, optional
+        ``w`` (2..D); default ``D``, the dtype's width. The true sum of the group must lie in
+        ``[-2^(w-1), 2^(w-1))``.
+    step, layer, group : int
+        The release this mask is for; every release must use a distinct triple.
+    out : Tensor, optional
+        Tensor of ``levels``' dtype, shape and device to write into (may be ``levels`` itself).
+
+    Returns
+    -------
+    Tensor
+        Masked levels in ``[-2^(w-1), 2^(w-1))``, ``levels``' dtype (``out`` if given).
+    """
+    _check_group(participant, group_size)
+    w = _check_modulus(modulus_bits, levels.dtype)
+    if out is None:
+        out = torch.empty_like(levels)
+    if out.dtype != levels.dtype or out.shape != levels.shape:
+        raise ValueError(f"out must match levels: {levels.dtype} {tuple(levels.shape)}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    peers = [j for j in range(group_size) if j != participant]
+    keys = _pair_keys(participant, peers, seeds, step, layer, group)
+    _apply_masks(levels.reshape(-1), out.view(-1), participant, keys, w)
+    return out
+
+
+def unmask_sum(masked_sum: torch.Tensor, modulus_bits: int | None = None) -> torch.Tensor:
+    """Return the true sum from the (wrapping) sum of all masked contributions.
+
+    The masks cancel in the sum, so this only maps ``masked_sum`` modulo ``2^w`` to the signed
+    range ``[-2^(w-1), 2^(w-1))``: the identity when ``w`` is the dtype's width (the container's
+    wrap-around already did it). Returns a new tensor of the same dtype.
+    """
+    w = _check_modulus(modulus_bits, masked_sum.dtype)
+    if w == dtype_bits(masked_sum.dtype):
+        return masked_sum.clone()
+    half = 1 << (w - 1)
+    wide = masked_sum.to(torch.int64).add_(half).bitwise_and_((1 << w) - 1).sub_(half)
+    return wide.to(masked_sum.dtype)
+
+
+def mask_correction(
+    dropped: set[int] | frozenset[int],
+    participant: int,
+    group_size: int,
+    seeds: PairwiseSeeds,
+    modulus_bits: int | None = None,
+    *,
+    numel: int,
+    step: int,
+    layer: int,
+    group: int = 0,
+    dtype: torch.dtype = torch.int32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Return what survivor ``participant`` adds to the sum to cancel its masks with ``dropped``.
+
+    Survivor ``i`` masked against every ``j``; the pairs among survivors cancel, the pairs with
+    dropped ``j`` do not. Its correction is
+    ``-(sum_{j in D, j > i} p_ij - sum_{j in D, j < i} p_ij) mod 2^w``, so
+    ``sum_{i survived} (y_i + correction_i) = sum_{i survived} l_i (mod 2^w)``.
+
+    Revealing corrections tells the leader the dropped participants' pair masks with the
+    survivors: it must discard any late message from a dropped participant (see the module
+    docstring).
+
+    Parameters
+    ----------
+    dropped : set of int
+        Ids that did not contribute (must not contain ``participant``).
+    participant, group_size, seeds, modulus_bits, step, layer, group
+        As given to :func:`mask_levels` for the release.
+    numel : int
+        Number of elements of the levels.
+    dtype : torch.dtype
+        Integer dtype of the levels.
+    device : torch.device or str
+        Device of the result.
+
+    Returns
+    -------
+    Tensor
+        1-D correction in ``[-2^(w-1), 2^(w-1))`` of ``dtype``, to add with wrap-around.
+    """
+    _check_group(participant, group_size)
+    dropped = set(dropped)
+    if participant in dropped:
+        raise ValueError(
+            f"participant {participant} is in dropped={sorted(dropped)}; survivors only"
+        )
+    if any(not 0 <= j < group_size for j in dropped):
+        raise ValueError(f"dropped={sorted(dropped)} holds ids outside 0..{group_size - 1}")
+    w = _check_modulus(modulus_bits, dtype)
+    keys = _pair_keys(participant, sorted(dropped), seeds, step, layer, group)
+    out = torch.zeros(numel, dtype=dtype, device=device)
+    _apply_masks(out, out, participant, keys, w, negate=True)
+    return out

@@ -1,0 +1,291 @@
+"""Train every (variant, seed) of an experiment in one MPI job and collect the curves (collective)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hflmpi import __version__
+from hflmpi.record.checkpoint import checkpoint_paths
+from hflmpi.config import RunConfig, config_from_dict
+from hflmpi.core.topology import TopologyError, TreePlan, plan_fanouts, plan_groups
+
+if sys.version_info >= (3, 11):
+    pass
+else:  # pragma: no cover
+    pass
+
+
+from hflmpi.experiments.spec import Experiment, ExperimentError, Variant, load_experiment, merge_sections
+
+_CURVES = ("round", "step", "test_accuracy", "test_loss", "train_loss", "upward_divergence",
+           "downward_divergence", "bytes_cum", "model_time", "wall_time")
+_LAYER_CURVES = ("bytes_sent", "quant_error", "compute_seconds", "comm_seconds")
+_ERROR_BYTES = 4096  # longest error text rank 0 shares with the others
+
+__all__ = ["run_experiment"]
+
+# ---------------------------------------------------------------------------------------------
+# Tree, model size and the plan-generated variants (pure; every rank computes the same)
+
+
+def _tree(config: RunConfig, world_size: int) -> TreePlan:
+    topo = config.topology
+    if topo.kind == "fanouts":
+        return plan_fanouts(list(topo.fanouts or ()), world_size)
+    if topo.kind == "groups":
+        return plan_groups(topo.groups, world_size)
+    if topo.kind == "flat":
+        return plan_fanouts([world_size], world_size)
+    raise ExperimentError("topology.nodes is not supported in experiments (the tree must be "
+                          "known up front); give topology.fanouts or topology.groups")
+
+
+def _describe_tree(config: RunConfig) -> str:
+    topo = config.topology
+    if topo.kind == "fanouts":
+        return f"fanouts {list(topo.fanouts or ())}"
+    if topo.kind == "groups":
+        return "groups " + json.dumps(topo.groups).replace(" ", "")
+    return "flat"
+
+
+def _model_numel(config: RunConfig) -> int:
+    from hflmpi.learn.data import load_dataset
+    from hflmpi.learn.models import build_model
+
+    train_set, _ = load_dataset(config.data, config.run.seed)
+    model = build_model(config.model, train_set.input_shape, train_set.num_classes,
+                        seed=config.run.seed)
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def _plan_variants(exp: Experiment, numel: int) -> list[Variant]:
+    """Return the ``[plan]`` variants: the tau ``hflmpi plan`` picks and random feasible ones.
+
+    Every variant trains for the whole rounds that fit in the same modelled deadline.
+    """
+    from hflmpi.core.tau_search import BoundConstants, search
+
+    spec = dict(exp.plan or {})
+    base = config_from_dict(exp.base)
+    if base.topology.kind != "fanouts":
+        raise ExperimentError("[plan] needs [base.topology] fanouts (the bound uses fan-outs)")
+    fanouts = list(base.topology.fanouts or ())
+    bits = list(base.quantize.bits_for(len(fanouts)))
+    t_cm = exp.timing.layer_costs(len(fanouts), numel, bits, base.quantize.bucket_size)
+    constants = BoundConstants(
+        lipschitz=float(spec.get("lipschitz", 1.0)), sigma2=float(spec.get("sigma2", 1.0)),
+        gap=float(spec.get("gap", 2.3)), lr=base.optim.lr, grad2=float(spec.get("grad2", 1.0)),
+        zeta2=float(spec.get("zeta2", 0.0)))
+    count = int(spec.get("random", 4))
+    result = search(exp.timing.t_cp, t_cm, float(spec["deadline"]), bits=bits,
+                    bucket_size=base.quantize.bucket_size, fanouts=fanouts, constants=constants,
+                    tau_max=spec.get("tau_max", 10), strict=bool(spec.get("strict", False)),
+                    random=max(10 * count, 50), seed=int(spec.get("seed", 0)))
+    chosen, bounds = [result.tau], [result.bound.total]
+    assert result.random is not None
+    for sample in result.random.samples:
+        if len(chosen) > count:
+            break
+        if sample["tau"] not in chosen:
+            chosen.append(sample["tau"])
+            bounds.append(sample["bound"])
+    evaluations = int(spec.get("evaluations", 10))
+    variants = []
+    for i, (tau, bound) in enumerate(zip(chosen, bounds)):
+        period = math.prod(tau)
+        rounds = int(math.floor(float(spec["deadline"]) / exp.timing.round_time(
+            tau, numel, bits, base.quantize.bucket_size) * (1 + 1e-12)))
+        if rounds < 1:
+            continue
+        name = "planned" if i == 0 else f"random-{i}"
+        label = (f"tau={list(tau)}, " + ("chosen by hflmpi plan" if i == 0 else "random")
+                 + f" (bound {bound:.3g})")
+        variants.append(Variant(
+            name, label, merge_sections(exp.base, {"schedule": {"tau": list(tau)}}), rounds * period,
+            x=float(i), eval_every_steps=max(1, rounds // evaluations) * period))
+    return variants
+
+
+# ---------------------------------------------------------------------------------------------
+# Running (collective over comm)
+
+
+def _run_file(out: Path, variant: str, seed: int) -> Path:
+    return out.parent / f"{out.stem}.runs" / f"{variant}__seed{seed}.h5"
+
+
+def _complete(path: Path, rounds: int) -> bool:
+    from hflmpi.record.store import read_metrics
+
+    try:
+        return path.exists() and len(read_metrics(path)["round"]) >= rounds
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def run_experiment(
+    spec: str | os.PathLike[str] | Experiment,
+    out: str | os.PathLike[str],
+    comm: Any,
+    *,
+    small: bool = False,
+    reuse: bool = False,
+    only: Sequence[str] | None = None,
+    base_file: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] = (),
+    stream: Any = None,
+) -> Path:
+    """Train every (variant, seed) of an experiment over ``comm`` and write the results file.
+
+    Collective over ``comm``: every rank calls it with the same arguments. Rank 0 writes
+    ``out`` (and one run file per pair under ``OUT.runs/``); returns ``out`` on every rank.
+
+    Parameters
+    ----------
+    spec : path or Experiment
+        The experiment TOML (or a parsed :class:`Experiment`).
+    out : path
+        The results HDF5 file (replaced).
+    comm : MPI.Comm
+        The devices; the world size must fit every variant's tree.
+    small : bool
+        Apply the spec's ``[experiment.small]`` table (the CI version).
+    reuse : bool
+        Skip pairs whose run file already holds every round (resume an interrupted sweep).
+    only : sequence of str, optional
+        Train only these variants.
+    base_file, overrides : optional
+        A run config and ``section.key=value`` strings merged into the spec's base (see
+        :func:`load_experiment`).
+    stream : text stream, optional
+        Rank 0's progress lines (default stdout).
+    """
+    from hflmpi.federation import train
+    from hflmpi.mpi.messages import bcast_int, bcast_text
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    exp = spec if isinstance(spec, Experiment) else load_experiment(
+        spec, small=small, base_file=base_file, overrides=overrides)
+    out = Path(out)
+    stream = stream or sys.stdout
+    variants = list(exp.variants)
+    probe = variants[0].run_config(exp.seeds[0], "probe.h5", exp.eval_every_steps) if variants \
+        else config_from_dict(merge_sections(exp.base, {"run": {"seed": exp.seeds[0]}}))
+    probe_numel, probe_error = 0, None
+    if rank == 0:  # load the data and build the model once to learn its size
+        try:
+            probe_numel = _model_numel(probe)
+        except (OSError, ValueError, RuntimeError, ImportError) as exc:
+            probe_error = f"{type(exc).__name__}: {exc}"
+    probe_error = bcast_text(comm, probe_error, root=0, max_bytes=_ERROR_BYTES,
+                             what="sharing rank 0's model probe")  # all ranks
+    if probe_error is not None:
+        raise ExperimentError(f"loading the data / building the model failed on rank 0: {probe_error}")
+    numel = bcast_int(comm, probe_numel, root=0, low=1, what="sharing the model size")  # all ranks
+    if exp.plan is not None:
+        variants += _plan_variants(exp, numel)
+    if only:
+        variants = [v for v in variants if v.name in set(only)]
+    # Validate every tree against the world size before training anything (all ranks).
+    for v in variants:
+        try:
+            _tree(v.run_config(exp.seeds[0], "check.h5", exp.eval_every_steps), size)
+        except TopologyError as exc:
+            raise ExperimentError(f"variant {v.name!r}: {exc}") from None
+
+    pairs = [(v, s) for v in variants for s in exp.seeds]
+    started = time.perf_counter()
+    for i, (v, seed) in enumerate(pairs, start=1):
+        path = _run_file(out, v.name, seed)
+        config = v.run_config(seed, path, exp.eval_every_steps)
+        skip = False
+        if rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            skip = reuse and _complete(path, config.run.rounds)
+            if not skip:
+                _remove(path, *checkpoint_paths(path))
+        skip = bool(bcast_int(comm, int(skip), root=0, low=0, high=1, what="sharing reuse"))
+        t0 = time.perf_counter()
+        if not skip:
+            result = train(config, comm)
+            if rank == 0:
+                _remove(*checkpoint_paths(path))  # train() always checkpoints the last round
+                print(f"[{exp.name} {i}/{len(pairs)}] {v.name} seed {seed}: {v.steps} steps, "
+                      f"final accuracy {result.test_accuracy:.4f} ({time.perf_counter() - t0:.1f} s)",
+                      file=stream, flush=True)
+        elif rank == 0:
+            print(f"[{exp.name} {i}/{len(pairs)}] {v.name} seed {seed}: reused {path}",
+                  file=stream, flush=True)
+    error = None
+    if rank == 0:
+        try:
+            _write_results(exp, variants, out, numel, size)
+        except (OSError, KeyError, ValueError) as exc:
+            error = f"writing {out} failed: {type(exc).__name__}: {exc}"
+        else:
+            print(f"[{exp.name}] {len(pairs)} runs in {time.perf_counter() - started:.0f} s; "
+                  f"results in {out}", file=stream, flush=True)
+    error = bcast_text(comm, error, root=0, max_bytes=_ERROR_BYTES,
+                       what="sharing rank 0's result")  # all ranks
+    if error is not None:
+        raise ExperimentError(error)
+    return out
+
+
+def _write_results(exp: Experiment, variants: Sequence[Variant], out: Path, numel: int,
+                   world_size: int) -> None:
+    import h5py
+
+    from hflmpi.record.store import read_config_toml, read_metrics
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.h5")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(experiment=exp.name, title=exp.title, description=exp.description,
+                       spec_toml=exp.text, small=exp.small, world_size=world_size,
+                       hflmpi_version=__version__, last_steps=exp.last_steps, numel=numel,
+                       timing=json.dumps(exp.timing.__dict__),
+                       figures=json.dumps(list(exp.figures)), checks=json.dumps(list(exp.checks)),
+                       order=json.dumps([v.name for v in variants]))
+        for v in variants:
+            config = v.run_config(exp.seeds[0], "x.h5", exp.eval_every_steps)
+            depth = len(v.tau)
+            bits = list(config.quantize.bits_for(depth))
+            period_time = exp.timing.round_time(v.tau, numel, bits, config.quantize.bucket_size)
+            g = f.create_group(f"runs/{v.name}")
+            g.attrs.update(label=v.label, tau=json.dumps(v.tau), tree=_describe_tree(config),
+                           bits=json.dumps(bits), x=v.x, steps=v.steps, round_time=period_time,
+                           alpha=config.data.alpha, partition=config.data.partition)
+            for seed in exp.seeds:
+                path = _run_file(out, v.name, seed)
+                m = read_metrics(path)
+                rounds = m["round"].astype(np.int64)
+                sg = g.create_group(f"seed_{seed}")
+                sg.attrs.update(config_toml=read_config_toml(path), run_file=str(path), seed=seed)
+                curves = {
+                    "round": rounds, "step": rounds * v.period,
+                    "bytes_cum": np.cumsum(np.nansum(m["bytes_sent"], axis=1)),
+                    "model_time": rounds * period_time,
+                }
+                for key in _CURVES:
+                    sg.create_dataset(key, data=curves[key] if key in curves else m[key])
+                for key in _LAYER_CURVES:
+                    sg.create_dataset(key, data=m[key])
+    os.replace(tmp, out)

@@ -1,0 +1,264 @@
+"""One layer's quantized uplink: children send ``Q_n(a_c (x_c - x))``, the leader sums exactly.
+
+QMLHFL's aggregation at a layer-n node (arXiv 2505.08145, Eq. (4)) is
+``x_new = x + sum_c Q_n(a_c (x_c - x))`` with an unbiased stochastic quantizer per layer. Here
+every child (a participant of the layer communicator) does:
+
+1. ``d_c = a_c (x_c - x)`` and its per-bucket max ``|d_c|``;
+2. one small ``MAX`` allreduce so the whole group shares a scale ``m_b`` per bucket;
+3. stochastic rounding of ``d_c s / m_b`` to integer levels in ``[-s, s]`` with a generator keyed
+   by (seed, rank, step, layer);
+4. the levels travel either
+   * ``"sum"``: as ``Reduce(SUM)`` of an integer container wide enough for ``fan_in * s``, or
+   * ``"gather"``: bit-packed to ``bits`` bits and ``Gather``-ed as bytes to the leader, which
+     unpacks and sums them in the same integer container.
+
+Integer sums are associative, so the leader's ``sum_c l_c`` is the same for any reduction order,
+MPI algorithm, method or device, and the result ``x + (sum_c l_c) m_b / s`` is bitwise
+reproducible. ``E[l_c m_b / s] = d_c``, so the update is unbiased. The method that moves fewer
+bytes per child is used unless one is forced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from hflmpi.core.packing import pack_codes, packed_nbytes, unpack_codes
+from hflmpi.core.quantize import (
+    bucket_absmax,
+    from_level_sum,
+    levels_for_bits,
+    new_workspace,
+    num_buckets,
+    sum_dtype,
+    to_levels,
+)
+from hflmpi.core.secure import PairwiseSeeds, mask_levels
+from hflmpi.mpi.transport import MpiBuffer
+
+__all__ = ["UplinkResult", "QuantizedUplink", "choose_method"]
+
+Method = Literal["sum", "gather"]
+
+
+def choose_method(numel: int, bits: int, fan_in: int) -> Method:
+    """Return the method whose per-child payload is smaller (ties go to ``"sum"``).
+
+    ``"sum"`` sends ``numel`` integers of :func:`~hflmpi.core.quantize.sum_dtype` (wide enough for the
+    group sum); ``"gather"`` sends ``ceil(numel * bits / 8)`` packed bytes. Both also send the
+    same ``4 * ceil(numel / bucket_size)`` bytes of scales.
+    """
+    container = torch.empty((), dtype=sum_dtype(bits, fan_in)).element_size()
+    return "gather" if packed_nbytes(numel, bits) < numel * container else "sum"
+
+
+@dataclass
+class UplinkResult:
+    """What one uplink exchange cost and how well it quantized (this rank's view)."""
+
+    bytes_sent: int
+    quant_error: float
+
+
+class QuantizedUplink:
+    """Preallocated buffers and the exchange of one quantized layer on one participant.
+
+    Parameters
+    ----------
+    comm : MPI.Comm
+        The layer communicator (children's leaders; rank 0 leads the node).
+    numel : int
+        Model size.
+    bits : int
+        Quantizer width, 1..16 (1 = stochastic sign).
+    bucket_size : int
+        Elements per shared scale.
+    device : torch.device
+        Where the model lives.
+    cuda_aware : bool
+        Whether MPI may read CUDA memory directly.
+    method : {"auto", "sum", "gather"}
+        ``"auto"`` picks the method that moves fewer bytes (:func:`choose_method`).
+    seeds : PairwiseSeeds, optional
+        Pair keys for secure aggregation: the levels are masked pairwise (Bonawitz et al. 2017)
+        modulo ``2**w`` of the integer container before the ``Reduce``, so a leader (or any rank
+        on the reduction tree) sees uniform residues, and the masks cancel in the sum. Needs
+        ``method="sum"``.
+    """
+
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        numel: int,
+        bits: int,
+        bucket_size: int,
+        device: torch.device,
+        cuda_aware: bool,
+        method: str = "auto",
+        seeds: PairwiseSeeds | None = None,
+    ) -> None:
+        self.comm = comm
+        self.numel = numel
+        self.bits = bits
+        self.bucket_size = bucket_size
+        self.s = levels_for_bits(bits)
+        self.fan_in = comm.Get_size()
+        if method == "auto":
+            method = choose_method(numel, bits, self.fan_in)
+        if method not in ("sum", "gather"):
+            raise ValueError(f"quantize.method={method!r} must be 'auto', 'sum' or 'gather'")
+        self.method: Method = method  # type: ignore[assignment]
+        if seeds is not None and method != "sum":
+            raise ValueError("secure aggregation masks integer sums: it needs method='sum'")
+        self.seeds = seeds
+        # The gather path's leader adds offset codes (up to 2s each) before removing the offsets,
+        # so its accumulator gets one bit of headroom; the sum path's container is what travels.
+        self.container = sum_dtype(bits, self.fan_in if method == "sum" else 2 * self.fan_in)
+        self.is_leader = comm.Get_rank() == 0
+        self._diff = torch.empty(numel, dtype=torch.float32, device=device)
+        self._workspace = new_workspace(numel, device)
+        self._scales = torch.empty(num_buckets(numel, bucket_size), dtype=torch.float32, device=device)
+        self._scales_mpi = MpiBuffer(self._scales, cuda_aware)
+        self._levels = torch.empty(numel, dtype=self.container, device=device)
+        self._levels_mpi = MpiBuffer(self._levels, cuda_aware)
+        self.payload_nbytes = (
+            numel * self._levels.element_size() if self.method == "sum" else packed_nbytes(numel, bits)
+        )
+        if self.method == "gather":
+            slots = self.fan_in if self.is_leader else 1
+            self._packed = torch.zeros(slots, self.payload_nbytes, dtype=torch.uint8, device=device)
+            self._packed_mpi = MpiBuffer(self._packed.view(-1), cuda_aware)
+            self._codes = torch.empty(numel, dtype=torch.int32, device=device)
+
+    def exchange(
+        self,
+        child: torch.Tensor,
+        anchor: torch.Tensor,
+        share: float,
+        generator: torch.Generator,
+        measure_error: bool = False,
+        *,
+        step: int = 0,
+        layer: int = 0,
+    ) -> UplinkResult:
+        """Send ``Q(share * (child - anchor))``; at the leader, overwrite ``child`` with the new model.
+
+        Collective over the layer communicator.
+
+        Parameters
+        ----------
+        child : Tensor
+            This participant's model (its child's aggregate); at the leader it receives
+            ``anchor + sum_c Q(a_c (x_c - anchor))``.
+        anchor : Tensor
+            The node's model at its last aggregation (identical on all participants).
+        share : float
+            ``a_c = W_c / W_node``.
+        generator : torch.Generator
+            Keyed stream for the stochastic rounding of this participant.
+        measure_error : bool
+            Also return ``||Q(d) - d||^2 / ||d||^2`` of this participant's own update.
+        step, layer : int
+            Key the secure-aggregation masks (ignored without pair seeds).
+        """
+        diff = self._diff
+        if child.dtype == torch.float32:
+            torch.sub(child, anchor, out=diff)
+        else:  # float64 model: subtract in float64, then round once into the float32 scratch
+            diff.copy_(child - anchor)
+        if share != 1.0:
+            diff.mul_(share)
+        self._scales.copy_(bucket_absmax(diff, self.bucket_size))
+        if not bool(torch.isfinite(self._scales).all()):
+            # Poison the shared scales with +inf (which MAX keeps, unlike NaN) so every
+            # participant fails together instead of one rank leaving the others in a collective.
+            self._scales.fill_(float("inf"))
+        buf = self._scales_mpi.outbound()
+        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)  # all participants: shared scales
+        self._scales_mpi.inbound()
+        if not bool(torch.isfinite(self._scales).all()):
+            raise FloatingPointError(
+                "a model update in this layer group holds NaN or Inf; check the learning rate "
+                "and the data of the group's devices"
+            )
+        levels = to_levels(
+            diff, self._scales, self.s, generator, bucket_size=self.bucket_size,
+            sign=self.bits == 1, out=self._levels, workspace=self._workspace,
+        )
+        error = self._relative_error(diff, levels) if measure_error else float("nan")
+        if self.seeds is not None:
+            mask_levels(levels, self.comm.Get_rank(), self.fan_in, self.seeds, step=step,
+                        layer=layer, out=levels)
+        if self.method == "sum":
+            sent = self._reduce_sum()
+        else:
+            sent = self._gather_sum(levels)
+        if self.is_leader:
+            update = from_level_sum(self._levels, self._scales, self.s, out=self._diff,
+                                    bucket_size=self.bucket_size)
+            torch.add(anchor, update.to(child.dtype), out=child)
+        return UplinkResult(sent + self._scales.numel() * 4, error)
+
+    def _reduce_sum(self) -> int:
+        buf = self._levels_mpi.outbound()
+        if self.seeds is not None:
+            # Masked sums wrap around modulo 2**w by design: sum them as unsigned integers, whose
+            # overflow MPI (like C) defines as wrapping, then read the bits back as signed.
+            if isinstance(buf, np.ndarray):
+                buf = buf.view(buf.dtype.str.replace("i", "u"))
+        if self.is_leader:
+            self.comm.Reduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=0)
+            self._levels_mpi.inbound()
+            return 0
+        self.comm.Reduce(buf, None, op=MPI.SUM, root=0)
+        return self.payload_nbytes
+
+    def _gather_sum(self, levels: torch.Tensor) -> int:
+        if not self.is_leader:  # the leader's own levels never leave it
+            self._pack(levels, self._packed[0])
+        buf = self._packed_mpi.outbound()
+        if self.is_leader:
+            self.comm.Gather(MPI.IN_PLACE, buf, root=0)
+            self._packed_mpi.inbound()
+            # Own levels are already in self._levels. Add the other children's *codes*
+            # (level + s) in rank order and remove the offsets once at the end: one integer pass
+            # per child, no widening copies. The sign grid's codes are (level + 1) / 2, so there
+            # the own level becomes a code first and sum(l) = 2 * sum(codes) - fan_in.
+            if self.bits == 1:
+                self._levels.add_(1).bitwise_right_shift_(1)
+            for child in range(1, self.fan_in):
+                row = self._packed[child]
+                if self.bits == 8:
+                    self._levels.add_(row)
+                else:
+                    self._levels.add_(unpack_codes(row, self.bits, self.numel, dtype=self.container))
+            if self.bits == 1:
+                self._levels.mul_(2).sub_(self.fan_in)
+            elif self.fan_in > 1:
+                self._levels.sub_((self.fan_in - 1) * self.s)
+            return 0
+        self.comm.Gather(buf, None, root=0)
+        return self.payload_nbytes
+
+    def _pack(self, levels: torch.Tensor, row: torch.Tensor) -> None:
+        if self.bits == 8:
+            torch.add(levels, self.s, out=row)  # codes 0..254 written straight into the bytes
+            return
+        codes = self._codes
+        if self.bits == 1:
+            torch.add(levels, 1, out=codes).bitwise_right_shift_(1)
+        else:
+            torch.add(levels, self.s, out=codes)
+        row.copy_(pack_codes(codes, self.bits, self.numel, overwrite=True))
+
+    def _relative_error(self, diff: torch.Tensor, levels: torch.Tensor) -> float:
+        decoded = from_level_sum(levels, self._scales, self.s, bucket_size=self.bucket_size)
+        denominator = float(torch.dot(diff, diff))
+        if denominator == 0.0:
+            return 0.0
+        return float(torch.sum((decoded - diff) ** 2)) / denominator

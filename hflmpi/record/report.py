@@ -1,0 +1,302 @@
+"""``hflmpi report``: summarise and plot one or more HDF5 run records side by side.
+
+``summarize`` gives a text table with one column per run (rounds, final and best test accuracy,
+final losses, wall time, throughput, total bytes per layer) followed by the config keys whose
+values differ between the runs. ``plot`` writes PNGs with matplotlib's Agg canvas (no pyplot, no
+global backend switch): accuracy vs round, accuracy vs wall time, loss vs round and the mean bytes
+sent per round for each layer. Rounds without a value (NaN, e.g. rounds between evaluations) are
+left out of the lines rather than breaking them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hflmpi.record.store import read_config_toml, read_metrics, read_run_info
+
+__all__ = ["RunSummary", "load_runs", "summarize", "plot", "PLOT_NAMES"]
+
+PLOT_NAMES = (
+    "accuracy_vs_round.png",
+    "accuracy_vs_time.png",
+    "loss_vs_round.png",
+    "bytes_per_layer.png",
+)
+_UNSET = "(unset)"
+
+
+class RunSummary:
+    """One run's metrics, metadata and flattened config, as read from its file."""
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.path = path
+        self.label = label
+        self.metrics: dict[str, np.ndarray] = read_metrics(path)
+        self.info: dict[str, Any] = read_run_info(path)
+        self.config: dict[str, str] = _flatten_config(read_config_toml(path))
+
+    @property
+    def rounds(self) -> np.ndarray:
+        """Round numbers of the stored rows."""
+        return self.metrics["round"]
+
+    def last_finite(self, name: str) -> tuple[float, int | None]:
+        """Return the last finite value of a scalar metric and its round (NaN, None if none)."""
+        values = self.metrics[name]
+        idx = np.flatnonzero(np.isfinite(values))
+        if idx.size == 0:
+            return math.nan, None
+        return float(values[idx[-1]]), int(self.rounds[idx[-1]])
+
+    def best(self, name: str) -> tuple[float, int | None]:
+        """Return the largest finite value of a scalar metric and its round (NaN, None if none)."""
+        values = self.metrics[name]
+        if not np.isfinite(values).any():
+            return math.nan, None
+        i = int(np.nanargmax(values))
+        return float(values[i]), int(self.rounds[i])
+
+
+def _parse_toml(text: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError:
+            return {"config_toml": text}
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return {"config_toml": text}
+
+
+def _flatten_config(text: str) -> dict[str, str]:
+    """Return ``{"section.key": value as compact JSON}`` for every leaf of the TOML config."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = json.dumps(node, default=str, separators=(",", ":"))
+
+    walk("", _parse_toml(text))
+    return flat
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    """Return short unique labels: file stems, with parent folders added where stems clash."""
+    labels = [p.stem for p in paths]
+    if len(set(labels)) < len(labels):
+        labels = [f"{p.parent.name}/{p.stem}" for p in paths]
+    if len(set(labels)) < len(labels):
+        labels = [str(p) for p in paths]
+    return labels
+
+
+def load_runs(paths: Sequence[str | os.PathLike[str]]) -> list[RunSummary]:
+    """Read run files into :class:`RunSummary` objects labelled for tables and legends."""
+    resolved = [Path(p) for p in paths]
+    return [RunSummary(p, label) for p, label in zip(resolved, _labels(resolved))]
+
+
+# -- text summary ----------------------------------------------------------------------------------
+def _fmt_bytes(value: float) -> str:
+    if not math.isfinite(value):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024.0 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024.0
+    return "-"  # pragma: no cover
+
+
+def _fmt(value: float, spec: str, suffix: str = "") -> str:
+    return "-" if not math.isfinite(value) else f"{value:{spec}}{suffix}"
+
+
+def _fmt_at(
+    value: float, round_: int | None, spec: str, scale: float = 1.0, suffix: str = ""
+) -> str:
+    if round_ is None:
+        return "-"
+    return f"{value * scale:{spec}}{suffix} (r{round_})"
+
+
+def _run_rows(run: RunSummary, layers: int) -> list[tuple[str, str]]:
+    acc, acc_round = run.last_finite("test_accuracy")
+    best, best_round = run.best("test_accuracy")
+    train, _ = run.last_finite("train_loss")
+    test, _ = run.last_finite("test_loss")
+    wall, _ = run.last_finite("wall_time")
+    sps = run.metrics["samples_per_second"]
+    mean_sps = float(np.nanmean(sps)) if np.isfinite(sps).any() else math.nan
+    rows = [
+        ("rounds", str(run.rounds.shape[0])),
+        ("world size", str(run.info.get("world_size", "-"))),
+        ("layers", str(run.info.get("layer_count", "-"))),
+        ("final test accuracy", _fmt_at(acc, acc_round, ".2f", 100.0, "%")),
+        ("best test accuracy", _fmt_at(best, best_round, ".2f", 100.0, "%")),
+        ("final train loss", _fmt(train, ".4f")),
+        ("final test loss", _fmt(test, ".4f")),
+        ("wall time", _fmt(wall, ".1f", " s")),
+        ("mean samples/s", _fmt(mean_sps, ",.0f")),
+    ]
+    sent = run.metrics["bytes_sent"]
+    totals = [float(np.nansum(sent[:, j])) if np.isfinite(sent[:, j]).any() else math.nan
+              for j in range(sent.shape[1])]
+    for j in range(layers):
+        total = _fmt_bytes(totals[j]) if j < len(totals) else "-"
+        rows.append((f"bytes sent, layer {j + 1}", total))
+    finite = [t for t in totals if math.isfinite(t)]
+    rows.append(("bytes sent, total", _fmt_bytes(sum(finite)) if finite else "-"))
+    return rows
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _config_differences(runs: Sequence[RunSummary]) -> list[list[str]]:
+    views = []
+    for run in runs:
+        view = dict(run.config)
+        for key in ("world_size", "tree"):
+            if key in run.info:
+                value = run.info[key]
+                view[f"(meta) {key}"] = json.dumps(value, separators=(",", ":"), default=str)
+        views.append(view)
+    keys = sorted(set().union(*views))
+    rows = []
+    for key in keys:
+        values = [view.get(key, _UNSET) for view in views]
+        if len(set(values)) > 1:
+            rows.append([f"  {key}", *values])
+    return rows
+
+
+def summarize(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """Return a text table comparing the runs in ``paths`` (one column per run).
+
+    Rows: rounds, world size, layers, final and best test accuracy (with their round), final
+    train and test loss, wall time, mean throughput, total bytes sent per layer and overall; then,
+    for two or more runs, every config key (and the world size/tree) whose value differs.
+    """
+    runs = load_runs(paths)
+    if not runs:
+        raise ValueError("summarize needs at least one run file")
+    layers = max(int(r.metrics["bytes_sent"].shape[1]) for r in runs)
+    per_run = [_run_rows(run, layers) for run in runs]
+    rows = [[name, *(rr[i][1] for rr in per_run)] for i, (name, _) in enumerate(per_run[0])]
+    lines = _table(["run", *(r.label for r in runs)], rows)
+    if len(runs) > 1:
+        diffs = _config_differences(runs)
+        lines.append("")
+        if diffs:
+            lines.append("config differences")
+            lines.extend(_table(["  key", *(r.label for r in runs)], diffs)[1:])
+        else:
+            lines.append("config differences: none")
+    return "\n".join(lines) + "\n"
+
+
+# -- plots -----------------------------------------------------------------------------------------
+def _new_figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as err:  # pragma: no cover - depends on the install
+        raise ModuleNotFoundError(
+            "hflmpi report plots need matplotlib: pip install 'hflmpi[report]'"
+        ) from err
+    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _line(ax: Any, x: np.ndarray, y: np.ndarray, **kwargs: Any) -> bool:
+    mask = np.isfinite(x) & np.isfinite(y)
+    if not mask.any():
+        return False
+    marker = "o" if mask.sum() < 30 else None
+    ax.plot(x[mask], y[mask], marker=marker, markersize=3, **kwargs)
+    return True
+
+
+def _finish(fig: Any, ax: Any, drew: bool, path: Path) -> Path:
+    if drew:
+        ax.legend(loc="best", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write comparison PNGs of the runs into ``out_dir`` (created if needed).
+
+    Returns
+    -------
+    list of Path
+        ``accuracy_vs_round.png``, ``accuracy_vs_time.png``, ``loss_vs_round.png`` and
+        ``bytes_per_layer.png`` (grouped bars: mean bytes sent per round, per layer and run).
+    """
+    runs = load_runs(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    for name, xkey, xlabel in (
+        (PLOT_NAMES[0], "round", "global round"),
+        (PLOT_NAMES[1], "wall_time", "wall time [s]"),
+    ):
+        fig, ax = _new_figure("Test accuracy", xlabel, "test accuracy [%]")
+        drew = False
+        for i, run in enumerate(runs):
+            x = run.metrics[xkey].astype(np.float64)
+            drew |= _line(ax, x, 100.0 * run.metrics["test_accuracy"], color=f"C{i}",
+                          label=run.label)
+        written.append(_finish(fig, ax, drew, out / name))
+
+    fig, ax = _new_figure("Loss (solid: train, dashed: test)", "global round", "loss")
+    drew = False
+    for i, run in enumerate(runs):
+        x = run.rounds.astype(np.float64)
+        drew |= _line(ax, x, run.metrics["train_loss"], color=f"C{i}", label=f"{run.label} train")
+        drew |= _line(ax, x, run.metrics["test_loss"], color=f"C{i}", linestyle="--",
+                      label=f"{run.label} test")
+    written.append(_finish(fig, ax, drew, out / PLOT_NAMES[2]))
+
+    fig, ax = _new_figure("Bytes sent per round", "layer", "mean bytes per round")
+    layers = max(int(r.metrics["bytes_sent"].shape[1]) for r in runs)
+    width = 0.8 / max(len(runs), 1)
+    drew = False
+    for i, run in enumerate(runs):
+        sent = run.metrics["bytes_sent"]
+        means = np.array([np.nanmean(sent[:, j]) if np.isfinite(sent[:, j]).any() else 0.0
+                          for j in range(sent.shape[1])])
+        if sent.shape[1]:
+            pos = np.arange(1, sent.shape[1] + 1) + (i - (len(runs) - 1) / 2) * width
+            ax.bar(pos, means, width=width, color=f"C{i}", label=run.label)
+            drew = True
+    ax.set_xticks(np.arange(1, layers + 1))
+    written.append(_finish(fig, ax, drew, out / PLOT_NAMES[3]))
+    return written

@@ -1,0 +1,265 @@
+"""What a resumed run may change, and the checks that a run file and its checkpoint belong together.
+
+A run file stores the resolved config it was started with (``config_toml``); each checkpoint
+stores the SHA-256 of the config it was written under (``state["config_sha256"]``). Resuming
+compares three things before any data is loaded or any model code is imported:
+
+1. the checkpoint's config hash against the run file's config (or a config the run file records
+   it had before, in ``config_history``): a checkpoint of another run, or an edited run file, is
+   refused;
+2. the config of the resumed run against the stored one, key by key:
+
+   * :data:`FREE_KEYS` (how long the run goes and what it reports, not what it computes) may
+     change freely;
+   * keys that decide the shape of what the checkpoint holds (:data:`FIXED_KEYS`: the model, the
+     tree, the features and classes of the data; and the privacy accounting) never change;
+   * every other key changes only when the user says so (``--allow-config-change``);
+
+3. that the stored config does not make hflmpi import code: a ``model.name`` import path read
+   from a run file is only imported when the user names it again (:func:`check_untrusted_model`).
+
+Whatever changed is written to the run file (``config_toml`` becomes the config the run continues
+under, and an entry in ``config_history`` lists the changes), so the stored config stays true.
+Pure functions, no MPI; the caller runs them on rank 0 and shares the verdict.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hflmpi.record.checkpoint import config_digest
+from hflmpi.config import (
+    BUILTIN_MODELS,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    format_value as _fmt,
+    parse_override,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 needs the tomli backport
+    import tomli as tomllib
+
+__all__ = [
+    "ALLOW_FLAG",
+    "FREE_KEYS",
+    "FIXED_KEYS",
+    "ConfigChange",
+    "config_changes",
+    "check_config_change",
+    "check_checkpoint_config",
+    "check_untrusted_model",
+    "stored_config",
+]
+
+ALLOW_FLAG = "--allow-config-change"
+
+FREE_KEYS = (
+    "run.rounds",
+    "run.out",
+    "run.progress",
+    "run.eval_every",
+    "run.checkpoint_every",
+    "run.divergence",
+    "run.watchdog_seconds",
+)
+"""Keys a resume may change without asking: they say how long the run goes, where it is
+reported and what is measured, never what is computed (``run.rounds`` also stretches a cosine
+``lr_schedule`` over the new total)."""
+
+FIXED_KEYS = (
+    "model.",
+    "topology.",
+    "data.name",
+    "data.synthetic_features",
+    "data.synthetic_classes",
+    "privacy.",
+)
+"""Keys (or ``section.`` prefixes) a resume can never change, even with ``--allow-config-change``:
+the checkpoint and the run file hold a model, a tree (per-layer metric columns) and a data split
+of the stored shape, and the privacy guarantee is accounted over the whole run."""
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """One key whose value differs; values are TOML text (``"(unset)"`` when left out)."""
+
+    key: str
+    stored: str
+    given: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: stored {self.stored}, given {self.given}"
+
+
+def config_changes(stored: RunConfig, given: RunConfig) -> list[ConfigChange]:
+    """Return every ``section.key`` whose value differs between two configs, in section order."""
+    old, new = config_to_dict(stored), config_to_dict(given)
+    changes = []
+    for section in old:
+        keys = list(old[section]) + [k for k in new[section] if k not in old[section]]
+        for key in keys:
+            a, b = old[section].get(key), new[section].get(key)
+            if a != b:
+                changes.append(ConfigChange(f"{section}.{key}", _fmt(a), _fmt(b)))
+    return changes
+
+
+def _fixed(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in FIXED_KEYS)
+
+
+def check_config_change(
+    stored: RunConfig, given: RunConfig, *, run_path: str, allow_change: bool,
+    checkpoint_round: int,
+) -> list[ConfigChange]:
+    """Return the changes a resume of ``run_path`` makes to its stored config, or refuse them.
+
+    Parameters
+    ----------
+    stored : RunConfig
+        The config stored in the run file.
+    given : RunConfig
+        The config the resumed run would continue under.
+    run_path : str
+        The run file, for messages.
+    allow_change : bool
+        The user passed ``--allow-config-change``: keys outside :data:`FREE_KEYS` (but not
+        :data:`FIXED_KEYS`) may change.
+    checkpoint_round : int
+        The round the run resumes after; ``run.rounds`` must not be below it.
+
+    Returns
+    -------
+    list of ConfigChange
+        Every differing key (all allowed), to record in the run file.
+
+    Raises
+    ------
+    ConfigError
+        Naming each refused key with its stored and given value, and the fix.
+    """
+    if given.run.rounds < checkpoint_round:
+        raise ConfigError(
+            f"--resume {run_path}: run.rounds={given.run.rounds} but the checkpoint is at round "
+            f"{checkpoint_round}; give run.rounds >= {checkpoint_round}, e.g. --set "
+            f"run.rounds={max(checkpoint_round, stored.run.rounds)}"
+        )
+    changes = config_changes(stored, given)
+    fixed = [c for c in changes if _fixed(c.key)]
+    if fixed:
+        raise ConfigError(
+            f"--resume {run_path}: {'; '.join(map(str, fixed))}: "
+            f"{'this key' if len(fixed) == 1 else 'these keys'} cannot change on resume, not even "
+            f"with {ALLOW_FLAG}: the checkpoint holds a model, a tree and a data split of the "
+            "stored shape (and DP is accounted over the whole run); resume with the stored "
+            f"values, or start a new run with another run.out"
+        )
+    asked = [c for c in changes if c.key not in FREE_KEYS]
+    if asked and not allow_change:
+        raise ConfigError(
+            f"--resume {run_path}: the config differs from the one stored in the run file: "
+            f"{'; '.join(map(str, asked))}. Only {', '.join(FREE_KEYS)} may change on resume "
+            f"as they are. To continue the stored run, drop these changes (or resume without "
+            f"a CONFIG: hflmpi run --resume {run_path}); to change them on purpose, add "
+            f"{ALLOW_FLAG} (the changes are recorded in the run file)"
+        )
+    return changes
+
+
+def check_checkpoint_config(
+    state: Mapping[str, Any], run_info: Mapping[str, Any], *, checkpoint_path: str, run_path: str,
+) -> None:
+    """Refuse a checkpoint that was not written under a config the run file records.
+
+    Accepted: the hash of the run file's ``config_toml``, or the hash a ``config_history`` entry
+    says the run had before a recorded change (a checkpoint from before a resume that changed the
+    config, e.g. when the job stopped again before its next checkpoint).
+
+    Raises
+    ------
+    ConfigError
+        On a missing or unknown hash, with the differing keys when the checkpoint stores its
+        config text.
+    """
+    text = str(run_info.get("config_toml", ""))
+    known = {config_digest(text)}
+    for entry in run_info.get("config_history") or []:
+        if isinstance(entry, Mapping) and isinstance(entry.get("previous_config_sha256"), str):
+            known.add(entry["previous_config_sha256"])
+    found = state.get("config_sha256")
+    if isinstance(found, str) and found in known:
+        return
+    detail = ""
+    theirs = state.get("config_toml")
+    if isinstance(theirs, str):
+        try:
+            diff = config_changes(_parse(text, run_path), _parse(theirs, checkpoint_path))
+            detail = " (" + "; ".join(
+                f"{c.key}: run file {c.stored}, checkpoint {c.given}" for c in diff) + ")"
+        except ConfigError:
+            pass
+    what = "has no config hash" if not isinstance(found, str) else (
+        f"was written under a config (sha256 {found[:12]}...) that {run_path} does not record")
+    raise ConfigError(
+        f"--resume {run_path}: the checkpoint {checkpoint_path} {what}{detail}: it belongs to "
+        "another run, or one of the files was edited; resume with the run file the checkpoint "
+        "was written with (or start a new run)"
+    )
+
+
+def _parse(text: str, where: str) -> RunConfig:
+    try:
+        return config_from_dict(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the config stored in {where} is not valid TOML: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"the config stored in {where} is not valid: {exc}") from None
+
+
+def stored_config(text: str, run_path: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Return the config stored in a run file (TOML ``text``) with ``--set`` overrides applied.
+
+    Nothing is imported: an import-path ``model.name`` is only validated as a string here (see
+    :func:`check_untrusted_model` before building the model).
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--resume {run_path}: the stored config is not valid TOML: {exc}") from None
+    try:
+        return config_from_dict(apply_overrides(data, overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"--resume {run_path}: the stored config with the --set overrides is "
+                          f"not valid: {exc}") from None
+
+
+def check_untrusted_model(config: RunConfig, overrides: Sequence[str], run_path: str) -> None:
+    """Refuse to import a ``model.name`` import path that only a run file names.
+
+    A run file is data (it can come from anyone); importing ``package.module`` runs that
+    module's code on every rank. So when the config is read back from a run file, an import path
+    must be given again on the command line (``--set model.name=...``, or the CONFIG).
+    """
+    name = config.model.name
+    if name in BUILTIN_MODELS:
+        return
+    for text in overrides:
+        try:
+            keys, _ = parse_override(text)
+        except ConfigError:
+            continue
+        if keys == ("model", "name"):
+            return
+    raise ConfigError(
+        f"--resume {run_path}: the stored config names model.name={_fmt(name)}, an import path; "
+        "hflmpi never imports code named by a run file (it may come from anyone). If you trust "
+        f"it, name it yourself: --set model.name={_fmt(name)} (or pass your CONFIG.toml)"
+    )
