@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from hflmpi.core.packing import pack_levels, sum_packed_levels
+from hflmpi.core.packing import code_scratch, pack_levels, sum_packed_levels
 from hflmpi.core.quantize import bucket_absmax, from_level_sum, integer_dtype, new_workspace, to_levels
 from hflmpi.core.rng import torch_generator
 from hflmpi.core.wire import layer_wire, levels_for_bits
@@ -60,7 +60,7 @@ def _kernels(
     levels = torch.empty(numel, dtype=integer_dtype(wire.accumulator_nbytes))
     accumulator = torch.empty_like(levels)
     workspace = new_workspace(numel)
-    codes = torch.empty(numel, dtype=torch.int32)
+    codes = code_scratch(numel, bits)
     row = torch.empty(wire.payload_nbytes, dtype=torch.uint8)
     out = torch.empty(numel)
     scales = bucket_absmax(x, bucket_size)

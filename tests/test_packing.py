@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hflmpi.core.packing import (
+    code_scratch,
     pack_codes,
     pack_levels,
     sum_packed_levels,
@@ -154,7 +155,7 @@ def test_uplink_form_writes_the_reference_stream_into_out(bits: int) -> None:
         levels = _random_levels(bits, numel, seed=11 * bits + numel)
         nbytes = -(-numel * bits // 8)
         send = torch.full((3, nbytes), 0xAB, dtype=torch.uint8)
-        codes = torch.empty(numel, dtype=torch.int32)
+        codes = code_scratch(numel, bits)
         result = pack_levels(torch.from_numpy(levels).to(torch.int16 if bits < 16 else torch.int32),
                              bits, out=send[1], codes=codes, check=False)
         assert result.data_ptr() == send[1].data_ptr()
@@ -162,6 +163,8 @@ def test_uplink_form_writes_the_reference_stream_into_out(bits: int) -> None:
         assert bool((send[0] == 0xAB).all()) and bool((send[2] == 0xAB).all())
     with pytest.raises(ValueError, match="out must be a uint8 tensor of 2 elements"):
         pack_levels(torch.zeros(2, dtype=torch.int32), 8, out=torch.empty(3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="codes must be a torch.uint8 tensor of 16 elements"):
+        pack_levels(torch.zeros(9, dtype=torch.int32), 3, codes=torch.empty(9, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from hflmpi.core.packing import pack_levels, sum_packed_levels, unpack_levels
+from hflmpi.core.packing import code_scratch, pack_levels, sum_packed_levels, unpack_levels
 from hflmpi.core.quantize import (
     bucket_absmax,
     from_level_sum,
@@ -321,7 +321,7 @@ def test_same_key_same_bits_and_other_keys_differ() -> None:
 @pytest.mark.parametrize("bits", [1, 2, 4, 7, 8, 12, 16])
 def test_payloads_do_not_share_the_scratch(bits: int) -> None:
     for numel in (1, 5, 8, 100):
-        codes = torch.empty(numel, dtype=torch.int32)  # reused, as the uplink reuses its own
+        codes = code_scratch(numel, bits)  # reused, as the uplink reuses its own
         first, _ = encode(torch.randn(numel, generator=_gen(1)), bits, 4, _gen(2), codes=codes)
         kept = first.clone()
         encode(torch.randn(numel, generator=_gen(3)), bits, 4, _gen(4), codes=codes)

@@ -43,6 +43,8 @@ __all__ = [
     "pack_levels",
     "unpack_levels",
     "sum_packed_levels",
+    "code_scratch",
+    "code_scratch_shape",
 ]
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -297,8 +299,8 @@ def pack_levels(
     out : Tensor, optional
         ``uint8`` tensor of exactly ``ceil(numel*bits/8)`` elements to write into.
     codes : Tensor, optional
-        ``int32`` scratch of ``numel`` elements for the codes (reuse it to avoid page faults);
-        unused at 8 bits, where the codes are the bytes.
+        Scratch for the codes from :func:`code_scratch` (reuse it to avoid page faults); unused
+        at 8 bits, where the codes are the bytes.
     check : bool
         Check that every level lies on the grid (one extra pass; a level off the grid would
         corrupt its neighbours). The uplink skips it: its levels come from a clamp.
@@ -336,16 +338,35 @@ def pack_levels(
         torch.add(levels, s, out=out.view(-1))
         return out
     if codes is None:
-        codes = torch.empty(numel, dtype=torch.int32, device=levels.device)
-    if codes.dtype != torch.int32 or codes.numel() != numel:
-        raise ValueError(f"codes must be an int32 tensor of {numel} elements, got {codes.dtype} "
-                         f"with {codes.numel()}")
+        codes = code_scratch(numel, bits, levels.device)
+    expected = code_scratch_shape(numel, bits)
+    if (codes.dtype, codes.numel()) != expected:
+        raise ValueError(f"codes must be a {expected[0]} tensor of {expected[1]} elements "
+                         f"(code_scratch), got {codes.dtype} with {codes.numel()}")
     if bits == 1:
-        torch.add(levels, 1, out=codes).bitwise_right_shift_(1)
+        torch.add(levels, 1, out=codes[:numel]).bitwise_right_shift_(1)
     else:
-        torch.add(levels, s, out=codes)
+        torch.add(levels, s, out=codes[:numel])
+    codes[numel:].zero_()  # the padding of the last group of 8 must be zero codes
     out.view(-1).copy_(pack_codes(codes, bits, numel, overwrite=True))
     return out
+
+
+def code_scratch_shape(numel: int, bits: int) -> tuple[torch.dtype, int]:
+    """Return the dtype and length of :func:`pack_levels`'s code scratch for ``numel`` levels.
+
+    Widths below 8 use byte-wide codes padded to a multiple of 8 (packed in place, no copy);
+    wider ones ``int32`` codes.
+    """
+    if check_bits(bits) < 8:
+        return torch.uint8, -(-numel // 8) * 8
+    return torch.int32, numel
+
+
+def code_scratch(numel: int, bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Return a code scratch for :func:`pack_levels` (reuse it to avoid page faults)."""
+    dtype, length = code_scratch_shape(numel, bits)
+    return torch.empty(length, dtype=dtype, device=device)
 
 
 def sum_packed_levels(

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hflmpi.core.packing import pack_levels, sum_packed_levels
+from hflmpi.core.packing import code_scratch, pack_levels, sum_packed_levels
 from hflmpi.core.quantize import bucket_absmax, from_level_sum, integer_dtype, new_workspace, to_levels
 from hflmpi.core.secure import PairwiseSeeds, mask_levels
 from hflmpi.core.wire import SCALE_NBYTES, LayerWire, Method, layer_wire, levels_for_bits
@@ -109,7 +109,7 @@ class QuantizedUplink:
             slots = self.fan_in if self.is_leader else 1
             self._packed = torch.zeros(slots, self.payload_nbytes, dtype=torch.uint8, device=device)
             self._packed_mpi = MpiBuffer(self._packed.view(-1), cuda_aware)
-            self._codes = (torch.empty(numel, dtype=torch.int32, device=device)
+            self._codes = (code_scratch(numel, bits, device)
                            if not self.is_leader and bits != 8 else None)
 
     def exchange(
