@@ -291,8 +291,9 @@ def _event_time(
     if _exact_subtree(top, bits, algorithm):
         size = _subtree_sizes(fanouts)[top - 1]
         slowest = max(nets[:top], key=lambda n: (n.beta, n.alpha))
+        model = layer_wire(numel, 0, size).payload_nbytes  # every device's float32 model
         return (collective_time("allreduce", size, 8, slowest)
-                + collective_time("allreduce", size, 4.0 * numel, slowest))
+                + collective_time("allreduce", size, model, slowest))
     return sum(layer_time(fanouts[n], numel, bits[n], nets[n], bucket_size, method)
                for n in range(top))
 
@@ -347,8 +348,9 @@ def bytes_per_layer(
     for top, count in enumerate(event_counts(tau), start=1):
         if not count:
             continue
-        if _exact_subtree(top, widths, algorithm):
-            totals[top - 1] += count * (world // sizes[top - 1]) * (sizes[top - 1] - 1) * 4.0 * numel
+        if _exact_subtree(top, widths, algorithm):  # one exact "layer" over the whole subtree
+            subtree = layer_wire(numel, 0, sizes[top - 1])
+            totals[top - 1] += count * (world // sizes[top - 1]) * subtree.uplink_nbytes
             continue
         for n in range(top):
             wire = layer_wire(numel, widths[n], fanouts[n], bucket_size, method)
