@@ -1,13 +1,17 @@
-"""Measure single-core encode/decode throughput of the stochastic uniform codec.
+"""Measure single-core throughput of the quantization kernels the job's uplink runs.
 
-Prints parameters per second per core for :class:`hflmpi.core.quantize.StochasticUniformCodec`
-encode (bucket max-abs, dither, round, bit-pack) and decode (unpack, rescale), and each as a
-ratio to a baseline measured in the same run on the same tensor: ``torch.rand(n)`` followed by
-``.copy_(x)`` (one uniform draw and one float copy per element, the floor of any naive
-stochastic rounding). CPU speed on shared machines drifts, so compare the ratios, not absolute
-numbers across runs. Times are the best of ``--repeats`` rounds, each round running baseline,
-encode and decode back to back; the clock is this thread's CPU time (``time.thread_time``),
-i.e. per core, so other processes on the machine distort it less than wall time.
+Times, in parameters per second per core, the encoder of one child on the gather path of
+:class:`hflmpi.mpi.uplink.QuantizedUplink` (``bucket_absmax`` -> ``to_levels`` ->
+``pack_levels`` into the send row) and the decoder of a leader with one child (its own levels
+plus ``sum_packed_levels`` of the child's row -> ``from_level_sum``), with the same preallocated
+buffers the uplink keeps. The MPI collectives themselves are not timed (see ``hflmpi bench
+aggregate``). Each rate is also given as a ratio to a baseline measured in the same run on the
+same tensor: ``torch.rand(n)`` followed by ``.copy_(x)`` (one uniform draw and one float copy per
+element, the floor of any naive stochastic rounding). CPU speed on shared machines drifts, so
+compare the ratios, not absolute numbers across runs. Times are the best of ``--repeats``
+rounds, each round running baseline, encode and decode back to back; the clock is this thread's
+CPU time (``time.thread_time``), i.e. per core, so other processes on the machine distort it
+less than wall time.
 
 Usage::
 
@@ -23,15 +27,19 @@ from collections.abc import Callable
 
 import torch
 
-from hflmpi.core.quantize import StochasticUniformCodec
+from hflmpi.core.packing import code_scratch, pack_levels, sum_packed_levels
+from hflmpi.core.quantize import bucket_absmax, from_level_sum, integer_dtype, new_workspace, to_levels
 from hflmpi.core.rng import torch_generator
+from hflmpi.core.wire import layer_wire, levels_for_bits
+
+FAN_IN = 2  # a leader and one child: one packed row to decode
 
 
 def _best_time(
     functions: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float]
 ) -> dict[str, float]:
     """Return the best time of each function over ``repeats`` interleaved rounds."""
-    for function in functions.values():  # warm up (allocator, workspace, page faults)
+    for function in functions.values():  # warm up (allocator, page faults)
         function()
     best = {name: float("inf") for name in functions}
     for _ in range(repeats):
@@ -42,32 +50,51 @@ def _best_time(
     return best
 
 
+def _kernels(
+    x: torch.Tensor, bits: int, bucket_size: int, generator: torch.Generator
+) -> tuple[Callable[[], object], Callable[[], object], int]:
+    """Return the uplink's encode and decode steps on preallocated buffers, and the wire bytes."""
+    numel = x.numel()
+    wire = layer_wire(numel, bits, FAN_IN, bucket_size, "gather")
+    s = levels_for_bits(bits)
+    levels = torch.empty(numel, dtype=integer_dtype(wire.accumulator_nbytes))
+    accumulator = torch.empty_like(levels)
+    workspace = new_workspace(numel)
+    codes = code_scratch(numel, bits)
+    row = torch.empty(wire.payload_nbytes, dtype=torch.uint8)
+    out = torch.empty(numel)
+    scales = bucket_absmax(x, bucket_size)
+
+    def encode() -> None:
+        scales.copy_(bucket_absmax(x, bucket_size))
+        to_levels(x, scales, s, generator, bucket_size=bucket_size, sign=bits == 1, out=levels,
+                  workspace=workspace)
+        pack_levels(levels, bits, out=row, codes=codes, check=False)
+
+    def decode() -> None:
+        # The accumulator's previous contents stand in for the leader's own levels (the job
+        # writes them there with to_levels); wrapping integers do not change the timing.
+        sum_packed_levels([row], bits, accumulator)
+        from_level_sum(accumulator, scales, s, out=out, bucket_size=bucket_size)
+
+    encode()
+    accumulator.copy_(levels)
+    return encode, decode, wire.payload_nbytes + wire.scale_nbytes
+
+
 def _rates(
-    codec: StochasticUniformCodec,
-    x: torch.Tensor,
-    generator: torch.Generator,
-    out: torch.Tensor,
-    repeats: int,
+    x: torch.Tensor, bits: int, bucket_size: int, generator: torch.Generator, repeats: int,
     clock: Callable[[], float],
 ) -> tuple[dict[str, float], int]:
-    """Return params/s of baseline, encode, decode and decode-into-out, and the wire bytes."""
+    """Return params/s of baseline, encode and decode, and the bytes one child sends."""
     numel = x.numel()
-    payload = codec.encode(x, generator)
+    encode, decode, nbytes = _kernels(x, bits, bucket_size, generator)
 
     def baseline() -> None:
         torch.rand(numel, generator=generator).copy_(x)
 
-    times = _best_time(
-        {
-            "baseline": baseline,
-            "encode": lambda: codec.encode(x, generator),
-            "decode": lambda: codec.decode(payload),
-            "decode_out": lambda: codec.decode(payload, out=out),
-        },
-        repeats,
-        clock,
-    )
-    return {name: numel / seconds for name, seconds in times.items()}, payload.nbytes
+    times = _best_time({"baseline": baseline, "encode": encode, "decode": decode}, repeats, clock)
+    return {name: numel / seconds for name, seconds in times.items()}, nbytes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,24 +114,18 @@ def main(argv: list[str] | None = None) -> None:
         f"bucket_size={args.bucket_size}, best of {args.repeats}, "
         f"clock={'wall' if args.wall else 'thread CPU'}; Mp/s = 1e6 params/s per core"
     )
-    header = (
-        f"{'numel':>10} {'bits':>4} {'baseline':>9} {'encode':>9} {'x base':>7} "
-        f"{'decode':>9} {'x base':>7} {'dec->out':>9} {'x base':>7} {'wire bytes':>11}"
-    )
-    print(header)
+    print(f"{'numel':>10} {'bits':>4} {'baseline':>9} {'encode':>9} {'x base':>7} "
+          f"{'decode':>9} {'x base':>7} {'wire bytes':>11}")
     for numel in args.numel:
         generator = torch_generator(0, purpose="benchmark")
         x = torch.randn(numel, generator=generator)
-        out = torch.empty(numel)
         for bits in args.bits:
-            codec = StochasticUniformCodec(bits, args.bucket_size)
-            rates, nbytes = _rates(codec, x, generator, out, args.repeats, clock)
+            rates, nbytes = _rates(x, bits, args.bucket_size, generator, args.repeats, clock)
             rate = {name: value / 1e6 for name, value in rates.items()}
             print(
                 f"{numel:>10} {bits:>4} {rate['baseline']:>9.1f} "
                 f"{rate['encode']:>9.1f} {rate['encode'] / rate['baseline']:>7.2f} "
                 f"{rate['decode']:>9.1f} {rate['decode'] / rate['baseline']:>7.2f} "
-                f"{rate['decode_out']:>9.1f} {rate['decode_out'] / rate['baseline']:>7.2f} "
                 f"{nbytes:>11}"
             )
 

@@ -636,7 +636,7 @@ class QuantizeConfig(_Section):
     bucket_size : int
         Entries sharing one scale; 0 (the default) picks per layer the smallest power of two
         that keeps the scales under ~1% of the payload: 512 at 8 bits, 1024 at 4, 2048 at 2
-        (:func:`hflmpi.core.quantize.auto_bucket_size`).
+        (:func:`hflmpi.core.wire.auto_bucket_size`).
     method : {"auto", "sum", "gather"}
         How quantized levels travel: integer ``Reduce`` or ``Gather`` of packed bytes; ``"auto"``
         picks the one that moves fewer bytes. The result is the same bits either way.

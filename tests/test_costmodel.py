@@ -11,6 +11,8 @@ from hflmpi.core.costmodel import (
     INTERCONNECTS,
     Network,
     Sample,
+    aggregation_costs,
+    aggregation_counts,
     bytes_per_layer,
     bytes_per_round,
     calibrate,
@@ -23,6 +25,7 @@ from hflmpi.core.costmodel import (
     round_time,
     tree_for,
 )
+from hflmpi.core.schedule import round_events
 
 NET = Network("test", alpha=1e-5, beta=1e-9, gamma=1e-10)
 
@@ -73,17 +76,39 @@ def test_event_counts_and_round_time():
     assert event_counts([5, 2]) == [1, 1]
     assert event_counts([2, 3, 4]) == [12 - 4, 4 - 1, 1]
     assert event_counts([4, 1]) == [0, 1]  # tau_2 = 1: every layer-1 period ends a round
+    assert aggregation_counts([2, 3, 4]) == [12, 4, 1]
+    for tau in ([5], [5, 2], [2, 3, 4], [4, 1], [1, 3, 1, 2]):  # what the nested schedule runs
+        layers = [layer for _, layer in round_events(tau)]
+        assert event_counts(tau) == [layers.count(n) for n in range(1, len(tau) + 1)], tau
     fan, tau, numel, t_cp = [2, 4], [3, 2], 10_000, 1e-3
-    total, comm = round_time(fan, tau, numel, t_cp, NET, bits=[8, 8], algorithm="tree")
+    costs = aggregation_costs(fan, numel, NET, bits=[8, 8], algorithm="tree")
     l1, l2 = layer_time(2, numel, 8, NET), layer_time(4, numel, 8, NET)
+    assert costs == pytest.approx([l1, l2])
     # the plan's formula: t_cp prod(tau) + t_cm,1 * tau_2 + t_cm,2
-    assert comm == pytest.approx(l1 * 2 + l2)
-    assert total == pytest.approx(t_cp * 6 + comm)
+    assert round_time(tau, 0.0, costs) == pytest.approx(l1 * 2 + l2)
+    assert round_time(tau, t_cp, costs) == pytest.approx(t_cp * 6 + l1 * 2 + l2)
     # exact subtree: one layer-1 event (allreduce over 2) + one global event (allreduce over 8)
-    _, comm_exact = round_time(fan, tau, numel, t_cp, NET)
+    comm_exact = round_time(tau, 0.0, aggregation_costs(fan, numel, NET))
     assert comm_exact == pytest.approx(
         collective_time("allreduce", 2, 8, NET) + collective_time("allreduce", 2, 4 * numel, NET)
         + collective_time("allreduce", 8, 8, NET) + collective_time("allreduce", 8, 4 * numel, NET))
+
+
+def test_round_time_matches_hand_computation():
+    # T = t_cp*prod(tau) + sum_n t_cm,n * prod_{m>n} tau_m
+    assert round_time([5], 0.1, [1.0]) == pytest.approx(0.5 + 1.0)
+    assert round_time([5, 2], 0.1, [1.0, 3.0]) == pytest.approx(0.1 * 10 + 1.0 * 2 + 3.0)
+    assert round_time([2, 3, 4], 0.01, [0.1, 0.2, 0.5]) == pytest.approx(
+        0.01 * 24 + 0.1 * 12 + 0.2 * 4 + 0.5)
+    assert round_time([1, 1, 1], 1.0, [0.0, 0.0, 0.0]) == 1.0
+    # one schedule per row gives one time per row, the same floats as one at a time
+    rows = np.array([[5, 2], [1, 1], [3, 7]])
+    times = round_time(rows, 0.1, [1.0, 3.0])
+    assert times.tolist() == [round_time(list(r), 0.1, [1.0, 3.0]) for r in rows.tolist()]
+    with pytest.raises(ValueError, match="one per t_cm"):
+        round_time([5, 2], 0.1, [1.0])
+    with pytest.raises(ValueError, match="integers >= 1"):
+        round_time([5, 0], 0.1, [1.0, 1.0])
 
 
 def test_bytes_match_a_real_run_record():
@@ -93,6 +118,10 @@ def test_bytes_match_a_real_run_record():
     # exact subtree: (m_L - 1) * 4 numel per subtree, charged to the top layer
     assert bytes_per_layer([2, 4], [3, 2], 1000, [0, 0]) == [4 * 1 * 4000.0, 7 * 4000.0]
     assert bytes_per_round([8], [5], 1000) == 7 * 4000.0
+    # forced integer sum at 8 bits over pairs: int16 levels, 2 B per entry (+ scales of 512)
+    scales = 4 * math.ceil(9610 / 512)
+    assert bytes_per_layer([2, 2], [5, 4], 9610, [8, 8], method="sum") == [
+        4 * 2 * (2 * 9610 + 2 * scales), 1 * (2 * 9610 + 2 * scales)]
 
 
 def test_tree_for_and_predict():

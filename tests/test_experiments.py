@@ -22,7 +22,8 @@ from hflmpi.experiments import (
     results_markdown,
     summarize,
 )
-from hflmpi.core.tau_search import bytes_ratio, round_time
+from hflmpi.core.costmodel import round_time
+from hflmpi.core.wire import bytes_ratio
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml"))
 

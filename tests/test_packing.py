@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from hflmpi.core.packing import (
-    levels_for_bits,
+    code_scratch,
     pack_codes,
     pack_levels,
-    packed_nbytes,
+    sum_packed_levels,
     unpack_codes,
     unpack_levels,
 )
+from hflmpi.core.wire import levels_for_bits, packed_nbytes
 
 ALL_BITS = list(range(1, 17))
 NUMELS = [0, 1, 7, 8, 9, 15, 17, 1001]
@@ -144,3 +145,40 @@ def test_bits_validation_message(bad) -> None:
 
 def test_levels_for_bits_values() -> None:
     assert [levels_for_bits(b) for b in (1, 2, 3, 4, 8, 16)] == [1, 1, 3, 7, 127, 32767]
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_uplink_form_writes_the_reference_stream_into_out(bits: int) -> None:
+    # the uplink packs its clamped levels (no range check) into a row of its send buffer,
+    # reusing one int32 scratch for the codes; rows of other children must stay untouched
+    for numel in NUMELS:
+        levels = _random_levels(bits, numel, seed=11 * bits + numel)
+        nbytes = -(-numel * bits // 8)
+        send = torch.full((3, nbytes), 0xAB, dtype=torch.uint8)
+        codes = code_scratch(numel, bits)
+        result = pack_levels(torch.from_numpy(levels).to(torch.int16 if bits < 16 else torch.int32),
+                             bits, out=send[1], codes=codes, check=False)
+        assert result.data_ptr() == send[1].data_ptr()
+        np.testing.assert_array_equal(send[1].numpy(), _reference_pack(_codes(levels, bits), bits))
+        assert bool((send[0] == 0xAB).all()) and bool((send[2] == 0xAB).all())
+    with pytest.raises(ValueError, match="out must be a uint8 tensor of 2 elements"):
+        pack_levels(torch.zeros(2, dtype=torch.int32), 8, out=torch.empty(3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="codes must be a torch.uint8 tensor of 16 elements"):
+        pack_levels(torch.zeros(9, dtype=torch.int32), 3, codes=torch.empty(9, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_sum_packed_levels_against_numpy(bits: int) -> None:
+    numel = 1001
+    rows = [_random_levels(bits, numel, seed=bits + 50 * k) for k in range(4)]
+    streams = torch.stack([torch.from_numpy(_reference_pack(_codes(r, bits), bits)) for r in rows])
+    # the leader's form: its own levels are in the accumulator and count as one contribution
+    own = torch.from_numpy(_random_levels(bits, numel, seed=999)).to(torch.int64)
+    expected_with_own = own.numpy() + np.sum(rows, axis=0)
+    np.testing.assert_array_equal(sum_packed_levels(streams, bits, own).numpy(), expected_with_own)
+    # a plain decode: the accumulator's contents are ignored
+    junk = torch.full((numel,), 12345, dtype=torch.int64)
+    np.testing.assert_array_equal(sum_packed_levels(streams[:1], bits, junk, out_holds_levels=False)
+                                  .numpy(), rows[0])
+    with pytest.raises(ValueError, match="bit stream of >= "):
+        sum_packed_levels([streams[0][:-1]], bits, torch.zeros(numel, dtype=torch.int64))

@@ -1,4 +1,7 @@
-"""Tests of :mod:`hflmpi.core.tau_search`: round time, the surrogate bound, the search and the CLI."""
+"""Tests of :mod:`hflmpi.core.tau_search` (the surrogate bound and the search) and of ``hflmpi plan``.
+
+The round time ``T(tau)`` itself is tested with the cost model (tests/test_costmodel.py).
+"""
 
 from __future__ import annotations
 
@@ -9,30 +12,21 @@ import math
 import numpy as np
 import pytest
 
+from hflmpi.cli.plan import main
+from hflmpi.core.costmodel import round_time
+from hflmpi.core.quantize import variance_bound
 from hflmpi.core.tau_search import (
     BoundConstants,
     PlanError,
-    bytes_ratio,
     convergence_bound,
     feasible_taus,
-    main,
     quantized_comm_time,
-    round_time,
     search,
     step_condition,
     steps_within,
     variance_factors,
 )
-from hflmpi.core.quantize import variance_bound
-
-
-def test_round_time_matches_hand_computation():
-    # T = t_cp*prod(tau) + sum_n t_cm,n * prod_{m>n} tau_m
-    assert round_time([5], 0.1, [1.0]) == pytest.approx(0.5 + 1.0)
-    assert round_time([5, 2], 0.1, [1.0, 3.0]) == pytest.approx(0.1 * 10 + 1.0 * 2 + 3.0)
-    assert round_time([2, 3, 4], 0.01, [0.1, 0.2, 0.5]) == pytest.approx(
-        0.01 * 24 + 0.1 * 12 + 0.2 * 4 + 0.5)
-    assert round_time([1, 1, 1], 1.0, [0.0, 0.0, 0.0]) == 1.0
+from hflmpi.core.wire import bytes_ratio
 
 
 def test_steps_within_floors_whole_rounds():
@@ -170,6 +164,14 @@ def test_cli_prints_and_emits_json(capsys):
     assert data["random"]["not_better"] == 1.0
     assert main(["--t-cp", "0.002", "--t-cm", "0.01,0.05", "--deadline", "0.001"]) == 2
     assert "shorter than the fastest global round" in capsys.readouterr().err
+    # the top-level command dispatches to the same entry point
+    from hflmpi.cli import main as hflmpi_main
+
+    assert hflmpi_main(["plan", "--t-cp", "0.002", "--t-cm", "0.01,0.05", "--deadline", "60",
+                        "--random", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tau"]
+    assert main(["--t-cp", "0.002", "--t-cm", "0.01", "--bits", "17", "--deadline", "60"]) == 2
+    assert "bits=17" in capsys.readouterr().err
 
 
 def test_cli_reads_times_from_a_run_record(tmp_path, capsys):
@@ -187,7 +189,7 @@ def test_cli_reads_times_from_a_run_record(tmp_path, capsys):
             record.append_round(RoundMetrics(
                 round=rnd, compute_seconds=[warm * 0.9, warm * 0.3],  # 12 steps: 0.1 s/step
                 comm_seconds=[warm * 0.6, warm * 0.5], bytes_sent=[1, 1]))
-    from hflmpi.core.tau_search import times_from_run
+    from hflmpi.record.timings import times_from_run
 
     measured = times_from_run(path)
     assert measured.t_cp == pytest.approx(0.1)

@@ -1,5 +1,9 @@
 """Stochastic uniform quantization: unbiasedness, variance, sizes, and the integer-sum path.
 
+Every test runs the kernels the job's uplink runs (:mod:`hflmpi.mpi.uplink`): ``bucket_absmax ->
+to_levels -> pack_levels`` to encode and ``sum_packed_levels -> from_level_sum`` to decode (the
+gather path), or an integer sum of ``to_levels`` outputs (the integer-sum path).
+
 Statistical checks compare against numpy references of the math (never the code under test)
 with a tolerance of 5 standard errors from the empirical per-element spread, and a sanity test
 shows the same checker catches a deliberately biased rounding.
@@ -13,30 +17,24 @@ import numpy as np
 import pytest
 import torch
 
-from hflmpi.core.packing import unpack_levels
+from hflmpi.core.packing import code_scratch, pack_levels, sum_packed_levels, unpack_levels
 from hflmpi.core.quantize import (
-    Codec,
-    IdentityCodec,
-    QuantizedPayload,
-    StochasticUniformCodec,
     bucket_absmax,
     from_level_sum,
-    gather_nbytes,
-    levels_for_bits,
-    make_codec,
+    integer_dtype,
     new_workspace,
     sum_dtype,
-    sum_nbytes,
     to_levels,
     variance_bound,
 )
 from hflmpi.core.rng import torch_generator
+from hflmpi.core.wire import layer_wire, levels_for_bits
 
 B = 16
 BUCKET_SCALES = [3.0, 0.5, 0.0, 1e-20, 7.5e5, 2.0]  # bucket 2 is all zeros; the last is short
 BUCKET_SIZES = [B, B, B, B, B, 7]
 DRAWS = 4000
-CODEC_BITS = [1, 2, 3, 4, 8, 12, 16]
+WIDTHS = [1, 2, 3, 4, 8, 12, 16]
 
 
 def _gen(seed: int = 0, **key: int) -> torch.Generator:
@@ -117,10 +115,29 @@ def _untiled(tiled: np.ndarray, draws: int, numel: int) -> np.ndarray:
     return tiled.reshape(draws, -1)[:, :numel]
 
 
-def _codec_draws(bits: int, x: np.ndarray, draws: int = DRAWS) -> np.ndarray:
-    codec = StochasticUniformCodec(bits, B)
-    payload = codec.encode(torch.from_numpy(_tiled(x, draws)), _gen(bits))
-    return _untiled(codec.decode(payload).numpy(), draws, x.size)
+def encode(
+    x: torch.Tensor, bits: int, bucket_size: int, generator: torch.Generator,
+    dtype: torch.dtype = torch.int32, codes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(packed levels, scales)`` of ``x``: the uplink's encoder on one child."""
+    scales = bucket_absmax(x, bucket_size)
+    levels = to_levels(x, scales, levels_for_bits(bits), generator, dtype,
+                       bucket_size=bucket_size, sign=bits == 1)
+    return pack_levels(levels, bits, codes=codes, check=False), scales
+
+
+def decode(packed: torch.Tensor, scales: torch.Tensor, bits: int, numel: int, bucket_size: int,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Return ``Q(x)`` from one payload: the uplink leader's decoder with no levels of its own."""
+    level_sum = sum_packed_levels([packed], bits, torch.empty(numel, dtype=torch.int32),
+                                  out_holds_levels=False)
+    return from_level_sum(level_sum, scales, levels_for_bits(bits), out, bucket_size=bucket_size)
+
+
+def _quantized_draws(bits: int, x: np.ndarray, draws: int = DRAWS) -> np.ndarray:
+    tiled = torch.from_numpy(_tiled(x, draws))
+    packed, scales = encode(tiled, bits, B, _gen(bits))
+    return _untiled(decode(packed, scales, bits, tiled.numel(), B).numpy(), draws, x.size)
 
 
 def _np_stochastic_round(x: np.ndarray, bits: int, draws: int, bias: float, nearest: bool):
@@ -134,9 +151,9 @@ def _np_stochastic_round(x: np.ndarray, bits: int, draws: int, bias: float, near
 
 
 @pytest.fixture(scope="module")
-def codec_samples() -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def quantized_samples() -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """DRAWS independent decodes of make_x(bits) for every tested width (shared by tests)."""
-    return {bits: (make_x(bits), _codec_draws(bits, make_x(bits))) for bits in CODEC_BITS}
+    return {bits: (make_x(bits), _quantized_draws(bits, make_x(bits))) for bits in WIDTHS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,24 +171,24 @@ def test_checker_catches_biased_rounding() -> None:
         assert_unbiased(_np_stochastic_round(x, 4, DRAWS, 0.1, nearest=False), x, atol)
 
 
-@pytest.mark.parametrize("bits", CODEC_BITS)
-def test_codec_is_unbiased(bits: int, codec_samples) -> None:
-    x, samples = codec_samples[bits]
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_quantizer_is_unbiased(bits: int, quantized_samples) -> None:
+    x, samples = quantized_samples[bits]
     assert_unbiased(samples, x, _float_atol(x))
 
 
 def test_short_last_bucket_is_unbiased() -> None:
     x = make_x(3)[-23:]  # 16 + 7 elements: one full bucket and a short one, one call per draw
-    codec = StochasticUniformCodec(3, B)
     generator = _gen(33)
     tensor = torch.from_numpy(x)
-    samples = np.stack([codec.decode(codec.encode(tensor, generator)).numpy() for _ in range(1500)])
+    samples = np.stack([decode(*encode(tensor, 3, B, generator), 3, x.size, B).numpy()
+                        for _ in range(1500)])
     assert_unbiased(samples, x, 1e-6 * _np_absmax(x)[_bucket_index(x.size)])
 
 
-@pytest.mark.parametrize("bits", CODEC_BITS)
-def test_codec_outputs_lie_on_the_grid(bits: int, codec_samples) -> None:
-    x, samples = codec_samples[bits]
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_quantizer_outputs_lie_on_the_grid(bits: int, quantized_samples) -> None:
+    x, samples = quantized_samples[bits]
     m = _scale_per_element(x)
     if bits == 1:
         assert np.all(np.abs(samples) == m)
@@ -200,9 +217,9 @@ def _theoretical_variance(x: np.ndarray, bits: int, bucket_size: int = B) -> np.
     return np.bincount(_bucket_index(x.size, bucket_size), weights=per_element)
 
 
-@pytest.mark.parametrize("bits", CODEC_BITS)
-def test_variance_matches_theory_and_bound(bits: int, codec_samples) -> None:
-    x, samples = codec_samples[bits]
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_variance_matches_theory_and_bound(bits: int, quantized_samples) -> None:
+    x, samples = quantized_samples[bits]
     index = _bucket_index(x.size)
     buckets = index.max() + 1
     squared = (samples.astype(np.float64) - x.astype(np.float64)) ** 2
@@ -250,97 +267,92 @@ def test_variance_bound_values() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Codec interface, sizes, determinism, input checks
+# Sizes, determinism, input checks of the encode/decode kernels
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 5, 8, 12, 16])
-def test_payload_nbytes_formula_and_tensors(bits: int) -> None:
+def test_payload_sizes_formula_and_tensors(bits: int) -> None:
     for bucket_size in (1, 16, 512):
-        codec = StochasticUniformCodec(bits, bucket_size)
         for numel in (0, 1, 87, 1000, 4097):
             x = torch.randn(numel, generator=_gen(numel))
-            payload = codec.encode(x, _gen(1))
+            packed, scales = encode(x, bits, bucket_size, _gen(1))
             formula = -(-numel * bits // 8) + 4 * -(-numel // bucket_size)
-            assert payload.packed.dtype == torch.uint8 and payload.scales.dtype == torch.float32
-            assert payload.packed.numel() == -(-numel * bits // 8)
-            assert payload.scales.numel() == -(-numel // bucket_size)
-            assert payload.nbytes == formula == codec.payload_nbytes(numel)
-            assert gather_nbytes(numel, bits, bucket_size) == formula
-            assert codec.decode(payload).shape == (numel,)
+            assert packed.dtype == torch.uint8 and scales.dtype == torch.float32
+            assert packed.numel() == -(-numel * bits // 8)
+            assert scales.numel() == -(-numel // bucket_size)
+            wire = layer_wire(numel, bits, 2, bucket_size, "gather")
+            assert packed.numel() * 1 + scales.numel() * 4 == formula
+            assert wire.payload_nbytes + wire.scale_nbytes == formula
+            assert decode(packed, scales, bits, numel, bucket_size).shape == (numel,)
 
 
 @pytest.mark.parametrize("bits", [1, 3, 8, 16])
 def test_decode_equals_unpacked_levels_times_step(bits: int) -> None:
     x = torch.from_numpy(make_x(bits))
-    codec = StochasticUniformCodec(bits, B)
-    payload = codec.encode(x, _gen(4))
-    levels = unpack_levels(payload.packed, bits, x.numel()).numpy()
-    scales = payload.scales.numpy()
+    packed, scales_tensor = encode(x, bits, B, _gen(4))
+    levels = unpack_levels(packed, bits, x.numel()).numpy()
+    scales = scales_tensor.numpy()
     np.testing.assert_array_equal(scales, _np_absmax(x.numpy()))
     s = levels_for_bits(bits)
     step = (scales / np.float32(s)).astype(np.float32)
     expected = levels.astype(np.float32) * step[_bucket_index(x.numel())]
-    np.testing.assert_array_equal(codec.decode(payload).numpy(), expected)
+    np.testing.assert_array_equal(decode(packed, scales_tensor, bits, x.numel(), B).numpy(),
+                                  expected)
 
 
 def test_same_key_same_bits_and_other_keys_differ() -> None:
     x = torch.randn(1000, generator=_gen(5))
-    codec = StochasticUniformCodec(4, 64)
     key = dict(seed=1, rank=2, round=3, layer=1)
 
     def packed(**changes: int) -> torch.Tensor:
         merged = {**key, **changes}
         generator = torch_generator(merged.pop("seed"), purpose="quantize", **merged)
-        return codec.encode(x, generator).packed
+        return encode(x, 4, 64, generator)[0]
 
     assert torch.equal(packed(), packed())
     assert torch.equal(
-        packed(),
-        StochasticUniformCodec(4, 64)
-        .encode(x, torch_generator(1, purpose="quantize", rank=2, round=3, layer=1))
-        .packed,
+        packed(), encode(x, 4, 64, torch_generator(1, purpose="quantize", rank=2, round=3, layer=1))[0]
     )
     for change in ({"round": 4}, {"layer": 2}, {"rank": 3}, {"seed": 2}):
         assert not torch.equal(packed(), packed(**change)), change
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 7, 8, 12, 16])
-def test_payloads_do_not_share_the_codecs_scratch(bits: int) -> None:
-    codec = StochasticUniformCodec(bits, 4)
+def test_payloads_do_not_share_the_scratch(bits: int) -> None:
     for numel in (1, 5, 8, 100):
-        first = codec.encode(torch.randn(numel, generator=_gen(1)), _gen(2))
-        kept = first.packed.clone()
-        codec.encode(torch.randn(numel, generator=_gen(3)), _gen(4))
-        assert torch.equal(first.packed, kept), numel
+        codes = code_scratch(numel, bits)  # reused, as the uplink reuses its own
+        first, _ = encode(torch.randn(numel, generator=_gen(1)), bits, 4, _gen(2), codes=codes)
+        kept = first.clone()
+        encode(torch.randn(numel, generator=_gen(3)), bits, 4, _gen(4), codes=codes)
+        assert torch.equal(first, kept), numel
 
 
 def test_zero_buckets_decode_to_exact_zeros() -> None:
     for bits in (1, 2, 8, 16):
-        codec = StochasticUniformCodec(bits, 8)
         x = torch.cat([torch.zeros(8), torch.randn(8), torch.zeros(5)])
-        out = codec.decode(codec.encode(x, _gen(bits)))
+        out = decode(*encode(x, bits, 8, _gen(bits)), bits, x.numel(), 8)
         assert torch.all(out[:8] == 0) and torch.all(out[16:] == 0)
-        zeros = codec.decode(codec.encode(torch.zeros(100), _gen(bits)))
+        zeros = decode(*encode(torch.zeros(100), bits, 8, _gen(bits)), bits, 100, 8)
         assert torch.all(zeros == 0)
 
 
 def test_any_shape_and_float_dtype_is_flattened() -> None:
     x = torch.randn(12, 10, dtype=torch.float64, generator=_gen(6))[:, ::2]  # non-contiguous
-    codec = StochasticUniformCodec(5, 16)
-    a = codec.decode(codec.encode(x, _gen(7)))
-    b = codec.decode(codec.encode(x.reshape(-1).float().contiguous(), _gen(7)))
+    a = decode(*encode(x, 5, 16, _gen(7)), 5, 60, 16)
+    b = decode(*encode(x.reshape(-1).float().contiguous(), 5, 16, _gen(7)), 5, 60, 16)
     assert a.shape == (60,) and torch.equal(a, b)
 
 
 def test_decode_into_out_buffer() -> None:
-    codec = StochasticUniformCodec(8, 16)
-    payload = codec.encode(torch.randn(50, generator=_gen(8)), _gen(9))
+    packed, scales = encode(torch.randn(50, generator=_gen(8)), 8, 16, _gen(9))
     out = torch.empty(50)
-    assert codec.decode(payload, out=out) is out
-    assert torch.equal(out, codec.decode(payload))
-    with pytest.raises(ValueError, match="bits=8"):
-        StochasticUniformCodec(4, 16).decode(payload)
+    assert decode(packed, scales, 8, 50, 16, out=out) is out
+    assert torch.equal(out, decode(packed, scales, 8, 50, 16))
+    with pytest.raises(ValueError, match=">= 50 bytes"):  # a 4-bit reader needs 25; 8 bits 50
+        decode(packed[:25], scales, 8, 50, 16)
+    with pytest.raises(ValueError, match="cannot hold"):  # an accumulator too narrow to sum
+        sum_packed_levels([packed, packed], 8, torch.zeros(50, dtype=torch.int8))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -348,7 +360,7 @@ def test_nan_and_inf_are_rejected(bad: float) -> None:
     x = torch.randn(40)
     x[21] = bad
     with pytest.raises(ValueError, match=r"NaN or Inf .*bucket 1"):
-        StochasticUniformCodec(4, 16).encode(x, _gen())
+        encode(x, 4, 16, _gen())
     scales = torch.tensor([1.0, bad, 1.0])
     with pytest.raises(ValueError, match="NaN or Inf"):
         to_levels(torch.zeros(40), scales, 7, _gen(), bucket_size=16)
@@ -357,31 +369,21 @@ def test_nan_and_inf_are_rejected(bad: float) -> None:
 def test_argument_validation_messages() -> None:
     for bad in (0, 17, -3):
         with pytest.raises(ValueError, match=rf"bits={bad}.*\[1, 16\]"):
-            StochasticUniformCodec(bad, 16)
+            encode(torch.randn(4), bad, 16, _gen())
         with pytest.raises(ValueError, match=rf"bits={bad}"):
             variance_bound(bad, 16)
+        with pytest.raises(ValueError, match=rf"bits={bad}"):
+            pack_levels(torch.zeros(4, dtype=torch.int32), bad)
     with pytest.raises(ValueError, match="bucket_size=0"):
-        StochasticUniformCodec(4, 0)
+        encode(torch.randn(4), 4, 0, _gen())
     with pytest.raises(ValueError, match="bits=20"):
-        make_codec(20, 16)
+        layer_wire(16, 20, 2)
     with pytest.raises(TypeError, match="Generator"):
-        StochasticUniformCodec(4, 16).encode(torch.randn(4), None)
+        to_levels(torch.randn(4), torch.ones(1), 7, None, bucket_size=16)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="floating-point"):
-        StochasticUniformCodec(4, 16).encode(torch.arange(4), _gen())
-
-
-def test_identity_codec_and_factory() -> None:
-    x = torch.randn(3, 5)
-    identity = make_codec(None, 64)
-    assert isinstance(identity, IdentityCodec) and isinstance(make_codec(0, 64), IdentityCodec)
-    assert isinstance(identity, Codec)
-    assert torch.equal(identity.decode(identity.encode(x, None)), x.reshape(-1))
-    assert identity.payload_nbytes(10) == 40
-    assert IdentityCodec(torch.float64).payload_nbytes(10) == 80
-    quantized = make_codec(3, 64)
-    assert isinstance(quantized, StochasticUniformCodec) and isinstance(quantized, Codec)
-    assert (quantized.bits, quantized.bucket_size, quantized.s) == (3, 64, 3)
-    assert isinstance(quantized.encode(x, _gen()), QuantizedPayload)
+        encode(torch.arange(4), 4, 16, _gen())
+    with pytest.raises(ValueError, match="nbytes=3"):
+        integer_dtype(3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,10 +506,18 @@ def test_sum_dtype_boundaries() -> None:
         sum_dtype(8, 0)
 
 
-def test_bytes_formulas() -> None:
-    assert gather_nbytes(1000, 3, 64) == 375 + 4 * 16
-    assert gather_nbytes(1001, 3, 64) == 376 + 4 * 16
-    assert sum_nbytes(1000, torch.int16) == 2000
-    assert sum_nbytes(1000, torch.int8, bucket_size=64) == 1000 + 64
-    with pytest.raises(TypeError):
-        sum_nbytes(10, torch.float32)
+@pytest.mark.parametrize("bits", range(1, 17))
+@pytest.mark.parametrize("fan_in", [2, 3, 4])
+def test_gather_decoder_sums_the_levels_exactly(bits: int, fan_in: int) -> None:
+    """The leader's own levels plus the packed rows of the others equal the integer level sum."""
+    xs = _children(bits)[:fan_in]
+    s = levels_for_bits(bits)
+    scales = torch.from_numpy(np.max([_np_absmax(x) for x in xs], axis=0))
+    dtype = integer_dtype(layer_wire(xs.shape[1], bits, fan_in, B, "gather").accumulator_nbytes)
+    levels = [to_levels(torch.from_numpy(x), scales, s, _gen(bits, rank=c), dtype,
+                        bucket_size=B, sign=bits == 1) for c, x in enumerate(xs)]
+    expected = np.sum([lv.numpy().astype(np.int64) for lv in levels], axis=0)
+    rows = torch.stack([pack_levels(lv, bits) for lv in levels[1:]])
+    own = levels[0].clone()
+    assert sum_packed_levels(rows, bits, own) is own
+    np.testing.assert_array_equal(own.numpy().astype(np.int64), expected)

@@ -23,11 +23,10 @@ from mpi4py import MPI  # noqa: E402
 
 from hflmpi.mpi.aggregate import HierarchicalAggregator  # noqa: E402
 from hflmpi.mpi.comm import LayerComms  # noqa: E402
-from hflmpi.core.packing import packed_nbytes  # noqa: E402
-from hflmpi.core.quantize import bucket_absmax, from_level_sum, levels_for_bits, to_levels  # noqa: E402
+from hflmpi.core.quantize import bucket_absmax, from_level_sum, to_levels  # noqa: E402
 from hflmpi.core.rng import torch_generator  # noqa: E402
 from hflmpi.core.topology import plan_fanouts, plan_groups  # noqa: E402
-from hflmpi.mpi.uplink import choose_method  # noqa: E402
+from hflmpi.core.wire import Method, choose_method, levels_for_bits, packed_nbytes  # noqa: E402
 
 NUMEL = 1000
 BUCKET = 64
@@ -197,7 +196,7 @@ def test_bytes_counted_equal_the_formula(width):
         stats = agg.aggregate(1, 1.0, step=0)
         method = choose_method(NUMEL, width, size)
         scales = 4 * -(-NUMEL // BUCKET)
-        if method == "gather":
+        if method == Method.GATHER:
             payload = packed_nbytes(NUMEL, width)
         else:
             container = torch.int8 if size * levels_for_bits(width) <= 127 else (
@@ -205,7 +204,8 @@ def test_bytes_counted_equal_the_formula(width):
             payload = NUMEL * torch.empty((), dtype=container).element_size()
         expected = scales + (0 if rank == 0 else payload)
         parallel_assert(comm, stats.bytes_sent == [expected], f"{stats.bytes_sent} != [{expected}]")
-        parallel_assert(comm, agg.methods() == ["integer-sum" if method == "sum" else "gather"])
+        parallel_assert(comm, agg.methods() == ["integer-sum" if method == Method.INTEGER_SUM
+                                                else "gather"])
 
 
 @pytest.mark.mpi(min_size=2)

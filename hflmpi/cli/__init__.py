@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return report_main(rest)
     if command == "plan":
-        from hflmpi.core.tau_search import main as plan_main
+        from hflmpi.cli.plan import main as plan_main
 
         return plan_main(rest)
     if command == "experiments":

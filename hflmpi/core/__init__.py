@@ -2,6 +2,8 @@
 
 Tree planning (:mod:`~hflmpi.core.topology`), the nested schedule (:mod:`~hflmpi.core.schedule`),
 the unbiased quantizer and its bit packing (:mod:`~hflmpi.core.quantize`,
-:mod:`~hflmpi.core.packing`), robust rules, secure-aggregation masks, differential privacy, keyed
-random streams, and the cost model with the deadline-aware tau search.
+:mod:`~hflmpi.core.packing`), the one byte model of a layer's traffic (:mod:`~hflmpi.core.wire`),
+robust rules, secure-aggregation masks, differential privacy, keyed random streams, the cost model
+with the one round-time model ``T(tau)`` (:mod:`~hflmpi.core.costmodel`) and the deadline-aware tau
+search (:mod:`~hflmpi.core.tau_search`).
 """

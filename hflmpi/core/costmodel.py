@@ -27,11 +27,13 @@ One layer-n aggregation of hflmpi (:mod:`hflmpi.mpi.aggregate`) over a node with
 and a model of ``numel`` float32 entries costs the 8-byte weight allreduce, the uplink (exact:
 ``reduce(4 numel)``; quantized: the scales ``allreduce(4 ceil(numel/B))`` then either
 ``reduce(numel * container)`` ("sum") or ``gather(ceil(numel bits / 8))``, whichever moves
-fewer bytes, as :func:`hflmpi.mpi.uplink.choose_method`) and the downlink ``bcast(4 numel)``. With
-quantization off the default ``"subtree"`` algorithm replaces a layer-L event by one
-``allreduce(4 numel)`` over the ``m_L`` devices of the subtree. A global round costs
-``t_cp prod(tau)`` of compute plus, for every event, the sum of its layers (the round-time formula
-of QMLHFL, arXiv 2505.08145, Sec. V).
+fewer bytes; every size comes from :func:`hflmpi.core.wire.layer_wire`) and the downlink
+``bcast(4 numel)``. With quantization off the default ``"subtree"`` algorithm replaces a layer-L
+event by one ``allreduce(4 numel)`` over the ``m_L`` devices of the subtree. A global round costs
+:func:`round_time`, ``T(tau) = t_cp prod(tau) + sum_n t_cm,n prod_{m > n} tau_m`` (the round-time
+formula of QMLHFL, arXiv 2505.08145, Sec. V): ``prod(tau)`` steps of compute plus, for every
+event, the sum of its layers' costs. This is hflmpi's one round-time model: the tau planner,
+the experiments and the scaling predictions all evaluate it.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
+
+from hflmpi.core.schedule import period_lengths, steps_per_round
+from hflmpi.core.wire import Method, layer_wire
 
 __all__ = [
     "Network",
@@ -50,6 +55,8 @@ __all__ = [
     "coefficients",
     "collective_time",
     "layer_time",
+    "aggregation_costs",
+    "aggregation_counts",
     "event_counts",
     "round_time",
     "bytes_per_layer",
@@ -182,35 +189,65 @@ def collective_time(op: Op, p: int, nbytes: float, net: Network) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# The round: T(tau) and how many aggregations it holds
+
+
+def aggregation_counts(tau: Sequence[int]) -> list[int]:
+    """Return, per layer n, the layer-n aggregations of one round: ``prod_{m > n} tau_m``.
+
+    A round is ``prod(tau)`` SGD steps and a layer-n period ``prod_{m <= n} tau_m`` of them
+    (:func:`hflmpi.core.schedule.period_lengths`).
+    """
+    steps = steps_per_round(tau)
+    return [steps // length for length in period_lengths(tau)]
+
+
+def event_counts(tau: Sequence[int]) -> list[int]:
+    """Return, per layer L, how many aggregation events per round have top layer exactly L.
+
+    Layer-L periods end :func:`aggregation_counts` times per round; those that are also a
+    layer-(L+1) boundary belong to the higher layer. This counts the layers
+    :func:`hflmpi.core.schedule.round_events` yields.
+    """
+    ends = aggregation_counts(tau)
+    return [ends[n] - (ends[n + 1] if n + 1 < len(ends) else 0) for n in range(len(ends))]
+
+
+def round_time(tau: Any, t_cp: float, t_cm: Sequence[float]) -> Any:
+    """Return ``T(tau) = t_cp prod(tau) + sum_n t_cm[n] prod_{m > n} tau_m``: one global round.
+
+    The round-time model of QMLHFL (arXiv 2505.08145, Sec. V) and the one hflmpi uses
+    everywhere: the tau planner (:mod:`hflmpi.core.tau_search`) optimises it, the experiments
+    report it, :func:`predict` fills ``t_cm`` from an interconnect (:func:`aggregation_costs`).
+
+    Parameters
+    ----------
+    tau : sequence of int, or 2-D array
+        Intra-layer iteration counts ``tau_1..tau_N``; or one schedule per row.
+    t_cp : float
+        Seconds of one local SGD step.
+    t_cm : sequence of float
+        Seconds that a layer-n aggregation adds, ``n = 1..N`` (a layer-L event costs
+        ``sum_{n <= L} t_cm[n]``).
+
+    Returns
+    -------
+    float, or an array with one value per row of ``tau``.
+    """
+    costs = [float(c) for c in t_cm]
+    grid = np.atleast_2d(np.asarray(tau, dtype=np.int64))
+    if grid.ndim != 2 or grid.shape[1] != len(costs) or (grid < 1).any():
+        raise ValueError(f"tau={tau} needs {len(costs)} integers >= 1 per schedule (one per t_cm)")
+    ones = np.ones((len(grid), 1), dtype=np.int64)
+    after = np.cumprod(np.hstack([grid[:, 1:], ones])[:, ::-1], axis=1)[:, ::-1]  # prod_{m>n}
+    total = t_cp * np.prod(grid, axis=1).astype(np.float64)
+    for n, cost in enumerate(costs):
+        total = total + cost * after[:, n].astype(np.float64)
+    return float(total[0]) if np.ndim(tau) == 1 else total
+
+
+# ---------------------------------------------------------------------------------------------
 # hflmpi's aggregation
-
-
-def _auto_bucket(bits: int) -> int:
-    size = 1
-    while size * bits < 4096:
-        size *= 2
-    return size
-
-
-def _container_bytes(bits: int, fan_in: int) -> int:
-    largest = fan_in * (1 if bits == 1 else 2 ** (bits - 1) - 1)
-    for size in (1, 2, 4, 8):
-        if largest <= 2 ** (8 * size - 1) - 1:
-            return size
-    raise OverflowError(f"fan_in={fan_in} at {bits} bits overflows int64")
-
-
-def _uplink(numel: int, bits: int, fan_in: int, bucket_size: int) -> tuple[str, float, float]:
-    """Return (method, payload bytes per child, scale bytes per participant) of a layer."""
-    if bits == 0:
-        return "exact", 4.0 * numel, 0.0
-    bucket = bucket_size or _auto_bucket(bits)
-    scales = 4.0 * math.ceil(numel / bucket)
-    packed = math.ceil(numel * bits / 8)
-    container = _container_bytes(bits, fan_in)
-    if packed < numel * container:
-        return "gather", float(packed), scales
-    return "sum", float(numel * container), scales
 
 
 def _nets(net: Network | Sequence[Network], depth: int) -> list[Network]:
@@ -220,119 +257,113 @@ def _nets(net: Network | Sequence[Network], depth: int) -> list[Network]:
     return nets
 
 
-def layer_time(fanout: int, numel: int, bits: int, net: Network, bucket_size: int = 0) -> float:
+def layer_time(
+    fanout: int, numel: int, bits: int, net: Network, bucket_size: int = 0, method: str = "auto",
+) -> float:
     """Return the modelled seconds of one layer-n aggregation (tree/quantized path).
 
     Weight allreduce (8 B) + uplink (exact reduce, or scales allreduce + integer reduce / packed
-    gather) + float32 broadcast back down, all over the ``fanout`` participants.
+    gather, sized by :func:`hflmpi.core.wire.layer_wire`) + the broadcast back down, all over the
+    ``fanout`` participants.
     """
-    method, payload, scales = _uplink(numel, bits, fanout, bucket_size)
+    wire = layer_wire(numel, bits, fanout, bucket_size, method)
     seconds = collective_time("allreduce", fanout, 8, net)
-    if method == "gather":
-        seconds += collective_time("allreduce", fanout, scales, net)
-        seconds += collective_time("gather", fanout, payload, net)
-    else:
-        if scales:
-            seconds += collective_time("allreduce", fanout, scales, net)
-        seconds += collective_time("reduce", fanout, payload, net)
-    return seconds + collective_time("bcast", fanout, 4.0 * numel, net)
-
-
-def event_counts(tau: Sequence[int]) -> list[int]:
-    """Return, per layer L, how many aggregation events per round have top layer exactly L.
-
-    Layer-L periods end ``prod_{m > L} tau_m`` times per round; those that are also a
-    layer-(L+1) boundary belong to the higher layer.
-    """
-    depth = len(tau)
-    ends = [math.prod(tau[n + 1:]) for n in range(depth)]
-    return [ends[n] - (ends[n + 1] if n + 1 < depth else 0) for n in range(depth)]
+    if wire.scale_nbytes:
+        seconds += collective_time("allreduce", fanout, wire.scale_nbytes, net)
+    uplink: Op = "gather" if wire.method == Method.GATHER else "reduce"
+    seconds += collective_time(uplink, fanout, wire.payload_nbytes, net)
+    return seconds + collective_time("bcast", fanout, wire.downlink_nbytes, net)
 
 
 def _subtree_sizes(fanouts: Sequence[int]) -> list[int]:
     return [math.prod(fanouts[: n + 1]) for n in range(len(fanouts))]
 
 
+def _exact_subtree(top: int, bits: Sequence[int], algorithm: str) -> bool:
+    """Tell whether a layer-``top`` event is one exact allreduce over the subtree."""
+    return algorithm == "subtree" and not any(bits[:top])
+
+
 def _event_time(
     top: int, fanouts: Sequence[int], numel: int, bits: Sequence[int], nets: Sequence[Network],
-    bucket_size: int, algorithm: str,
+    bucket_size: int, algorithm: str, method: str,
 ) -> float:
-    if algorithm == "subtree" and not any(bits[:top]):
+    if _exact_subtree(top, bits, algorithm):
         size = _subtree_sizes(fanouts)[top - 1]
         slowest = max(nets[:top], key=lambda n: (n.beta, n.alpha))
+        model = layer_wire(numel, 0, size).payload_nbytes  # every device's float32 model
         return (collective_time("allreduce", size, 8, slowest)
-                + collective_time("allreduce", size, 4.0 * numel, slowest))
-    return sum(layer_time(fanouts[n], numel, bits[n], nets[n], bucket_size) for n in range(top))
+                + collective_time("allreduce", size, model, slowest))
+    return sum(layer_time(fanouts[n], numel, bits[n], nets[n], bucket_size, method)
+               for n in range(top))
 
 
-def round_time(
-    fanouts: Sequence[int], tau: Sequence[int], numel: int, t_cp: float,
-    net: Network | Sequence[Network], bits: Sequence[int] | None = None, bucket_size: int = 0,
-    algorithm: str = "subtree",
-) -> tuple[float, float]:
-    """Return ``(round seconds, communication seconds)`` of one global round.
-
-    Parameters
-    ----------
-    fanouts, tau : sequence of int
-        The tree (children per node per layer) and the schedule.
-    numel : int
-        Model parameters (float32).
-    t_cp : float
-        Seconds per local SGD step.
-    net : Network or one per layer
-        Interconnect(s); the exact subtree allreduce of a layer-L event runs on the slowest of
-        layers 1..L.
-    bits : sequence of int, optional
-        Quantizer widths (default exact).
-    algorithm : {"subtree", "tree"}
-        hflmpi's ``aggregation.algorithm`` for exact events.
-    """
+def _layers(fanouts: Sequence[int], bits: Sequence[int] | None) -> list[int]:
     depth = len(fanouts)
-    bits = [0] * depth if bits is None else list(bits)
-    if len(tau) != depth or len(bits) != depth:
-        raise ValueError("fanouts, tau and bits need one entry per layer")
-    nets = _nets(net, depth)
-    comm = sum(count * _event_time(top, fanouts, numel, bits, nets, bucket_size, algorithm)
-               for top, count in enumerate(event_counts(tau), start=1) if count)
-    return t_cp * math.prod(tau) + comm, comm
+    widths = [0] * depth if bits is None else [int(b) for b in bits]
+    if len(widths) != depth:
+        raise ValueError(f"bits={widths} needs one entry per layer ({depth})")
+    return widths
+
+
+def aggregation_costs(
+    fanouts: Sequence[int], numel: int, net: Network | Sequence[Network],
+    bits: Sequence[int] | None = None, bucket_size: int = 0, algorithm: str = "subtree",
+    method: str = "auto",
+) -> list[float]:
+    """Return ``t_cm,n``, the seconds a layer-n aggregation adds to an event, for :func:`round_time`.
+
+    On the tree/quantized path this is :func:`layer_time` of layer n. With the exact ``"subtree"``
+    algorithm a layer-L event is one allreduce over the ``m_L`` devices of the subtree (on the
+    slowest of layers 1..L), so ``t_cm,n`` is what a layer-n event costs beyond a layer-(n-1)
+    one; either way a layer-L event costs ``sum_{n <= L} t_cm,n``.
+
+    ``fanouts`` (children per node per layer), ``numel`` (float32 parameters), ``net`` (one
+    interconnect or one per layer), ``bits`` (default exact), ``bucket_size`` (0 = per-width
+    default), ``algorithm`` and ``method`` are hflmpi's tree and ``aggregation``/``quantize``
+    settings.
+    """
+    widths = _layers(fanouts, bits)
+    nets = _nets(net, len(fanouts))
+    events = [_event_time(top, fanouts, numel, widths, nets, bucket_size, algorithm, method)
+              for top in range(1, len(fanouts) + 1)]
+    return [events[0]] + [events[n] - events[n - 1] for n in range(1, len(events))]
 
 
 def bytes_per_layer(
     fanouts: Sequence[int], tau: Sequence[int], numel: int, bits: Sequence[int] | None = None,
-    bucket_size: int = 0, algorithm: str = "subtree",
+    bucket_size: int = 0, algorithm: str = "subtree", method: str = "auto",
 ) -> list[float]:
     """Return the uplink bytes of one round per layer, summed over ranks, as hflmpi records them.
 
     This is the model of ``/metrics/bytes_sent`` (:mod:`hflmpi.record.store`). Exact subtree event at
     layer L: every device but the subtree's root sends ``4 numel``, charged to layer L.
-    Nested/tree layer n: every non-leader participant sends its payload; quantized layers add
-    every participant's ``4 ceil(numel/B)`` bytes of scales.
+    Nested/tree layer n: every non-leader participant sends its payload and, on quantized
+    layers, every participant its scales (:attr:`hflmpi.core.wire.LayerWire.uplink_nbytes`).
     """
-    depth = len(fanouts)
-    bits = [0] * depth if bits is None else list(bits)
+    widths = _layers(fanouts, bits)
     sizes = _subtree_sizes(fanouts)
     world = sizes[-1]
-    totals = [0.0] * depth
+    totals = [0.0] * len(fanouts)
     for top, count in enumerate(event_counts(tau), start=1):
         if not count:
             continue
-        if algorithm == "subtree" and not any(bits[:top]):
-            totals[top - 1] += count * (world // sizes[top - 1]) * (sizes[top - 1] - 1) * 4.0 * numel
+        if _exact_subtree(top, widths, algorithm):  # one exact "layer" over the whole subtree
+            subtree = layer_wire(numel, 0, sizes[top - 1])
+            totals[top - 1] += count * (world // sizes[top - 1]) * subtree.uplink_nbytes
             continue
         for n in range(top):
-            _, payload, scales = _uplink(numel, bits[n], fanouts[n], bucket_size)
-            nodes = world // sizes[n]
-            totals[n] += count * nodes * ((fanouts[n] - 1) * payload + fanouts[n] * scales)
+            wire = layer_wire(numel, widths[n], fanouts[n], bucket_size, method)
+            totals[n] += count * (world // sizes[n]) * wire.uplink_nbytes
     return totals
 
 
 def bytes_per_round(
     fanouts: Sequence[int], tau: Sequence[int], numel: int, bits: Sequence[int] | None = None,
-    bucket_size: int = 0, algorithm: str = "subtree",
+    bucket_size: int = 0, algorithm: str = "subtree", method: str = "auto",
 ) -> float:
     """Return the uplink bytes of one round summed over layers and ranks (see :func:`bytes_per_layer`)."""
-    return float(sum(bytes_per_layer(fanouts, tau, numel, bits, bucket_size, algorithm)))
+    return float(sum(bytes_per_layer(fanouts, tau, numel, bits, bucket_size, algorithm, method)))
 
 
 def tree_for(world: int, depth: int, node: int = 8) -> list[int]:
@@ -367,8 +398,9 @@ def predict(
     """
     if math.prod(fanouts) != world:
         raise ValueError(f"fanouts={list(fanouts)} do not multiply to world={world}")
-    seconds, comm = round_time(fanouts, tau, numel, t_cp, net, bits, bucket_size, algorithm)
-    seconds += overhead
+    costs = aggregation_costs(fanouts, numel, net, bits, bucket_size, algorithm)
+    comm = round_time(tau, 0.0, costs)
+    seconds = round_time(tau, t_cp, costs) + overhead
     return {
         "world": float(world),
         "round_seconds": seconds,

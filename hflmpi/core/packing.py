@@ -31,64 +31,23 @@ lanes), then keep ``b`` bytes per word. Widths 9..15 OR the 8 codes of a group i
 from __future__ import annotations
 
 import sys
+from typing import Sequence
 
 import torch
 
+from hflmpi.core.wire import check_bits, levels_for_bits, packed_nbytes
+
 __all__ = [
-    "MAX_BITS",
-    "check_bits",
-    "levels_for_bits",
-    "packed_nbytes",
     "pack_codes",
     "unpack_codes",
     "pack_levels",
     "unpack_levels",
+    "sum_packed_levels",
+    "code_scratch",
+    "code_scratch_shape",
 ]
 
-MAX_BITS = 16
-"""Widest supported quantizer, in bits per element."""
-
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def check_bits(bits: int) -> int:
-    """Validate a quantizer width and return it as an ``int``.
-
-    Raises
-    ------
-    ValueError
-        If ``bits`` is not an integer in ``[1, 16]``.
-    """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
-        raise ValueError(
-            f"quantizer bits={bits!r} is not supported: use an integer in [1, {MAX_BITS}] "
-            "(1 = stochastic sign, 2..16 = 2**(bits-1)-1 levels per sign), or no quantization"
-        )
-    return int(bits)
-
-
-def levels_for_bits(bits: int) -> int:
-    """Return ``s``, the largest level magnitude of a ``bits``-wide quantizer.
-
-    For ``2 <= bits <= 16`` the levels are the integers in ``[-s, s]`` with
-    ``s = 2**(bits-1) - 1``. For ``bits == 1`` (stochastic sign) ``s = 1`` and the levels are
-    ``{-1, +1}`` only.
-
-    Raises
-    ------
-    ValueError
-        If ``bits`` is outside ``[1, 16]``.
-    """
-    bits = check_bits(bits)
-    return 1 if bits == 1 else (1 << (bits - 1)) - 1
-
-
-def packed_nbytes(numel: int, bits: int) -> int:
-    """Return the exact number of bytes that ``numel`` packed ``bits``-wide codes take."""
-    bits = check_bits(bits)
-    if numel < 0:
-        raise ValueError(f"numel={numel} must be >= 0")
-    return (numel * bits + 7) // 8
 
 
 def _require_little_endian() -> None:
@@ -317,8 +276,18 @@ def _check_int_dtype(dtype: torch.dtype, largest: int, what: str) -> None:
         raise ValueError(f"dtype={dtype} cannot hold {what} (up to {largest}); use a wider dtype")
 
 
-def pack_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_levels(
+    levels: torch.Tensor,
+    bits: int,
+    *,
+    out: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
+    check: bool = True,
+) -> torch.Tensor:
     """Pack signed levels into ``uint8``, storing each as its unsigned code.
+
+    This is the quantized uplink's encoder (:mod:`hflmpi.mpi.uplink`, gather path): it writes the
+    bit stream straight into the row of the send buffer given as ``out``.
 
     Parameters
     ----------
@@ -327,32 +296,138 @@ def pack_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
         ``{-1, +1}`` for ``bits == 1``; ``s = levels_for_bits(bits)``.
     bits : int
         Width, 1..16.
+    out : Tensor, optional
+        ``uint8`` tensor of exactly ``ceil(numel*bits/8)`` elements to write into.
+    codes : Tensor, optional
+        Scratch for the codes from :func:`code_scratch` (reuse it to avoid page faults); unused
+        at 8 bits, where the codes are the bytes.
+    check : bool
+        Check that every level lies on the grid (one extra pass; a level off the grid would
+        corrupt its neighbours). The uplink skips it: its levels come from a clamp.
 
     Returns
     -------
     Tensor
-        ``uint8`` tensor of ``ceil(levels.numel()*bits/8)`` bytes (see the module docstring for
-        the bit order).
+        ``uint8`` tensor of ``ceil(levels.numel()*bits/8)`` bytes (``out`` if given; see the
+        module docstring for the bit order).
 
     Raises
     ------
     ValueError
-        If a level is outside the grid (it would corrupt its neighbours).
+        If ``check`` and a level is outside the grid, or ``out``/``codes`` has the wrong size.
     """
     s = levels_for_bits(bits)
     if levels.dtype not in _INT_DTYPES:
         raise TypeError(f"levels must be an integer tensor, got {levels.dtype}")
     levels = levels.reshape(-1)
-    if levels.numel():
+    numel = levels.numel()
+    if check and numel:
         low, high = int(levels.min()), int(levels.max())
         if low < -s or high > s or (bits == 1 and bool((levels == 0).any())):
             grid = "{-1, +1}" if bits == 1 else f"[-{s}, {s}]"
             raise ValueError(
                 f"levels span [{low}, {high}] but {bits}-bit levels must lie in {grid}"
             )
-    wide = levels.to(torch.int32)
-    codes = (wide + 1) >> 1 if bits == 1 else wide + s
-    return pack_codes(codes, bits)
+    nbytes = packed_nbytes(numel, bits)
+    if out is None:
+        out = torch.empty(nbytes, dtype=torch.uint8, device=levels.device)
+    if out.dtype != torch.uint8 or out.numel() != nbytes:
+        raise ValueError(f"out must be a uint8 tensor of {nbytes} elements, got {out.dtype} "
+                         f"with {out.numel()}")
+    if bits == 8:  # codes 0..254 are the bytes themselves
+        torch.add(levels, s, out=out.view(-1))
+        return out
+    if codes is None:
+        codes = code_scratch(numel, bits, levels.device)
+    expected = code_scratch_shape(numel, bits)
+    if (codes.dtype, codes.numel()) != expected:
+        raise ValueError(f"codes must be a {expected[0]} tensor of {expected[1]} elements "
+                         f"(code_scratch), got {codes.dtype} with {codes.numel()}")
+    if bits == 1:
+        torch.add(levels, 1, out=codes[:numel]).bitwise_right_shift_(1)
+    else:
+        torch.add(levels, s, out=codes[:numel])
+    codes[numel:].zero_()  # the padding of the last group of 8 must be zero codes
+    out.view(-1).copy_(pack_codes(codes, bits, numel, overwrite=True))
+    return out
+
+
+def code_scratch_shape(numel: int, bits: int) -> tuple[torch.dtype, int]:
+    """Return the dtype and length of :func:`pack_levels`'s code scratch for ``numel`` levels.
+
+    Widths below 8 use byte-wide codes padded to a multiple of 8 (packed in place, no copy);
+    wider ones ``int32`` codes.
+    """
+    if check_bits(bits) < 8:
+        return torch.uint8, -(-numel // 8) * 8
+    return torch.int32, numel
+
+
+def code_scratch(numel: int, bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Return a code scratch for :func:`pack_levels` (reuse it to avoid page faults)."""
+    dtype, length = code_scratch_shape(numel, bits)
+    return torch.empty(length, dtype=dtype, device=device)
+
+
+def sum_packed_levels(
+    rows: Sequence[torch.Tensor] | torch.Tensor,
+    bits: int,
+    out: torch.Tensor,
+    *,
+    out_holds_levels: bool = True,
+) -> torch.Tensor:
+    """Add the levels packed in ``rows`` into ``out``: the gather path's decoder at the leader.
+
+    ``out <- out + sum_r unpack_levels(rows[r])`` (or ``out <- sum_r ...`` when
+    ``out_holds_levels`` is false), exact in integers. It adds the *codes* (``level + s``; the
+    sign grid's ``(level + 1) / 2``) of the rows in order and removes the offsets once at the end:
+    one integer pass per row and no widening copies. The sign grid turns ``out``'s own levels into
+    codes first and then ``sum(l) = 2 sum(codes) - k`` for ``k`` contributions.
+
+    Parameters
+    ----------
+    rows : sequence of Tensor, or 2-D Tensor
+        ``uint8`` bit streams of ``numel = out.numel()`` levels each (:func:`pack_levels`).
+    bits : int
+        Width, 1..16.
+    out : Tensor
+        Signed integer accumulator of ``numel`` elements; it must hold ``2 s k`` for ``k``
+        contributions (:attr:`hflmpi.core.wire.LayerWire.accumulator_nbytes`). On entry it holds
+        the leader's own levels (``out_holds_levels``) or anything (it is zeroed).
+    out_holds_levels : bool
+        Whether ``out``'s levels count as one contribution.
+
+    Returns
+    -------
+    Tensor
+        ``out``.
+    """
+    s = levels_for_bits(bits)
+    numel = out.numel()
+    contributions = len(rows) + (1 if out_holds_levels else 0)
+    _check_int_dtype(out.dtype, 2 * s * contributions, f"a sum of {contributions} {bits}-bit codes")
+    if out.dtype == torch.uint8:
+        raise TypeError("out accumulates signed levels: use int8, int16, int32 or int64")
+    nbytes = packed_nbytes(numel, bits)
+    for row in rows:
+        if row.dtype != torch.uint8 or row.numel() < nbytes:
+            raise ValueError(f"every row must be a uint8 bit stream of >= {nbytes} bytes "
+                             f"({numel} {bits}-bit levels), got {row.dtype} with {row.numel()}")
+    flat = out.view(-1)
+    if not out_holds_levels:
+        flat.zero_()
+    elif bits == 1:
+        flat.add_(1).bitwise_right_shift_(1)
+    for row in rows:
+        if bits == 8:
+            flat.add_(row.view(-1)[:numel])
+        else:
+            flat.add_(unpack_codes(row, bits, numel, dtype=out.dtype))
+    if bits == 1:
+        flat.mul_(2).sub_(contributions)
+    elif len(rows):
+        flat.sub_(len(rows) * s)
+    return out
 
 
 def unpack_levels(

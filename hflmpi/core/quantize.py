@@ -19,13 +19,16 @@ quantizer: ``Q(x)_i = +m`` with probability ``(1 + x_i/m)/2``, else ``-m`` (see
 :func:`variance_bound` for its constant). A bucket with ``m = 0`` decodes to exact zeros; NaN or
 Inf input raises ``ValueError``.
 
-What crosses the wire (:class:`StochasticUniformCodec`) is the levels bit-packed by
-:mod:`hflmpi.core.packing` plus one float32 scale per bucket: ``ceil(n*bits/8) + 4*ceil(n/B)`` bytes.
+A group of ``k`` children agrees on shared scales (a MAX allreduce of :func:`bucket_absmax`),
+rounds to integer levels (:func:`to_levels`) and sums integers exactly (associative, so bitwise
+reproducible for any reduction order): ``sum_c Q(x_c) = (sum_c l_c) m / s``
+(:func:`from_level_sum`), with ``|sum_c l_c| <= k s`` (:func:`sum_dtype`). The levels travel as
+integers of that width or bit-packed (:func:`hflmpi.core.packing.pack_levels`, summed at the
+leader by :func:`hflmpi.core.packing.sum_packed_levels`); :mod:`hflmpi.core.wire` says how many
+bytes each way moves. These are the kernels the job's uplink (:mod:`hflmpi.mpi.uplink`) runs:
 
-The integer-sum path (:func:`to_levels`, :func:`from_level_sum`) lets a group of ``k`` children
-agree on shared scales (a MAX allreduce of :func:`bucket_absmax`), round to integer levels, and sum
-integers exactly (associative, so bitwise reproducible for any reduction order):
-``sum_c Q(x_c) = (sum_c l_c) m / s``, with ``|sum_c l_c| <= k s`` (:func:`sum_dtype`).
+    encode   bucket_absmax -> (MAX allreduce) -> to_levels -> pack_levels
+    decode   sum_packed_levels (or an integer Reduce) -> from_level_sum
 
 Numerics: the dither ``u`` comes from 23 random mantissa bits per element, drawn with
 ``int64`` ``random_`` from the caller's generator (never the global RNG), which is about 2x
@@ -40,61 +43,30 @@ generators produce different streams, so levels differ between devices (same dis
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 
-from hflmpi.core.packing import (
-    check_bits,
-    levels_for_bits,
-    pack_codes,
-    packed_nbytes,
-    unpack_codes,
-)
+from hflmpi.core.wire import check_bucket_size, container_nbytes, levels_for_bits, num_buckets
 
 __all__ = [
-    "levels_for_bits",
-    "auto_bucket_size",
     "variance_bound",
-    "num_buckets",
     "bucket_absmax",
     "new_workspace",
     "to_levels",
     "from_level_sum",
     "sum_dtype",
-    "gather_nbytes",
-    "sum_nbytes",
-    "QuantizedPayload",
-    "Payload",
-    "Codec",
-    "IdentityCodec",
-    "StochasticUniformCodec",
-    "make_codec",
+    "integer_dtype",
 ]
 
 _SUM_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+_DTYPE_OF_NBYTES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _MANTISSA_MASK = (1 << 23) - 1
 _ONE_BITS = 0x3F800000  # float32 1.0: OR-ed with 23 random mantissa bits gives U[1, 2)
 
 
 # --------------------------------------------------------------------------------------------
-# Sizes and bounds
+# Bounds and containers
 # --------------------------------------------------------------------------------------------
-
-
-def _check_bucket_size(bucket_size: int) -> int:
-    if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
-        raise ValueError(f"bucket_size={bucket_size!r} must be an integer >= 1")
-    return int(bucket_size)
-
-
-def num_buckets(numel: int, bucket_size: int) -> int:
-    """Return ``ceil(numel / bucket_size)``, the number of scales for ``numel`` elements."""
-    bucket_size = _check_bucket_size(bucket_size)
-    if numel < 0:
-        raise ValueError(f"numel={numel} must be >= 0")
-    return -(-numel // bucket_size)
 
 
 def variance_bound(bits: int, bucket_size: int) -> float:
@@ -136,61 +108,17 @@ def variance_bound(bits: int, bucket_size: int) -> float:
         The constant ``q``.
     """
     s = levels_for_bits(bits)
-    b = _check_bucket_size(bucket_size)
+    b = check_bucket_size(bucket_size)
     if bits == 1:
         return float(b - 1)
     return min(b / s**2, math.sqrt(b) / s)
 
 
-def auto_bucket_size(bits: int) -> int:
-    """Return the default bucket size for ``bits``: the power of two ``>= 4096 / bits``.
-
-    One float32 scale per bucket then costs ``32 / (bits * B) <= 0.8%`` of the packed payload
-    (512 at 8 bits, 1024 at 4, 2048 at 2, 4096 at 1, 256 at 16), keeping the wire within 2% of
-    ``bits / 32`` of float32 even with the scales exchanged by every participant. Smaller
-    buckets lower the variance bound (``min(B/s^2, sqrt(B)/s)``) at the price of more scales.
-    """
-    levels_for_bits(bits)
-    size = 1
-    while size * bits < 4096:
-        size *= 2
-    return size
-
-
-def gather_nbytes(numel: int, bits: int, bucket_size: int) -> int:
-    """Return the bytes one child sends on the gather path: packed levels plus its scales.
-
-    Equals ``ceil(numel*bits/8) + 4*ceil(numel/bucket_size)``, the exact size of a
-    :class:`QuantizedPayload`.
-    """
-    return packed_nbytes(numel, bits) + 4 * num_buckets(numel, bucket_size)
-
-
-def sum_nbytes(numel: int, dtype: torch.dtype, bucket_size: int | None = None) -> int:
-    """Return the bytes of the integer-sum path's payload of ``numel`` levels of ``dtype``.
-
-    Parameters
-    ----------
-    numel : int
-        Number of elements.
-    dtype : torch.dtype
-        Integer dtype of the summed levels (see :func:`sum_dtype`).
-    bucket_size : int, optional
-        If given, add the ``4*ceil(numel/bucket_size)`` bytes of the shared-scale MAX allreduce
-        that the sum path needs first.
-    """
-    if dtype not in _SUM_DTYPES:
-        raise TypeError(f"dtype={dtype} is not one of {', '.join(map(str, _SUM_DTYPES))}")
-    if numel < 0:
-        raise ValueError(f"numel={numel} must be >= 0")
-    scales = 0 if bucket_size is None else 4 * num_buckets(numel, bucket_size)
-    return numel * torch.empty((), dtype=dtype).element_size() + scales
-
-
 def sum_dtype(bits: int, fan_in: int) -> torch.dtype:
     """Return the smallest signed integer dtype that holds a sum of ``fan_in`` levels.
 
-    Levels lie in ``[-s, s]``, so the sum lies in ``[-fan_in*s, fan_in*s]``.
+    Levels lie in ``[-s, s]``, so the sum lies in ``[-fan_in*s, fan_in*s]``; the width is
+    :func:`hflmpi.core.wire.container_nbytes`, the one rule the byte model uses too.
 
     Parameters
     ----------
@@ -209,17 +137,14 @@ def sum_dtype(bits: int, fan_in: int) -> torch.dtype:
     OverflowError
         If even ``int64`` cannot hold ``fan_in*s``.
     """
-    s = levels_for_bits(bits)
-    if isinstance(fan_in, bool) or not isinstance(fan_in, int) or fan_in < 1:
-        raise ValueError(f"fan_in={fan_in!r} must be an integer >= 1")
-    largest = fan_in * s
-    for dtype in _SUM_DTYPES:
-        if largest <= torch.iinfo(dtype).max:
-            return dtype
-    raise OverflowError(
-        f"a sum of fan_in={fan_in} {bits}-bit levels reaches {largest} = fan_in*s (s={s}), "
-        f"beyond int64 (max {torch.iinfo(torch.int64).max}); use fewer bits or smaller groups"
-    )
+    return integer_dtype(container_nbytes(bits, fan_in))
+
+
+def integer_dtype(nbytes: int) -> torch.dtype:
+    """Return the signed integer dtype of ``nbytes`` bytes (1, 2, 4 or 8), e.g. a wire container."""
+    if nbytes not in _DTYPE_OF_NBYTES:
+        raise ValueError(f"nbytes={nbytes!r} must be 1, 2, 4 or 8 (int8/16/32/64)")
+    return _DTYPE_OF_NBYTES[nbytes]
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +204,7 @@ def bucket_absmax(x: torch.Tensor, bucket_size: int) -> torch.Tensor:
     Tensor
         float32 tensor of ``ceil(numel/B)`` scales on ``x``'s device.
     """
-    bucket_size = _check_bucket_size(bucket_size)
+    bucket_size = check_bucket_size(bucket_size)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', x)!r}")
     x = x.reshape(-1)
@@ -428,7 +353,7 @@ def to_levels(
     Tensor
         1-D integer tensor of levels (``out`` if given).
     """
-    bucket_size = _check_bucket_size(bucket_size)
+    bucket_size = check_bucket_size(bucket_size)
     x = _flat_float32(x)
     _check_generator(generator, x.device)
     if isinstance(s, bool) or not isinstance(s, int) or s < 1:
@@ -490,7 +415,7 @@ def from_level_sum(
     Tensor
         1-D float tensor (``out`` if given).
     """
-    bucket_size = _check_bucket_size(bucket_size)
+    bucket_size = check_bucket_size(bucket_size)
     if level_sum.is_floating_point() or level_sum.is_complex():
         raise TypeError(f"level_sum must be an integer tensor, got {level_sum.dtype}")
     level_sum = level_sum.reshape(-1)
@@ -507,241 +432,3 @@ def from_level_sum(
     flat.copy_(level_sum)
     _per_bucket("mul_", flat, (scales / s).to(out.dtype), bucket_size)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Codecs
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class QuantizedPayload:
-    """What a quantized vector sends: packed levels, one scale per bucket, and its length.
-
-    Attributes
-    ----------
-    packed : Tensor
-        ``uint8`` bit-packed level codes, ``ceil(numel*bits/8)`` bytes (:mod:`hflmpi.core.packing`).
-    scales : Tensor
-        float32 max-abs scale per bucket, ``ceil(numel/bucket_size)`` of them.
-    numel : int
-        Number of elements encoded.
-    bits : int
-        Quantizer width.
-    bucket_size : int
-        Bucket size.
-    """
-
-    packed: torch.Tensor
-    scales: torch.Tensor
-    numel: int
-    bits: int
-    bucket_size: int
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes actually held by ``packed`` and ``scales``."""
-        return (
-            self.packed.numel() * self.packed.element_size()
-            + self.scales.numel() * self.scales.element_size()
-        )
-
-
-Payload = torch.Tensor | QuantizedPayload
-"""A codec's wire form: the float tensor itself (identity) or a :class:`QuantizedPayload`."""
-
-
-@runtime_checkable
-class Codec(Protocol):
-    """Encode a flat float tensor for the wire and decode it back (Horovod ``Compressor``-like)."""
-
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None) -> Payload:
-        """Return the wire form of ``x``."""
-        ...
-
-    def decode(self, payload: Payload) -> torch.Tensor:
-        """Return the flat float tensor that ``payload`` stands for."""
-        ...
-
-    def payload_nbytes(self, numel: int) -> int:
-        """Return the exact wire bytes of a ``numel``-element payload."""
-        ...
-
-
-class IdentityCodec:
-    """Send the float tensor unchanged (quantization off; use it to bisect bugs).
-
-    Parameters
-    ----------
-    dtype : torch.dtype
-        Wire dtype; :meth:`encode` casts to it (no copy when it already matches).
-    """
-
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
-        if not dtype.is_floating_point:
-            raise TypeError(f"IdentityCodec dtype must be floating point, got {dtype}")
-        self.dtype = dtype
-
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Return ``x`` flattened (and cast to ``dtype``); ``generator`` is ignored."""
-        return x.reshape(-1).to(self.dtype)
-
-    def decode(self, payload: Payload) -> torch.Tensor:
-        """Return ``payload`` (a float tensor) as is."""
-        if not isinstance(payload, torch.Tensor):
-            raise TypeError(f"IdentityCodec cannot decode {type(payload).__name__}")
-        return payload
-
-    def payload_nbytes(self, numel: int) -> int:
-        """Return ``numel * itemsize``."""
-        return numel * torch.empty((), dtype=self.dtype).element_size()
-
-    def __repr__(self) -> str:
-        return f"IdentityCodec(dtype={self.dtype})"
-
-
-class StochasticUniformCodec:
-    """Unbiased ``bits``-wide stochastic uniform quantizer with per-bucket max-abs scales.
-
-    See the module docstring for the equations. The codec keeps scratch buffers per device
-    (``4*numel`` bytes, plus ``numel`` or ``4*numel`` bytes of codes for widths other than 8)
-    and reuses them across calls, so a codec instance is not thread-safe.
-
-    Parameters
-    ----------
-    bits : int
-        1 (stochastic sign) or 2..16 (``2**(bits-1) - 1`` levels per sign).
-    bucket_size : int
-        Elements per scale.
-    """
-
-    def __init__(self, bits: int, bucket_size: int) -> None:
-        self.bits = check_bits(bits)
-        self.bucket_size = _check_bucket_size(bucket_size)
-        self.s = levels_for_bits(self.bits)
-        # code = floor(x / step + offset + u), in [0, top]; value = (code - offset) * step
-        if self.bits == 1:
-            self._offset, self._top = 0.5, 1.0
-        else:
-            self._offset, self._top = float(self.s), 2.0 * self.s
-        self._workspaces: dict[torch.device, torch.Tensor] = {}
-        self._code_buffers: dict[torch.device, torch.Tensor] = {}
-
-    def _workspace(self, numel: int, device: torch.device) -> torch.Tensor:
-        workspace = self._workspaces.get(device)
-        if workspace is None or workspace.numel() < -(-numel // 2):
-            workspace = new_workspace(numel, device)
-            self._workspaces[device] = workspace
-        return workspace
-
-    def _codes(self, numel: int, device: torch.device) -> torch.Tensor:
-        padded = -(-numel // 8) * 8
-        codes = self._code_buffers.get(device)
-        if codes is None or codes.numel() < padded:
-            codes = torch.empty(
-                padded, dtype=torch.uint8 if self.bits <= 8 else torch.int32, device=device
-            )
-            self._code_buffers[device] = codes
-        return codes[:padded]
-
-    def _step(self, scales: torch.Tensor) -> torch.Tensor:
-        return scales * 2.0 if self.bits == 1 else scales / self.s
-
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None) -> QuantizedPayload:
-        """Quantize the flattened ``x`` and pack it.
-
-        Parameters
-        ----------
-        x : Tensor
-            Floating-point tensor (flattened; computed in float32).
-        generator : torch.Generator
-            Keyed generator on ``x``'s device; required.
-
-        Returns
-        -------
-        QuantizedPayload
-
-        Raises
-        ------
-        ValueError
-            If ``x`` holds NaN or Inf, or the generator is on another device.
-        """
-        x = _flat_float32(x)
-        generator = _check_generator(generator, x.device)
-        n = x.numel()
-        scales = bucket_absmax(x, self.bucket_size)
-        _check_finite(scales)
-        workspace = self._workspace(n, x.device)
-        values = _dithered(
-            x, self._step(scales), self._offset, self.bucket_size, generator, workspace
-        )
-        values.clamp_(0.0, self._top)  # values >= 0, so the cast's truncation is the floor
-        if self.bits == 8:  # the codes are the packed bytes: a fresh tensor the payload owns
-            codes = torch.empty(n, dtype=torch.uint8, device=x.device)
-        else:  # scratch, reused; padded with zeros to whole groups of 8
-            codes = self._codes(n, x.device)
-        codes[:n].copy_(values)
-        codes[n:].zero_()
-        packed = pack_codes(codes, self.bits, n, overwrite=True)
-        if self.bits != 8 and packed.data_ptr() == codes.data_ptr():
-            packed = packed.clone()  # tiny inputs can come back as a view of the scratch
-        return QuantizedPayload(packed, scales, n, self.bits, self.bucket_size)
-
-    def decode(self, payload: Payload, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Return the float32 values ``(code - offset) * step`` of a payload.
-
-        Parameters
-        ----------
-        payload : QuantizedPayload
-            Made by a codec with the same ``bits`` and ``bucket_size``.
-        out : Tensor, optional
-            float32 tensor of ``payload.numel`` elements to write into.
-
-        Returns
-        -------
-        Tensor
-            1-D float32 tensor (``out`` if given).
-        """
-        if not isinstance(payload, QuantizedPayload):
-            raise TypeError(f"expected a QuantizedPayload, got {type(payload).__name__}")
-        if (payload.bits, payload.bucket_size) != (self.bits, self.bucket_size):
-            raise ValueError(
-                f"payload has bits={payload.bits}, bucket_size={payload.bucket_size}; this "
-                f"codec has bits={self.bits}, bucket_size={self.bucket_size}"
-            )
-        n = payload.numel
-        device = payload.packed.device
-        if out is None:
-            out = torch.empty(n, dtype=torch.float32, device=device)
-        if out.dtype != torch.float32 or out.numel() != n:
-            raise ValueError(f"out must be float32 with {n} elements")
-        scales = _check_scales(payload.scales, n, self.bucket_size, device)
-        if n == 0:
-            return out
-        codes = unpack_codes(
-            payload.packed, self.bits, n, torch.uint8 if self.bits <= 8 else torch.int32
-        )
-        flat = out.view(-1)
-        torch.sub(codes, self._offset, out=flat)  # exact: small integers in float32
-        _per_bucket("mul_", flat, self._step(scales), self.bucket_size)
-        return out
-
-    def payload_nbytes(self, numel: int) -> int:
-        """Return ``ceil(numel*bits/8) + 4*ceil(numel/bucket_size)``."""
-        return gather_nbytes(numel, self.bits, self.bucket_size)
-
-    def __repr__(self) -> str:
-        return f"StochasticUniformCodec(bits={self.bits}, bucket_size={self.bucket_size})"
-
-
-def make_codec(bits: int | None, bucket_size: int) -> Codec:
-    """Return the codec for a layer: identity for ``bits`` None or 0, else stochastic uniform.
-
-    Raises
-    ------
-    ValueError
-        If ``bits`` is not None and outside ``0..16``, or ``bucket_size < 1``.
-    """
-    if bits is None or bits == 0:
-        return IdentityCodec()
-    return StochasticUniformCodec(bits, bucket_size)

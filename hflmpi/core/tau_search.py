@@ -1,11 +1,12 @@
-"""Deadline-aware planning of the intra-layer iteration counts ``tau`` (``hflmpi plan``).
+"""Deadline-aware search of the intra-layer iteration counts ``tau`` (behind ``hflmpi plan``).
 
-Pure module (no MPI). Given the compute time of one local SGD step ``t_cp``, the time ``t_cm,n`` of
+Pure module (no MPI, no I/O; the command line is :mod:`hflmpi.cli.plan`). Given the compute time of one local SGD step ``t_cp``, the time ``t_cm,n`` of
 one layer-n aggregation, a wall-clock deadline ``D`` and the quantizer of every layer, it picks
 the integers ``tau = [tau_1, ..., tau_N]`` that minimise a convergence bound of multi-layer local
 SGD among all ``tau`` in ``1..tau_max`` per layer whose first global round fits in ``D``.
 
-Round time (QMLHFL, arXiv 2505.08145, Sec. V, deadline model)::
+Round time (QMLHFL, arXiv 2505.08145, Sec. V, deadline model;
+:func:`hflmpi.core.costmodel.round_time`, the one round-time model of hflmpi)::
 
     T(tau) = t_cp * prod(tau) + sum_n t_cm,n * prod_{m > n} tau_m
 
@@ -38,15 +39,14 @@ reports the step-size condition ``rho(tau) = eta L + eta^2 L^2 sum_n P_{n-1}^2 t
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from hflmpi.core.costmodel import round_time
+from hflmpi.core.wire import bytes_ratio, resolve_bucket_size
 
 __all__ = [
     "PlanError",
@@ -54,10 +54,7 @@ __all__ = [
     "BoundTerms",
     "PlanResult",
     "RandomComparison",
-    "MeasuredTimes",
-    "round_time",
     "steps_within",
-    "bytes_ratio",
     "quantized_comm_time",
     "variance_factors",
     "step_condition",
@@ -65,8 +62,6 @@ __all__ = [
     "feasible_taus",
     "search",
     "random_comparison",
-    "times_from_run",
-    "main",
 ]
 
 _FLOOR_EPS = 1e-12  # D / T computed in floating point: 6.0 must not floor to 5
@@ -167,35 +162,6 @@ class PlanResult:
 # Time model
 
 
-def _check_tau(tau: Sequence[int]) -> list[int]:
-    tau = [int(t) for t in tau]
-    if not tau or any(t < 1 for t in tau):
-        raise PlanError(f"tau={tau} must be a non-empty list of integers >= 1")
-    return tau
-
-
-def round_time(tau: Sequence[int], t_cp: float, t_cm: Sequence[float]) -> float:
-    """Return ``T(tau) = t_cp prod(tau) + sum_n t_cm[n] prod_{m > n} tau_m`` (one global round).
-
-    Parameters
-    ----------
-    tau : sequence of int
-        Intra-layer iteration counts ``tau_1..tau_N``.
-    t_cp : float
-        Seconds of one local SGD step.
-    t_cm : sequence of float
-        Seconds of one layer-n aggregation, ``n = 1..N`` (a layer-L event costs
-        ``sum_{n <= L} t_cm[n]``).
-    """
-    tau = _check_tau(tau)
-    if len(t_cm) != len(tau):
-        raise PlanError(f"t_cm has {len(t_cm)} entries but tau has {len(tau)} layers")
-    total = t_cp * math.prod(tau)
-    for n, cost in enumerate(t_cm):
-        total += cost * math.prod(tau[n + 1:])
-    return total
-
-
 def steps_within(deadline: float, tau: Sequence[int], t_cp: float, t_cm: Sequence[float]) -> int:
     """Return ``K = floor(D / T(tau)) * prod(tau)``: SGD steps of the whole rounds that fit in ``D``."""
     period = round_time(tau, t_cp, t_cm)
@@ -204,20 +170,6 @@ def steps_within(deadline: float, tau: Sequence[int], t_cp: float, t_cm: Sequenc
 
 def _rounds(deadline: float, period: float) -> int:
     return int(math.floor(deadline / period * (1 + _FLOOR_EPS))) if period > 0 else 0
-
-
-def bytes_ratio(bits: int, bucket_size: int = 0) -> float:
-    """Return the wire bytes of a ``bits``-bit payload relative to float32: ``bits/32 + 1/B``.
-
-    ``bits`` packed bits per entry plus one float32 scale per bucket of ``B`` entries
-    (``B = 0`` picks :func:`hflmpi.core.quantize.auto_bucket_size`); ``bits = 0`` (exact) gives 1.
-    """
-    if bits == 0:
-        return 1.0
-    if not 1 <= bits <= 16:
-        raise PlanError(f"bits={bits} must be 0 (exact) or 1..16")
-    bucket = bucket_size or _auto_bucket(bits)
-    return bits / 32 + 1 / bucket
 
 
 def quantized_comm_time(t_float32: float, bits: int, bucket_size: int = 0, latency: float = 0.0) -> float:
@@ -229,20 +181,19 @@ def quantized_comm_time(t_float32: float, bits: int, bucket_size: int = 0, laten
     """
     if t_float32 < 0 or latency < 0 or latency > t_float32:
         raise PlanError(f"need 0 <= latency={latency} <= t_float32={t_float32}")
-    return latency + (t_float32 - latency) * bytes_ratio(bits, bucket_size)
-
-
-def _auto_bucket(bits: int) -> int:
-    from hflmpi.core.quantize import auto_bucket_size
-
-    return auto_bucket_size(bits)
+    try:
+        ratio = bytes_ratio(bits, bucket_size)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    return latency + (t_float32 - latency) * ratio
 
 
 def variance_factors(bits: Sequence[int], bucket_size: int = 0) -> list[float]:
     """Return ``q_n`` per layer: :func:`hflmpi.core.quantize.variance_bound` (0 for exact layers)."""
     from hflmpi.core.quantize import variance_bound
 
-    return [0.0 if b == 0 else float(variance_bound(b, bucket_size or _auto_bucket(b))) for b in bits]
+    return [0.0 if b == 0 else float(variance_bound(b, resolve_bucket_size(b, bucket_size)))
+            for b in bits]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,9 +339,7 @@ def _evaluate(
     fanouts: Sequence[int], q: Sequence[float], constants: BoundConstants,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     periods = np.prod(grid, axis=1).astype(np.float64)
-    times = t_cp * periods
-    for n, cost in enumerate(t_cm):
-        times = times + cost * np.prod(grid[:, n + 1:], axis=1)
+    times = round_time(grid, t_cp, t_cm)
     rounds = np.floor(deadline / times * (1 + _FLOOR_EPS))
     steps = rounds * periods
     terms = convergence_bound(grid, steps, fanouts, q, constants)
@@ -495,192 +444,3 @@ def random_comparison(
         median_ratio=float(np.median(values) / chosen) if chosen > 0 else math.nan,
         samples=samples,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Times from a run record
-
-
-@dataclass(frozen=True)
-class MeasuredTimes:
-    """``t_cp`` and per-layer ``t_cm`` read from a run file (medians over rounds)."""
-
-    t_cp: float
-    t_cm: list[float]
-    tau: list[int]
-    bits: list[int]
-    bucket_size: int
-    fanouts: list[int]
-    rounds_used: int
-
-
-def times_from_run(path: str | Path, skip_first: bool = True) -> MeasuredTimes:
-    """Derive ``t_cp`` and ``t_cm,n`` from a run record's ``/metrics`` (see :mod:`hflmpi.record.store`).
-
-    Per round, ``compute_seconds`` summed over layers is the compute of ``prod(tau)`` steps, and
-    ``comm_seconds[n]`` is layer n's time over its ``prod_{m > n} tau_m`` aggregations (slowest
-    rank). Medians over the rounds (the first is skipped as warm-up when there are others) give
-    ``t_cp = sum(compute) / prod(tau)`` and ``t_cm,n = comm[n] / prod_{m > n} tau_m``, measured at
-    the run's own quantizer widths. With the default exact ``subtree`` algorithm the whole
-    allreduce of an event is charged to its top layer, so there ``t_cm,1..N-1`` only hold the
-    layer-only events (see docs/planning.md).
-    """
-    import tomllib
-
-    from hflmpi.record.store import read_config_toml, read_metrics, read_run_info
-
-    metrics = read_metrics(path)
-    config = tomllib.loads(read_config_toml(path))
-    info = read_run_info(path)
-    tau = [int(t) for t in config["schedule"]["tau"]]
-    depth = len(tau)
-    bits = [int(b) for b in config.get("quantize", {}).get("bits", [])] or [0] * depth
-    bucket = int(config.get("quantize", {}).get("bucket_size", 0))
-    compute = np.asarray(metrics["compute_seconds"], dtype=np.float64).reshape(-1, depth)
-    comm = np.asarray(metrics["comm_seconds"], dtype=np.float64).reshape(-1, depth)
-    if len(compute) == 0:
-        raise PlanError(f"{path} holds no rounds yet")
-    if skip_first and len(compute) > 1:
-        compute, comm = compute[1:], comm[1:]
-    t_cp = float(np.median(np.nansum(compute, axis=1))) / math.prod(tau)
-    t_cm = [float(np.median(comm[:, n])) / math.prod(tau[n + 1:]) for n in range(depth)]
-    groups = list(info.get("tree", {}).get("groups_per_layer", [])) if isinstance(info.get("tree"), dict) else []
-    world = int(info.get("world_size", 1))
-    counts = [world, *groups] if len(groups) == depth else [world] + [1] * depth
-    fanouts = [max(1, round(counts[n] / counts[n + 1])) for n in range(depth)]
-    return MeasuredTimes(t_cp, t_cm, tau, bits, bucket, fanouts, len(compute))
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def _floats(text: str, name: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise PlanError(f"--{name}={text!r} must be comma-separated numbers, e.g. 0.01,0.05") from None
-
-
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise PlanError(f"--{name}={text!r} must be comma-separated integers, e.g. 8,4") from None
-
-
-def _format(result: PlanResult, bits: Sequence[int]) -> str:
-    b = result.bound
-    lines = [
-        f"# hflmpi plan: deadline {result.deadline:g} s, t_cp {result.t_cp:.6g} s/step, "
-        f"t_cm {[round(t, 9) for t in result.t_cm]} s/aggregation, bits {list(bits)}, "
-        f"q {[round(x, 5) for x in result.q]}, fanouts {result.fanouts}",
-        f"chosen tau        {result.tau}   (best of {result.feasible} feasible; "
-        f"{result.searched} fit the deadline)",
-        f"round time T(tau) {result.round_time:.6g} s",
-        f"rounds in D       {result.rounds}",
-        f"SGD steps K       {result.steps}",
-        f"bound B(tau)      {b.total:.6g}  (optimisation {b.optimisation:.4g}, noise {b.noise:.4g}, "
-        f"drift {b.drift:.4g}, quantization {b.quantization:.4g})",
-        f"step condition    rho = {result.step_condition:.4g} "
-        f"({'holds' if result.step_condition <= 1 else 'VIOLATED: the bound is not guaranteed'})",
-    ]
-    r = result.random
-    if r is not None:
-        lines += [
-            f"random feasible tau ({r.count} draws of {r.feasible}): bound min {r.minimum:.6g}, "
-            f"median {r.median:.6g}, mean {r.mean:.6g}, max {r.maximum:.6g}",
-            f"  chosen bound <= random in {100 * r.not_better:.1f}% of draws; "
-            f"median random / chosen = {r.median_ratio:.3f}",
-        ]
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``hflmpi plan`` (serial; no MPI needed)."""
-    parser = argparse.ArgumentParser(
-        prog="hflmpi plan",
-        description="Choose tau per layer that minimises a convergence bound within a deadline.",
-    )
-    parser.add_argument("--t-cp", type=float, help="seconds per local SGD step")
-    parser.add_argument("--t-cm", help="seconds per layer-n aggregation of a float32 model, "
-                        "comma-separated (layer 1 first); scaled to --bits")
-    parser.add_argument("--t-cm-quantized", action="store_true",
-                        help="--t-cm was measured at --bits already: do not rescale it")
-    parser.add_argument("--latency", default="", help="per-layer fixed part of t_cm that does not "
-                        "shrink with the payload (seconds, comma-separated; default 0)")
-    parser.add_argument("--from-run", metavar="RUN.h5", help="read t_cp, t_cm, bits and fanouts "
-                        "from a run record (explicit options override)")
-    parser.add_argument("--deadline", type=float, required=True, help="wall-clock budget D (s)")
-    parser.add_argument("--bits", default="", help="quantizer bits per layer, e.g. 8,4 (0 = exact)")
-    parser.add_argument("--bucket-size", type=int, default=0, help="0 = per-width default")
-    parser.add_argument("--fanouts", default="", help="children per node per layer (default 4 each)")
-    parser.add_argument("--tau-max", default="20", help="largest tau searched (one, or per layer)")
-    parser.add_argument("--strict", action="store_true", help="only tau with rho(tau) <= 1")
-    parser.add_argument("--random", type=int, default=100, help="random feasible tau to compare (0 = none)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lipschitz", type=float, default=BoundConstants.lipschitz, help="L")
-    parser.add_argument("--sigma2", type=float, default=BoundConstants.sigma2, help="sigma^2")
-    parser.add_argument("--gap", type=float, default=BoundConstants.gap, help="f(x0) - f*")
-    parser.add_argument("--lr", type=float, default=BoundConstants.lr, help="eta")
-    parser.add_argument("--grad2", type=float, default=BoundConstants.grad2, help="G^2")
-    parser.add_argument("--zeta2", type=float, default=BoundConstants.zeta2, help="zeta^2 (heterogeneity)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args(argv)
-    try:
-        result, bits = _run(args)
-    except (PlanError, OSError, KeyError) as exc:
-        print(f"hflmpi plan: error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        out = result.to_dict()
-        out["bits"] = list(bits)
-        print(json.dumps(out, indent=2))
-    else:
-        print(_format(result, bits))
-    return 0
-
-
-def _run(args: argparse.Namespace) -> tuple[PlanResult, list[int]]:
-    measured = times_from_run(args.from_run) if args.from_run else None
-    t_cp = args.t_cp if args.t_cp is not None else (measured.t_cp if measured else None)
-    if t_cp is None:
-        raise PlanError("give --t-cp SECONDS (or --from-run RUN.h5)")
-    depth_hint = len(measured.tau) if measured else None
-    bits = _ints(args.bits, "bits") if args.bits else (measured.bits if measured else [])
-    if args.t_cm:
-        raw = _floats(args.t_cm, "t-cm")
-        measured_bits = bits if args.t_cm_quantized else [0] * len(raw)
-    elif measured:
-        raw, measured_bits = measured.t_cm, measured.bits
-    else:
-        raise PlanError("give --t-cm SECONDS,... per layer (or --from-run RUN.h5)")
-    depth = len(raw)
-    if depth_hint is not None and depth != depth_hint and not args.t_cm:
-        raise PlanError(f"the run has {depth_hint} layers but t_cm has {depth}")
-    bits = bits or [0] * depth
-    if len(bits) != depth:
-        raise PlanError(f"--bits={bits} has {len(bits)} entries but --t-cm has {depth} layers")
-    latency = _floats(args.latency, "latency") if args.latency else [0.0] * depth
-    if len(latency) != depth:
-        raise PlanError(f"--latency needs {depth} entries")
-    bucket = args.bucket_size or (measured.bucket_size if measured else 0)
-    t_cm = []
-    for t, have, want, lat in zip(raw, measured_bits, bits, latency):
-        lat = min(lat, t)
-        t32 = lat + (t - lat) / bytes_ratio(have, bucket)  # back to float32, then to the target
-        t_cm.append(quantized_comm_time(t32, want, bucket, lat))
-    fanouts = (_ints(args.fanouts, "fanouts") if args.fanouts
-               else (measured.fanouts if measured and len(measured.fanouts) == depth else None))
-    limits = _ints(args.tau_max, "tau-max")
-    tau_max: int | list[int] = limits[0] if len(limits) == 1 else limits
-    constants = BoundConstants(lipschitz=args.lipschitz, sigma2=args.sigma2, gap=args.gap,
-                               lr=args.lr, grad2=args.grad2, zeta2=args.zeta2)
-    result = search(t_cp, t_cm, args.deadline, bits=bits, bucket_size=bucket, fanouts=fanouts,
-                    constants=constants, tau_max=tau_max, strict=args.strict,
-                    random=args.random, seed=args.seed)
-    return result, bits
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

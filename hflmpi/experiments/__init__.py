@@ -24,10 +24,10 @@ tau sweeps of QMLHFL (arXiv 2505.08145, Sec. VI).
 Modelled wall time (stated, not measured; this machine's timings are noise): one local step
 costs ``t_cp``; one layer-n aggregation costs ``alpha_n + 4 numel r(b_n) / bandwidth_n`` (the
 uplink of one child's float32 model difference scaled by ``r(b) = b/32 + 1/B``,
-:func:`hflmpi.core.tau_search.bytes_ratio`; children upload in parallel, the downlink is not charged), with
+:func:`hflmpi.core.wire.bytes_ratio`; children upload in parallel, the downlink is not charged), with
 ``(alpha, bandwidth)`` of ``[timing] edge`` for layers ``1..N-1`` and of ``[timing] root`` for
 the root layer N. A round then takes ``T(tau) = t_cp prod(tau) + sum_n t_cm,n prod_{m>n} tau_m``
-(:func:`hflmpi.core.tau_search.round_time`), the same model ``hflmpi plan`` optimises.
+(:func:`hflmpi.core.costmodel.round_time`), the same model ``hflmpi plan`` optimises.
 
 Results file layout::
 

@@ -57,7 +57,7 @@ class Timing:
 
     def layer_costs(self, depth: int, numel: int, bits: Sequence[int], bucket: int = 0) -> list[float]:
         """Return ``t_cm,n`` (seconds of one layer-n aggregation) for ``n = 1..depth``."""
-        from hflmpi.core.tau_search import bytes_ratio
+        from hflmpi.core.wire import bytes_ratio
 
         costs = []
         for n in range(1, depth + 1):
@@ -68,7 +68,7 @@ class Timing:
 
     def round_time(self, tau: Sequence[int], numel: int, bits: Sequence[int], bucket: int = 0) -> float:
         """Return the modelled seconds of one global round, ``T(tau)``."""
-        from hflmpi.core.tau_search import round_time
+        from hflmpi.core.costmodel import round_time
 
         return round_time(list(tau), self.t_cp, self.layer_costs(len(tau), numel, bits, bucket))
 

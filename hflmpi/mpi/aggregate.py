@@ -47,10 +47,10 @@ from hflmpi.mpi.comm import LayerComms, cuda_aware_mpi
 from hflmpi.mpi.guard import NonFiniteUpdateError, handshake, handshake_key
 from hflmpi.mpi.messages import allgather_bigint, allreduce_float
 from hflmpi.core.privacy import clip_update, gaussian_noise, noise_std
-from hflmpi.core.quantize import auto_bucket_size
 from hflmpi.core.rng import torch_generator
 from hflmpi.core.robust import RULES, max_byzantine, robust_update
 from hflmpi.core.secure import MODP_2048_P, DiffieHellmanSeeds, dh_keypair
+from hflmpi.core.wire import METHOD_NAMES, Method, auto_bucket_size
 from hflmpi.mpi.transport import MpiBuffer
 from hflmpi.mpi.uplink import QuantizedUplink
 
@@ -61,8 +61,6 @@ __all__ = [
     "measure_divergences",
     "METHOD_NAMES",
 ]
-
-METHOD_NAMES = ("none", "integer-sum", "gather")
 
 
 @dataclass(frozen=True)
@@ -141,7 +139,7 @@ class HierarchicalAggregator:
     bits : sequence of int, optional
         Uplink quantizer width per layer (0 = exact); default exact everywhere.
     bucket_size : int
-        Elements per quantization scale; 0 picks :func:`~hflmpi.core.quantize.auto_bucket_size`
+        Elements per quantization scale; 0 picks :func:`~hflmpi.core.wire.auto_bucket_size`
         per layer.
     seed : int
         Run seed; quantization noise is keyed by (seed, rank, step, layer).
@@ -296,7 +294,7 @@ class HierarchicalAggregator:
     def methods(self) -> list[str]:
         """Return how each layer's uplink travels from this rank ("none" where exact or absent)."""
         return [
-            ("integer-sum" if self._uplinks[n].method == "sum" else "gather") if n in self._uplinks else "none"
+            METHOD_NAMES[self._uplinks[n].method if n in self._uplinks else Method.NONE]
             for n in range(1, self.depth + 1)
         ]
 
@@ -440,7 +438,7 @@ class HierarchicalAggregator:
                                                    measure_error, step=step, layer=n)
                 stats.bytes_sent[n - 1] += result.bytes_sent
                 stats.quant_error[n - 1] = result.quant_error
-                stats.methods[n - 1] = 1 if self._uplinks[n].method == "sum" else 2
+                stats.methods[n - 1] = int(self._uplinks[n].method)
             else:
                 if share != 1.0:
                     self.flat.mul_(share)

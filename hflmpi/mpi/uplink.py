@@ -22,39 +22,18 @@ bytes per child is used unless one is forced.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from hflmpi.core.packing import pack_codes, packed_nbytes, unpack_codes
-from hflmpi.core.quantize import (
-    bucket_absmax,
-    from_level_sum,
-    levels_for_bits,
-    new_workspace,
-    num_buckets,
-    sum_dtype,
-    to_levels,
-)
+from hflmpi.core.packing import code_scratch, pack_levels, sum_packed_levels
+from hflmpi.core.quantize import bucket_absmax, from_level_sum, integer_dtype, new_workspace, to_levels
 from hflmpi.core.secure import PairwiseSeeds, mask_levels
+from hflmpi.core.wire import SCALE_NBYTES, LayerWire, Method, layer_wire, levels_for_bits
 from hflmpi.mpi.transport import MpiBuffer
 
-__all__ = ["UplinkResult", "QuantizedUplink", "choose_method"]
-
-Method = Literal["sum", "gather"]
-
-
-def choose_method(numel: int, bits: int, fan_in: int) -> Method:
-    """Return the method whose per-child payload is smaller (ties go to ``"sum"``).
-
-    ``"sum"`` sends ``numel`` integers of :func:`~hflmpi.core.quantize.sum_dtype` (wide enough for the
-    group sum); ``"gather"`` sends ``ceil(numel * bits / 8)`` packed bytes. Both also send the
-    same ``4 * ceil(numel / bucket_size)`` bytes of scales.
-    """
-    container = torch.empty((), dtype=sum_dtype(bits, fan_in)).element_size()
-    return "gather" if packed_nbytes(numel, bits) < numel * container else "sum"
+__all__ = ["UplinkResult", "QuantizedUplink"]
 
 
 @dataclass
@@ -77,13 +56,14 @@ class QuantizedUplink:
     bits : int
         Quantizer width, 1..16 (1 = stochastic sign).
     bucket_size : int
-        Elements per shared scale.
+        Elements per shared scale (0 = :func:`hflmpi.core.wire.auto_bucket_size`).
     device : torch.device
         Where the model lives.
     cuda_aware : bool
         Whether MPI may read CUDA memory directly.
     method : {"auto", "sum", "gather"}
-        ``"auto"`` picks the method that moves fewer bytes (:func:`choose_method`).
+        ``"auto"`` picks the method that moves fewer bytes
+        (:func:`hflmpi.core.wire.choose_method`).
     seeds : PairwiseSeeds, optional
         Pair keys for secure aggregation: the levels are masked pairwise (Bonawitz et al. 2017)
         modulo ``2**w`` of the integer container before the ``Reduce``, so a leader (or any rank
@@ -105,35 +85,32 @@ class QuantizedUplink:
         self.comm = comm
         self.numel = numel
         self.bits = bits
-        self.bucket_size = bucket_size
         self.s = levels_for_bits(bits)
         self.fan_in = comm.Get_size()
-        if method == "auto":
-            method = choose_method(numel, bits, self.fan_in)
-        if method not in ("sum", "gather"):
-            raise ValueError(f"quantize.method={method!r} must be 'auto', 'sum' or 'gather'")
-        self.method: Method = method  # type: ignore[assignment]
-        if seeds is not None and method != "sum":
+        self.wire: LayerWire = layer_wire(numel, bits, self.fan_in, bucket_size, method)
+        self.bucket_size = self.wire.bucket_size
+        self.method = self.wire.method
+        if seeds is not None and self.method != Method.INTEGER_SUM:
             raise ValueError("secure aggregation masks integer sums: it needs method='sum'")
         self.seeds = seeds
-        # The gather path's leader adds offset codes (up to 2s each) before removing the offsets,
-        # so its accumulator gets one bit of headroom; the sum path's container is what travels.
-        self.container = sum_dtype(bits, self.fan_in if method == "sum" else 2 * self.fan_in)
+        # The integer-sum container is what travels; the gather path's leader accumulates offset
+        # codes (up to 2s each) in a container with one bit of headroom (LayerWire).
+        self.container = integer_dtype(self.wire.accumulator_nbytes)
         self.is_leader = comm.Get_rank() == 0
         self._diff = torch.empty(numel, dtype=torch.float32, device=device)
         self._workspace = new_workspace(numel, device)
-        self._scales = torch.empty(num_buckets(numel, bucket_size), dtype=torch.float32, device=device)
+        self._scales = torch.empty(self.wire.scale_nbytes // SCALE_NBYTES, dtype=torch.float32,
+                                   device=device)
         self._scales_mpi = MpiBuffer(self._scales, cuda_aware)
         self._levels = torch.empty(numel, dtype=self.container, device=device)
         self._levels_mpi = MpiBuffer(self._levels, cuda_aware)
-        self.payload_nbytes = (
-            numel * self._levels.element_size() if self.method == "sum" else packed_nbytes(numel, bits)
-        )
-        if self.method == "gather":
+        self.payload_nbytes = self.wire.payload_nbytes
+        if self.method == Method.GATHER:
             slots = self.fan_in if self.is_leader else 1
             self._packed = torch.zeros(slots, self.payload_nbytes, dtype=torch.uint8, device=device)
             self._packed_mpi = MpiBuffer(self._packed.view(-1), cuda_aware)
-            self._codes = torch.empty(numel, dtype=torch.int32, device=device)
+            self._codes = (code_scratch(numel, bits, device)
+                           if not self.is_leader and bits != 8 else None)
 
     def exchange(
         self,
@@ -194,7 +171,7 @@ class QuantizedUplink:
         if self.seeds is not None:
             mask_levels(levels, self.comm.Get_rank(), self.fan_in, self.seeds, step=step,
                         layer=layer, out=levels)
-        if self.method == "sum":
+        if self.method == Method.INTEGER_SUM:
             sent = self._reduce_sum()
         else:
             sent = self._gather_sum(levels)
@@ -202,7 +179,7 @@ class QuantizedUplink:
             update = from_level_sum(self._levels, self._scales, self.s, out=self._diff,
                                     bucket_size=self.bucket_size)
             torch.add(anchor, update.to(child.dtype), out=child)
-        return UplinkResult(sent + self._scales.numel() * 4, error)
+        return UplinkResult(sent + self.wire.scale_nbytes, error)
 
     def _reduce_sum(self) -> int:
         buf = self._levels_mpi.outbound()
@@ -220,41 +197,16 @@ class QuantizedUplink:
 
     def _gather_sum(self, levels: torch.Tensor) -> int:
         if not self.is_leader:  # the leader's own levels never leave it
-            self._pack(levels, self._packed[0])
+            pack_levels(levels, self.bits, out=self._packed[0], codes=self._codes, check=False)
         buf = self._packed_mpi.outbound()
         if self.is_leader:
             self.comm.Gather(MPI.IN_PLACE, buf, root=0)
             self._packed_mpi.inbound()
-            # Own levels are already in self._levels. Add the other children's *codes*
-            # (level + s) in rank order and remove the offsets once at the end: one integer pass
-            # per child, no widening copies. The sign grid's codes are (level + 1) / 2, so there
-            # the own level becomes a code first and sum(l) = 2 * sum(codes) - fan_in.
-            if self.bits == 1:
-                self._levels.add_(1).bitwise_right_shift_(1)
-            for child in range(1, self.fan_in):
-                row = self._packed[child]
-                if self.bits == 8:
-                    self._levels.add_(row)
-                else:
-                    self._levels.add_(unpack_codes(row, self.bits, self.numel, dtype=self.container))
-            if self.bits == 1:
-                self._levels.mul_(2).sub_(self.fan_in)
-            elif self.fan_in > 1:
-                self._levels.sub_((self.fan_in - 1) * self.s)
+            # own levels are in self._levels already; add the other children's, in rank order
+            sum_packed_levels(self._packed[1:], self.bits, self._levels)
             return 0
         self.comm.Gather(buf, None, root=0)
         return self.payload_nbytes
-
-    def _pack(self, levels: torch.Tensor, row: torch.Tensor) -> None:
-        if self.bits == 8:
-            torch.add(levels, self.s, out=row)  # codes 0..254 written straight into the bytes
-            return
-        codes = self._codes
-        if self.bits == 1:
-            torch.add(levels, 1, out=codes).bitwise_right_shift_(1)
-        else:
-            torch.add(levels, self.s, out=codes)
-        row.copy_(pack_codes(codes, self.bits, self.numel, overwrite=True))
 
     def _relative_error(self, diff: torch.Tensor, levels: torch.Tensor) -> float:
         decoded = from_level_sum(levels, self._scales, self.s, bucket_size=self.bucket_size)
