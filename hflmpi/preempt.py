@@ -6,19 +6,49 @@ raises a flag; the training loop polls it once per global round with one tiny MA
 every rank stops after the same round, writes one checkpoint and exits with
 :data:`EXIT_PREEMPTED`. The job script then requeues itself, and ``hflmpi run --resume-if-exists``
 continues from the checkpoint.
+
+Two things keep that path safe on a busy machine, where the ranks do not finish at the same moment:
+
+- :func:`leave_together`: every rank agrees on the exit code and waits for the others before it
+  exits. Under ``srun`` (``KillOnBadExit``) the first task to exit non-zero gets its siblings
+  killed with ``SIGTERM``, and the step then ends 143 instead of 75 (or 2).
+- A durable marker ``<run file>.preempted`` (:func:`write_marker`), written by rank 0 once the
+  checkpoint is on disk. A job script requeues when it exists, whatever exit code a race left.
+  The run removes it when it starts again (:func:`clear_marker`), so a real failure later is not
+  requeued forever.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["EXIT_PREEMPTED", "PreemptionFlag"]
+__all__ = [
+    "EXIT_PREEMPTED",
+    "EXIT_WAIT_SECONDS",
+    "MARKER_SUFFIX",
+    "PreemptionFlag",
+    "clear_marker",
+    "leave_together",
+    "marker_path",
+    "read_marker",
+    "write_marker",
+]
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", what a requeued job is
+EXIT_WAIT_SECONDS = 60.0  # how long a rank waits at the exit for the others (see leave_together)
+MARKER_SUFFIX = ".preempted"
+_STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class PreemptionFlag:
@@ -30,7 +60,7 @@ class PreemptionFlag:
         Signals to catch. The previous handlers are restored by :meth:`restore`.
     """
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...] = _STOP_SIGNALS) -> None:
         self.received: signal.Signals | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
@@ -48,3 +78,119 @@ class PreemptionFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def leave_together(comm: MPI.Comm, code: int, timeout: float = EXIT_WAIT_SECONDS) -> int:
+    """Agree on one exit code with every rank, and return it once every rank is leaving.
+
+    All ranks of ``comm``; give it a communicator of its own (``Dup`` it at the start), so that a
+    rank that arrives here early can never be matched with another rank's training collective.
+    From the call on, ``SIGTERM`` and ``SIGUSR1`` are ignored: the process is about to exit, and
+    under ``srun`` with ``KillOnBadExit`` a sibling that exits a moment earlier with 75 or 2 gets
+    this rank sent ``SIGTERM``, which would turn the step's exit code into 143. Call it only on
+    the way out of the process (the ``hflmpi`` command line does).
+
+    Parameters
+    ----------
+    comm : MPI.Comm
+        A communicator used for nothing else, over the ranks that leave together.
+    code : int
+        This rank's exit code.
+    timeout : float
+        Seconds to wait for the other ranks. A rank that stops alone (say a config file it alone
+        could not read) must not wait forever: after ``timeout`` it returns ``code`` and leaves.
+
+    Returns
+    -------
+    int
+        The largest exit code over all ranks (0 only if every rank succeeded), or this rank's
+        own code after a timeout. ``comm`` is freed when the agreement completed.
+    """
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    mine = np.array([code], dtype=np.int32)
+    agreed = np.zeros(1, dtype=np.int32)
+    request = comm.Iallreduce(mine, agreed, op=MPI.MAX)
+    deadline = time.monotonic() + timeout
+    while not request.Test():
+        if time.monotonic() > deadline:
+            print(f"hflmpi: rank {comm.Get_rank()}: the other ranks did not reach the exit within "
+                  f"{timeout:g} s; leaving alone with exit code {code}", file=sys.stderr, flush=True)
+            return code
+        time.sleep(0.002)
+    comm.Free()
+    return int(agreed[0])
+
+
+# -- the durable "checkpointed for preemption" marker ----------------------------------------------
+def marker_path(run_path: str | os.PathLike[str]) -> Path:
+    """Return the preemption marker of a run: the run file's path plus ``.preempted``.
+
+    ``runs/job-42.h5`` gives ``runs/job-42.h5.preempted`` (a job script can spell it the same way:
+    ``"$RUN.preempted"``).
+    """
+    return Path(os.fspath(run_path) + MARKER_SUFFIX)
+
+
+def _fsync_directory(directory: Path) -> None:
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_marker(
+    run_path: str | os.PathLike[str], *, round: int, checkpoint: str | os.PathLike[str],
+    signal_name: str,
+) -> Path:
+    """Durably record that the run stopped on a signal after checkpointing ``round`` (rank 0).
+
+    Call it only after the checkpoint itself is on disk (``save_checkpoint`` fsyncs the file and
+    its directory). The marker is written to a temporary file, fsynced and renamed into place, so
+    a job script never sees half of it.
+
+    Returns
+    -------
+    Path
+        The marker written.
+    """
+    target = marker_path(run_path)
+    tmp = target.with_name(target.name + ".tmp")
+    text = json.dumps({
+        "round": int(round),
+        "checkpoint": Path(checkpoint).name,
+        "signal": signal_name,
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }, sort_keys=True)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(target.parent)
+    return target
+
+
+def read_marker(run_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Return the preemption marker of a run as a dict, or None when there is none."""
+    try:
+        text = marker_path(run_path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    value = json.loads(text)
+    return value if isinstance(value, dict) else None
+
+
+def clear_marker(run_path: str | os.PathLike[str]) -> None:
+    """Remove the preemption marker of a run, if any (rank 0, when the run starts again)."""
+    target = marker_path(run_path)
+    if target.exists():
+        target.unlink(missing_ok=True)
+        _fsync_directory(target.parent)

@@ -28,9 +28,11 @@ from mpi4py import MPI
 from hflmpi import __version__
 from hflmpi.aggregate import HierarchicalAggregator, PrivacyOptions, measure_divergences
 from hflmpi.checkpoint import (
+    CheckpointError,
     CheckpointFallbackWarning,
     checkpoint_paths,
     config_digest,
+    describe_os_error,
     load_latest_valid,
     save_checkpoint,
 )
@@ -43,7 +45,13 @@ from hflmpi.privacy import epsilon_for
 from hflmpi.local import BatchSampler, LocalSolver, evaluate, lr_at
 from hflmpi.models import build_model
 from hflmpi.partition import make_partition, partition_stats
-from hflmpi.preempt import EXIT_PREEMPTED, PreemptionFlag
+from hflmpi.preempt import (
+    EXIT_PREEMPTED,
+    PreemptionFlag,
+    clear_marker,
+    leave_together,
+    write_marker,
+)
 from hflmpi.progress import Progress
 from hflmpi.schedule import round_events, steps_per_round
 from hflmpi.store import RoundMetrics, RunRecord, read_config_toml
@@ -175,6 +183,7 @@ def train(
     *,
     resume: str | os.PathLike[str] | None = None,
     stream: TextIO | None = None,
+    replace_unfinished: bool = False,
 ) -> TrainResult:
     """Train federatedly over ``comm`` as ``config`` says and return the final global model.
 
@@ -190,6 +199,9 @@ def train(
         Run file whose newest valid checkpoint to continue from (metrics past it are dropped).
     stream : text stream, optional
         Where rank 0 writes progress (default stdout).
+    replace_unfinished : bool
+        Starting fresh, replace a run file left at ``run.out`` by a run that stopped before its
+        first checkpoint (the caller checked there is none), instead of refusing to overwrite it.
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     seed, rounds, tau = config.run.seed, config.run.rounds, list(config.schedule.tau)
@@ -237,13 +249,15 @@ def train(
     if state is not None and "momentum" in state["mine"]:
         _load_momentum(solver, state["mine"]["momentum"])
     record = agree(comm, "opening the run record", lambda: _open_record(
-        config, comm, plan, record_path, resume is not None, start_round - 1, parts, train_set))
+        config, comm, plan, record_path, resume is not None, start_round - 1, parts, train_set,
+        replace_unfinished))
     progress = Progress(stream or sys.stdout, config.run.progress, total_rounds=rounds) if rank == 0 else None
     steps = steps_per_round(tau)
     started = time.perf_counter()
     test_loss = test_accuracy = math.nan
     preemption = PreemptionFlag()
     last_round = start_round - 1
+    last_checkpoint = start_round - 1 if state is not None else None
 
     for rnd in range(start_round, rounds + 1):
         round_start = time.perf_counter()
@@ -286,25 +300,34 @@ def train(
         totals = _reduce(comm, bytes_sent, MPI.SUM)  # all ranks
         worst = np.concatenate([compute, comm_seconds, np.nan_to_num(quant_error, nan=-1.0)])
         slowest = _reduce(comm, worst, MPI.MAX)  # all ranks
+        record_error = None
         if record is not None and progress is not None:  # rank 0
             wall = time.perf_counter() - round_start
-            record.append_round(RoundMetrics(
-                round=rnd, wall_time=time.perf_counter() - started, train_loss=train_loss,
-                test_loss=test_loss if evaluate_now else math.nan,
-                test_accuracy=test_accuracy if evaluate_now else math.nan,
-                samples_per_second=size * steps * config.optim.batch_size / wall,
-                compute_seconds=list(slowest[: plan.depth]),
-                comm_seconds=list(slowest[plan.depth: 2 * plan.depth]),
-                bytes_sent=list(totals), method=methods,
-                quant_error=[math.nan if e < 0 else e for e in slowest[2 * plan.depth:]],
-                upward_divergence=upward, downward_divergence=downward,
-            ))
+            try:
+                record.append_round(RoundMetrics(
+                    round=rnd, wall_time=time.perf_counter() - started, train_loss=train_loss,
+                    test_loss=test_loss if evaluate_now else math.nan,
+                    test_accuracy=test_accuracy if evaluate_now else math.nan,
+                    samples_per_second=size * steps * config.optim.batch_size / wall,
+                    compute_seconds=list(slowest[: plan.depth]),
+                    comm_seconds=list(slowest[plan.depth: 2 * plan.depth]),
+                    bytes_sent=list(totals), method=methods,
+                    quant_error=[math.nan if e < 0 else e for e in slowest[2 * plan.depth:]],
+                    upward_divergence=upward, downward_divergence=downward,
+                ))
+            except (OSError, RuntimeError) as exc:  # e.g. the disk is full
+                record_error = (f"writing round {rnd} to the run record {record_path} failed: "
+                                f"{describe_os_error(exc)}")
             progress.update(rnd, loss=train_loss, accuracy=test_accuracy,
                             samples_per_second=size * steps * config.optim.batch_size / wall)
         last_round = rnd
-        stop = preemption.requested(comm)  # all ranks: did any rank get SIGUSR1/SIGTERM?
+        # all ranks: did any rank get SIGUSR1/SIGTERM? Could rank 0 write the metrics?
+        stop = _end_of_round(comm, preemption, record_error, record_path, last_checkpoint)
         if stop or rnd == rounds or (config.run.checkpoint_every > 0 and rnd % config.run.checkpoint_every == 0):
-            _checkpoint(comm, record_path, rnd, params.flat, sampler, solver, config)  # all ranks
+            signal_name = (preemption.received.name if preemption.received else "signal") if stop else None
+            _checkpoint(comm, record_path, rnd, params.flat, sampler, solver, config,
+                        preempted_by=signal_name)  # all ranks
+            last_checkpoint = rnd
         if stop:
             if rank == 0:
                 print(f"hflmpi: {preemption.received.name if preemption.received else 'signal'} on "
@@ -328,25 +351,93 @@ def train(
                        preempted=last_round < rounds)
 
 
+def _end_of_round(
+    comm: MPI.Comm, preemption: PreemptionFlag, record_error: str | None, record_path: Path,
+    last_checkpoint: int | None,
+) -> bool:
+    """Return whether any rank got a stop signal; raise everywhere if rank 0's metrics failed.
+
+    All ranks: one tiny MAX allreduce per round carries both flags, so a full disk on rank 0
+    ends every rank with the same :class:`SetupError` instead of an exception on rank 0 alone.
+    """
+    flags = np.array([preemption.received is not None, record_error is not None], dtype=np.int32)
+    comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
+    if flags[1]:
+        message = comm.bcast(record_error, root=0)
+        kept = ("no checkpoint was written yet" if last_checkpoint is None else
+                f"the round-{last_checkpoint} checkpoint is kept; free space and continue with "
+                f"--resume {record_path}")
+        raise SetupError(f"{message}; {kept}")
+    return bool(flags[0])
+
+
 def _open_record(
     config: RunConfig, comm: MPI.Comm, plan: TreePlan, path: Path, resuming: bool,
     last_round: int, parts: list[np.ndarray], train_set: TensorDataset,
+    replace_unfinished: bool = False,
 ) -> RunRecord | None:
+    """Rank 0 opens the run file: appends to it when resuming, else creates it.
+
+    Resuming, a run file that is missing or unreadable (say truncated by a crash) does not make
+    the checkpoints useless: it is moved aside and a new one is started at the checkpoint's round.
+    Starting fresh with ``replace_unfinished``, a run file without checkpoints is replaced.
+    Either way the run is starting: a preemption marker left by the previous leg is removed.
+    """
     if comm.Get_rank() != 0:
         return None
+    clear_marker(path)
     if resuming:
-        record = RunRecord.open_append(path)
-        record.truncate_to(last_round)
+        try:
+            record = RunRecord.open_append(path)
+            note = None
+        except (OSError, ValueError) as exc:
+            note = _set_aside_unreadable(path, exc, last_round)
+            record = _new_record(config, comm, plan, path, parts, train_set, overwrite=False)
+        record.truncate_to(last_round, note=note)
         return record
+    overwrite = False
+    if replace_unfinished and path.exists():
+        try:
+            RunRecord.open_append(path).close()
+            overwrite = True  # its rows were never checkpointed: a resume would drop them too
+        except (OSError, ValueError) as exc:  # e.g. empty: killed while the file was created
+            _set_aside_unreadable(path, exc, None)
+        print(f"hflmpi: {path} has no checkpoint (the run stopped before its first one): "
+              "starting it afresh", file=sys.stderr, flush=True)
+    return _new_record(config, comm, plan, path, parts, train_set, overwrite=overwrite)
+
+
+def _new_record(
+    config: RunConfig, comm: MPI.Comm, plan: TreePlan, path: Path, parts: list[np.ndarray],
+    train_set: TensorDataset, overwrite: bool,
+) -> RunRecord:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = RunRecord.create(
         path, to_toml_string(config),
         {"world_size": comm.Get_size(), "tree": plan.describe(), "hflmpi_version": __version__},
-        layer_count=plan.depth,
+        layer_count=plan.depth, overwrite=overwrite,
     )
     stats = partition_stats(parts, train_set.labels.cpu().numpy(), train_set.num_classes)
     record.write_partition(stats.sizes, stats.histograms)
     return record
+
+
+def _set_aside_unreadable(path: Path, error: BaseException, last_round: int | None) -> str | None:
+    """Move an unusable run file out of the way (never delete it); return a resume-log note."""
+    if not path.exists():
+        return f"run record {path.name} was missing; rebuilt from the round-{last_round} checkpoint"
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    aside = path.with_name(f"{path.name}.unusable-{stamp}")
+    os.replace(path, aside)
+    reason = describe_os_error(error)
+    if last_round is None:
+        print(f"hflmpi: warning: {path} is not a usable run record ({reason}); moved it to "
+              f"{aside.name}", file=sys.stderr, flush=True)
+        return None
+    note = (f"run record was unusable ({reason}); moved to {aside.name} and rebuilt from the "
+            f"round-{last_round} checkpoint: metrics of rounds 1..{last_round} are only there")
+    print(f"hflmpi: warning: {path}: {note}", file=sys.stderr, flush=True)
+    return note
 
 
 def _evaluate_global(model: torch.nn.Module, my_test: TensorDataset, comm: MPI.Comm) -> tuple[float, float]:
@@ -389,9 +480,13 @@ def _load_momentum(solver: LocalSolver, flat: np.ndarray) -> None:
 
 def _checkpoint(
     comm: MPI.Comm, path: Path, rnd: int, flat: torch.Tensor, sampler: BatchSampler,
-    solver: LocalSolver, config: RunConfig,
+    solver: LocalSolver, config: RunConfig, preempted_by: str | None = None,
 ) -> None:
-    """Gather per-rank state to rank 0 and write an atomic checkpoint (all ranks)."""
+    """Gather per-rank state to rank 0 and write an atomic checkpoint (all ranks).
+
+    With ``preempted_by`` (the signal's name), rank 0 then writes the preemption marker, so a job
+    script knows the checkpoint is on disk even if a race leaves the step with a wrong exit code.
+    """
     position = sampler.state_dict()
     mine = {"sampler": np.array([position["epoch"], position["offset"]], dtype=np.int64)}
     momentum = _flat_momentum(solver)
@@ -403,11 +498,15 @@ def _checkpoint(
         if gathered is None:  # not rank 0
             return
         extra = {name: np.stack([g[name] for g in gathered]) for name in mine}
-        save_checkpoint(
+        config_toml = to_toml_string(config)
+        written = save_checkpoint(
             path, round=rnd, model_flat=flat.detach().cpu(), extra_arrays=extra,
-            state={"round": rnd, "config_sha256": config_digest(to_toml_string(config)),
+            state={"round": rnd, "config_sha256": config_digest(config_toml),
+                   "config_toml": config_toml,  # resume even if the run file is lost
                    "world_size": comm.Get_size(), "hflmpi_version": __version__},
         )
+        if preempted_by is not None:
+            write_marker(path, round=rnd, checkpoint=written, signal_name=preempted_by)
 
     agree(comm, f"writing the round-{rnd} checkpoint", write)
 
@@ -424,6 +523,14 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
                              "(for requeued batch jobs)")
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD if comm is None else comm
+    leaving = comm.Dup()  # all ranks: the exit handshake's own communicator (see leave_together)
+    code = _run(args, comm)
+    # All ranks agree on the code and leave together: under srun a rank that exits 75 or 2 first
+    # gets the others killed with SIGTERM, and the step would end 143 instead.
+    return leave_together(leaving, code)
+
+
+def _run(args: argparse.Namespace, comm: MPI.Comm) -> int:
     rank = comm.Get_rank()
     try:
         if args.config is None and args.resume is None:
@@ -432,10 +539,14 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
             config = _config_from_run(Path(args.resume), args.overrides)
         else:
             config = load_config(args.config, args.overrides)
-        if args.resume_if_exists and args.resume is None and _has_checkpoint(Path(config.run.out)):
-            args.resume = config.run.out
+        replace_unfinished = False
+        if args.resume_if_exists and args.resume is None:
+            if _has_checkpoint(Path(config.run.out)):
+                args.resume = config.run.out
+            else:  # a run file without any checkpoint: the last leg stopped before its first one
+                replace_unfinished = True
         limit_threads(comm)
-        result = train(config, comm, resume=args.resume)
+        result = train(config, comm, resume=args.resume, replace_unfinished=replace_unfinished)
     except (ConfigError, TopologyError, SetupError) as exc:
         # Every rank raised the same error (config and setup checks are collective): say it once.
         if rank == 0:
@@ -450,23 +561,38 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
 
 
 def _has_checkpoint(run_path: Path) -> bool:
-    newest, previous = checkpoint_paths(run_path)
-    return run_path.exists() and (newest.exists() or previous.exists())
+    """Whether the run has a checkpoint file to resume from (its run file may be lost or broken)."""
+    return any(path.exists() for path in checkpoint_paths(run_path))
 
 
 def _config_from_run(path: Path, overrides: Sequence[str]) -> RunConfig:
     import tempfile
 
+    text: str | None
     try:
         text = read_config_toml(path)
     except (OSError, KeyError, ValueError) as exc:
-        raise ConfigError(f"--resume {path}: cannot read the stored config ({exc})") from None
+        text = _config_from_checkpoint(path)  # the run file is lost or broken; a checkpoint may do
+        if text is None:
+            raise ConfigError(f"--resume {path}: cannot read the stored config ({exc}) and no "
+                              "valid checkpoint holds one; give the CONFIG.toml too") from None
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as handle:
         handle.write(text)
     try:
         return load_config(handle.name, overrides)
     finally:
         os.unlink(handle.name)
+
+
+def _config_from_checkpoint(path: Path) -> str | None:
+    """Return the resolved config a checkpoint of the run stored, or None (every rank reads it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointFallbackWarning)
+        try:
+            text = load_latest_valid(path).state.get("config_toml")
+        except CheckpointError:
+            return None
+    return text if isinstance(text, str) else None
 
 
 def limit_threads(comm: MPI.Comm) -> None:
