@@ -323,16 +323,16 @@ def train(
         last_round = rnd
         # all ranks: did any rank get SIGUSR1/SIGTERM? Could rank 0 write the metrics?
         stop = _end_of_round(comm, preemption, record_error, record_path, last_checkpoint)
+        stop = stop and rnd < rounds  # a signal in the last round: the run is done anyway
+        why = (preemption.received.name if preemption.received else "signal") if stop else None
         if stop or rnd == rounds or (config.run.checkpoint_every > 0 and rnd % config.run.checkpoint_every == 0):
-            signal_name = (preemption.received.name if preemption.received else "signal") if stop else None
             _checkpoint(comm, record_path, rnd, params.flat, sampler, solver, config,
-                        preempted_by=signal_name)  # all ranks
+                        preempted_by=why)  # all ranks
             last_checkpoint = rnd
         if stop:
             if rank == 0:
-                print(f"hflmpi: {preemption.received.name if preemption.received else 'signal'} on "
-                      f"some rank: checkpointed round {rnd}, exiting for requeue", file=sys.stderr,
-                      flush=True)
+                print(f"hflmpi: {why} on some rank: checkpointed round {rnd}, exiting for requeue",
+                      file=sys.stderr, flush=True)
             break
 
     preemption.restore()
