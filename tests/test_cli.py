@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from hflmpi.record.checkpoint import load_checkpoint
 from hflmpi.cli import main as cli_main
 from hflmpi.config import load_config
 from hflmpi.record.store import read_config_toml, read_metrics, read_run_info
@@ -54,6 +57,16 @@ def _keep_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _keep_signal_handlers():
+    """``hflmpi run`` ignores SIGTERM/SIGUSR1 on its way out (the process then exits); give the
+    test process its handlers back."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
 
 
 def write_config(
@@ -195,6 +208,77 @@ def test_run_set_resume_and_report(tmp_path, capsys):
     assert rows["world size"] == "1"
     assert rows["layers"] == "1"
     assert rows["final test accuracy"].endswith("(r5)")
+
+
+def _final_model(run_file: Path):
+    return load_checkpoint(run_file.with_name(run_file.stem + ".ckpt.h5")).model
+
+
+def _reference_model(directory: Path, capsys, rounds: int):
+    """The uninterrupted run of the same config, in a directory of its own."""
+    directory.mkdir()
+    code, _, err = run_cli(capsys, "run", str(write_config(directory)), "--set",
+                           f"run.rounds={rounds}")
+    assert code == 0, err
+    return _final_model(directory / "run.h5")
+
+
+@pytest.mark.parametrize("left_behind", ["record-without-checkpoint", "empty-file"])
+def test_resume_if_exists_restarts_a_run_that_stopped_before_its_first_checkpoint(
+        tmp_path, capsys, left_behind):
+    """A requeued job whose last leg died before its first checkpoint left only a run file (or an
+    empty one, killed while creating it): ``--resume-if-exists`` must start afresh, not fail with
+    "already exists" on every requeue."""
+    expected = _reference_model(tmp_path / "reference", capsys, rounds=3)
+    config = write_config(tmp_path)
+    run_file = tmp_path / "run.h5"
+    if left_behind == "empty-file":
+        run_file.write_bytes(b"")
+    else:
+        code, _, err = run_cli(capsys, "run", str(config), "--set", "run.rounds=2")
+        assert code == 0, err
+        for checkpoint in tmp_path.glob("run.ckpt*.h5"):
+            checkpoint.unlink()
+    code, out, err = run_cli(capsys, "run", str(config), "--set", "run.rounds=3",
+                             "--resume-if-exists")
+    assert code == 0, err
+    assert "no checkpoint" in err and "3 rounds done" in out
+    assert list(read_metrics(run_file)["round"]) == [1, 2, 3]
+    assert read_run_info(run_file)["resume_log"] == []
+    assert np.array_equal(_final_model(run_file), expected)
+    if left_behind == "empty-file":  # set aside, never deleted
+        assert [p.stat().st_size for p in tmp_path.glob("run.h5.unusable-*")] == [0]
+
+
+@pytest.mark.parametrize("how", ["--resume", "--resume-if-exists", "run-file-missing"])
+def test_a_truncated_run_file_is_rebuilt_from_the_checkpoint(tmp_path, capsys, how):
+    """Two valid checkpoints must stay usable when the run file is truncated (or gone): resuming
+    sets the broken file aside, starts a new record at the checkpoint's round, and ends with the
+    uninterrupted run's bits."""
+    expected = _reference_model(tmp_path / "reference", capsys, rounds=5)
+    config = write_config(tmp_path)
+    run_file = tmp_path / "run.h5"
+    code, _, err = run_cli(capsys, "run", str(config), "--set", "run.rounds=3",
+                           "--set", "run.checkpoint_every=1")
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "run.ckpt.prev.h5").round == 2
+    if how == "run-file-missing":
+        run_file.unlink()
+    else:
+        os.truncate(run_file, run_file.stat().st_size // 2)
+    if how == "--resume":  # the config too comes from the checkpoint
+        argv = ["run", "--resume", str(run_file), "--set", "run.rounds=5"]
+    else:
+        argv = ["run", str(config), "--set", "run.rounds=5", "--resume-if-exists"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "5 rounds done" in out
+    assert list(read_metrics(run_file)["round"]) == [4, 5]
+    (entry,) = read_run_info(run_file)["resume_log"]
+    assert entry["round"] == 3 and "rebuilt from the round-3 checkpoint" in entry["note"]
+    assert np.array_equal(_final_model(run_file), expected), "the rebuilt run changed the bits"
+    aside = list(tmp_path.glob("run.h5.unusable-*"))
+    assert len(aside) == (0 if how == "run-file-missing" else 1)
 
 
 def test_report_on_a_missing_file_fails(tmp_path, capsys):

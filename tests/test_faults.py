@@ -1,14 +1,17 @@
 """Injected faults end the job with a clear message (no hang) and lose no data.
 
 Each case runs real processes: a rank stopped (SIGSTOP) or busy while the others wait in a
-collective, which the watchdog must end naming that rank, in every collective of a round; and a
+collective, which the watchdog must end naming that rank, in every collective of a round; a
 rank killed with SIGKILL in the middle of a run, after which ``--resume`` must reproduce the
-uninterrupted run's final model bit for bit.
+uninterrupted run's final model bit for bit; and a disk that fills up under a run (a real, tiny
+tmpfs).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import JOBS, MPIEXEC, preemptible_run, wait_for_rounds
-from hflmpi.record.checkpoint import load_checkpoint
+from hflmpi.record.checkpoint import load_checkpoint, load_latest_valid
 from hflmpi.record.store import read_metrics
 
 pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to this python")
@@ -102,11 +105,11 @@ from mpi4py import MPI
 rank = MPI.COMM_WORLD.Get_rank()
 Path(sys.argv[1], f"rank{rank}.pid").write_text(str(os.getpid()))
 import hflmpi.federation
+import hflmpi.cli.run
 from hflmpi.mpi.aggregate import HierarchicalAggregator
-from hflmpi.mpi.preempt import PreemptionFlag
 victim, target, nth = int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-owner = {"aggregate": HierarchicalAggregator, "requested": PreemptionFlag,
-         "measure_divergences": hflmpi.federation, "_checkpoint": hflmpi.federation}[target]
+owner = {"aggregate": HierarchicalAggregator, "end_of_round": hflmpi.federation,
+         "measure_divergences": hflmpi.federation, "write_checkpoint": hflmpi.federation}[target]
 original = getattr(owner, target)
 calls = [0]
 def stop_on_entry(*args, **kwargs):
@@ -115,7 +118,7 @@ def stop_on_entry(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGSTOP)
     return original(*args, **kwargs)
 setattr(owner, target, stop_on_entry)
-sys.exit(hflmpi.federation.main(sys.argv[5:]))
+sys.exit(hflmpi.cli.run.main(sys.argv[5:]))
 """
 
 TAU, EVAL_EVERY, CHECKPOINT_EVERY, WATCHDOG = 3, 2, 3, 6.0
@@ -131,8 +134,8 @@ def _stop_points() -> list[tuple[int, str, int, str]]:
     return [
         (1, "aggregate", 2, f"the layer-1 aggregation of round 2 (step {TAU})"),
         (2, "measure_divergences", 1, f"the divergence measurement of round {EVAL_EVERY}"),
-        (3, "_checkpoint", 1, f"the round-{CHECKPOINT_EVERY} checkpoint"),
-        (2, "requested", 2, "the preemption poll after round 2"),
+        (3, "write_checkpoint", 1, f"the round-{CHECKPOINT_EVERY} checkpoint"),
+        (2, "end_of_round", 2, "the preemption poll after round 2"),
     ]
 
 
@@ -241,3 +244,105 @@ def test_sigkill_of_one_rank_ends_the_job_and_resume_is_bit_exact(tmp_path):
     assert resumed.round == expected.round == rounds
     assert np.array_equal(resumed.model, expected.model), "resume after a kill changed the bits"
     assert list(read_metrics(run)["round"]) == list(range(1, rounds + 1))
+
+
+# -- a full disk ---------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs mounted for the test: a real file system that runs out of space."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs Linux and root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True, timeout=30).returncode:
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+def fill(directory: Path) -> None:
+    """Write a filler file into ``directory`` until its file system reports ENOSPC."""
+    block = b"\0" * 4096
+    with open(directory / "filler", "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(block)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC, err
+
+
+FULL_RECORD = """
+import errno, os, sys
+from hflmpi.record.store import RoundMetrics, RunRecord
+run = sys.argv[1]
+record = RunRecord.create(run, "", {"world_size": 1, "tree": []}, layer_count=2)
+for r in range(1, 4):
+    record.append_round(RoundMetrics(round=r, train_loss=1.0 / r))
+with open(os.path.join(os.path.dirname(run), "filler"), "wb", buffering=0) as handle:
+    try:
+        while True:
+            handle.write(bytes(4096))
+    except OSError:
+        pass
+failed = None
+for r in range(4, 5000):  # the metrics outgrow their first chunk: HDF5 needs more space
+    try:
+        record.append_round(RoundMetrics(round=r, train_loss=1.0 / r))
+    except (OSError, RuntimeError) as err:
+        failed = (r, type(err).__name__, getattr(err, "errno", None))
+        break
+try:
+    record.close()
+except (OSError, RuntimeError):
+    pass
+print("failed", failed, flush=True)
+"""
+
+
+def test_full_disk_fails_the_metrics_write_and_the_process_exits_cleanly(small_disk):
+    """HDF5 2.0 crashed at exit (SIGSEGV/SIGBUS in H5_term_library) after a write failed on a full
+    disk while dirty chunks sat in the chunk cache. The write must fail where it happens (ENOSPC,
+    in ``append_round``) and the process must exit normally."""
+    script = small_disk.parent / "full_record.py"
+    script.write_text(FULL_RECORD)
+    proc = subprocess.run([sys.executable, str(script), str(small_disk / "run.h5")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"exit {proc.returncode}; stderr: {proc.stderr[-3000:]}"
+    assert f"'OSError', {errno.ENOSPC})" in proc.stdout, proc.stdout
+    assert "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("every, filled_after", [(1, 3), (200, 201)],
+                         ids=["checkpoint-fails-first", "metrics-fail-first"])
+def test_full_disk_ends_the_run_with_exit_2_and_keeps_the_checkpoint(small_disk, every,
+                                                                      filled_after):
+    """``hflmpi run`` on a disk that fills up: one error naming the cause, exit 2 on every rank
+    (no segfault, no MPI_Abort), and the checkpoints written before stay valid.
+
+    With a checkpoint every round, the next checkpoint is the first write to fail. With one every
+    200 rounds, the metrics fail first: their per-layer datasets need a new chunk at round 257.
+    """
+    run = small_disk / "run.h5"
+    args = [*_run_args(run, 100_000), "--set", f"run.checkpoint_every={every}"]
+    proc = subprocess.Popen(args, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_rounds(run, filled_after)  # the checkpoint of the round before is complete
+        fill(small_disk)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    errors = [line for line in stderr.splitlines() if line.startswith("hflmpi: error:")]
+    assert proc.returncode == 2, f"exit {proc.returncode}; stderr: {stderr[-3000:]}"
+    assert len(errors) == 1 and "disk full (ENOSPC)" in errors[0], stderr[-3000:]
+    assert "Segmentation" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    (small_disk / "filler").unlink()
+    kept = load_latest_valid(run)
+    assert kept.round >= filled_after - 1 and kept.round % every == 0, kept.round
+    assert not list(small_disk.glob("*.tmp")), sorted(p.name for p in small_disk.iterdir())

@@ -21,6 +21,7 @@ from conftest import JOBS, MPIEXEC, preemptible_run, wait_for_rounds
 from hflmpi.record.checkpoint import load_checkpoint
 from hflmpi.config import load_config
 from hflmpi.mpi.preempt import EXIT_PREEMPTED
+from hflmpi.record.marker import read_marker
 from hflmpi.record.store import read_metrics
 
 SCRIPTS = sorted(JOBS.glob("*.sbatch"))
@@ -71,6 +72,11 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_bit_exactly(tmp_path):
     stopped_at = load_checkpoint(run.with_name("preempted.ckpt.h5")).round
     assert 3 <= stopped_at < rounds, "the signal must land mid-run"
     assert list(read_metrics(run)["round"]) == list(range(1, stopped_at + 1))
+    # The durable note a job script trusts even when a race spoils the step's exit code.
+    marker = read_marker(run)
+    assert marker is not None, "no preemption marker next to the run file"
+    assert (marker["round"], marker["checkpoint"], marker["signal"]) == \
+        (stopped_at, "preempted.ckpt.h5", "SIGUSR1")
 
     subprocess.run(_run_args(run, rounds), check=True, env=env, timeout=600,
                    stdout=subprocess.DEVNULL)
@@ -79,6 +85,7 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_bit_exactly(tmp_path):
     assert resumed.round == expected.round == rounds
     assert np.array_equal(resumed.model, expected.model), "resume changed the model bits"
     assert list(read_metrics(run)["round"]) == list(range(1, rounds + 1))
+    assert read_marker(run) is None, "the resumed run must remove the marker"
 
 
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to this python")

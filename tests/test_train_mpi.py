@@ -343,7 +343,7 @@ def test_float64_run_equals_serial_float64_reference(comm, shared_dir, shape):
 def test_fewer_samples_than_clients_is_one_setup_error(comm, shared_dir):
     """Partitioning runs inside the collective set-up checks: every rank raises the same
     SetupError (naming the sample count, the ranks and the fix), none a bare ValueError."""
-    from hflmpi.federation import SetupError
+    from hflmpi.mpi.guard import SetupError
 
     config = make_config(os.path.join(shared_dir, "tiny.h5"), {"fanouts": [comm.size]}, [2],
                          data={"synthetic_samples": 2, "partition": "iid"})
@@ -493,7 +493,7 @@ def test_quantized_training_learns(comm, shared_dir):
 def test_resume_over_a_different_rank_count_fails_everywhere(comm, shared_dir):
     """A checkpoint written by one rank cannot continue over ``size`` ranks: the partition, the
     batch positions and the momentum are per rank. Every rank must raise (not hang, not go on)."""
-    from hflmpi.federation import SetupError
+    from hflmpi.mpi.guard import SetupError
 
     path = os.path.join(shared_dir, "solo.h5")
     config = make_config(path, {"fanouts": [1]}, [2], run={"rounds": 1})

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 
 VENV=${HFLMPI_VENV:-.venv}
 LOGS=${HFLMPI_TEST_LOGS:-.ci/logs}/slurm
-STAGE_TIMEOUT=${HFLMPI_SLURM_STAGE_TIMEOUT:-480}
+STAGE_TIMEOUT=${HFLMPI_SLURM_STAGE_TIMEOUT:-1200}
 export HFLMPI_SLURM_DIR=${HFLMPI_SLURM_DIR:-/tmp/hflmpi-slurm}
 CLUSTER=.ci/slurm/cluster.sh
 start=$SECONDS

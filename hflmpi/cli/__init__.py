@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "run":
-        from hflmpi.federation import main as run_main
+        from hflmpi.cli.run import main as run_main
 
         return run_main(rest)
     if command == "report":

@@ -69,11 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from mpi4py import MPI
 
-    from hflmpi.federation import SetupError
+    from hflmpi.mpi.guard import SetupError
 
     comm = MPI.COMM_WORLD
     try:
-        from hflmpi.federation import limit_threads
+        from hflmpi.mpi.comm import limit_threads
 
         limit_threads(comm)
         run_experiment(args.spec, args.out, comm, small=args.small, reuse=args.reuse,

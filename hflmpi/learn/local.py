@@ -143,6 +143,25 @@ class LocalSolver:
             "anchor": [a.detach().clone() for a in self.anchor],
         }
 
+    def checkpoint_momentum(self) -> np.ndarray | None:
+        """Return the momentum buffers as one flat array for a checkpoint, or ``None``.
+
+        ``None`` when there is no momentum or it is zeroed at every aggregation (a checkpoint is
+        always written right after one), so there is nothing to save.
+        """
+        if not self.momentum_buffers or self.config.momentum_reset == "aggregation":
+            return None
+        return torch.cat([b.detach().reshape(-1).cpu() for b in self.momentum_buffers]).numpy()
+
+    def restore_momentum(self, flat: np.ndarray) -> None:
+        """Load momentum buffers from the flat array :meth:`checkpoint_momentum` returned."""
+        offset = 0
+        with torch.no_grad():
+            for buffer in self.momentum_buffers:
+                n = buffer.numel()
+                buffer.copy_(torch.from_numpy(np.asarray(flat[offset:offset + n])).view_as(buffer))
+                offset += n
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state written by :meth:`state_dict` (shapes must match)."""
         for key, mine in (("momentum", self.momentum_buffers), ("anchor", self.anchor)):

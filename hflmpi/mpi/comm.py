@@ -25,7 +25,7 @@ from mpi4py import MPI
 from hflmpi.mpi.messages import allgather_text, bcast_int
 from hflmpi.core.topology import TopologyError, TreePlan, plan_nodes
 
-__all__ = ["LayerComms", "node_local", "node_names", "plan_from_nodes", "cuda_aware_mpi"]
+__all__ = ["LayerComms", "node_local", "node_names", "plan_from_nodes", "cuda_aware_mpi", "limit_threads"]
 
 _NODE_NAME_BYTES = 1024  # longest node name (UTF-8 bytes) a rank may report
 
@@ -173,3 +173,16 @@ def _mpi_library_handles(process: ctypes.CDLL) -> list[ctypes.CDLL]:
     except OSError:
         pass
     return handles
+
+
+def limit_threads(comm: MPI.Comm) -> None:
+    """Give each rank its share of the node's cores (ranks oversubscribing cores crawl otherwise).
+
+    Collective (learns how many ranks share the node); ``OMP_NUM_THREADS`` set by the user wins.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    ranks_here = node_local(comm)[1]
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))

@@ -25,17 +25,59 @@ import threading
 import time
 from dataclasses import dataclass
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from mpi4py import MPI
 
-from hflmpi.mpi.messages import allgather_int64
+from hflmpi.config import ConfigError
+from hflmpi.core.topology import TopologyError
+from hflmpi.mpi.messages import allgather_int64, allgather_text
 
 __all__ = [
+    "SetupError", "agree",
     "HandshakeError", "NonFiniteUpdateError", "handshake_key", "handshake", "RankStatus", "stall_report",
     "Watchdog",
 ]
+
+
+T = TypeVar("T")
+_ERROR_BYTES = 4096  # longest error text a rank shares in agree(); longer ones are cut
+
+
+class SetupError(RuntimeError):
+    """Setup failed on at least one rank; raised on every rank with the first failure's text."""
+
+
+def agree(comm: MPI.Comm, what: str, action: Callable[[], T]) -> T:
+    """Run ``action`` on every rank; if it fails anywhere, raise the failure everywhere.
+
+    All ranks. Keeps a bad file or config on one rank from leaving the others in a collective.
+    The errors travel as bounded UTF-8 texts (:func:`hflmpi.mpi.messages.allgather_text`). The
+    same config or tree error on every rank stays that error; anything else becomes a
+    :class:`SetupError` naming the first failing rank.
+    """
+    error: str | None = None
+    result: Any = None
+    try:
+        result = action()
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError, TypeError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    errors = allgather_text(comm, error, max_bytes=_ERROR_BYTES, what=f"{what}: sharing the outcome")
+    failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
+    if failed:
+        rank, text = failed[0]
+        if len(failed) == comm.Get_size() and all(t == text for _, t in failed):
+            # The same error everywhere: the rank adds nothing, and a config or tree error
+            # stays one (the user fixes the config, not a file).
+            for kind in (ConfigError, TopologyError):
+                prefix = f"{kind.__name__}: "
+                if text.startswith(prefix):
+                    raise kind(text[len(prefix):])
+            raise SetupError(text)
+        more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+        raise SetupError(f"{what} failed on rank {rank}{more}: {text}")
+    return result
 
 
 class HandshakeError(RuntimeError):

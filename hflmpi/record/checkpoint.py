@@ -45,6 +45,7 @@ __all__ = [
     "CheckpointFallbackWarning",
     "checkpoint_paths",
     "config_digest",
+    "describe_os_error",
     "save_checkpoint",
     "load_checkpoint",
     "load_latest_valid",
@@ -234,12 +235,14 @@ def _looks_valid(path: Path) -> bool:
         return False
 
 
-def _describe_os_error(err: BaseException) -> str:
-    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
-        return f"disk full (ENOSPC): {err}"
-    if getattr(err, "errno", None) == errno.EFBIG or "File too large" in str(err):
-        return f"file size limit reached (EFBIG): {err}"
-    return f"{type(err).__name__}: {err}"
+def describe_os_error(err: BaseException) -> str:
+    """Name the cause of a failed write on one line (disk full, file size limit, or the error)."""
+    text = " ".join(str(err).split())  # HDF5's messages span lines
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text:
+        return f"disk full (ENOSPC): {text}"
+    if getattr(err, "errno", None) == errno.EFBIG or "File too large" in text:
+        return f"file size limit reached (EFBIG): {text}"
+    return f"{type(err).__name__}: {text}"
 
 
 def save_checkpoint(
@@ -301,7 +304,7 @@ def save_checkpoint(
         if isinstance(err, (OSError, RuntimeError)):
             kept = [p.name for p in (latest, previous) if p.exists()]
             raise CheckpointError(
-                f"could not write checkpoint {latest} (via {tmp.name}): {_describe_os_error(err)}; "
+                f"could not write checkpoint {latest} (via {tmp.name}): {describe_os_error(err)}; "
                 + (f"existing checkpoints left untouched: {', '.join(kept)}" if kept
                    else "no earlier checkpoint exists")
             ) from err
@@ -314,7 +317,7 @@ def save_checkpoint(
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(
-            f"could not move checkpoint {tmp} into place as {latest}: {_describe_os_error(err)}"
+            f"could not move checkpoint {tmp} into place as {latest}: {describe_os_error(err)}"
         ) from err
     return latest
 

@@ -110,6 +110,12 @@ _RESERVED_ATTRS = frozenset(
 )
 _SCALAR_CHUNK = 1024
 _LAYER_CHUNK_ROWS = 256
+# No HDF5 chunk cache for the writer: every row goes to the file when it is appended. With a cache,
+# a full disk (ENOSPC) leaves dirty chunks that cannot be written when a dataset is closed; HDF5
+# then keeps those dataset ids alive after the file is gone, and its exit handler
+# (H5_term_library) crashes on them (SIGSEGV/SIGBUS, h5py 3.16 / HDF5 2.0). Without one, the
+# failed write raises OSError in append_round, where the caller can report it.
+_CHUNK_CACHE_BYTES = 0
 
 
 @dataclass(frozen=True)
@@ -233,7 +239,7 @@ class RunRecord:
             )
         tree = meta["tree"]
         start = float(meta.get("start_time_unix", time.time()))
-        file = h5py.File(target, "w" if overwrite else "w-")
+        file = h5py.File(target, "w" if overwrite else "w-", rdcc_nbytes=_CHUNK_CACHE_BYTES)
         try:
             attrs = file.attrs
             attrs["format_version"] = FORMAT_VERSION
@@ -262,7 +268,10 @@ class RunRecord:
         target = Path(path)
         if not target.exists():
             raise FileNotFoundError(f"run record {target} does not exist; nothing to resume")
-        file = h5py.File(target, "r+")
+        if not h5py.is_hdf5(target):  # "r+" would write a superblock into, say, an empty file
+            raise ValueError(f"{target} is not an HDF5 file, so not an hflmpi run record "
+                             f"({target.stat().st_size} bytes)")
+        file = h5py.File(target, "r+", rdcc_nbytes=_CHUNK_CACHE_BYTES)
         version = file.attrs.get("format_version")
         if version != FORMAT_VERSION or "metrics" not in file:
             file.close()
@@ -362,8 +371,15 @@ class RunRecord:
         if flush:
             self.flush()
 
-    def truncate_to(self, round: int) -> int:
+    def truncate_to(self, round: int, note: str | None = None) -> int:
         """Drop every row whose round is after ``round`` (resume from a checkpoint of ``round``).
+
+        Parameters
+        ----------
+        round : int
+            The round of the checkpoint the run resumes from.
+        note : str, optional
+            Stored with the ``resume_log`` entry (e.g. why the record was rebuilt).
 
         Returns
         -------
@@ -376,7 +392,11 @@ class RunRecord:
         for ds in self._metrics.values():
             ds.resize((keep,) + ds.shape[1:])
         log = json.loads(self._file.attrs.get("resume_log", "[]"))
-        log.append({"time": _now_iso(time.time()), "round": int(round), "dropped_rows": dropped})
+        entry: dict[str, Any] = {"time": _now_iso(time.time()), "round": int(round),
+                                 "dropped_rows": dropped}
+        if note:
+            entry["note"] = note
+        log.append(entry)
         self._file.attrs["resume_log"] = json.dumps(log)
         self.flush()
         return keep
@@ -424,10 +444,12 @@ class RunRecord:
         self._file.flush()
 
     def close(self) -> None:
-        """Flush and close the file (idempotent)."""
+        """Flush and close the file (idempotent; the file is closed even if the flush fails)."""
         if self._file.id.valid:
-            self._file.flush()
-            self._file.close()
+            try:
+                self._file.flush()
+            finally:
+                self._file.close()
 
     def __enter__(self) -> RunRecord:
         return self

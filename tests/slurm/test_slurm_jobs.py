@@ -14,6 +14,7 @@ jobs/, so ``runs/`` outputs never land in the checkout.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -49,7 +51,8 @@ if _PROBLEM is not None:
 
 import numpy as np  # noqa: E402
 
-from hflmpi.record.checkpoint import load_checkpoint  # noqa: E402
+from hflmpi.record.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
+from hflmpi.record.marker import marker_path  # noqa: E402
 from hflmpi.record.store import read_metrics, read_run_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,6 +141,25 @@ def describe(workdir: Path, job_id: str) -> str:
     return "\n".join(parts)
 
 
+@contextlib.contextmanager
+def cpu_hog(seconds: float) -> Iterator[int]:
+    """Keep every core busy (one spinning process per core) while the block runs.
+
+    A busy machine is where ranks stop finishing together. Each spinner also stops by itself after
+    ``seconds``, so a test killed from outside cannot leave the machine loaded for long.
+    """
+    spin = ("import time\nend = time.monotonic() + float(__import__('sys').argv[1])\n"
+            "while time.monotonic() < end:\n    pass\n")
+    procs = [subprocess.Popen([PYTHON, "-c", spin, str(seconds)]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield len(procs)
+    finally:
+        for proc in procs:  # only the processes started here, by PID
+            proc.kill()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
 def assert_completed(workdir: Path, job_id: str, records: list[dict[str, str]]) -> None:
     for rec in records:
         assert rec.get("JobState") == "COMPLETED" and rec.get("ExitCode") == "0:0", \
@@ -216,20 +238,57 @@ def test_mpiexec_inside_the_allocation(workdir):
     assert info["tree"]["groups_per_layer"] == [1], info["tree"]
 
 
-def test_preemption_signal_checkpoints_requeues_and_resumes_bit_exactly(workdir, tmp_path):
-    # The uninterrupted reference: the same overrides, plain mpiexec, outside Slurm.
-    reference = tmp_path / "reference.h5"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    """The reference for the preemption tests: the same overrides, plain mpiexec, outside Slurm."""
+    reference = tmp_path_factory.mktemp("reference") / "reference.h5"
     args = " ".join(PREEMPT_ARGS).split()
     subprocess.run([MPIEXEC, "-n", "2", PYTHON, "-m", "mpi4py", "-m", "hflmpi", "run",
                     str(JOBS / "preemptible.toml"), "--set", f'run.out="{reference}"', *args],
                    check=True, env=job_env(), timeout=600, stdout=subprocess.DEVNULL)
     expected = load_checkpoint(reference.with_name("reference.ckpt.h5"))
     assert expected.round == PREEMPT_ROUNDS
+    return expected
 
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("load", ["idle", "cpu-hog"])
+def test_preemption_signal_checkpoints_requeues_and_resumes_bit_exactly(workdir, uninterrupted,
+                                                                        load):
+    """Signal, checkpoint, requeue, resume: the final model has the uninterrupted run's bits.
+
+    ``cpu-hog`` runs the whole job next to one spinning process per core: on a busy machine the
+    ranks reach the exit at different moments, and under srun (KillOnBadExit) the first one out
+    used to get its sibling killed, ending the step 143 instead of 75 and the job FAILED.
+    """
+    stack = contextlib.ExitStack()
+    timeout = JOB_TIMEOUT
+    if load == "cpu-hog":
+        timeout = 3 * JOB_TIMEOUT  # every step of the job runs at about a third of the speed
+        stack.enter_context(cpu_hog(seconds=timeout))
+    with stack:
+        job, log, run = _preempt_and_requeue(workdir, timeout)
+    expected = uninterrupted
+    stopped = re.search(r"checkpointed round (\d+)", log)
+    assert stopped and f"requeueing job {job}" in log, describe(workdir, job)
+    assert 3 <= int(stopped.group(1)) < PREEMPT_ROUNDS, "the signal must land mid-run"
+    assert f"{PREEMPT_ROUNDS} rounds done" in log, describe(workdir, job)
+
+    info = check_record(run, rounds=PREEMPT_ROUNDS, world_size=2)
+    assert [entry["round"] for entry in info["resume_log"]] == [int(stopped.group(1))], info
+    resumed = load_checkpoint(run.with_name(f"preemptible-{job}.ckpt.h5"))
+    assert resumed.round == PREEMPT_ROUNDS
+    assert np.array_equal(resumed.model, expected.model), "requeue + resume changed the model bits"
+    assert not marker_path(run).exists(), "the resumed run must remove the preemption marker"
+
+
+def _preempt_and_requeue(workdir: Path, timeout: float) -> tuple[str, str, Path]:
+    """Submit preemptible.sbatch, signal it after 3 rounds, wait until it is done; return the
+    job id, its output and its run file."""
     env = job_env(HFLMPI_ARGS=" ".join(PREEMPT_ARGS))
     job = sbatch(workdir, "preemptible.sbatch", ["--ntasks=2"], env)
     run = workdir / "runs" / f"preemptible-{job}.h5"
-    deadline = time.monotonic() + JOB_TIMEOUT
+    deadline = time.monotonic() + timeout
     while True:  # wait until training is under way (signal handlers installed)
         try:
             if len(read_metrics(run)["round"]) >= 3:
@@ -243,17 +302,57 @@ def test_preemption_signal_checkpoints_requeues_and_resumes_bit_exactly(workdir,
     # What `#SBATCH --signal=B:USR1@120` does at the deadline: USR1 to the batch shell only.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=20)
 
-    records = wait_for(job, timeout=JOB_TIMEOUT + 60)  # requeued (BeginTime delay), rerun, done
+    records = wait_for(job, timeout=timeout + 60)  # requeued (BeginTime delay), rerun, done
     assert_completed(workdir, job, records)
     assert records[0].get("Restarts") == "1", describe(workdir, job)
     log = (workdir / "runs" / f"hflmpi-preemptible-{job}.out").read_text()  # --open-mode=append
-    stopped = re.search(r"checkpointed round (\d+)", log)
-    assert stopped and f"requeueing job {job}" in log, describe(workdir, job)
-    assert 3 <= int(stopped.group(1)) < PREEMPT_ROUNDS, "the signal must land mid-run"
-    assert f"{PREEMPT_ROUNDS} rounds done" in log, describe(workdir, job)
+    return job, log, run
 
-    info = check_record(run, rounds=PREEMPT_ROUNDS, world_size=2)
-    assert [entry["round"] for entry in info["resume_log"]] == [int(stopped.group(1))], info
-    resumed = load_checkpoint(run.with_name(f"preemptible-{job}.ckpt.h5"))
-    assert resumed.round == PREEMPT_ROUNDS
-    assert np.array_equal(resumed.model, expected.model), "requeue + resume changed the model bits"
+
+# A stand-in for python in jobs/preemptible.sbatch ($HFLMPI_PYTHON): no training, just the ways a
+# step can end, so the script's requeue decision is tested exactly. Leg 1 (no restart yet): task
+# 0 optionally writes the run's preemption marker, then dies of SIGTERM; task 1 is killed by
+# Slurm (KillOnBadExit), so the step ends 143 and never 75, as in a race at the exit. Later legs
+# succeed.
+FAKE_STEP = """#!/bin/bash
+if [[ ${SLURM_RESTART_COUNT:-0} -gt 0 ]]; then
+    echo "fake step: leg $SLURM_RESTART_COUNT, task $SLURM_PROCID: done"
+    exit 0
+fi
+if [[ $SLURM_PROCID -eq 0 ]]; then
+    if [[ $FAKE_WRITES_MARKER == 1 ]]; then
+        echo '{"round": 5, "checkpoint": "x.ckpt.h5", "signal": "SIGUSR1"}' > "$HFLMPI_RUN.preempted"
+    fi
+    echo "fake step: task 0 dies of SIGTERM (marker written: $FAKE_WRITES_MARKER)"
+    kill -TERM $$
+fi
+exec sleep 300
+"""
+
+
+@pytest.mark.parametrize("case", ["marker", "no-marker", "stale-marker"])
+def test_preemptible_script_requeues_on_the_marker_not_the_exit_code(workdir, case):
+    """A step that ends 143 requeues the job exactly when this step left the preemption marker:
+    the checkpoint is on disk, whatever a race did to the exit code. Without it (or with only a
+    stale one from an earlier leg) the failure is a real one: the job ends FAILED, not requeued
+    forever."""
+    fake = workdir / f"fake-python-{case}"
+    fake.write_text(FAKE_STEP)
+    fake.chmod(0o755)
+    run = workdir / "runs" / f"fake-{case}.h5"
+    if case == "stale-marker":
+        marker_path(run).write_text('{"round": 1}\n')
+    env = job_env(HFLMPI_PYTHON=str(fake), HFLMPI_RUN=str(run),
+                  FAKE_WRITES_MARKER="1" if case == "marker" else "0")
+    job = sbatch(workdir, "preemptible.sbatch", ["--ntasks=2"], env)
+    (record,) = wait_for(job, timeout=JOB_TIMEOUT + 60)
+    log = (workdir / "runs" / f"hflmpi-preemptible-{job}.out").read_text()
+    if case == "marker":
+        assert (record.get("JobState"), record.get("Restarts")) == ("COMPLETED", "1"), \
+            describe(workdir, job)
+        assert "(step exit code 143); requeueing" in log and "leg 1, task 1: done" in log, log
+    else:
+        assert (record.get("JobState"), record.get("Restarts")) == ("FAILED", "0"), \
+            describe(workdir, job)
+        assert "requeueing" not in log, log
+        assert not marker_path(run).exists(), "the stale marker must be removed before the step"
