@@ -234,7 +234,7 @@ def _train_rounds(
     stream: TextIO | None, allow_change: bool, replace_unfinished: bool,
 ) -> TrainResult:
     """Start from the checkpoint (or rank 0's model) and run the global rounds (all ranks)."""
-    rank, rounds, tau = comm.Get_rank(), config.run.rounds, list(config.schedule.tau)
+    rank, rounds = comm.Get_rank(), config.run.rounds
     start_round = _start(fed, state)
     with watchdog.guard("the broadcast of rank 0's initial model"):
         fed.aggregator.broadcast()  # all ranks: start from rank 0's model, bit for bit
@@ -248,11 +248,22 @@ def _train_rounds(
             allow_change=allow_change, replace_unfinished=replace_unfinished,
         ) if rank == 0 else None)
     progress = Progress(stream or sys.stdout, config.run.progress, total_rounds=rounds) if rank == 0 else None
+    return _run_rounds(config, comm, fed, watchdog, solver, start_round, state is not None,
+                       record, progress, record_path)
+
+
+def _run_rounds(
+    config: RunConfig, comm: Any, fed: _Federation, watchdog: Watchdog, solver: LocalSolver,
+    start_round: int, resumed: bool, record: RunRecord | None, progress: Progress | None,
+    record_path: Path,
+) -> TrainResult:
+    """The global rounds, top to bottom (all ranks; rank 0 records)."""
+    rank, rounds, tau = comm.Get_rank(), config.run.rounds, list(config.schedule.tau)
     steps, started = steps_per_round(tau), time.perf_counter()
     samples = comm.Get_size() * steps * config.optim.batch_size
     test_loss = test_accuracy = math.nan
     preemption = PreemptionFlag()
-    last_round, last_checkpoint = start_round - 1, (start_round - 1 if state is not None else None)
+    last_round, last_checkpoint = start_round - 1, (start_round - 1 if resumed else None)
     try:
         for rnd in range(start_round, rounds + 1):
             solver.lr = lr_at(rnd - 1, config.optim, rounds)
