@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -47,13 +47,41 @@ def predictions(
     "measured_model", "predicted", "cores"}``; each prediction row has world, depth, mode,
     network, fanouts, batch, rounds_per_second, round_seconds, comm_seconds, bytes_per_round.
     """
-    from hflmpi.core.costmodel import INTERCONNECTS, Sample, calibrate, fit_compute, predict, tree_for, with_gamma
+    from hflmpi.core.costmodel import Sample
 
     rows = latest_rows(rows)
     if not rows:
         raise ValueError("no scaling rows to predict from")
     cores = int(rows[0].get("cores", 2))
     timed = [Sample(s["op"], int(s["world"]), float(s["nbytes"]), float(s["seconds"])) for s in samples]
+    shm_here, shm, per_world = _fit_shared_memory(timed, cores)
+    c0, c1, overhead = _fit_compute_and_overhead(rows, cores)
+    networks = _networks(shm)
+
+    def t_cp(batch: float, size: int | None = None, measured: int | None = None) -> float:
+        # A different model size scales the per-sample term (MLP FLOPs ~ parameters).
+        scale = size / measured if size and measured else 1.0
+        return t_cp_override if t_cp_override is not None else c0 + c1 * batch * scale
+
+    measured_model = []
+    if shm_here is not None:
+        measured_model = _measured_model(rows, cores, shm_here, per_world, (c0, c1), overhead)
+    predicted = _predicted(rows, worlds, networks, numel, t_cp, overhead)
+    return {"network": shm, "network_here": shm_here, "per_world": per_world, "compute": (c0, c1),
+            "overhead": overhead,
+            "networks": networks,
+            "measured_model": measured_model, "predicted": predicted, "cores": cores}
+
+
+def _fit_shared_memory(timed: Sequence[Any], cores: int) -> tuple[Any, Any, dict[int, Any]]:
+    """Fit alpha-beta-gamma to the timed collectives: ``(shm_here, shm_calibrated, per_world)``.
+
+    ``shm_here`` is fitted to all samples, ``per_world[p]`` to those at ``p`` ranks (when there
+    are at least 3) and ``shm_calibrated`` to those with ``p <= cores``; all ``None`` (and an empty
+    ``per_world``) with fewer than 3 samples of more than one rank.
+    """
+    from hflmpi.core.costmodel import calibrate
+
     # The predictions assume a core per rank, so they use the collectives timed with p <= cores;
     # the fits over all samples and per p (listed in the tables) show what oversubscription does.
     shm_here = shm = None
@@ -68,11 +96,33 @@ def predictions(
         shm = (calibrate(own_cores, "shm-calibrated",
                          note=f"fit to {len(own_cores)} timed collectives with p <= {cores} cores")
                if len(own_cores) >= 3 else replace(shm_here, name="shm-calibrated"))
+    return shm_here, shm, per_world
+
+
+def _fit_compute_and_overhead(rows: Sequence[dict[str, Any]], cores: int) -> tuple[float, float, float]:
+    """Fit ``t_cp(b) = c0 + c1 b`` per SGD step and the per-round overhead: ``(c0, c1, overhead)``.
+
+    From the runs with ``world <= cores`` (all runs if none); the overhead is the median of round
+    time minus compute minus communication.
+    """
+    from hflmpi.core.costmodel import fit_compute
+
     own = [r for r in rows if int(r["world"]) <= cores] or rows
     steps = [math.prod(json.loads(r["tau"])) for r in own]
     c0, c1 = fit_compute([r["batch"] for r in own], [r["compute_seconds"] / s for r, s in zip(own, steps)])
     overhead = float(np.median([max(0.0, r["round_seconds"] - r["compute_seconds"] - r["comm_seconds"])
                                 for r in own]))
+    return c0, c1, overhead
+
+
+def _networks(shm: Any) -> dict[str, Any]:
+    """Return the interconnects to predict for, by name (a list: one network per layer group).
+
+    The fitted shared memory (if any), InfiniBand HDR and 25 GbE with the fitted gamma, and
+    "nvlink+ib-hdr" (layer 1 on NVLink inside the node, InfiniBand above).
+    """
+    from hflmpi.core.costmodel import INTERCONNECTS, with_gamma
+
     gamma = shm.gamma if shm is not None and shm.gamma > 0 else None
     networks: dict[str, Any] = {}
     if shm is not None:
@@ -81,22 +131,36 @@ def predictions(
         net = INTERCONNECTS[name]
         networks[name] = with_gamma(net, gamma) if gamma is not None else net
     networks["nvlink+ib-hdr"] = [INTERCONNECTS["nvlink"], networks["ib-hdr"]]  # layer 1 in the node
+    return networks
 
-    def t_cp(batch: float, size: int | None = None, measured: int | None = None) -> float:
-        # A different model size scales the per-sample term (MLP FLOPs ~ parameters).
-        scale = size / measured if size and measured else 1.0
-        return t_cp_override if t_cp_override is not None else c0 + c1 * batch * scale
 
+def _measured_model(
+    rows: Sequence[dict[str, Any]], cores: int, shm_here: Any, per_world: dict[int, Any],
+    compute: tuple[float, float], overhead: float,
+) -> list[dict[str, Any]]:
+    """Return the model's prediction for each measured run with a core per rank (shared memory)."""
+    from hflmpi.core.costmodel import predict
+
+    c0, c1 = compute
     measured_model = []
-    if shm_here is not None:
-        for r in rows:
-            if int(r["world"]) > cores:
-                continue  # oversubscribed: CPU time-slicing, not the network, sets the pace
-            fanouts, tau, bits = json.loads(r["fanouts"]), json.loads(r["tau"]), json.loads(r["bits"])
-            here = per_world.get(int(r["world"]), shm_here)
-            out = predict(int(r["world"]), fanouts, tau, int(r["numel"]), c0 + c1 * r["batch"],
-                          here, bits, overhead=overhead)
-            measured_model.append({**_key(r), "network": "shm-here", **out})
+    for r in rows:
+        if int(r["world"]) > cores:
+            continue  # oversubscribed: CPU time-slicing, not the network, sets the pace
+        fanouts, tau, bits = json.loads(r["fanouts"]), json.loads(r["tau"]), json.loads(r["bits"])
+        here = per_world.get(int(r["world"]), shm_here)
+        out = predict(int(r["world"]), fanouts, tau, int(r["numel"]), c0 + c1 * r["batch"],
+                      here, bits, overhead=overhead)
+        measured_model.append({**_key(r), "network": "shm-here", **out})
+    return measured_model
+
+
+def _predicted(
+    rows: Sequence[dict[str, Any]], worlds: Sequence[int], networks: dict[str, Any],
+    numel: int | None, t_cp: Callable[[float, int | None, int | None], float], overhead: float,
+) -> list[dict[str, Any]]:
+    """Predict every (depth, mode) of ``rows`` at each of ``worlds`` ranks over each network."""
+    from hflmpi.core.costmodel import predict, tree_for
+
     predicted = []
     reference = {(int(r["depth"]), r["mode"]): r for r in rows}
     for (depth, mode), r in sorted(reference.items()):
@@ -115,10 +179,7 @@ def predictions(
                 out["world"] = world
                 predicted.append({"world": world, "depth": depth, "mode": mode, "network": name,
                                   "fanouts": json.dumps(fanouts), "batch": batch, "numel": size, **out})
-    return {"network": shm, "network_here": shm_here, "per_world": per_world, "compute": (c0, c1),
-            "overhead": overhead,
-            "networks": networks,
-            "measured_model": measured_model, "predicted": predicted, "cores": cores}
+    return predicted
 
 
 def _key(row: dict[str, Any]) -> dict[str, Any]:
@@ -186,31 +247,50 @@ def plot(
     written = []
     depths = sorted({int(r["depth"]) for r in latest})
     for mode in sorted({r["mode"] for r in latest}):
-        fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 4), squeeze=False)
-        for ax, depth in zip(axes[0], depths):
-            mine = [r for r in latest if r["mode"] == mode and int(r["depth"]) == depth]
-            ax.plot([r["world"] for r in mine], [r["rounds_per_second"] for r in mine], "ko",
-                    label="measured (2 cores)")
-            fit = [m for m in model["measured_model"] if m["mode"] == mode and m["depth"] == depth]
-            if fit:
-                ax.plot([m["world"] for m in fit], [m["rounds_per_second"] for m in fit], "k--",
-                        label="model, shm fit (P <= cores)")
-            for name in model["networks"]:
-                pts = [p for p in model["predicted"]
-                       if p["mode"] == mode and p["depth"] == depth and p["network"] == name]
-                ax.plot([p["world"] for p in pts], [p["rounds_per_second"] for p in pts], "-", label=name)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("ranks")
-            ax.set_ylabel("rounds / second")
-            ax.set_title(f"{mode} scaling, depth {depth}")
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
         target = out_dir / f"scaling_{mode}_rounds.png"
-        fig.savefig(target, dpi=110)
-        plt.close(fig)
+        _plot_rounds(plt, latest, model, mode, depths, target)
         written.append(target)
+    target = out_dir / "scaling_bytes.png"
+    _plot_bytes(plt, latest, model, depths, target)
+    written.append(target)
+    return written, _tables(rows, model)
+
+
+def _plot_rounds(
+    plt: Any, latest: Sequence[dict[str, Any]], model: dict[str, Any], mode: str,
+    depths: Sequence[int], target: Path,
+) -> None:
+    """Draw rounds/second against ranks for ``mode``, one panel per depth, to ``target``."""
+    fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 4), squeeze=False)
+    for ax, depth in zip(axes[0], depths):
+        mine = [r for r in latest if r["mode"] == mode and int(r["depth"]) == depth]
+        ax.plot([r["world"] for r in mine], [r["rounds_per_second"] for r in mine], "ko",
+                label="measured (2 cores)")
+        fit = [m for m in model["measured_model"] if m["mode"] == mode and m["depth"] == depth]
+        if fit:
+            ax.plot([m["world"] for m in fit], [m["rounds_per_second"] for m in fit], "k--",
+                    label="model, shm fit (P <= cores)")
+        for name in model["networks"]:
+            pts = [p for p in model["predicted"]
+                   if p["mode"] == mode and p["depth"] == depth and p["network"] == name]
+            ax.plot([p["world"] for p in pts], [p["rounds_per_second"] for p in pts], "-", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("ranks")
+        ax.set_ylabel("rounds / second")
+        ax.set_title(f"{mode} scaling, depth {depth}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def _plot_bytes(
+    plt: Any, latest: Sequence[dict[str, Any]], model: dict[str, Any], depths: Sequence[int],
+    target: Path,
+) -> None:
+    """Draw uplink bytes per round against ranks (measured, model on ib-hdr) per mode to ``target``."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
     for ax, mode in zip(axes[0], ("strong", "weak")):
         for depth in depths:
@@ -231,8 +311,5 @@ def plot(
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    target = out_dir / "scaling_bytes.png"
     fig.savefig(target, dpi=110)
     plt.close(fig)
-    written.append(target)
-    return written, _tables(rows, model)
