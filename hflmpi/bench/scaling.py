@@ -17,6 +17,9 @@ the runs that had a core per rank, draws the measured points with the model's pr
 64..4096 ranks over named interconnects (:data:`hflmpi.core.costmodel.INTERCONNECTS`) to PNGs, and
 prints the tables. HDF5 layout: ``/runs/<column>`` and ``/collectives/<column>``, one resizable
 1-D dataset per column, one entry per row; rank 0 writes (PyPI h5py has no parallel HDF5).
+
+This module measures; the predictions and plots live in :mod:`hflmpi.bench.scaling_model`, the
+HDF5 table in :mod:`hflmpi.bench.scaling_table`, and both are re-exported here.
 """
 
 from __future__ import annotations
@@ -28,14 +31,17 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from hflmpi.bench.scaling_model import PREDICT_WORLDS, plot, predictions
+from hflmpi.bench.scaling_table import append_table, latest_rows, read_table
+
 __all__ = [
     "TAUS",
+    "PREDICT_WORLDS",
     "depth_trees",
     "job_config",
     "measure",
@@ -49,8 +55,6 @@ __all__ = [
 
 TAUS: dict[int, list[int]] = {1: [8], 2: [4, 2], 3: [2, 2, 2]}
 """Schedule per depth: 8 SGD steps per global round at every depth."""
-
-PREDICT_WORLDS = [64, 128, 256, 512, 1024, 2048, 4096]
 
 _RUN_COLUMNS: dict[str, str] = {
     "world": "i8", "depth": "i8", "mode": "str", "fanouts": "str", "tau": "str", "bits": "str",
@@ -280,278 +284,3 @@ def time_collectives(comm: Any, sizes: Sequence[int], repeats: int = 5) -> list[
         medians = time_interleaved(comm, candidates, repeats)
         out += [Sample(op, world, float(count * 4), seconds) for op, seconds in medians.items()]
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# HDF5 table
-
-
-def append_table(path: str | Path, group: str, columns: dict[str, str], rows: Sequence[dict[str, Any]]) -> None:
-    """Append ``rows`` to ``/group/<column>`` datasets of ``path`` (created resizable if missing)."""
-    import h5py
-
-    if not rows:
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "a") as file:
-        table = file.require_group(group)
-        start = None
-        for name, kind in columns.items():
-            dtype = h5py.string_dtype() if kind == "str" else np.dtype(kind)
-            if name not in table:
-                table.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
-            ds = table[name]
-            start = ds.shape[0] if start is None else start
-            if ds.shape[0] != start:
-                raise ValueError(f"{path}:/{group} has columns of different lengths; the file is damaged")
-            ds.resize((start + len(rows),))
-            values = [row[name] for row in rows]
-            ds[start:] = values if kind == "str" else np.asarray(values, dtype=kind)
-        file.flush()
-
-
-def read_table(path: str | Path, group: str) -> list[dict[str, Any]]:
-    """Return the rows of ``/group`` in ``path`` (empty if the group does not exist)."""
-    import h5py
-
-    with h5py.File(path, "r") as file:
-        if group not in file:
-            return []
-        table = file[group]
-        columns = {}
-        for name, ds in table.items():
-            data = ds[()]
-            if h5py.check_string_dtype(ds.dtype) is not None:
-                data = [v.decode() if isinstance(v, bytes) else str(v) for v in data]
-            else:
-                data = data.tolist()
-            columns[name] = data
-    length = min(len(v) for v in columns.values()) if columns else 0
-    return [{name: values[i] for name, values in columns.items()} for i in range(length)]
-
-
-def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep the newest row per (world, depth, mode), sorted by mode, depth and world."""
-    latest: dict[tuple[int, int, str], dict[str, Any]] = {}
-    for row in rows:
-        key = (int(row["world"]), int(row["depth"]), str(row["mode"]))
-        if key not in latest or row["time_unix"] >= latest[key]["time_unix"]:
-            latest[key] = row
-    return sorted(latest.values(), key=lambda r: (r["mode"], r["depth"], r["world"]))
-
-
-# ---------------------------------------------------------------------------------------------
-# Predictions and plots
-
-
-def predictions(
-    rows: Sequence[dict[str, Any]], samples: Sequence[dict[str, Any]],
-    worlds: Sequence[int] = PREDICT_WORLDS, numel: int | None = None,
-    t_cp_override: float | None = None,
-) -> dict[str, Any]:
-    """Fit the cost model to the measurements and predict rounds/second and bytes per round.
-
-    The fits: alpha-beta-gamma of shared memory from the collectives timed with ``p <= cores``
-    ("shm-calibrated"; also over all samples and per ``p``, for the tables), compute per step
-    ``t_cp(b) = c0 + c1 b`` and a fixed per-round overhead (round time minus compute minus
-    communication) from the runs with ``world <= cores``. The predictions for ``worlds`` use
-    :func:`hflmpi.core.costmodel.tree_for` trees with the measured schedule per depth, one core (or
-    GPU) per rank, the per-rank batch of the mode (strong: the measured total batch split over
-    the ranks, at least 1) and the named interconnects; "nvlink+ib-hdr" puts layer 1 (groups of
-    8, one node) on NVLink and the layers above on InfiniBand. With ``numel`` (another model
-    size) the per-sample compute term ``c1`` is scaled by ``numel / measured numel``;
-    ``t_cp_override`` replaces the compute model by a fixed seconds per step (e.g. a GPU's).
-
-    Returns ``{"network", "network_here", "per_world", "compute", "overhead", "networks",
-    "measured_model", "predicted", "cores"}``; each prediction row has world, depth, mode,
-    network, fanouts, batch, rounds_per_second, round_seconds, comm_seconds, bytes_per_round.
-    """
-    from hflmpi.core.costmodel import INTERCONNECTS, Sample, calibrate, fit_compute, predict, tree_for, with_gamma
-
-    rows = latest_rows(rows)
-    if not rows:
-        raise ValueError("no scaling rows to predict from")
-    cores = int(rows[0].get("cores", 2))
-    timed = [Sample(s["op"], int(s["world"]), float(s["nbytes"]), float(s["seconds"])) for s in samples]
-    # The predictions assume a core per rank, so they use the collectives timed with p <= cores;
-    # the fits over all samples and per p (listed in the tables) show what oversubscription does.
-    shm_here = shm = None
-    per_world: dict[int, Any] = {}
-    if sum(1 for s in timed if s.p > 1) >= 3:
-        shm_here = calibrate(timed, "shm-here", note=f"fit to all {len(timed)} timed collectives")
-        for p in sorted({s.p for s in timed if s.p > 1}):
-            mine = [s for s in timed if s.p == p]
-            if len(mine) >= 3:  # oversubscribed sizes get their own (much larger) alpha and beta
-                per_world[p] = calibrate(mine, f"shm-here-{p}", note=f"fit to {len(mine)} collectives at p={p}")
-        own_cores = [s for s in timed if 1 < s.p <= cores]
-        shm = (calibrate(own_cores, "shm-calibrated",
-                         note=f"fit to {len(own_cores)} timed collectives with p <= {cores} cores")
-               if len(own_cores) >= 3 else replace(shm_here, name="shm-calibrated"))
-    own = [r for r in rows if int(r["world"]) <= cores] or rows
-    steps = [math.prod(json.loads(r["tau"])) for r in own]
-    c0, c1 = fit_compute([r["batch"] for r in own], [r["compute_seconds"] / s for r, s in zip(own, steps)])
-    overhead = float(np.median([max(0.0, r["round_seconds"] - r["compute_seconds"] - r["comm_seconds"])
-                                for r in own]))
-    gamma = shm.gamma if shm is not None and shm.gamma > 0 else None
-    networks: dict[str, Any] = {}
-    if shm is not None:
-        networks["shm-calibrated"] = shm
-    for name in ("ib-hdr", "25gbe"):
-        net = INTERCONNECTS[name]
-        networks[name] = with_gamma(net, gamma) if gamma is not None else net
-    networks["nvlink+ib-hdr"] = [INTERCONNECTS["nvlink"], networks["ib-hdr"]]  # layer 1 in the node
-
-    def t_cp(batch: float, size: int | None = None, measured: int | None = None) -> float:
-        # A different model size scales the per-sample term (MLP FLOPs ~ parameters).
-        scale = size / measured if size and measured else 1.0
-        return t_cp_override if t_cp_override is not None else c0 + c1 * batch * scale
-
-    measured_model = []
-    if shm_here is not None:
-        for r in rows:
-            if int(r["world"]) > cores:
-                continue  # oversubscribed: CPU time-slicing, not the network, sets the pace
-            fanouts, tau, bits = json.loads(r["fanouts"]), json.loads(r["tau"]), json.loads(r["bits"])
-            here = per_world.get(int(r["world"]), shm_here)
-            out = predict(int(r["world"]), fanouts, tau, int(r["numel"]), c0 + c1 * r["batch"],
-                          here, bits, overhead=overhead)
-            measured_model.append({**_key(r), "network": "shm-here", **out})
-    predicted = []
-    reference = {(int(r["depth"]), r["mode"]): r for r in rows}
-    for (depth, mode), r in sorted(reference.items()):
-        tau, bits = json.loads(r["tau"]), json.loads(r["bits"])
-        size = numel or int(r["numel"])
-        total_batch = int(r["batch"]) * int(r["world"])
-        for world in worlds:
-            batch = max(1.0, total_batch / world) if mode == "strong" else float(r["batch"])
-            fanouts = tree_for(world, depth)
-            for name, net in networks.items():
-                layer_nets = net
-                if isinstance(net, list):
-                    layer_nets = [net[0]] + [net[1]] * (depth - 1) if depth > 1 else [net[1]]
-                out = predict(world, fanouts, tau, size, t_cp(batch, size, int(r["numel"])), layer_nets, bits,
-                              overhead=overhead)
-                out["world"] = world
-                predicted.append({"world": world, "depth": depth, "mode": mode, "network": name,
-                                  "fanouts": json.dumps(fanouts), "batch": batch, "numel": size, **out})
-    return {"network": shm, "network_here": shm_here, "per_world": per_world, "compute": (c0, c1),
-            "overhead": overhead,
-            "networks": networks,
-            "measured_model": measured_model, "predicted": predicted, "cores": cores}
-
-
-def _key(row: dict[str, Any]) -> dict[str, Any]:
-    return {"world": int(row["world"]), "depth": int(row["depth"]), "mode": row["mode"],
-            "fanouts": row["fanouts"]}
-
-
-def _tables(rows: Sequence[dict[str, Any]], model: dict[str, Any]) -> str:
-    lines = ["## Measured (this machine)", "",
-             "| mode | ranks | depth | fanouts | batch/rank | rounds/s | compute s/round | comm s/round "
-             "| bytes/round | model bytes/round | model rounds/s (P <= cores) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    fitted = {(m["world"], m["depth"], m["mode"]): m for m in model["measured_model"]}
-    for r in latest_rows(rows):
-        m = fitted.get((int(r["world"]), int(r["depth"]), r["mode"]))
-        lines.append(
-            f"| {r['mode']} | {r['world']} | {r['depth']} | {r['fanouts']} | {r['batch']} "
-            f"| {r['rounds_per_second']:.1f} | {r['compute_seconds']:.4f} | {r['comm_seconds']:.4f} "
-            f"| {r['bytes_per_round']:.0f} | {r['predicted_bytes_per_round']:.0f} "
-            f"| {m['rounds_per_second']:.1f} |" if m else
-            f"| {r['mode']} | {r['world']} | {r['depth']} | {r['fanouts']} | {r['batch']} "
-            f"| {r['rounds_per_second']:.1f} | {r['compute_seconds']:.4f} | {r['comm_seconds']:.4f} "
-            f"| {r['bytes_per_round']:.0f} | {r['predicted_bytes_per_round']:.0f} | oversubscribed |")
-    c0, c1 = model["compute"]
-    lines += ["", "## Fitted model", ""]
-    for shm in [model["network"], model["network_here"], *model["per_world"].values()]:
-        if shm is not None:
-            lines.append(f"- {shm.name} ({shm.note}): alpha = {shm.alpha * 1e6:.2f} us, "
-                         f"beta = {shm.beta * 1e9:.4f} ns/B "
-                         f"({1 / shm.beta / 1e9 if shm.beta else math.inf:.2f} GB/s), "
-                         f"gamma = {shm.gamma * 1e9:.4f} ns/B")
-    lines.append(f"- compute per SGD step: t_cp(b) = {c0 * 1e3:.4f} ms + {c1 * 1e6:.3f} us x batch")
-    lines.append(f"- fixed per-round overhead (metrics, HDF5 record): {model['overhead'] * 1e3:.2f} ms")
-    lines += ["", "## Predicted rounds/second (bytes/round is network-independent)", ""]
-    names = list(model["networks"])
-    lines.append("| mode | depth | ranks | fanouts | batch/rank | " + " | ".join(names) + " | bytes/round |")
-    lines.append("|---|---|---|---|---|" + "---|" * len(names) + "---|")
-    grouped: dict[tuple[str, int, int], dict[str, Any]] = {}
-    for p in model["predicted"]:
-        grouped.setdefault((p["mode"], p["depth"], p["world"]), {})[p["network"]] = p
-    for (mode, depth, world), by_net in sorted(grouped.items()):
-        first = next(iter(by_net.values()))
-        cells = " | ".join(f"{by_net[n]['rounds_per_second']:.2f}" for n in names)
-        lines.append(f"| {mode} | {depth} | {world} | {first['fanouts']} | {first['batch']:g} | {cells} "
-                     f"| {first['bytes_per_round']:.3g} |")
-    return "\n".join(lines)
-
-
-def plot(
-    path: str | Path, plots: str | Path, numel: int | None = None,
-    worlds: Sequence[int] = PREDICT_WORLDS, t_cp: float | None = None,
-) -> tuple[list[Path], str]:
-    """Draw measured scaling with the model's predictions to PNGs in ``plots``; return them and the tables."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_table(path, "runs")
-    samples = read_table(path, "collectives")
-    model = predictions(rows, samples, worlds=worlds, numel=numel, t_cp_override=t_cp)
-    latest = latest_rows(rows)
-    out_dir = Path(plots)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    depths = sorted({int(r["depth"]) for r in latest})
-    for mode in sorted({r["mode"] for r in latest}):
-        fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 4), squeeze=False)
-        for ax, depth in zip(axes[0], depths):
-            mine = [r for r in latest if r["mode"] == mode and int(r["depth"]) == depth]
-            ax.plot([r["world"] for r in mine], [r["rounds_per_second"] for r in mine], "ko",
-                    label="measured (2 cores)")
-            fit = [m for m in model["measured_model"] if m["mode"] == mode and m["depth"] == depth]
-            if fit:
-                ax.plot([m["world"] for m in fit], [m["rounds_per_second"] for m in fit], "k--",
-                        label="model, shm fit (P <= cores)")
-            for name in model["networks"]:
-                pts = [p for p in model["predicted"]
-                       if p["mode"] == mode and p["depth"] == depth and p["network"] == name]
-                ax.plot([p["world"] for p in pts], [p["rounds_per_second"] for p in pts], "-", label=name)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("ranks")
-            ax.set_ylabel("rounds / second")
-            ax.set_title(f"{mode} scaling, depth {depth}")
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        target = out_dir / f"scaling_{mode}_rounds.png"
-        fig.savefig(target, dpi=110)
-        plt.close(fig)
-        written.append(target)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
-    for ax, mode in zip(axes[0], ("strong", "weak")):
-        for depth in depths:
-            mine = [r for r in latest if r["mode"] == mode and int(r["depth"]) == depth]
-            pts = [p for p in model["predicted"] if p["mode"] == mode and p["depth"] == depth
-                   and p["network"] == "ib-hdr"]
-            line, = ax.plot([p["world"] for p in pts], [p["bytes_per_round"] for p in pts], "-",
-                            label=f"depth {depth} (model)")
-            ax.plot([r["world"] for r in mine], [r["bytes_per_round"] for r in mine], "o",
-                    color=line.get_color(), label=f"depth {depth} (measured)")
-            ax.plot([r["world"] for r in mine], [r["predicted_bytes_per_round"] for r in mine], "x",
-                    color="k", markersize=8)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("ranks")
-        ax.set_ylabel("uplink bytes / round (all ranks)")
-        ax.set_title(f"{mode} scaling (x: model at the measured trees)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    target = out_dir / "scaling_bytes.png"
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
-    written.append(target)
-    return written, _tables(rows, model)

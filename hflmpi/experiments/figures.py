@@ -61,6 +61,12 @@ def _curves(ax: Any, variants: Sequence[VariantResult], xkey: str, ykey: str, sc
             ax.fill_between(x, lo * scale, hi * scale, color=f"C{i}", alpha=0.15, linewidth=0)
 
 
+#: The x axis (results column, label) of each "accuracy_vs_*" figure kind.
+_ACCURACY_AXES = {"accuracy_vs_steps": ("step", "SGD steps per device"),
+                  "accuracy_vs_bytes": ("bytes_cum", "cumulative bytes sent (all layers, all ranks)"),
+                  "accuracy_vs_time": ("model_time", "modelled wall time [s]")}
+
+
 def plot_results(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> list[Path]:
     """Draw the spec's ``[[figure]]`` entries as ``<experiment>_<figure>.png`` in ``out_dir``."""
     attrs, variants = load_results(path)
@@ -77,69 +83,96 @@ def plot_results(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) 
         kind, title = spec["kind"], spec.get("title", f"{attrs['title']}")
         if attrs.get("small"):
             title += " (small)"
-        if kind in ("accuracy_vs_steps", "accuracy_vs_bytes", "accuracy_vs_time"):
-            xkey, xlabel = {"accuracy_vs_steps": ("step", "SGD steps per device"),
-                            "accuracy_vs_bytes": ("bytes_cum", "cumulative bytes sent (all layers, all ranks)"),
-                            "accuracy_vs_time": ("model_time", "modelled wall time [s]")}[kind]
-            fig, (ax,) = _figure(title)
-            _curves(ax, chosen, xkey, "test_accuracy", 100.0)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("test accuracy [%]")
-            if kind == "accuracy_vs_bytes":
-                ax.set_xscale("log")
-            ax.legend(fontsize="x-small", loc="lower right")
+        if kind in _ACCURACY_AXES:
+            fig = _draw_accuracy(kind, title, chosen)
         elif kind == "divergence":
-            fig, axes = _figure(title, panels=2)
-            for ax, key, name in zip(axes, ("upward_divergence", "downward_divergence"),
-                                     ("upward (groups vs global)", "downward (devices vs group)")):
-                _curves(ax, chosen, "step", key)
-                ax.set_yscale("log")
-                ax.set_xlabel("SGD steps per device")
-                ax.set_ylabel(f"{name} divergence")
-            axes[0].legend(fontsize="x-small", loc="best")
+            fig = _draw_divergence(title, chosen)
         elif kind == "quant_vs_bits":
-            fig, axes = _figure(title, panels=2)
-            points: dict[int, list[tuple[int, str]]] = {}
-            for v in chosen:
-                bits = json.loads(v.attrs["bits"])
-                quantized = [j for j, b in enumerate(bits) if b]
-                if len(quantized) == 1:
-                    points.setdefault(quantized[0] + 1, []).append((bits[quantized[0]], v.name))
-            for i, (layer, pts) in enumerate(sorted(points.items())):
-                pts.sort()
-                b = [p[0] for p in pts]
-                qe = [summary[n].get(f"quant_error_layer{layer}", (math.nan,))[0] for _, n in pts]
-                acc = [100 * summary[n]["last_accuracy"][0] for _, n in pts]
-                axes[0].plot(b, qe, marker="o", color=f"C{i}", label=f"layer {layer} quantized")
-                axes[1].plot(b, acc, marker="o", color=f"C{i}", label=f"layer {layer} quantized")
-            exact = [v.name for v in chosen if not any(json.loads(v.attrs["bits"]))]
-            if exact:
-                axes[1].axhline(100 * summary[exact[0]]["last_accuracy"][0], color="k",
-                                linestyle="--", label="no quantization")
-            axes[0].set_yscale("log")
-            axes[0].set_ylabel("relative quantization error E||Q(d)-d||^2/||d||^2")
-            axes[1].set_ylabel("test accuracy, mean of last evaluations [%]")
-            for ax in axes:
-                ax.set_xlabel("bits at the quantized layer")
-                ax.set_xscale("log", base=2)
-                ax.legend(fontsize="x-small")
+            fig = _draw_quant_vs_bits(title, chosen, summary)
         else:  # metric_vs_x
-            metric = spec.get("metric", "last_accuracy")
-            fig, (ax,) = _figure(title)
-            xs = np.array([v.attrs.get("x", math.nan) for v in chosen], dtype=np.float64)
-            ms = np.array([summary[v.name][metric][0] for v in chosen])
-            sd = np.array([summary[v.name][metric][1] for v in chosen])
-            scale = 100.0 if "accuracy" in metric else 1.0
-            ax.errorbar(xs, ms * scale, yerr=sd * scale, marker="o", capsize=3)
-            ax.set_xlabel(spec.get("xlabel", "x"))
-            ax.set_ylabel(metric.replace("_", " ") + (" [%]" if scale == 100.0 else ""))
-            ax.set_xscale(spec.get("xscale", "linear"))
+            fig = _draw_metric_vs_x(title, chosen, summary, spec)
         if kind != "quant_vs_bits" and spec.get("yscale"):
             fig.axes[0].set_yscale(spec["yscale"])
         target = out / f"{attrs['experiment']}_{spec['name']}.png"
         fig.savefig(target, dpi=90)
         written.append(target)
     return written
+
+
+def _draw_accuracy(kind: str, title: str, chosen: Sequence[VariantResult]) -> Any:
+    """Draw test accuracy against steps, bytes or modelled time (``kind``); return the figure."""
+    xkey, xlabel = _ACCURACY_AXES[kind]
+    fig, (ax,) = _figure(title)
+    _curves(ax, chosen, xkey, "test_accuracy", 100.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy [%]")
+    if kind == "accuracy_vs_bytes":
+        ax.set_xscale("log")
+    ax.legend(fontsize="x-small", loc="lower right")
+    return fig
+
+
+def _draw_divergence(title: str, chosen: Sequence[VariantResult]) -> Any:
+    """Draw the upward and downward divergence against steps, one panel each; return the figure."""
+    fig, axes = _figure(title, panels=2)
+    for ax, key, name in zip(axes, ("upward_divergence", "downward_divergence"),
+                             ("upward (groups vs global)", "downward (devices vs group)")):
+        _curves(ax, chosen, "step", key)
+        ax.set_yscale("log")
+        ax.set_xlabel("SGD steps per device")
+        ax.set_ylabel(f"{name} divergence")
+    axes[0].legend(fontsize="x-small", loc="best")
+    return fig
+
+
+def _draw_quant_vs_bits(
+    title: str, chosen: Sequence[VariantResult], summary: dict[str, dict[str, Any]]
+) -> Any:
+    """Draw quantization error and accuracy against the bits of the one quantized layer."""
+    fig, axes = _figure(title, panels=2)
+    points: dict[int, list[tuple[int, str]]] = {}
+    for v in chosen:
+        bits = json.loads(v.attrs["bits"])
+        quantized = [j for j, b in enumerate(bits) if b]
+        if len(quantized) == 1:
+            points.setdefault(quantized[0] + 1, []).append((bits[quantized[0]], v.name))
+    for i, (layer, pts) in enumerate(sorted(points.items())):
+        pts.sort()
+        b = [p[0] for p in pts]
+        qe = [summary[n].get(f"quant_error_layer{layer}", (math.nan,))[0] for _, n in pts]
+        acc = [100 * summary[n]["last_accuracy"][0] for _, n in pts]
+        axes[0].plot(b, qe, marker="o", color=f"C{i}", label=f"layer {layer} quantized")
+        axes[1].plot(b, acc, marker="o", color=f"C{i}", label=f"layer {layer} quantized")
+    exact = [v.name for v in chosen if not any(json.loads(v.attrs["bits"]))]
+    if exact:
+        axes[1].axhline(100 * summary[exact[0]]["last_accuracy"][0], color="k",
+                        linestyle="--", label="no quantization")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("relative quantization error E||Q(d)-d||^2/||d||^2")
+    axes[1].set_ylabel("test accuracy, mean of last evaluations [%]")
+    for ax in axes:
+        ax.set_xlabel("bits at the quantized layer")
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize="x-small")
+    return fig
+
+
+def _draw_metric_vs_x(
+    title: str, chosen: Sequence[VariantResult], summary: dict[str, dict[str, Any]],
+    spec: dict[str, Any],
+) -> Any:
+    """Draw a summary metric (mean and std over seeds) against each variant's ``x``."""
+    metric = spec.get("metric", "last_accuracy")
+    fig, (ax,) = _figure(title)
+    xs = np.array([v.attrs.get("x", math.nan) for v in chosen], dtype=np.float64)
+    ms = np.array([summary[v.name][metric][0] for v in chosen])
+    sd = np.array([summary[v.name][metric][1] for v in chosen])
+    scale = 100.0 if "accuracy" in metric else 1.0
+    ax.errorbar(xs, ms * scale, yerr=sd * scale, marker="o", capsize=3)
+    ax.set_xlabel(spec.get("xlabel", "x"))
+    ax.set_ylabel(metric.replace("_", " ") + (" [%]" if scale == 100.0 else ""))
+    ax.set_xscale(spec.get("xscale", "linear"))
+    return fig
 
 
 def _pm(mean: float, std: float, scale: float = 1.0, spec: str = ".1f") -> str:

@@ -177,14 +177,28 @@ def run_experiment(
     stream : text stream, optional
         Rank 0's progress lines (default stdout).
     """
-    from hflmpi.federation import train
-    from hflmpi.mpi.messages import bcast_int, bcast_text
-
-    rank, size = comm.Get_rank(), comm.Get_size()
     exp = spec if isinstance(spec, Experiment) else load_experiment(
         spec, small=small, base_file=base_file, overrides=overrides)
     out = Path(out)
     stream = stream or sys.stdout
+    variants, numel = _variants(exp, comm, only)  # all ranks
+    started = time.perf_counter()
+    pairs = _train_pairs(exp, variants, out, comm, reuse=reuse, stream=stream)  # all ranks
+    _share_results(exp, variants, out, numel, comm, stream=stream, pairs=pairs,
+                   started=started)  # all ranks
+    return out
+
+
+def _variants(exp: Experiment, comm: Any, only: Sequence[str] | None) -> tuple[list[Variant], int]:
+    """Return the variants to train and the model size, every tree checked (collective).
+
+    Rank 0 builds the model once to learn its size (the ``[plan]`` variants need it) and shares
+    it, or the error, with every rank; every rank then checks every variant's tree against the
+    world size, so a bad spec fails before anything trains.
+    """
+    from hflmpi.mpi.messages import bcast_int, bcast_text
+
+    rank, size = comm.Get_rank(), comm.Get_size()
     variants = list(exp.variants)
     probe = variants[0].run_config(exp.seeds[0], "probe.h5", exp.eval_every_steps) if variants \
         else config_from_dict(merge_sections(exp.base, {"run": {"seed": exp.seeds[0]}}))
@@ -209,9 +223,21 @@ def run_experiment(
             _tree(v.run_config(exp.seeds[0], "check.h5", exp.eval_every_steps), size)
         except TopologyError as exc:
             raise ExperimentError(f"variant {v.name!r}: {exc}") from None
+    return variants, numel
 
+
+def _train_pairs(
+    exp: Experiment, variants: Sequence[Variant], out: Path, comm: Any, *, reuse: bool, stream: Any
+) -> int:
+    """Train every (variant, seed) pair into its run file, or reuse a complete one; return the count.
+
+    Collective: rank 0 decides whether a run file is reused and tells the others.
+    """
+    from hflmpi.federation import train
+    from hflmpi.mpi.messages import bcast_int
+
+    rank = comm.Get_rank()
     pairs = [(v, s) for v in variants for s in exp.seeds]
-    started = time.perf_counter()
     for i, (v, seed) in enumerate(pairs, start=1):
         path = _run_file(out, v.name, seed)
         config = v.run_config(seed, path, exp.eval_every_steps)
@@ -233,20 +259,32 @@ def run_experiment(
         elif rank == 0:
             print(f"[{exp.name} {i}/{len(pairs)}] {v.name} seed {seed}: reused {path}",
                   file=stream, flush=True)
+    return len(pairs)
+
+
+def _share_results(
+    exp: Experiment, variants: Sequence[Variant], out: Path, numel: int, comm: Any, *,
+    stream: Any, pairs: int, started: float,
+) -> None:
+    """Write the results file on rank 0 and raise its error, if any, on every rank (collective).
+
+    Rank 0 reports the ``pairs`` runs and the seconds since ``started`` (``time.perf_counter``).
+    """
+    from hflmpi.mpi.messages import bcast_text
+
     error = None
-    if rank == 0:
+    if comm.Get_rank() == 0:
         try:
-            _write_results(exp, variants, out, numel, size)
+            _write_results(exp, variants, out, numel, comm.Get_size())
         except (OSError, KeyError, ValueError) as exc:
             error = f"writing {out} failed: {type(exc).__name__}: {exc}"
         else:
-            print(f"[{exp.name}] {len(pairs)} runs in {time.perf_counter() - started:.0f} s; "
+            print(f"[{exp.name}] {pairs} runs in {time.perf_counter() - started:.0f} s; "
                   f"results in {out}", file=stream, flush=True)
     error = bcast_text(comm, error, root=0, max_bytes=_ERROR_BYTES,
                        what="sharing rank 0's result")  # all ranks
     if error is not None:
         raise ExperimentError(error)
-    return out
 
 
 def _write_results(exp: Experiment, variants: Sequence[Variant], out: Path, numel: int,

@@ -35,6 +35,10 @@ array header              int64[2 + 4]: dtype code (0 = no array), ndim, dims (u
 
 Array dtypes come from a fixed list (:data:`DTYPES`); sizes are bounded by ``max_elements`` before
 any receive buffer is allocated.
+
+The agreement on a verdict (:func:`agree_valid`, :class:`MessageError`) lives in
+:mod:`hflmpi.mpi.agreement`, the array helpers in :mod:`hflmpi.mpi.arrays`; both are re-exported
+here, so ``from hflmpi.mpi.messages import ...`` reaches every helper of the table.
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ import math
 from typing import Sequence
 
 import numpy as np
-import numpy.typing as npt
 from mpi4py import MPI
+
+from hflmpi.mpi.agreement import MessageError, agree_valid, who
+from hflmpi.mpi.arrays import DTYPES, bcast_array, gather_array, scatter_array
 
 __all__ = [
     "DTYPES",
@@ -64,91 +70,7 @@ __all__ = [
     "gather_array",
 ]
 
-#: Array dtypes a message may carry, by wire code (0 means "no array").
-DTYPES: dict[int, np.dtype] = {
-    1: np.dtype(np.uint8),
-    2: np.dtype(np.int32),
-    3: np.dtype(np.int64),
-    4: np.dtype(np.float32),
-    5: np.dtype(np.float64),
-}
-_CODE_OF = {dtype: code for code, dtype in DTYPES.items()}
-_MAX_NDIM = 4
-_HEADER = 2 + _MAX_NDIM
-_REPORT_BYTES = 1024
 _INT64 = (-(2**63), 2**63 - 1)
-_FIX = ("every rank must run the same hflmpi version and config; a rank that sends this is faulty "
-        "or compromised: check its host and software")
-
-
-class MessageError(RuntimeError):
-    """A message between ranks failed validation; raised on every rank of the communicator."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Agreement
-
-
-def agree_valid(comm: MPI.Comm, problem: str | None, what: str, *, own: str | None = None) -> None:
-    """Raise :class:`MessageError` on every rank if any rank reports a problem (collective).
-
-    Parameters
-    ----------
-    comm : MPI.Comm
-        The ranks that exchanged the message.
-    problem : str or None
-        What this rank found wrong in a message it received (naming the sender), or ``None``.
-    what : str
-        The exchange, e.g. ``"exchanging Diffie-Hellman public keys"``; starts the error text.
-    own : str or None
-        What is wrong with this rank's own message (it could not pack its value). The sender
-        knows best, so such a report is shown before the receivers' reports.
-    """
-    report = own if own is not None else problem
-    flag = np.array([0 if report is None else 1], dtype=np.int32)
-    comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
-    if flag[0] == 0:
-        return
-    reports = _exchange_reports(comm, report, 1 if own is not None else 0)
-    found = sorted((-priority, rank, text) for rank, (text, priority) in enumerate(reports)
-                   if text is not None)
-    if not found:
-        raise MessageError(f"{what}: a rank flagged a bad message without describing it; {_FIX}")
-    _, rank, text = found[0]
-    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-    raise MessageError(f"{what}: {text} (found by {_who(comm, rank)}{more}); {_FIX}")
-
-
-def _exchange_reports(comm: MPI.Comm, report: str | None, priority: int) -> list[tuple[str | None, int]]:
-    """Allgather every rank's ``(report, priority)`` (bounded, decoded leniently: only shown)."""
-    size = comm.Get_size()
-    data = b"" if report is None else report.encode("utf-8")[:_REPORT_BYTES]
-    mine = np.zeros(_REPORT_BYTES, dtype=np.uint8)
-    mine[: len(data)] = np.frombuffer(data, dtype=np.uint8)
-    heads = np.empty((size, 2), dtype=np.int64)
-    rows = np.empty((size, _REPORT_BYTES), dtype=np.uint8)
-    comm.Allgather(np.array([-1 if report is None else len(data), priority], dtype=np.int64), heads)
-    comm.Allgather(mine, rows)
-    reports: list[tuple[str | None, int]] = []
-    for rank in range(size):
-        n, rank_priority = int(heads[rank, 0]), 1 if heads[rank, 1] == 1 else 0
-        text = None if n < 0 else rows[rank, : min(n, _REPORT_BYTES)].tobytes().decode(
-            "utf-8", errors="replace")
-        reports.append((text, rank_priority))
-    return reports
-
-
-def _who(comm: MPI.Comm, rank: int) -> str:
-    """Name ``rank`` of ``comm`` for an error message (with its world rank when that differs)."""
-    group, world = comm.Get_group(), MPI.COMM_WORLD.Get_group()
-    try:
-        (world_rank,) = MPI.Group.Translate_ranks(group, [rank], world)
-    finally:
-        group.Free()
-        world.Free()
-    if world_rank == rank or world_rank == MPI.UNDEFINED:
-        return f"rank {rank}"
-    return f"rank {rank} (world rank {world_rank})"
 
 
 def _short(value: int) -> str:
@@ -182,7 +104,7 @@ def allgather_text(
         data = text.encode("utf-8")
         if len(data) > max_bytes:
             if strict:
-                own = (f"{_who(comm, me)} has a text of {len(data)} bytes ({text[:40]!r}...), "
+                own = (f"{who(comm, me)} has a text of {len(data)} bytes ({text[:40]!r}...), "
                            f"more than the {max_bytes} allowed; shorten it")
                 data = b""
             else:
@@ -196,12 +118,12 @@ def allgather_text(
     comm.Allgather(mine, rows)
     texts: list[str | None] = []
     if strict and text is None:
-        own = f"{_who(comm, me)} has no text to send"
+        own = f"{who(comm, me)} has no text to send"
     shortest = 0 if strict else -1
     for rank in range(size):
         n = int(lengths[rank])
         if not shortest <= n <= max_bytes:
-            problem = problem or (f"{_who(comm, rank)} sent a text length of {n}, outside "
+            problem = problem or (f"{who(comm, rank)} sent a text length of {n}, outside "
                                   f"[{shortest}, {max_bytes}]")
             texts.append(None)
             continue
@@ -210,7 +132,7 @@ def allgather_text(
             try:
                 texts.append(raw.decode("utf-8"))
             except UnicodeDecodeError as exc:
-                problem = problem or (f"{_who(comm, rank)} sent a text that is not UTF-8 "
+                problem = problem or (f"{who(comm, rank)} sent a text that is not UTF-8 "
                                       f"({exc.reason} at byte {exc.start})")
                 texts.append(None)
             continue
@@ -235,14 +157,14 @@ def bcast_texts(
         blobs = [t.encode("utf-8") for t in texts or ()]
         total = sum(len(b) for b in blobs)
         if len(blobs) > max_count or total > max_bytes:
-            own = (f"{_who(comm, root)} has {len(blobs)} texts of {total} bytes, more than the "
+            own = (f"{who(comm, root)} has {len(blobs)} texts of {total} bytes, more than the "
                        f"{max_count} texts / {max_bytes} bytes allowed")
             blobs = []
         header[:] = (len(blobs), sum(len(b) for b in blobs))
     comm.Bcast(header, root=root)
     count, total = int(header[0]), int(header[1])
     if not (0 <= count <= max_count and 0 <= total <= max_bytes):
-        problem = (f"{_who(comm, root)} announced {count} texts of {total} bytes, outside "
+        problem = (f"{who(comm, root)} announced {count} texts of {total} bytes, outside "
                    f"[0, {max_count}] texts and [0, {max_bytes}] bytes")
     agree_valid(comm, problem, what, own=own)
     lengths = np.array([len(b) for b in blobs], dtype=np.int64) if me == root \
@@ -252,7 +174,7 @@ def bcast_texts(
     comm.Bcast(lengths, root=root)
     comm.Bcast(payload, root=root)
     if bool((lengths < 0).any()) or int(lengths.sum()) != total:
-        problem = (f"{_who(comm, root)} sent text lengths {lengths.tolist()[:8]} that do not add "
+        problem = (f"{who(comm, root)} sent text lengths {lengths.tolist()[:8]} that do not add "
                    f"up to the announced {total} bytes")
     agree_valid(comm, problem, what)
     bounds = np.concatenate([[0], np.cumsum(lengths)])
@@ -282,13 +204,13 @@ def bcast_int(
     buf = np.array([max(low, _INT64[0])], dtype=np.int64)
     if comm.Get_rank() == root:
         if value is None or not low <= value <= high or not _INT64[0] <= value <= _INT64[1]:
-            own = f"{_who(comm, root)} has the value {value!r}, outside [{low}, {high}]"
+            own = f"{who(comm, root)} has the value {value!r}, outside [{low}, {high}]"
         else:
             buf[0] = value
     comm.Bcast(buf, root=root)
     got = int(buf[0])
     if not low <= got <= high:
-        problem = f"{_who(comm, root)} sent {got}, outside [{low}, {high}]"
+        problem = f"{who(comm, root)} sent {got}, outside [{low}, {high}]"
     agree_valid(comm, problem, what, own=own)
     return got
 
@@ -321,7 +243,7 @@ def allgather_int64(
     mine = np.asarray(values, dtype=np.int64)
     own = problem = None
     if mine.shape != (width,):
-        own = f"{_who(comm, comm.Get_rank())} has {mine.size} values, not {width}"
+        own = f"{who(comm, comm.Get_rank())} has {mine.size} values, not {width}"
         mine = np.asarray(low, dtype=np.int64)
     rows = np.empty((comm.Get_size(), width), dtype=np.int64)
     comm.Allgather(mine, rows)
@@ -329,7 +251,7 @@ def allgather_int64(
     bad = np.argwhere((rows < lo) | (rows > hi))
     if len(bad):
         rank, column = (int(x) for x in bad[0])
-        problem = (f"{_who(comm, rank)} sent {int(rows[rank, column])} as value {column}, outside "
+        problem = (f"{who(comm, rank)} sent {int(rows[rank, column])} as value {column}, outside "
                    f"[{low[column]}, {high[column]}]")
     agree_valid(comm, problem, what, own=own)
     return rows
@@ -345,7 +267,7 @@ def allgather_bigint(
     """
     own = problem = None
     if not 0 <= value < 256**nbytes:
-        own = (f"{_who(comm, comm.Get_rank())} has a value of {value.bit_length()} bits, more "
+        own = (f"{who(comm, comm.Get_rank())} has a value of {value.bit_length()} bits, more "
                f"than {8 * nbytes}")
         value = low if 0 <= low < 256**nbytes else 0
     mine = np.frombuffer(value.to_bytes(nbytes, "big"), dtype=np.uint8).copy()
@@ -354,7 +276,7 @@ def allgather_bigint(
     values = [int.from_bytes(row.tobytes(), "big") for row in rows]
     for rank, got in enumerate(values):
         if problem is None and not low <= got <= high:
-            problem = f"{_who(comm, rank)} sent {_short(got)}, outside [{_short(low)}, {_short(high)}]"
+            problem = f"{who(comm, rank)} sent {_short(got)}, outside [{_short(low)}, {_short(high)}]"
     agree_valid(comm, problem, what, own=own)
     return values
 
@@ -373,174 +295,7 @@ def gather_float(
     if values is not None:
         for rank, got in enumerate(values.tolist()):
             if not (math.isfinite(got) and got >= low):
-                problem = f"{_who(comm, rank)} sent {got}; it must be finite and >= {low}"
+                problem = f"{who(comm, rank)} sent {got}; it must be finite and >= {low}"
                 break
     agree_valid(comm, problem, what)
     return None if values is None else values.tolist()
-
-
-# ---------------------------------------------------------------------------------------------
-# Arrays
-
-
-def _contiguous(array: np.ndarray) -> np.ndarray:
-    """Return ``array`` C-contiguous (a copy only if needed), keeping 0-d arrays 0-d."""
-    return np.require(np.asarray(array), requirements="C")
-
-
-def _header(array: np.ndarray | None) -> tuple[np.ndarray, str | None]:
-    """Return the wire header of ``array`` (code 0 for ``None``) and a problem if it cannot be sent."""
-    header = np.zeros(_HEADER, dtype=np.int64)
-    if array is None:
-        return header, None
-    code = _CODE_OF.get(array.dtype)
-    if code is None or array.ndim > _MAX_NDIM:
-        return header, (f"an array of dtype {array.dtype} with {array.ndim} dimensions cannot be "
-                        f"sent (dtypes {[str(d) for d in DTYPES.values()]}, at most {_MAX_NDIM} dims)")
-    header[0], header[1] = code, array.ndim
-    header[2: 2 + array.ndim] = array.shape
-    return header, None
-
-
-def _read_header(
-    header: np.ndarray, *, max_elements: int, dtypes: Sequence[npt.DTypeLike] | None,
-    shape: Sequence[int | None] | None,
-) -> tuple[np.dtype | None, tuple[int, ...], str | None]:
-    """Validate a received header; return ``(dtype or None for "no array", shape, problem)``."""
-    code, ndim = int(header[0]), int(header[1])
-    if code == 0 and not header[1:].any():
-        return None, (), None
-    if code not in DTYPES:
-        return None, (), f"dtype code {code}, not one of {sorted(DTYPES)}"
-    dtype = DTYPES[code]
-    if dtypes is not None and dtype not in [np.dtype(d) for d in dtypes]:
-        return None, (), f"an array of dtype {dtype}, not one of {[str(np.dtype(d)) for d in dtypes]}"
-    if not 0 <= ndim <= _MAX_NDIM or header[2 + ndim:].any():
-        return None, (), f"a header with ndim {ndim} and dims {header[2:].tolist()}"
-    dims = tuple(int(d) for d in header[2: 2 + ndim])
-    if any(d < 0 for d in dims) or math.prod(dims) > max_elements:
-        return None, (), f"an array of shape {dims}, more than {max_elements} elements or negative"
-    if shape is not None and (len(shape) != ndim
-                              or any(w is not None and w != d for w, d in zip(shape, dims))):
-        expected = tuple("any" if w is None else w for w in shape)
-        return None, (), f"an array of shape {dims}, expected {expected}"
-    return dtype, dims, None
-
-
-def _describe(header: np.ndarray) -> str:
-    """Say what an (unvalidated) header announces, for error messages."""
-    code, ndim = int(header[0]), int(header[1])
-    if code == 0 and not header[1:].any():
-        return "no array"
-    dtype = DTYPES[code] if code in DTYPES else f"dtype code {code}"
-    dims = header[2: 2 + ndim].tolist() if 0 <= ndim <= _MAX_NDIM else header[2:].tolist()
-    return f"a {dtype} array of shape {tuple(dims)}"
-
-
-def bcast_array(
-    comm: MPI.Comm, array: np.ndarray | None, *, root: int = 0, max_elements: int,
-    dtypes: Sequence[npt.DTypeLike] | None = None, shape: Sequence[int | None] | None = None, what: str,
-) -> np.ndarray:
-    """Broadcast ``root``'s array (the other ranks pass ``None``); return it on every rank.
-
-    Collective. The dtype must be in :data:`DTYPES` (and in ``dtypes`` when given), the element
-    count at most ``max_elements``, and the shape ``shape`` where given (``None`` entries are free).
-    """
-    own = problem = None
-    data = None
-    header = np.zeros(_HEADER, dtype=np.int64)
-    if comm.Get_rank() == root:
-        if array is None:
-            own = f"{_who(comm, root)} has no array to broadcast"
-        else:
-            data = _contiguous(array)
-            header, local = _header(data)
-            own = None if local is None else f"{_who(comm, root)}: {local}"
-    comm.Bcast(header, root=root)
-    dtype, dims, bad = _read_header(header, max_elements=max_elements, dtypes=dtypes, shape=shape)
-    if bad is None and dtype is None:
-        bad = "no array"
-    if bad is not None:
-        problem = f"{_who(comm, root)} sent {bad}"
-    agree_valid(comm, problem, what, own=own)
-    assert dtype is not None
-    if data is None:
-        data = np.empty(dims, dtype=dtype)
-    comm.Bcast(data, root=root)
-    return data
-
-
-def scatter_array(
-    comm: MPI.Comm, stacked: np.ndarray | None, *, root: int = 0, max_elements: int,
-    dtypes: Sequence[npt.DTypeLike] | None = None, shape: Sequence[int | None] | None = None, what: str,
-) -> np.ndarray | None:
-    """Send row ``r`` of ``root``'s ``stacked`` (leading axis = ranks) to rank ``r``.
-
-    Collective; the other ranks' ``stacked`` is ignored. ``root`` passing ``None`` gives ``None``
-    everywhere. ``max_elements``, ``dtypes`` and ``shape`` constrain one row.
-    """
-    own = problem = None
-    data = None
-    header = np.zeros(_HEADER, dtype=np.int64)
-    if comm.Get_rank() == root and stacked is not None:
-        data = _contiguous(stacked)
-        if data.ndim < 1 or data.shape[0] != comm.Get_size():
-            own = (f"{_who(comm, root)} has an array of shape {data.shape} to scatter, whose "
-                   f"leading axis is not the {comm.Get_size()} ranks")
-        else:
-            header, local = _header(data[0])
-            own = None if local is None else f"{_who(comm, root)}: {local}"
-    comm.Bcast(header, root=root)
-    dtype, dims, bad = _read_header(header, max_elements=max_elements, dtypes=dtypes, shape=shape)
-    if bad is not None:
-        problem = f"{_who(comm, root)} sent {bad}"
-    agree_valid(comm, problem, what, own=own)
-    if dtype is None:
-        return None
-    row = np.empty(dims, dtype=dtype)
-    comm.Scatter(data, row, root=root)
-    return row
-
-
-def gather_array(
-    comm: MPI.Comm, array: np.ndarray | None, *, root: int = 0, max_elements: int,
-    dtypes: Sequence[npt.DTypeLike] | None = None, shape: Sequence[int | None] | None = None, what: str,
-) -> np.ndarray | None:
-    """Stack every rank's array at ``root`` (leading axis = ranks).
-
-    Collective. Every rank must send the same dtype and shape as ``root`` (or all ``None``, which
-    gives ``None``); ``max_elements``, ``dtypes`` and ``shape`` constrain one rank's array.
-
-    Returns
-    -------
-    numpy.ndarray or None
-        ``[size, *shape]`` on ``root``; ``None`` elsewhere (and everywhere when all sent ``None``).
-    """
-    me, size = comm.Get_rank(), comm.Get_size()
-    data = None if array is None else _contiguous(array)
-    header, local = _header(data)
-    own = None if local is None else f"{_who(comm, me)}: {local}"
-    problem = None
-    headers = np.empty((size, _HEADER), dtype=np.int64) if me == root else None
-    comm.Gather(header, headers, root=root)
-    dtype: np.dtype | None = None
-    dims: tuple[int, ...] = ()
-    if headers is not None:
-        dtype, dims, bad = _read_header(headers[root], max_elements=max_elements, dtypes=dtypes,
-                                        shape=shape)
-        if bad is not None:
-            problem = f"{_who(comm, root)} has {bad}"
-        for rank in range(size):
-            if problem is None and not np.array_equal(headers[rank], headers[root]):
-                problem = (f"{_who(comm, rank)} sent {_describe(headers[rank])} but "
-                           f"{_who(comm, root)} has {_describe(headers[root])}")
-    agree_valid(comm, problem, what, own=own)
-    if data is None:  # every rank sent None (agreed above)
-        return None
-    if headers is None:
-        comm.Gather(data, None, root=root)
-        return None
-    assert dtype is not None
-    out = np.empty((size, *dims), dtype=dtype)
-    comm.Gather(data, out, root=root)
-    return out
