@@ -133,7 +133,7 @@ def test_secure_masks_cancel_bit_for_bit_and_hide_each_client():
             flat.copy_(_model_of(rank))
             agg.aggregate(1, float(rank + 1), step=9)
             results.append(flat.clone())
-            sent.append(agg._uplinks[1]._levels.numpy().copy())  # what this rank put on the wire
+            sent.append(agg._layers[1].uplink._levels.numpy().copy())  # what this rank put on the wire
     parallel_assert(comm, torch.equal(results[0], results[1]), "masks did not cancel")
     if rank > 0:  # a non-leader's message: plain levels are far from uniform, masked ones are
         def chi2_low_byte(values: np.ndarray) -> float:
@@ -318,9 +318,9 @@ def test_privacy_clips_each_update():
 def test_invalid_layer_options_serial():
     with LayerComms(MPI.COMM_SELF, plan_fanouts([1], 1)) as comms:
         flat = torch.zeros(4)
-        with pytest.raises(ValueError, match="robust rules need every child's full-precision"):
+        with pytest.raises(ValueError, match=r"robust\[0\]='median' with quantize.bits\[0\]=8: robust rules need full-prec"):
             HierarchicalAggregator(comms, flat, bits=[8], robust=["median"])
-        with pytest.raises(ValueError, match="set bits > 0"):
+        with pytest.raises(ValueError, match=r"set quantize.bits\[0\] to 1..16"):
             HierarchicalAggregator(comms, flat, secure=[True])
         with pytest.raises(ValueError, match="not one of"):
             HierarchicalAggregator(comms, flat, robust=["mode"])
