@@ -19,7 +19,7 @@ from conftest import parallel_assert
 mpi4py = pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
-from hflmpi.mpi.aggregate import HierarchicalAggregator, PrivacyOptions  # noqa: E402
+from hflmpi.mpi.aggregate import HierarchicalAggregator, LayerFailedError, PrivacyOptions  # noqa: E402
 from hflmpi.mpi.comm import LayerComms  # noqa: E402
 from hflmpi.mpi.guard import (  # noqa: E402
     HandshakeError, NonFiniteUpdateError, RankStatus, Watchdog, stall_report,
@@ -133,7 +133,7 @@ def test_secure_masks_cancel_bit_for_bit_and_hide_each_client():
             flat.copy_(_model_of(rank))
             agg.aggregate(1, float(rank + 1), step=9)
             results.append(flat.clone())
-            sent.append(agg._uplinks[1]._levels.numpy().copy())  # what this rank put on the wire
+            sent.append(agg._layers[1].uplink._levels.numpy().copy())  # what this rank put on the wire
     parallel_assert(comm, torch.equal(results[0], results[1]), "masks did not cancel")
     if rank > 0:  # a non-leader's message: plain levels are far from uniform, masked ones are
         def chi2_low_byte(values: np.ndarray) -> float:
@@ -194,6 +194,39 @@ def test_robust_layer_clamps_a_claimed_weight_to_the_known_size():
     expected = (sum(caps[:3]) * group0 + sum(w * m for w, m in others)) / total
     err = float(np.abs(flat.numpy() - expected).max())
     parallel_assert(comm, err < 1e-5, f"max diff from the clamped reference {err:.3g}")
+
+
+@pytest.mark.mpi(min_size=3)
+@pytest.mark.timeout(120, method="thread")  # before the fix: a hang, ended here
+def test_robust_leader_failure_raises_on_every_rank():
+    """A robust leader whose rule cannot run stops its whole subtree with one error.
+
+    Tree: layer 1 = [[0, 1, 2], [3, 4, 5], [6], ...] (from -n 6, else [[0, 1, 2], [3], ...])
+    with the median, layer 2 = the mean over the groups. The devices of the last 3-group may
+    claim no weight (cap 0), so its leader clamps every claim to 0 and the median has nothing
+    to combine. Only that leader knows; before the fix it raised alone and the other ranks hung
+    in the broadcast down. Every rank must raise the same error, naming the leader.
+    """
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    groups = [[0, 1, 2], [3, 4, 5]] if size >= 6 else [[0, 1, 2]]
+    groups += [[r] for r in range(3 * len(groups), size)]
+    failing = groups[1 if size >= 6 else 0]
+    caps = [0.0 if r in failing else 1.0 for r in range(size)]
+    message = "(no error)"
+    with LayerComms(comm, plan_groups(groups, size)) as comms:
+        flat = _anchor().clone()
+        agg = HierarchicalAggregator(comms, flat, robust=["median", "mean"], weight_caps=caps)
+        flat.copy_(_model_of(rank))
+        try:
+            agg.aggregate(2, 1.0, step=4)
+        except LayerFailedError as exc:
+            message = str(exc)
+    messages = comm.allgather(message)
+    parallel_assert(comm, len(set(messages)) == 1, f"the ranks disagree: {set(messages)}")
+    parallel_assert(comm, message.startswith(
+        f"layer-2 aggregation at step 4 failed at the leader on rank {failing[0]}: "
+        "robust='median' at layer 1") and "every child has weight 0" in message, message)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -318,9 +351,9 @@ def test_privacy_clips_each_update():
 def test_invalid_layer_options_serial():
     with LayerComms(MPI.COMM_SELF, plan_fanouts([1], 1)) as comms:
         flat = torch.zeros(4)
-        with pytest.raises(ValueError, match="robust rules need every child's full-precision"):
+        with pytest.raises(ValueError, match=r"robust\[0\]='median' with quantize.bits\[0\]=8: robust rules need full-prec"):
             HierarchicalAggregator(comms, flat, bits=[8], robust=["median"])
-        with pytest.raises(ValueError, match="set bits > 0"):
+        with pytest.raises(ValueError, match=r"set quantize.bits\[0\] to 1..16"):
             HierarchicalAggregator(comms, flat, secure=[True])
         with pytest.raises(ValueError, match="not one of"):
             HierarchicalAggregator(comms, flat, robust=["mode"])

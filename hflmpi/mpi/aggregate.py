@@ -20,10 +20,13 @@ and then one of two algorithms sums the scaled models:
 * ``"tree"``: ``Reduce`` to each layer's leader, layer by layer, then ``Bcast`` down, layer by
   layer. This is the literal tree (and the shape the quantized layers use).
 
-Quantized layers (``bits[n-1] > 0``) need the nested form: each layer's participants send
-``Q_n(a_c (x_c - x))`` to their leader (:mod:`hflmpi.mpi.uplink`, exact integer sums), layer by layer,
-and the top leader's model is broadcast down, layer by layer. Each participant keeps the anchor
-``x`` of every quantized layer it takes part in (the model at that layer's last aggregation).
+Any other layer (quantized, robust, private: :mod:`hflmpi.mpi.layers`) needs the nested form:
+one up-loop in which each layer's object sends its participant's contribution to the leader
+(e.g. ``Q_n(a_c (x_c - x))``, :mod:`hflmpi.mpi.uplink`), layer by layer, then the top leader's
+model is broadcast down, layer by layer. The ``"tree"`` algorithm is that same up-loop over exact
+layers fed the pre-scaled model (``a_c = 1``: they only sum), and the same broadcast down. Each
+participant keeps the anchor ``x`` of every such layer it takes part in (the model at that
+layer's last aggregation).
 
 Weights are re-read at every aggregation, so a device whose weight is zero (a dropped client)
 simply leaves the average. The model buffer is aggregated in place (no copies on the CPU);
@@ -32,64 +35,44 @@ collectives use the upper-case buffer API with ``MPI.IN_PLACE``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import math
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+from hflmpi.core.layer_rules import check_layer_options
+from hflmpi.core.robust import RULES, max_byzantine
+from hflmpi.core.wire import METHOD_NAMES, Method
 from hflmpi.mpi.comm import LayerComms, cuda_aware_mpi
 from hflmpi.mpi.guard import NonFiniteUpdateError, handshake, handshake_key
-from hflmpi.mpi.messages import allgather_bigint, allreduce_float
-from hflmpi.core.privacy import clip_update, gaussian_noise, noise_std
-from hflmpi.core.rng import torch_generator
-from hflmpi.core.robust import RULES, max_byzantine, robust_update
-from hflmpi.core.secure import MODP_2048_P, DiffieHellmanSeeds, dh_keypair
-from hflmpi.core.wire import METHOD_NAMES, Method, auto_bucket_size
+from hflmpi.mpi.layers import (
+    Layer,
+    LayerFailedError,
+    LayerOptions,
+    PrivacyOptions,
+    build_layer,
+    rule_params,
+)
+from hflmpi.mpi.messages import allreduce_float, allreduce_int, bcast_text
 from hflmpi.mpi.transport import MpiBuffer
-from hflmpi.mpi.uplink import QuantizedUplink
 
 __all__ = [
     "AggregationStats",
     "HierarchicalAggregator",
+    "LayerFailedError",
     "PrivacyOptions",
     "measure_divergences",
     "METHOD_NAMES",
 ]
 
 
-@dataclass(frozen=True)
-class PrivacyOptions:
-    """Client-level differential privacy at one layer: clip each child's update, add noise.
-
-    Attributes
-    ----------
-    layer : int
-        The layer whose uplink is privatised (1..N).
-    clip : float
-        L2 bound ``C`` on each child's update ``x_c - x``.
-    noise_multiplier : float
-        ``sigma``: noise std over the sensitivity ``C * max_c a_c``.
-    mode : {"central", "distributed"}
-        The leader adds the noise once, or every child adds its ``1/sqrt(k)`` share.
-    insecure_reproducible_noise : bool
-        Draw the noise from generators keyed by the run seed instead of the OS CSPRNG. Anyone
-        who knows the seed can then regenerate the noise and subtract it: **no privacy at all**.
-        For tests that need bit-for-bit reproducible DP runs only.
-    """
-
-    layer: int
-    clip: float
-    noise_multiplier: float
-    mode: str = "central"
-    insecure_reproducible_noise: bool = False
-
 Algorithm = Literal["subtree", "tree"]
+
+_FAILURE_BYTES = 8192  # a leader's failure text, shared with its subtree
 
 
 @dataclass
@@ -216,87 +199,58 @@ class HierarchicalAggregator:
         if nonfinite not in ("raise", "drop"):
             raise ValueError(f"nonfinite={nonfinite!r} must be 'raise' or 'drop'")
         self.nonfinite = nonfinite
-        self._validate_layers()
+        self._validate_layers(method)
         cuda_aware = cuda_aware_mpi()
         self._mpi = MpiBuffer(flat, cuda_aware)
-        self._uplinks: dict[int, QuantizedUplink] = {}
-        self._anchors: dict[int, torch.Tensor] = {}
-        self._special = [self._is_special(n) for n in range(1, self.depth + 1)]
-        for n, width in enumerate(self.bits, start=1):
-            if not comms.joins(n):
-                continue
-            if width > 0:
-                bucket = bucket_size or auto_bucket_size(width)
-                seeds = self._pair_seeds(comms.layer(n)) if self.secure[n - 1] else None
-                self._uplinks[n] = QuantizedUplink(
-                    comms.layer(n), self.numel, width, bucket, flat.device, cuda_aware,
-                    "sum" if seeds is not None else method, seeds=seeds,
-                )
-            if self._special[n - 1]:
-                self._anchors[n] = flat.detach().clone()
+        options = [
+            LayerOptions(
+                bits=self.bits[n - 1], bucket_size=bucket_size, method=method,
+                secure=self.secure[n - 1], rule=self.robust[n - 1],
+                rule_params=rule_params(self.robust[n - 1], self.robust_params), seed=seed,
+                privacy=privacy if privacy is not None and privacy.layer == n else None,
+            ) for n in range(1, self.depth + 1)
+        ]
+        self._special = [o.special for o in options]
+        self._layers: dict[int, Layer] = {
+            n: build_layer(comms, n, flat, self._mpi, options[n - 1], self.weight_caps, cuda_aware)
+            for n in range(1, self.depth + 1) if comms.joins(n)
+        }
+        self._anchors = {n: layer.anchor for n, layer in self._layers.items()
+                         if layer.anchor is not None}
 
-    def _validate_layers(self) -> None:
+    def _validate_layers(self, method: str) -> None:
+        """Refuse bad per-layer options on every rank, in the configuration's words.
+
+        The rules are :func:`hflmpi.core.layer_rules.check_layer_options` (the ones the config
+        applies), with this rank's own group sizes; then the robust rules' parameters.
+        """
         depth = self.depth
         for name, values in (("robust", self.robust), ("secure", self.secure)):
             if len(values) != depth:
                 raise ValueError(f"{name}={values} needs one entry per layer ({depth})")
-        for n, (rule, width, masked) in enumerate(zip(self.robust, self.bits, self.secure), start=1):
+        for n, rule in enumerate(self.robust, start=1):
             if rule not in RULES:
                 raise ValueError(f"robust rule {rule!r} at layer {n} is not one of {RULES}")
-            if rule != "mean" and width > 0:
-                raise ValueError(
-                    f"layer {n} has robust={rule!r} and bits={width}: robust rules need every "
-                    "child's full-precision update; set that layer's bits to 0"
-                )
-            if rule != "mean" and masked:
-                raise ValueError(f"layer {n}: secure aggregation hides the updates a robust rule needs")
-            if masked and width == 0:
-                raise ValueError(f"layer {n}: secure aggregation masks quantized levels; set bits > 0")
-            if rule != "mean" and self.comms.joins(n):
-                fan_in = self.comms.layer(n).Get_size()
-                params = _rule_params(rule, self.robust_params)
-                if fan_in > 1 and max_byzantine(rule, fan_in, **params) < 1:
-                    raise ValueError(
-                        f"robust={rule!r} with {params or 'no parameters'} at layer {n} tolerates "
-                        f"no Byzantine child among {fan_in} (it would silently act as a plain "
-                        f"average); {_tolerance_fix(rule, fan_in)}"
-                    )
-            if masked and self.comms.joins(n) and self.comms.layer(n).Get_size() == 2 \
-                    and not self.allow_small_secure_groups:
-                raise ValueError(
-                    f"secure aggregation at layer {n} in a group of 2 participants hides nothing: "
-                    "the leader subtracts its own levels from the sum and learns its partner's "
-                    "exactly; use groups of at least 3, or pass allow_small_secure_groups=True "
-                    "to accept that"
-                )
-        if self.privacy is not None and not 1 <= self.privacy.layer <= depth:
+        if self.privacy is not None and self.privacy.layer < 1:
             raise ValueError(f"privacy layer {self.privacy.layer} is outside 1..{depth}")
-        if self.privacy is not None and self.robust[self.privacy.layer - 1] != "mean":
-            raise ValueError(
-                f"privacy at layer {self.privacy.layer} calibrates the noise to the weighted "
-                f"mean's sensitivity (clip * max a_c), which robust="
-                f"{self.robust[self.privacy.layer - 1]!r} there does not have; use the robust "
-                "rule at another layer"
-            )
-
-    def _is_special(self, n: int) -> bool:
-        """Tell whether layer n needs the nested path (anything but an exact weighted mean)."""
-        private = self.privacy is not None and self.privacy.layer == n
-        return self.bits[n - 1] > 0 or self.robust[n - 1] != "mean" or private
-
-    def _pair_seeds(self, comm: MPI.Comm) -> DiffieHellmanSeeds:
-        private, public = dh_keypair()
-        keys = allgather_bigint(  # layer participants, once at set-up: fixed 256-byte integers
-            comm, public, nbytes=(MODP_2048_P.bit_length() + 7) // 8, low=2, high=MODP_2048_P - 2,
-            what="exchanging Diffie-Hellman public keys (RFC 3526 group 14) for secure aggregation")
-        return DiffieHellmanSeeds(comm.Get_rank(), private, keys)
+        fan_ins = [[self.comms.layer(n).Get_size()] if self.comms.joins(n) else []
+                   for n in range(1, depth + 1)]
+        check_layer_options(
+            depth, self.bits, self.robust, self.secure, method=method,
+            privacy_layer=self.privacy.layer if self.privacy is not None else 0,
+            group_sizes=fan_ins, trim=self.robust_params.get("trim", 0.2),
+            krum_f=int(self.robust_params.get("f", 1)),
+            allow_small_secure_groups=self.allow_small_secure_groups,
+        )
+        for n, rule in enumerate(self.robust, start=1):
+            if rule != "mean" and fan_ins[n - 1] and fan_ins[n - 1][0] > 1:
+                # the parameters themselves (trim in [0, 0.5), krum's m, ...)
+                max_byzantine(rule, fan_ins[n - 1][0], **rule_params(rule, self.robust_params))
 
     def methods(self) -> list[str]:
         """Return how each layer's uplink travels from this rank ("none" where exact or absent)."""
-        return [
-            METHOD_NAMES[self._uplinks[n].method if n in self._uplinks else Method.NONE]
-            for n in range(1, self.depth + 1)
-        ]
+        return [METHOD_NAMES[self._layers[n].method if n in self._layers else Method.NONE]
+                for n in range(1, self.depth + 1)]
 
     def reset_anchors(self, up_to: int | None = None) -> None:
         """Make the current model the anchor of layers ``1..up_to`` (all by default).
@@ -365,19 +319,19 @@ class HierarchicalAggregator:
                 f"layer-{layer} aggregation over a subtree whose devices all have weight 0 "
                 "(every client dropped?)"
             )
-        if any(self._special[:layer]):
-            stats = self._nested(layer, weight, step, measure_error)
-            stats.seconds[layer - 1] += time.perf_counter() - start - sum(stats.seconds)
-        else:
+        nested = any(self._special[:layer])
+        if not nested:  # exact everywhere: scale by w / W_subtree once, then only sum
             share = weight / total
             if share != 1.0:
                 self.flat.mul_(share)
-            prepare_seconds = time.perf_counter() - start
-            if self.algorithm == "subtree":
-                stats = self._subtree_allreduce(layer)
-            else:
-                stats = self._tree_reduce_bcast(layer)
-            stats.seconds[layer - 1] += prepare_seconds
+        if nested or self.algorithm == "tree":
+            stats, failure = self._up(layer, weight, step, measure_error, prescaled=not nested)
+            if any(rule != "mean" for rule in self.robust[:layer]):
+                self._share_failure(layer, failure, step)
+            self._down(layer, stats)
+        else:
+            stats = self._subtree_allreduce(layer)
+        stats.seconds[layer - 1] += time.perf_counter() - start - sum(stats.seconds)
         stats.dropped = dropped
         return stats
 
@@ -410,52 +364,68 @@ class HierarchicalAggregator:
         self._mpi.inbound()
         self.reset_anchors(layer)
 
-    def _nested(self, layer: int, weight: float, step: int, measure_error: bool) -> AggregationStats:
-        """Layer-by-layer uplink (quantized or exact per layer), then broadcast down."""
+    def _up(
+        self, layer: int, weight: float, step: int, measure_error: bool, *, prescaled: bool
+    ) -> tuple[AggregationStats, str | None]:
+        """Send this rank's model up layers ``1..layer``, as far as it takes part (the up-loop).
+
+        Each layer learns ``W_node`` (an 8-byte allreduce over its participants) and its
+        :class:`~hflmpi.mpi.layers.Layer` sends ``a_c`` times the child's model (or update) to
+        the leader, who goes on to the next layer with the node's weight. With ``prescaled`` the
+        model already holds ``(w_r / W_subtree) x_r`` (every layer exact): the layers only sum,
+        with ``a_c = 1``, which is the tree algorithm.
+
+        Returns the stats and the first failure a leader reported on this rank (or None).
+        """
         stats = AggregationStats.empty(layer)
-        rank = self.comms.rank
         child_weight = float(weight)
+        failure: str | None = None
         for n in range(1, layer + 1):
             if not self.comms.joins(n):
                 break
             start = time.perf_counter()
-            comm = self.comms.layer(n)
-            node_weight = allreduce_float(comm, child_weight, MPI.SUM)  # layer-n participants
-            share = child_weight / node_weight if node_weight > 0 else 0.0
-            private = self.privacy is not None and self.privacy.layer == n
-            if private:
-                max_share = allreduce_float(comm, share, MPI.MAX)  # layer participants
-                self._clip_and_noise(n, comm, share, max_share, step)
-            if self.robust[n - 1] != "mean":
-                sent, trusted_weight = self._robust_layer(n, comm, child_weight)
-                stats.bytes_sent[n - 1] += sent
-                if comm.Get_rank() == 0:
-                    node_weight = trusted_weight  # the clamped sum goes up, never the claims
-            elif n in self._uplinks:
-                generator = torch_generator(self.seed, purpose="quantize", rank=rank, round=step,
-                                            layer=n, device=self.flat.device)
-                result = self._uplinks[n].exchange(self.flat, self._anchors[n], share, generator,
-                                                   measure_error, step=step, layer=n)
-                stats.bytes_sent[n - 1] += result.bytes_sent
-                stats.quant_error[n - 1] = result.quant_error
-                stats.methods[n - 1] = int(self._uplinks[n].method)
+            node = self._layers[n]
+            if prescaled:
+                node_weight, share = child_weight, 1.0
             else:
-                if share != 1.0:
-                    self.flat.mul_(share)
-                buf = self._mpi.outbound()
-                if comm.Get_rank() == 0:
-                    comm.Reduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=0)
-                    self._mpi.inbound()
-                else:
-                    comm.Reduce(buf, None, op=MPI.SUM, root=0)
-                    stats.bytes_sent[n - 1] += self._mpi.nbytes
-            if private and self.privacy is not None and self.privacy.mode == "central" \
-                    and comm.Get_rank() == 0:
-                self._central_noise(n, max_share, step)
+                node_weight = allreduce_float(node.comm, child_weight, MPI.SUM)  # participants
+                share = child_weight / node_weight if node_weight > 0 else 0.0
+            result = node.up(share, child_weight, step, measure_error)
+            stats.bytes_sent[n - 1] += result.bytes_sent
+            stats.quant_error[n - 1] = result.quant_error
+            stats.methods[n - 1] = int(result.method)
+            if result.node_weight is not None:
+                node_weight = result.node_weight  # the clamped sum goes up, never the claims
+            failure = failure or result.failure
             stats.seconds[n - 1] += time.perf_counter() - start
             child_weight = node_weight
-            if comm.Get_rank() != 0:
+            if not node.is_leader:
                 break
+        return stats, failure
+
+    def _share_failure(self, layer: int, failure: str | None, step: int) -> None:
+        """Raise a leader's failure on every rank of the subtree (collective over it).
+
+        A robust leader alone knows when its rule cannot combine the clamped weights; it goes
+        on with the up-loop (so no collective is left waiting) and the subtree then learns the
+        verdict in one small allreduce, before anyone waits in the broadcast down.
+        """
+        comm = self.comms.subtree(layer)
+        size = comm.Get_size()
+        first = allreduce_int(comm, comm.Get_rank() if failure is not None else size, MPI.MIN)
+        if first == size:
+            return
+        what = f"layer-{layer} aggregation at step {step}: sharing a leader's failure"
+        text = bcast_text(comm, failure, root=first, max_bytes=_FAILURE_BYTES, what=what)
+        (world,) = MPI.Group.Translate_ranks(comm.Get_group(), [first], self.comms.comm.Get_group())
+        raise LayerFailedError(
+            f"layer-{layer} aggregation at step {step} failed at the leader on rank {world}: "
+            f"{text}; every device of the subtree stops here (check the clients' weights and the "
+            "robust rule's parameters against the groups left after drops)"
+        )
+
+    def _down(self, layer: int, stats: AggregationStats) -> None:
+        """Broadcast the top leader's model down, layer by layer; reset the anchors."""
         buf = self._mpi.outbound()
         for n in range(layer, 0, -1):
             if self.comms.joins(n):
@@ -464,82 +434,6 @@ class HierarchicalAggregator:
                 stats.seconds[n - 1] += time.perf_counter() - start
         self._mpi.inbound()
         self.reset_anchors(layer)
-        return stats
-
-    def _robust_layer(self, n: int, comm: MPI.Comm, child_weight: float) -> tuple[int, float]:
-        """Gather the children's updates to the leader and apply the layer's robust rule.
-
-        Returns the bytes this rank sent and, at the leader, the sum of the clamped weights
-        (:meth:`_trusted_weights`); 0.0 elsewhere.
-        """
-        anchor = self._anchors[n]
-        update = (self.flat - anchor).to(torch.float32).contiguous()
-        # Typed float64 claims; Byzantine values (NaN, Inf, negative, huge) are not an error here:
-        # _trusted_weights clamps them, so one hostile child cannot stop the layer.
-        mine = np.array([child_weight], dtype=np.float64)
-        gathered = np.empty(comm.Get_size(), dtype=np.float64) if comm.Get_rank() == 0 else None
-        comm.Gather(mine, gathered, root=0)  # layer participants
-        claims = None if gathered is None else gathered.tolist()
-        if comm.Get_rank() != 0:
-            comm.Gather(update.cpu().numpy(), None, root=0)
-            return update.numel() * 4, 0.0
-        rows = torch.empty((comm.Get_size(), self.numel), dtype=torch.float32)
-        comm.Gather(update.cpu().numpy(), rows.numpy(), root=0)
-        weights = self._trusted_weights(n, claims or [])
-        rule = self.robust[n - 1]
-        params = _rule_params(rule, self.robust_params)
-        combined = robust_update(rule, rows, torch.tensor(weights, dtype=torch.float64), **params)
-        self.flat.copy_(anchor + combined.to(self.flat.device, self.flat.dtype))
-        return 0, float(sum(weights))
-
-    def _trusted_weights(self, n: int, claims: Sequence[float]) -> list[float]:
-        """Clamp each layer-``n`` child's claimed weight to its subtree's cap (at the leader).
-
-        A claim may be lower than the cap (0 drops the child) but never higher; a claim that is
-        not a finite number >= 0 counts as 0. Children are in layer-communicator order, i.e. by
-        the rank of their leader (``Split`` with ``key = rank``).
-        """
-        plan = self.comms.plan
-        node = plan.node_of(self.comms.rank, n)
-        children = sorted(plan.children[n - 1][node], key=lambda c: plan.leader(n - 1, c))
-        caps = [plan.subtree_weight(n - 1, c, self.weight_caps) for c in children]
-        weights = []
-        for claim, cap in zip(claims, caps):
-            value = float(claim) if isinstance(claim, (int, float)) else 0.0
-            weights.append(min(value, cap) if math.isfinite(value) and value > 0 else 0.0)
-        return weights
-
-    def _clip_and_noise(
-        self, n: int, comm: MPI.Comm, share: float, max_share: float, step: int
-    ) -> None:
-        """Clip this child's update to ``C``; in distributed mode add its share of the noise."""
-        options = self.privacy
-        assert options is not None
-        anchor = self._anchors[n]
-        update, _ = clip_update(self.flat - anchor, options.clip)
-        if options.mode == "distributed" and share > 0:
-            std = noise_std(options.noise_multiplier, options.clip, max_share=max_share,
-                            mode="distributed", participants=comm.Get_size())
-            # the uplink multiplies by the share, so the noise is pre-divided by it
-            update += gaussian_noise(update.shape, std / share, 1.0, self._dp_generator(n, step),
-                                     self.flat.device, update.dtype)
-        self.flat.copy_(anchor + update)
-
-    def _central_noise(self, n: int, max_share: float, step: int) -> None:
-        """At the leader, add ``N(0, sigma^2 (C max a_c)^2)`` to the layer's aggregate."""
-        options = self.privacy
-        assert options is not None
-        std = noise_std(options.noise_multiplier, options.clip, max_share=max_share, mode="central")
-        self.flat.add_(gaussian_noise(self.flat.shape, std, 1.0, self._dp_generator(n, step),
-                                      self.flat.device, self.flat.dtype))
-
-    def _dp_generator(self, n: int, step: int) -> torch.Generator | None:
-        """Return None (OS CSPRNG noise), or the seed-keyed generator of the insecure test mode."""
-        assert self.privacy is not None
-        if not self.privacy.insecure_reproducible_noise:
-            return None
-        return torch_generator(self.seed, purpose="dp", rank=self.comms.rank, round=step, layer=n,
-                               device=self.flat.device)
 
     def _subtree_allreduce(self, layer: int) -> AggregationStats:
         comm = self.comms.subtree(layer)
@@ -552,29 +446,6 @@ class HierarchicalAggregator:
         stats = AggregationStats.empty(layer)
         stats.seconds[layer - 1] = seconds
         stats.bytes_sent[layer - 1] = 0 if comm.Get_rank() == 0 else self._mpi.nbytes
-        return stats
-
-    def _tree_reduce_bcast(self, layer: int) -> AggregationStats:
-        stats = AggregationStats.empty(layer)
-        buf = self._mpi.outbound()
-        for n in range(1, layer + 1):
-            if not self.comms.joins(n):
-                continue
-            start = time.perf_counter()
-            comm = self.comms.layer(n)
-            if comm.Get_rank() == 0:
-                comm.Reduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=0)
-            else:
-                comm.Reduce(buf, None, op=MPI.SUM, root=0)
-                stats.bytes_sent[n - 1] = self._mpi.nbytes
-            stats.seconds[n - 1] += time.perf_counter() - start
-        for n in range(layer, 0, -1):
-            if not self.comms.joins(n):
-                continue
-            start = time.perf_counter()
-            self.comms.layer(n).Bcast(buf, root=0)
-            stats.seconds[n - 1] += time.perf_counter() - start
-        self._mpi.inbound()
         return stats
 
 
@@ -625,24 +496,3 @@ def _check_caps(caps: Sequence[float] | None, size: int) -> list[float]:
             f"weight_caps needs one finite value >= 0 per device ({size}), got {len(values)}"
         )
     return values
-
-
-def _tolerance_fix(rule: str, fan_in: int) -> str:
-    """Say how to make ``rule`` tolerate at least one Byzantine child among ``fan_in``."""
-    if rule == "trimmed_mean":
-        if fan_in < 3:
-            return "a trimmed mean needs at least 3 children; use larger groups or robust 'mean'"
-        return f"set trim >= 1/{fan_in} (e.g. {math.ceil(1000 / fan_in) / 1000}) and < 0.5"
-    if rule == "median":
-        return "the median of 2 is their mean; use groups of at least 3 children"
-    return (f"set f >= 1 with more than 2f + 2 children (krum with f = 1 needs at least 5, "
-            f"got {fan_in})")
-
-
-def _rule_params(rule: str, params: dict[str, float]) -> dict[str, Any]:
-    """Pick the parameters a robust rule takes from the configured ones."""
-    if rule == "trimmed_mean":
-        return {"trim": params.get("trim", 0.2)}
-    if rule == "krum":
-        return {"f": int(params.get("f", 1)), "m": int(params.get("m", 1))}
-    return {}

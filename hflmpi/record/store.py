@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 
 from hflmpi import __version__
+from hflmpi.core.wire import Method
 
 __all__ = [
     "FORMAT_VERSION",
@@ -53,8 +54,9 @@ __all__ = [
 
 FORMAT_VERSION = 1
 
-METHOD_CODES: Mapping[str, int] = {"none": 0, "integer-sum": 1, "gather": 2}
-"""Integer code of the aggregation method stored in ``/metrics/method`` (-1 = not recorded)."""
+METHOD_CODES: Mapping[str, int] = {m.label: int(m) for m in Method}
+"""Integer code of the aggregation method stored in ``/metrics/method`` (-1 = not recorded):
+:class:`hflmpi.core.wire.Method` by its label, ``{"none": 0, "integer-sum": 1, "gather": 2}``."""
 
 _METHOD_MISSING = -1
 
