@@ -71,9 +71,8 @@ def agree(comm: MPI.Comm, what: str, action: Callable[[], T]) -> T:
             # The same error everywhere: the rank adds nothing, and a config or tree error
             # stays one (the user fixes the config, not a file).
             for kind in (ConfigError, TopologyError):
-                prefix = f"{kind.__name__}: "
-                if text.startswith(prefix):
-                    raise kind(text[len(prefix):])
+                if text.startswith(f"{kind.__name__}: "):
+                    raise kind(text)  # the message keeps naming the kind, as users see it
             raise SetupError(text)
         more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
         raise SetupError(f"{what} failed on rank {rank}{more}: {text}")
