@@ -173,6 +173,34 @@ def load_experiment(
     Every variant's config is validated here (before any training); the plan-generated variants
     of a ``[plan]`` section are added later by :func:`run_experiment` (they need the model size).
     """
+    text, doc = _read_spec(path)
+    exp, base, plan, only = _experiment_tables(doc, small)
+    base = _merge_base(base, base_file, overrides)
+    name = str(exp.get("name", Path(path).stem))
+    seeds = tuple(int(s) for s in exp.get("seeds", [0]))
+    if not seeds:
+        raise ExperimentError("[experiment] seeds is empty; give e.g. seeds = [0, 1, 2]")
+    steps = _positive_int(exp.get("steps", 200), "experiment.steps")
+    eval_steps = _positive_int(exp.get("eval_every_steps", steps), "experiment.eval_every_steps")
+    last_steps = _positive_int(exp.get("last_steps", eval_steps), "experiment.last_steps")
+    timing = _timing(doc)
+    variants = _variants(doc, base, steps, only)
+    if not variants and plan is None:
+        raise ExperimentError(f"{path} defines no [[variant]] and no [plan]")
+    for v in variants:
+        if v.steps % v.period:
+            raise ExperimentError(
+                f"variant {v.name!r}: steps={v.steps} is not a multiple of prod(tau)="
+                f"{v.period} (tau={v.tau}); change steps or tau")
+        v.run_config(seeds[0], "check.h5", eval_steps)  # validate now, not after hours of runs
+    _check_plan(plan)
+    figures, checks = _figures_and_checks(doc)
+    return Experiment(name, str(exp.get("title", name)), str(exp.get("description", "")).strip(),
+                      seeds, steps, eval_steps, last_steps, base, tuple(variants), timing, plan,
+                      figures, checks, small, text)
+
+
+def _read_spec(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     try:
         text = Path(path).read_text(encoding="utf-8")
         doc = tomllib.loads(text)
@@ -181,6 +209,13 @@ def load_experiment(
     except tomllib.TOMLDecodeError as exc:
         raise ExperimentError(f"experiment spec {path} is not valid TOML: {exc}") from None
     _unknown(str(path), doc, {"experiment", "timing", "base", "variant", "plan", "figure", "check"})
+    return text, doc
+
+
+def _experiment_tables(
+    doc: dict[str, Any], small: bool
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None, list[str] | None]:
+    """Return the ``[experiment]``, ``[base]`` and ``[plan]`` tables (with ``small`` applied)."""
     exp = dict(doc.get("experiment", {}))
     _unknown("[experiment]", exp, _EXPERIMENT_KEYS)
     small_table = dict(exp.pop("small", {}))
@@ -197,6 +232,12 @@ def load_experiment(
         if plan is not None:
             plan.update(small_table.get("plan", {}))
         only = list(small_table["variants"]) if "variants" in small_table else None
+    return exp, base, plan, only
+
+
+def _merge_base(
+    base: dict[str, Any], base_file: str | os.PathLike[str] | None, overrides: Sequence[str]
+) -> dict[str, Any]:
     if base_file is not None:
         try:
             extra = tomllib.loads(Path(base_file).read_text(encoding="utf-8"))
@@ -207,26 +248,26 @@ def load_experiment(
     if overrides:
         base = apply_overrides(base, overrides)
         _unknown("--set", base, _SECTIONS)
-    name = str(exp.get("name", Path(path).stem))
-    seeds = tuple(int(s) for s in exp.get("seeds", [0]))
-    if not seeds:
-        raise ExperimentError("[experiment] seeds is empty; give e.g. seeds = [0, 1, 2]")
-    steps = _positive_int(exp.get("steps", 200), "experiment.steps")
-    eval_steps = _positive_int(exp.get("eval_every_steps", steps), "experiment.eval_every_steps")
-    last_steps = _positive_int(exp.get("last_steps", eval_steps), "experiment.last_steps")
+    return base
 
+
+def _timing(doc: dict[str, Any]) -> Timing:
     t = dict(doc.get("timing", {}))
     _unknown("[timing]", t, {"t_cp", "edge", "root"})
     edge, root = dict(t.get("edge", {})), dict(t.get("root", {}))
     for where, table in (("[timing] edge", edge), ("[timing] root", root)):
         _unknown(where, table, {"alpha", "bandwidth"})
     defaults = Timing()
-    timing = Timing(float(t.get("t_cp", defaults.t_cp)),
-                    float(edge.get("alpha", defaults.edge_alpha)),
-                    float(edge.get("bandwidth", defaults.edge_bandwidth)),
-                    float(root.get("alpha", defaults.root_alpha)),
-                    float(root.get("bandwidth", defaults.root_bandwidth)))
+    return Timing(float(t.get("t_cp", defaults.t_cp)),
+                  float(edge.get("alpha", defaults.edge_alpha)),
+                  float(edge.get("bandwidth", defaults.edge_bandwidth)),
+                  float(root.get("alpha", defaults.root_alpha)),
+                  float(root.get("bandwidth", defaults.root_bandwidth)))
 
+
+def _variants(
+    doc: dict[str, Any], base: dict[str, Any], steps: int, only: list[str] | None
+) -> list[Variant]:
     variants = []
     for i, raw in enumerate(doc.get("variant", [])):
         raw = dict(raw)
@@ -251,21 +292,21 @@ def load_experiment(
         if missing:
             raise ExperimentError(f"[experiment.small] variants names unknown variant(s) {missing}")
         variants = [v for v in variants if v.name in only]
-    if not variants and plan is None:
-        raise ExperimentError(f"{path} defines no [[variant]] and no [plan]")
-    for v in variants:
-        if v.steps % v.period:
-            raise ExperimentError(
-                f"variant {v.name!r}: steps={v.steps} is not a multiple of prod(tau)="
-                f"{v.period} (tau={v.tau}); change steps or tau")
-        v.run_config(seeds[0], "check.h5", eval_steps)  # validate now, not after hours of runs
+    return variants
 
+
+def _check_plan(plan: dict[str, Any] | None) -> None:
     if plan is not None:
         _unknown("[plan]", plan, {"deadline", "random", "tau_max", "seed", "strict", "sigma2",
                                   "grad2", "zeta2", "lipschitz", "gap", "evaluations"})
         if not isinstance(plan.get("deadline"), (int, float)) or plan["deadline"] <= 0:
             raise ExperimentError(f"[plan] deadline={plan.get('deadline')!r} must be a number of "
                                   "modelled seconds > 0, e.g. deadline = 2.0")
+
+
+def _figures_and_checks(
+    doc: dict[str, Any]
+) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
     figures = tuple(dict(f) for f in doc.get("figure", []))
     for f in figures:
         _unknown(f"[[figure]] {f.get('name')!r}", f,
@@ -281,6 +322,5 @@ def load_experiment(
         if c.get("kind") not in _CHECK_KINDS:
             raise ExperimentError(f"[[check]] {c.get('claim')!r}: kind={c.get('kind')!r} must be "
                                   f"one of {list(_CHECK_KINDS)}")
-    return Experiment(name, str(exp.get("title", name)), str(exp.get("description", "")).strip(),
-                      seeds, steps, eval_steps, last_steps, base, tuple(variants), timing, plan,
-                      figures, checks, small, text)
+    return figures, checks
+
