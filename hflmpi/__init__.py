@@ -30,6 +30,7 @@ _EXPORTS = {
     "RunConfig": "hflmpi.config",
     "ConfigError": "hflmpi.config",
     "load_config": "hflmpi.config",
+    "HflmpiError": "hflmpi.errors",
     "read_metrics": "hflmpi.record.store",
     "read_config_toml": "hflmpi.record.store",
     "read_run_info": "hflmpi.record.store",

@@ -36,6 +36,7 @@ from hflmpi.record.checkpoint import (
 )
 from hflmpi.mpi.comm import LayerComms, node_local, plan_from_nodes
 from hflmpi.config import ConfigError, RunConfig, load_config, to_toml_string
+from hflmpi.errors import HflmpiError
 from hflmpi.learn.data import TensorDataset, load_dataset
 from hflmpi.learn.flat import flatten_parameters
 from hflmpi.mpi.guard import Watchdog
@@ -76,7 +77,7 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _INT64 = (np.dtype(np.int64),)
 
 
-class SetupError(RuntimeError):
+class SetupError(HflmpiError, RuntimeError):
     """Setup failed on at least one rank; raised on every rank with the first failure's text."""
 
 

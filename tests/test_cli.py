@@ -199,7 +199,7 @@ def test_run_set_resume_and_report(tmp_path, capsys):
 
 def test_report_on_a_missing_file_fails(tmp_path, capsys):
     code, _, err = run_cli(capsys, "report", str(tmp_path / "missing.h5"))
-    assert code == 1
+    assert code == 2
     assert "missing.h5" in err
 
 

@@ -105,5 +105,5 @@ def test_main_prints_summary_and_writes_plots(runs, tmp_path, capsys):
 
 
 def test_main_reports_missing_file(tmp_path, capsys):
-    assert main([str(tmp_path / "nope.h5")]) == 1
+    assert main([str(tmp_path / "nope.h5")]) == 2
     assert "nope.h5 does not exist" in capsys.readouterr().err

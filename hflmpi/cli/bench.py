@@ -22,6 +22,7 @@ from hflmpi.bench.aggregate import bench_aggregate, default_fanouts
 from hflmpi.bench.flower import Job, flower_available, run_flower, run_hflmpi, wait_sleeping
 from hflmpi.bench.scaling import PREDICT_WORLDS, measure, plot
 from hflmpi.core.topology import plan_fanouts
+from hflmpi.errors import HflmpiError, report_user_error
 
 __all__ = ["main"]
 
@@ -79,10 +80,13 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD if comm is None else comm
     torch.set_num_threads(1)
-    sizes = [int(float(s)) for s in args.sizes.split(",") if s]
-    fanouts = [int(f) for f in args.fanouts.split(",") if f] or default_fanouts(comm.Get_size())
-    plan = plan_fanouts(fanouts, comm.Get_size())
-    bits = [int(b) for b in args.bits.split(",") if b]
+    try:  # the same options on every rank: each raises the same error
+        sizes = [int(float(s)) for s in args.sizes.split(",") if s]
+        fanouts = [int(f) for f in args.fanouts.split(",") if f] or default_fanouts(comm.Get_size())
+        plan = plan_fanouts(fanouts, comm.Get_size())
+        bits = [int(b) for b in args.bits.split(",") if b]
+    except (HflmpiError, ValueError) as exc:
+        return report_user_error("bench aggregate", exc, show=comm.Get_rank() == 0)
     rows = bench_aggregate(comm, sizes, plan, args.repeats, gloo=not args.no_gloo, bits=bits,
                            bucket_size=args.bucket_size)
     if comm.Get_rank() == 0:
@@ -111,9 +115,8 @@ def _scaling(argv: Sequence[str] | None = None, comm: Any = None) -> int:
             worlds = [int(w) for w in opts.worlds.split(",") if w]
             written, tables = plot(opts.out, opts.plots, numel=opts.numel or None, worlds=worlds,
                                    t_cp=opts.t_cp or None)
-        except (OSError, ValueError) as exc:
-            print(f"hflmpi bench scaling plot: error: {exc}", file=sys.stderr)
-            return 2
+        except (HflmpiError, OSError, ValueError) as exc:
+            return report_user_error("bench scaling plot", exc)
         print(tables)
         if opts.table:
             Path(opts.table).write_text(tables + "\n", encoding="utf-8")
@@ -141,15 +144,19 @@ def _scaling(argv: Sequence[str] | None = None, comm: Any = None) -> int:
 
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD if comm is None else comm
-    rows = measure(
-        comm, opts.out, modes=[m for m in opts.modes.split(",") if m],
-        depths=[int(d) for d in opts.depths.split(",") if d], collectives=not opts.no_collectives,
-        sizes=[int(s) for s in opts.sizes.split(",") if s], repeats=opts.repeats,
-        rounds=opts.rounds, features=opts.features,
-        hidden=[int(h) for h in opts.hidden.split(",") if h], total_samples=opts.total_samples,
-        total_batch=opts.total_batch, per_rank_samples=opts.per_rank_samples, batch=opts.batch,
-        bits=opts.bits,
-    )
+    try:  # bad options fail on every rank alike; so do config and setup errors (all ranks)
+        rows = measure(
+            comm, opts.out, modes=[m for m in opts.modes.split(",") if m],
+            depths=[int(d) for d in opts.depths.split(",") if d],
+            collectives=not opts.no_collectives,
+            sizes=[int(s) for s in opts.sizes.split(",") if s], repeats=opts.repeats,
+            rounds=opts.rounds, features=opts.features,
+            hidden=[int(h) for h in opts.hidden.split(",") if h], total_samples=opts.total_samples,
+            total_batch=opts.total_batch, per_rank_samples=opts.per_rank_samples, batch=opts.batch,
+            bits=opts.bits,
+        )
+    except HflmpiError as exc:
+        return report_user_error("bench scaling", exc, show=comm.Get_rank() == 0)
     if comm.Get_rank() == 0:
         for r in rows:
             print(f"P={r['world']} depth={r['depth']} {r['mode']:>6} fanouts={r['fanouts']} "
@@ -207,10 +214,8 @@ def _flower(argv: Sequence[str] | None = None, comm: Any = None) -> int:
         torch.set_num_threads(1)
         try:
             results.append(run_hflmpi(comm, job))
-        except ValueError as exc:
-            if rank == 0:
-                print(f"hflmpi bench flower: error: {exc}", file=sys.stderr)
-            return 2
+        except (HflmpiError, ValueError) as exc:
+            return report_user_error("bench flower", exc, show=rank == 0)
     message = ""
     if args.side in ("both", "flower"):
         available, why = flower_available()

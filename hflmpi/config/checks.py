@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import field
 from typing import Any
 
+from hflmpi.errors import HflmpiError
+
 __all__ = [
     "ConfigError",
     "BUILTIN_MODELS",
@@ -42,7 +44,7 @@ _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-class ConfigError(ValueError):
+class ConfigError(HflmpiError, ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from mpi4py import MPI
 
+from hflmpi.errors import HflmpiError
 from hflmpi.mpi.messages import allgather_int64
 
 __all__ = [
@@ -38,11 +39,11 @@ __all__ = [
 ]
 
 
-class HandshakeError(RuntimeError):
+class HandshakeError(HflmpiError, RuntimeError):
     """Ranks disagree on what the next collective carries."""
 
 
-class NonFiniteUpdateError(FloatingPointError):
+class NonFiniteUpdateError(HflmpiError, FloatingPointError):
     """At least one rank's model holds NaN or Inf before an aggregation."""
 
 

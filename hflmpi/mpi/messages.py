@@ -46,6 +46,8 @@ import numpy as np
 import numpy.typing as npt
 from mpi4py import MPI
 
+from hflmpi.errors import HflmpiError
+
 __all__ = [
     "DTYPES",
     "MessageError",
@@ -81,7 +83,7 @@ _FIX = ("every rank must run the same hflmpi version and config; a rank that sen
         "or compromised: check its host and software")
 
 
-class MessageError(RuntimeError):
+class MessageError(HflmpiError, RuntimeError):
     """A message between ranks failed validation; raised on every rank of the communicator."""
 
 
