@@ -33,6 +33,7 @@ _EXPORTS = {
     "HflmpiError": "hflmpi.errors",
     "read_metrics": "hflmpi.record.store",
     "read_config_toml": "hflmpi.record.store",
+    "read_run_config": "hflmpi.record.run_config",
     "read_run_info": "hflmpi.record.store",
     "TreePlan": "hflmpi.core.topology",
     "plan_fanouts": "hflmpi.core.topology",
