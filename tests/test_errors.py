@@ -145,11 +145,14 @@ def test_experiments_run_of_a_missing_spec_is_one_line_and_exit_2(tmp_path, caps
     assert "nope.toml" in message
 
 
-@pytest.mark.parametrize("argv", [["aggregate", "--fanouts", "3,7"],
-                                  ["aggregate", "--sizes", "many"]])
-def test_bench_aggregate_with_bad_options_is_one_line_and_exit_2(capsys, argv):
-    code = cli_main(["bench", *argv])
+@pytest.mark.parametrize(("command", "argv"), [
+    ("aggregate", ["aggregate", "--fanouts", "3,7"]),
+    ("aggregate", ["aggregate", "--sizes", "many"]),
+    ("scaling plot", ["scaling", "plot", "--out", "{tmp}/nope.h5"]),
+])
+def test_bench_with_bad_options_is_one_line_and_exit_2(tmp_path, capsys, command, argv):
+    code = cli_main(["bench", *(a.format(tmp=tmp_path) for a in argv)])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith("hflmpi bench aggregate: error: "), lines[0]
+    assert lines[0].startswith(f"hflmpi bench {command}: error: "), lines[0]

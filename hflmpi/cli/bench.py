@@ -94,34 +94,38 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     return 0
 
 
+def _scaling_plot(args: Sequence[str]) -> int:
+    """Entry point of ``hflmpi bench scaling plot`` (serial)."""
+    parser = argparse.ArgumentParser(prog="hflmpi bench scaling plot",
+                                     description="Plot scaling rows with cost-model predictions.")
+    parser.add_argument("--out", default="runs/scaling.h5", help="the scaling HDF5 file")
+    parser.add_argument("--plots", default="runs/scaling_plots", help="directory for the PNGs")
+    parser.add_argument("--numel", type=int, default=0, help="model size for the predictions "
+                        "(default: the measured model's)")
+    parser.add_argument("--worlds", default=",".join(map(str, PREDICT_WORLDS)),
+                        help="rank counts to predict (powers of two times 8)")
+    parser.add_argument("--t-cp", type=float, default=0.0, help="seconds per SGD step for the "
+                        "predictions (default: fitted, scaled to --numel)")
+    parser.add_argument("--table", default="", help="also write the tables (Markdown) here")
+    opts = parser.parse_args(args)
+    try:
+        worlds = [int(w) for w in opts.worlds.split(",") if w]
+        written, tables = plot(opts.out, opts.plots, numel=opts.numel or None, worlds=worlds,
+                               t_cp=opts.t_cp or None)
+    except (HflmpiError, OSError, ValueError) as exc:
+        return report_user_error("bench scaling plot", exc)
+    print(tables)
+    if opts.table:
+        Path(opts.table).write_text(tables + "\n", encoding="utf-8")
+    print("\n".join(f"wrote {p}" for p in written))
+    return 0
+
 
 def _scaling(argv: Sequence[str] | None = None, comm: Any = None) -> int:
     """Entry point of ``hflmpi bench scaling [plot]``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "plot":
-        parser = argparse.ArgumentParser(prog="hflmpi bench scaling plot",
-                                         description="Plot scaling rows with cost-model predictions.")
-        parser.add_argument("--out", default="runs/scaling.h5", help="the scaling HDF5 file")
-        parser.add_argument("--plots", default="runs/scaling_plots", help="directory for the PNGs")
-        parser.add_argument("--numel", type=int, default=0, help="model size for the predictions "
-                            "(default: the measured model's)")
-        parser.add_argument("--worlds", default=",".join(map(str, PREDICT_WORLDS)),
-                            help="rank counts to predict (powers of two times 8)")
-        parser.add_argument("--t-cp", type=float, default=0.0, help="seconds per SGD step for the "
-                            "predictions (default: fitted, scaled to --numel)")
-        parser.add_argument("--table", default="", help="also write the tables (Markdown) here")
-        opts = parser.parse_args(args[1:])
-        try:
-            worlds = [int(w) for w in opts.worlds.split(",") if w]
-            written, tables = plot(opts.out, opts.plots, numel=opts.numel or None, worlds=worlds,
-                                   t_cp=opts.t_cp or None)
-        except (HflmpiError, OSError, ValueError) as exc:
-            return report_user_error("bench scaling plot", exc)
-        print(tables)
-        if opts.table:
-            Path(opts.table).write_text(tables + "\n", encoding="utf-8")
-        print("\n".join(f"wrote {p}" for p in written))
-        return 0
+        return _scaling_plot(args[1:])
     parser = argparse.ArgumentParser(prog="hflmpi bench scaling",
                                      description="Strong/weak scaling rows (run under mpiexec -n P).")
     parser.add_argument("--out", default="runs/scaling.h5", help="HDF5 file the rows are appended to")
@@ -165,7 +169,6 @@ def _scaling(argv: Sequence[str] | None = None, comm: Any = None) -> int:
                   f"bytes/round={r['bytes_per_round']:.0f} (model {r['predicted_bytes_per_round']:.0f})",
                   flush=True)
     return 0
-
 
 
 def _report(job: Job, results: list[dict[str, Any]]) -> str:
