@@ -94,7 +94,7 @@ def wait_for_rounds(run_file: Any, rounds: int, timeout: float = 300.0) -> None:
     """Poll a run file written by another process until it records ``rounds`` rounds."""
     import time
 
-    from hflmpi.record.store import read_metrics
+    from hflmpi.record.reading import read_metrics
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

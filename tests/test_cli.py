@@ -23,7 +23,7 @@ import torch
 from hflmpi.record.checkpoint import load_checkpoint
 from hflmpi.cli import main as cli_main
 from hflmpi.config import load_config
-from hflmpi.record.store import read_config_toml, read_metrics, read_run_info
+from hflmpi.record.reading import read_config_toml, read_metrics, read_run_info
 
 MPIEXEC = Path(sys.executable).with_name("mpiexec")
 TINY = """\
@@ -283,7 +283,7 @@ def test_a_truncated_run_file_is_rebuilt_from_the_checkpoint(tmp_path, capsys, h
 
 def test_report_on_a_missing_file_fails(tmp_path, capsys):
     code, _, err = run_cli(capsys, "report", str(tmp_path / "missing.h5"))
-    assert code == 1
+    assert code == 2
     assert "missing.h5" in err
 
 

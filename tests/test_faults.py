@@ -23,7 +23,7 @@ import pytest
 
 from conftest import JOBS, MPIEXEC, preemptible_run, wait_for_rounds
 from hflmpi.record.checkpoint import load_checkpoint, load_latest_valid
-from hflmpi.record.store import read_metrics
+from hflmpi.record.reading import read_metrics
 
 pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to this python")
 

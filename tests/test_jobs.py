@@ -22,7 +22,7 @@ from hflmpi.record.checkpoint import load_checkpoint
 from hflmpi.config import load_config
 from hflmpi.mpi.preempt import EXIT_PREEMPTED
 from hflmpi.record.marker import read_marker
-from hflmpi.record.store import read_metrics
+from hflmpi.record.reading import read_metrics
 
 SCRIPTS = sorted(JOBS.glob("*.sbatch"))
 
@@ -91,7 +91,7 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_bit_exactly(tmp_path):
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to this python")
 def test_nodes_topology_follows_the_node_names(tmp_path):
     """Two fake nodes (HFLMPI_NODE_NAME per rank, MPMD launch): one group per node, then a root."""
-    from hflmpi.record.store import read_run_info
+    from hflmpi.record.reading import read_run_info
 
     out = tmp_path / "nodes.h5"
     rank_cmd = [sys.executable, "-m", "mpi4py", "-m", "hflmpi", "run", str(JOBS / "cpu-node.toml"),

@@ -20,8 +20,8 @@ def _make_run(
     path: Path, *, lr: float, acc_scale: float, bytes_l1: int, fanouts: list[int]
 ) -> Path:
     config = (
-        f"[run]\nseed = 1\nrounds = {ROUNDS}\n\n[train]\nlr = {lr}\n\n"
-        f"[topology]\nfanouts = {fanouts}\n"
+        f"[run]\nseed = 1\nrounds = {ROUNDS}\n\n[optim]\nlr = {lr}\n\n"
+        f"[topology]\nfanouts = {fanouts}\n\n[schedule]\ntau = [5, 2]\n"
     )
     meta = {"world_size": int(np.prod(fanouts)), "tree": {"fanouts": fanouts}}
     with RunRecord.create(path, config, meta, layer_count=2) as rec:
@@ -69,7 +69,7 @@ def test_summary_numbers(runs):
     assert lines["bytes sent, layer 1"].split()[-4:] == ["24.00", "KiB", "6.00", "KiB"]
     assert lines["bytes sent, layer 2"].split()[-4:] == ["12.00", "KiB", "12.00", "KiB"]
     assert "config differences" in text
-    assert lines["train.lr"].split() == ["train.lr", "0.1", "0.05"]
+    assert lines["optim.lr"].split() == ["optim.lr", "0.1", "0.05"]
     assert lines["topology.fanouts"].split() == ["topology.fanouts", "[4,2]", "[2,2]"]
     assert "run.seed" not in text  # equal values are not differences
     assert "(meta) world_size" in text
@@ -105,5 +105,5 @@ def test_main_prints_summary_and_writes_plots(runs, tmp_path, capsys):
 
 
 def test_main_reports_missing_file(tmp_path, capsys):
-    assert main([str(tmp_path / "nope.h5")]) == 1
+    assert main([str(tmp_path / "nope.h5")]) == 2
     assert "nope.h5 does not exist" in capsys.readouterr().err

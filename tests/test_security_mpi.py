@@ -22,7 +22,7 @@ pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
 from hflmpi.config import ConfigError, RunConfig, config_from_dict  # noqa: E402
-from hflmpi.record.store import read_run_info  # noqa: E402
+from hflmpi.record.reading import read_run_info# noqa: E402
 from hflmpi.federation import train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

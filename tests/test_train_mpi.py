@@ -42,7 +42,7 @@ from hflmpi.learn.data import load_dataset  # noqa: E402
 from hflmpi.learn.models import build_model  # noqa: E402
 from hflmpi.learn.partition import make_partition  # noqa: E402
 from hflmpi.core.rng import torch_generator  # noqa: E402
-from hflmpi.record.store import read_metrics, read_run_info  # noqa: E402
+from hflmpi.record.reading import read_metrics, read_run_info# noqa: E402
 from hflmpi.federation import train  # noqa: E402
 
 SAMPLES, FEATURES, CLASSES = 512, 20, 4

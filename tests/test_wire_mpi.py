@@ -26,7 +26,7 @@ from mpi4py import MPI  # noqa: E402
 from hflmpi.config import config_from_dict  # noqa: E402
 from hflmpi.core.costmodel import bytes_per_layer  # noqa: E402
 from hflmpi.federation import train  # noqa: E402
-from hflmpi.record.store import read_metrics  # noqa: E402
+from hflmpi.record.reading import read_metrics# noqa: E402
 
 FEATURES, HIDDEN, CLASSES = 12, 9, 3
 NUMEL = FEATURES * HIDDEN + HIDDEN + HIDDEN * CLASSES + CLASSES  # the MLP's parameters: 147

@@ -111,7 +111,7 @@ def run_hflmpi(comm: Any, job: Job) -> dict[str, Any]:
     import numpy as np
 
     from hflmpi.mpi.messages import bcast_array, bcast_text
-    from hflmpi.record.store import read_metrics
+    from hflmpi.record.reading import read_metrics
     from hflmpi.federation import train
 
     if comm.Get_size() != job.clients:

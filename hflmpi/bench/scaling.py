@@ -154,7 +154,7 @@ def measure(
     """
     from hflmpi.core.costmodel import bytes_per_round
     from hflmpi.mpi.messages import bcast_text
-    from hflmpi.record.store import read_metrics
+    from hflmpi.record.reading import read_metrics
     from hflmpi.federation import train
 
     rank, world = comm.Get_rank(), comm.Get_size()

@@ -22,6 +22,7 @@ from hflmpi.bench.aggregate import bench_aggregate, default_fanouts
 from hflmpi.bench.flower import Job, flower_available, run_flower, run_hflmpi, wait_sleeping
 from hflmpi.bench.scaling import PREDICT_WORLDS, measure, plot
 from hflmpi.core.topology import plan_fanouts
+from hflmpi.errors import HflmpiError, report_user_error
 
 __all__ = ["main"]
 
@@ -79,10 +80,13 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD if comm is None else comm
     torch.set_num_threads(1)
-    sizes = [int(float(s)) for s in args.sizes.split(",") if s]
-    fanouts = [int(f) for f in args.fanouts.split(",") if f] or default_fanouts(comm.Get_size())
-    plan = plan_fanouts(fanouts, comm.Get_size())
-    bits = [int(b) for b in args.bits.split(",") if b]
+    try:  # the same options on every rank: each raises the same error
+        sizes = [int(float(s)) for s in args.sizes.split(",") if s]
+        fanouts = [int(f) for f in args.fanouts.split(",") if f] or default_fanouts(comm.Get_size())
+        plan = plan_fanouts(fanouts, comm.Get_size())
+        bits = [int(b) for b in args.bits.split(",") if b]
+    except (HflmpiError, ValueError) as exc:
+        return report_user_error("bench aggregate", exc, show=comm.Get_rank() == 0)
     rows = bench_aggregate(comm, sizes, plan, args.repeats, gloo=not args.no_gloo, bits=bits,
                            bucket_size=args.bucket_size)
     if comm.Get_rank() == 0:
@@ -90,35 +94,38 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     return 0
 
 
+def _scaling_plot(args: Sequence[str]) -> int:
+    """Entry point of ``hflmpi bench scaling plot`` (serial)."""
+    parser = argparse.ArgumentParser(prog="hflmpi bench scaling plot",
+                                     description="Plot scaling rows with cost-model predictions.")
+    parser.add_argument("--out", default="runs/scaling.h5", help="the scaling HDF5 file")
+    parser.add_argument("--plots", default="runs/scaling_plots", help="directory for the PNGs")
+    parser.add_argument("--numel", type=int, default=0, help="model size for the predictions "
+                        "(default: the measured model's)")
+    parser.add_argument("--worlds", default=",".join(map(str, PREDICT_WORLDS)),
+                        help="rank counts to predict (powers of two times 8)")
+    parser.add_argument("--t-cp", type=float, default=0.0, help="seconds per SGD step for the "
+                        "predictions (default: fitted, scaled to --numel)")
+    parser.add_argument("--table", default="", help="also write the tables (Markdown) here")
+    opts = parser.parse_args(args)
+    try:
+        worlds = [int(w) for w in opts.worlds.split(",") if w]
+        written, tables = plot(opts.out, opts.plots, numel=opts.numel or None, worlds=worlds,
+                               t_cp=opts.t_cp or None)
+    except (HflmpiError, OSError, ValueError) as exc:
+        return report_user_error("bench scaling plot", exc)
+    print(tables)
+    if opts.table:
+        Path(opts.table).write_text(tables + "\n", encoding="utf-8")
+    print("\n".join(f"wrote {p}" for p in written))
+    return 0
+
 
 def _scaling(argv: Sequence[str] | None = None, comm: Any = None) -> int:
     """Entry point of ``hflmpi bench scaling [plot]``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "plot":
-        parser = argparse.ArgumentParser(prog="hflmpi bench scaling plot",
-                                         description="Plot scaling rows with cost-model predictions.")
-        parser.add_argument("--out", default="runs/scaling.h5", help="the scaling HDF5 file")
-        parser.add_argument("--plots", default="runs/scaling_plots", help="directory for the PNGs")
-        parser.add_argument("--numel", type=int, default=0, help="model size for the predictions "
-                            "(default: the measured model's)")
-        parser.add_argument("--worlds", default=",".join(map(str, PREDICT_WORLDS)),
-                            help="rank counts to predict (powers of two times 8)")
-        parser.add_argument("--t-cp", type=float, default=0.0, help="seconds per SGD step for the "
-                            "predictions (default: fitted, scaled to --numel)")
-        parser.add_argument("--table", default="", help="also write the tables (Markdown) here")
-        opts = parser.parse_args(args[1:])
-        try:
-            worlds = [int(w) for w in opts.worlds.split(",") if w]
-            written, tables = plot(opts.out, opts.plots, numel=opts.numel or None, worlds=worlds,
-                                   t_cp=opts.t_cp or None)
-        except (OSError, ValueError) as exc:
-            print(f"hflmpi bench scaling plot: error: {exc}", file=sys.stderr)
-            return 2
-        print(tables)
-        if opts.table:
-            Path(opts.table).write_text(tables + "\n", encoding="utf-8")
-        print("\n".join(f"wrote {p}" for p in written))
-        return 0
+        return _scaling_plot(args[1:])
     parser = argparse.ArgumentParser(prog="hflmpi bench scaling",
                                      description="Strong/weak scaling rows (run under mpiexec -n P).")
     parser.add_argument("--out", default="runs/scaling.h5", help="HDF5 file the rows are appended to")
@@ -141,15 +148,19 @@ def _scaling(argv: Sequence[str] | None = None, comm: Any = None) -> int:
 
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD if comm is None else comm
-    rows = measure(
-        comm, opts.out, modes=[m for m in opts.modes.split(",") if m],
-        depths=[int(d) for d in opts.depths.split(",") if d], collectives=not opts.no_collectives,
-        sizes=[int(s) for s in opts.sizes.split(",") if s], repeats=opts.repeats,
-        rounds=opts.rounds, features=opts.features,
-        hidden=[int(h) for h in opts.hidden.split(",") if h], total_samples=opts.total_samples,
-        total_batch=opts.total_batch, per_rank_samples=opts.per_rank_samples, batch=opts.batch,
-        bits=opts.bits,
-    )
+    try:  # bad options fail on every rank alike; so do config and setup errors (all ranks)
+        rows = measure(
+            comm, opts.out, modes=[m for m in opts.modes.split(",") if m],
+            depths=[int(d) for d in opts.depths.split(",") if d],
+            collectives=not opts.no_collectives,
+            sizes=[int(s) for s in opts.sizes.split(",") if s], repeats=opts.repeats,
+            rounds=opts.rounds, features=opts.features,
+            hidden=[int(h) for h in opts.hidden.split(",") if h], total_samples=opts.total_samples,
+            total_batch=opts.total_batch, per_rank_samples=opts.per_rank_samples, batch=opts.batch,
+            bits=opts.bits,
+        )
+    except HflmpiError as exc:
+        return report_user_error("bench scaling", exc, show=comm.Get_rank() == 0)
     if comm.Get_rank() == 0:
         for r in rows:
             print(f"P={r['world']} depth={r['depth']} {r['mode']:>6} fanouts={r['fanouts']} "
@@ -158,7 +169,6 @@ def _scaling(argv: Sequence[str] | None = None, comm: Any = None) -> int:
                   f"bytes/round={r['bytes_per_round']:.0f} (model {r['predicted_bytes_per_round']:.0f})",
                   flush=True)
     return 0
-
 
 
 def _report(job: Job, results: list[dict[str, Any]]) -> str:
@@ -207,10 +217,8 @@ def _flower(argv: Sequence[str] | None = None, comm: Any = None) -> int:
         torch.set_num_threads(1)
         try:
             results.append(run_hflmpi(comm, job))
-        except ValueError as exc:
-            if rank == 0:
-                print(f"hflmpi bench flower: error: {exc}", file=sys.stderr)
-            return 2
+        except (HflmpiError, ValueError) as exc:
+            return report_user_error("bench flower", exc, show=rank == 0)
     message = ""
     if args.side in ("both", "flower"):
         available, why = flower_available()

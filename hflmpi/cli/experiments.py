@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
-
-from hflmpi.config import ConfigError
-from hflmpi.core.topology import TopologyError
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
-
-
-from hflmpi.experiments import (
-    ExperimentError,
-    load_results,
-    plot_results,
-    results_markdown,
-    run_experiment,
-)
+from hflmpi.errors import HflmpiError, report_user_error
+from hflmpi.experiments import load_results, plot_results, results_markdown, run_experiment
 
 __all__ = ["main"]
 
@@ -62,14 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 md.write_text(results_markdown(results, figures), encoding="utf-8")
                 for p in [*figures, md]:
                     print(f"wrote {p} ({p.stat().st_size // 1024} KiB)")
-        except (ExperimentError, OSError, KeyError) as exc:
-            print(f"hflmpi experiments: error: {exc}", file=sys.stderr)
-            return 1
+        except (HflmpiError, OSError, KeyError) as exc:
+            return report_user_error("experiments", exc)
         return 0
 
     from mpi4py import MPI
-
-    from hflmpi.mpi.guard import SetupError
 
     comm = MPI.COMM_WORLD
     try:
@@ -79,9 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_experiment(args.spec, args.out, comm, small=args.small, reuse=args.reuse,
                        only=[s for s in args.only.split(",") if s] or None,
                        base_file=args.base, overrides=args.overrides)
-    except (ExperimentError, ConfigError, TopologyError, SetupError) as exc:
-        if comm.Get_rank() == 0:
-            print(f"hflmpi experiments: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    except HflmpiError as exc:  # raised on every rank (the runner shares rank 0's verdict)
+        return report_user_error("experiments", exc, show=comm.Get_rank() == 0)
     return 0
 

@@ -21,6 +21,7 @@ from hflmpi.core.tau_search import (
     search,
 )
 from hflmpi.core.wire import bytes_ratio
+from hflmpi.errors import HflmpiError, report_user_error
 from hflmpi.record.timings import times_from_run
 
 __all__ = ["main"]
@@ -100,9 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result, bits = _run(args)
-    except (ValueError, OSError, KeyError) as exc:  # PlanError is a ValueError
-        print(f"hflmpi plan: error: {exc}", file=sys.stderr)
-        return 2
+    except (HflmpiError, ValueError, OSError, KeyError) as exc:
+        return report_user_error("plan", exc)
     if args.json:
         out = result.to_dict()
         out["bits"] = list(bits)

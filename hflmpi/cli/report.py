@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from hflmpi.errors import HflmpiError, report_user_error
 from hflmpi.record.report import plot, summarize
 
 __all__ = ["main"]
@@ -22,15 +23,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``hflmpi report``; return the exit status (0 ok, 1 unreadable input)."""
+    """Run ``hflmpi report``; return the exit status (0 ok, 2 unreadable input or user error)."""
     args = _parser().parse_args(argv)
     try:
         sys.stdout.write(summarize(args.runs))
         if args.out:
             for path in plot(args.runs, args.out):
                 sys.stdout.write(f"wrote {path}\n")
-    except (OSError, KeyError, ValueError) as err:
-        sys.stderr.write(f"hflmpi report: error: {err}\n")
-        return 1
+    except (HflmpiError, OSError, KeyError, ValueError) as err:
+        return report_user_error("report", err)
     return 0
 

@@ -15,10 +15,12 @@ import json
 import math
 from typing import Any, Sequence
 
+from hflmpi.errors import HflmpiError
+
 __all__ = ["LayerOptionsError", "check_layer_options", "format_value"]
 
 
-class LayerOptionsError(ValueError):
+class LayerOptionsError(HflmpiError, ValueError):
     """A combination of per-layer aggregation options is refused (the message says the fix)."""
 
 

@@ -45,6 +45,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hflmpi.errors import HflmpiError
 from hflmpi.core.costmodel import round_time
 from hflmpi.core.wire import bytes_ratio, resolve_bucket_size
 
@@ -68,7 +69,7 @@ _FLOOR_EPS = 1e-12  # D / T computed in floating point: 6.0 must not floor to 5
 _MAX_GRID = 5_000_000
 
 
-class PlanError(ValueError):
+class PlanError(HflmpiError, ValueError):
     """The planning problem has no solution (e.g. the deadline is shorter than any round)."""
 
 

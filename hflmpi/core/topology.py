@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from hflmpi.errors import HflmpiError
+
 __all__ = [
     "TopologyError",
     "TreePlan",
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 
-class TopologyError(ValueError):
+class TopologyError(HflmpiError, ValueError):
     """The tree spec does not describe a valid tree for this world size."""
 
 

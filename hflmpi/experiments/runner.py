@@ -124,7 +124,7 @@ def _run_file(out: Path, variant: str, seed: int) -> Path:
 
 
 def _complete(path: Path, rounds: int) -> bool:
-    from hflmpi.record.store import read_metrics
+    from hflmpi.record.reading import read_metrics
 
     try:
         return path.exists() and len(read_metrics(path)["round"]) >= rounds
@@ -291,7 +291,9 @@ def _write_results(exp: Experiment, variants: Sequence[Variant], out: Path, nume
                    world_size: int) -> None:
     import h5py
 
-    from hflmpi.record.store import read_config_toml, read_metrics
+    from hflmpi.config import to_toml_string
+    from hflmpi.record.run_config import read_run_config
+    from hflmpi.record.reading import read_metrics
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.h5")
@@ -316,7 +318,8 @@ def _write_results(exp: Experiment, variants: Sequence[Variant], out: Path, nume
                 m = read_metrics(path)
                 rounds = m["round"].astype(np.int64)
                 sg = g.create_group(f"seed_{seed}")
-                sg.attrs.update(config_toml=read_config_toml(path), run_file=str(path), seed=seed)
+                stored = to_toml_string(read_run_config(path))  # validated on the way
+                sg.attrs.update(config_toml=stored, run_file=str(path), seed=seed)
                 curves = {
                     "round": rounds, "step": rounds * v.period,
                     "bytes_cum": np.cumsum(np.nansum(m["bytes_sent"], axis=1)),

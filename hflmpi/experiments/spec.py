@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 
 from hflmpi.config import ConfigError, RunConfig, apply_overrides, config_from_dict
+from hflmpi.errors import HflmpiError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,7 +37,7 @@ _FIGURE_KINDS = ("accuracy_vs_steps", "accuracy_vs_bytes", "accuracy_vs_time", "
 _CHECK_KINDS = ("order", "close", "finite", "at_least", "above_median")
 
 
-class ExperimentError(ValueError):
+class ExperimentError(HflmpiError, ValueError):
     """An experiment spec or results file is invalid; the message names the key and a fix."""
 
 

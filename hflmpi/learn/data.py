@@ -20,6 +20,7 @@ import torch
 
 from hflmpi.config import DataConfig
 from hflmpi.core.rng import numpy_generator
+from hflmpi.errors import HflmpiError
 
 __all__ = [
     "DatasetError",
@@ -44,7 +45,7 @@ _IDX_SUBDIRS = {"mnist": ("MNIST/raw", "mnist"), "fashion_mnist": ("FashionMNIST
 _CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
-class DatasetError(ValueError):
+class DatasetError(HflmpiError, ValueError):
     """A dataset directory or file is missing, unreadable or corrupt."""
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from hflmpi.errors import HflmpiError
+
 __all__ = ["MessageError", "agree_valid", "who"]
 
 _REPORT_BYTES = 1024
@@ -20,7 +22,7 @@ _FIX = ("every rank must run the same hflmpi version and config; a rank that sen
         "or compromised: check its host and software")
 
 
-class MessageError(RuntimeError):
+class MessageError(HflmpiError, RuntimeError):
     """A message between ranks failed validation; raised on every rank of the communicator."""
 
 

@@ -32,6 +32,7 @@ from mpi4py import MPI
 
 from hflmpi.config import ConfigError
 from hflmpi.core.topology import TopologyError
+from hflmpi.errors import HflmpiError
 from hflmpi.mpi.messages import allgather_int64, allgather_text
 
 __all__ = [
@@ -45,7 +46,7 @@ T = TypeVar("T")
 _ERROR_BYTES = 4096  # longest error text a rank shares in agree(); longer ones are cut
 
 
-class SetupError(RuntimeError):
+class SetupError(HflmpiError, RuntimeError):
     """Setup failed on at least one rank; raised on every rank with the first failure's text."""
 
 
@@ -61,7 +62,7 @@ def agree(comm: MPI.Comm, what: str, action: Callable[[], T]) -> T:
     result: Any = None
     try:
         result = action()
-    except (OSError, ValueError, RuntimeError, KeyError, ImportError, TypeError) as exc:
+    except (HflmpiError, OSError, ValueError, RuntimeError, KeyError, ImportError, TypeError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     errors = allgather_text(comm, error, max_bytes=_ERROR_BYTES, what=f"{what}: sharing the outcome")
     failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
@@ -79,11 +80,11 @@ def agree(comm: MPI.Comm, what: str, action: Callable[[], T]) -> T:
     return result
 
 
-class HandshakeError(RuntimeError):
+class HandshakeError(HflmpiError, RuntimeError):
     """Ranks disagree on what the next collective carries."""
 
 
-class NonFiniteUpdateError(FloatingPointError):
+class NonFiniteUpdateError(HflmpiError, FloatingPointError):
     """At least one rank's model holds NaN or Inf before an aggregation."""
 
 

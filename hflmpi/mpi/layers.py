@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hflmpi.errors import HflmpiError
 from hflmpi.core.privacy import clip_update, gaussian_noise, noise_std
 from hflmpi.core.rng import torch_generator
 from hflmpi.core.robust import robust_update
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 
-class LayerFailedError(ValueError):
+class LayerFailedError(HflmpiError, ValueError):
     """A layer's leader could not aggregate (e.g. a robust rule left with too few weights).
 
     Raised on every rank of the aggregating subtree, with the leader's reason.

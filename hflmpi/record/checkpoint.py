@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 
 from hflmpi import __version__
+from hflmpi.errors import HflmpiError
 
 __all__ = [
     "Checkpoint",
@@ -57,7 +58,7 @@ _RUN_SUFFIXES = (".h5", ".hdf5")
 _NUMERIC_KINDS = "biufc"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HflmpiError, RuntimeError):
     """A checkpoint could not be written, or no valid one could be read."""
 
 

@@ -18,7 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hflmpi.record.store import read_config_toml, read_metrics, read_run_info
+from hflmpi.config import config_to_dict
+from hflmpi.record.run_config import read_run_config
+from hflmpi.record.reading import read_metrics, read_run_info
 
 __all__ = ["RunSummary", "load_runs", "summarize", "plot", "PLOT_NAMES"]
 
@@ -37,9 +39,10 @@ class RunSummary:
     def __init__(self, path: Path, label: str) -> None:
         self.path = path
         self.label = label
+        # The config first: a file that is not a run file gets read_run_config's clear message.
+        self.config: dict[str, str] = _flatten_config(config_to_dict(read_run_config(path)))
         self.metrics: dict[str, np.ndarray] = read_metrics(path)
         self.info: dict[str, Any] = read_run_info(path)
-        self.config: dict[str, str] = _flatten_config(read_config_toml(path))
 
     @property
     def rounds(self) -> np.ndarray:
@@ -63,22 +66,8 @@ class RunSummary:
         return float(values[i]), int(self.rounds[i])
 
 
-def _parse_toml(text: str) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError:
-            return {"config_toml": text}
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
-        return {"config_toml": text}
-
-
-def _flatten_config(text: str) -> dict[str, str]:
-    """Return ``{"section.key": value as compact JSON}`` for every leaf of the TOML config."""
+def _flatten_config(config: dict[str, Any]) -> dict[str, str]:
+    """Return ``{"section.key": value as compact JSON}`` for every leaf of the nested config."""
     flat: dict[str, str] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -88,7 +77,7 @@ def _flatten_config(text: str) -> dict[str, str]:
         else:
             flat[prefix] = json.dumps(node, default=str, separators=(",", ":"))
 
-    walk("", _parse_toml(text))
+    walk("", config)
     return flat
 
 

@@ -25,7 +25,6 @@ Pure functions, no MPI; the caller runs them on rank 0 and shares the verdict.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,17 +34,11 @@ from hflmpi.config import (
     BUILTIN_MODELS,
     ConfigError,
     RunConfig,
-    apply_overrides,
-    config_from_dict,
     config_to_dict,
     format_value as _fmt,
     parse_override,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 needs the tomli backport
-    import tomli as tomllib
+from hflmpi.record.run_config import parse_stored_config
 
 __all__ = [
     "ALLOW_FLAG",
@@ -216,29 +209,18 @@ def check_checkpoint_config(
 
 
 def _parse(text: str, where: str) -> RunConfig:
-    try:
-        return config_from_dict(tomllib.loads(text))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"the config stored in {where} is not valid TOML: {exc}") from None
-    except ConfigError as exc:
-        raise ConfigError(f"the config stored in {where} is not valid: {exc}") from None
+    return parse_stored_config(text, where)
 
 
 def stored_config(text: str, run_path: str, overrides: Sequence[str] = ()) -> RunConfig:
     """Return the config stored in a run file (TOML ``text``) with ``--set`` overrides applied.
 
-    Nothing is imported: an import-path ``model.name`` is only validated as a string here (see
-    :func:`check_untrusted_model` before building the model).
+    For the text already read (to hash it, too); from a path use
+    :func:`hflmpi.record.run_config.read_run_config`. Nothing is imported: an import-path
+    ``model.name`` is only validated as a string here (see :func:`check_untrusted_model` before
+    building the model).
     """
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--resume {run_path}: the stored config is not valid TOML: {exc}") from None
-    try:
-        return config_from_dict(apply_overrides(data, overrides))
-    except ConfigError as exc:
-        raise ConfigError(f"--resume {run_path}: the stored config with the --set overrides is "
-                          f"not valid: {exc}") from None
+    return parse_stored_config(text, f"--resume {run_path}", overrides)
 
 
 def check_untrusted_model(config: RunConfig, overrides: Sequence[str], run_path: str) -> None:

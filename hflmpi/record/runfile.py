@@ -46,7 +46,8 @@ from hflmpi.record.resume import (
     check_untrusted_model,
     stored_config,
 )
-from hflmpi.record.store import RunRecord, read_config_toml, read_run_info
+from hflmpi.record.store import RunRecord
+from hflmpi.record.reading import read_config_toml, read_run_info
 
 __all__ = [
     "ConfigUpdate",

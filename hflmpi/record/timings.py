@@ -8,14 +8,14 @@ of the round-time model :func:`hflmpi.core.costmodel.round_time`.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 
 import numpy as np
 
 from hflmpi.core.costmodel import aggregation_counts
 from hflmpi.core.schedule import steps_per_round
-from hflmpi.record.store import read_config_toml, read_metrics, read_run_info
+from hflmpi.record.run_config import read_run_config
+from hflmpi.record.reading import read_metrics, read_run_info
 
 __all__ = ["MeasuredTimes", "times_from_run"]
 
@@ -46,18 +46,20 @@ def times_from_run(path: str | os.PathLike[str], skip_first: bool = True) -> Mea
 
     Raises
     ------
+    ConfigError
+        If the file stores no valid config (see :func:`hflmpi.record.run_config.read_run_config`).
     ValueError
         If the run has no rounds yet.
     OSError, KeyError
         If the file cannot be read as a run record.
     """
+    config = read_run_config(path)
     metrics = read_metrics(path)
-    config = tomllib.loads(read_config_toml(path))
     info = read_run_info(path)
-    tau = [int(t) for t in config["schedule"]["tau"]]
+    tau = list(config.schedule.tau)
     depth = len(tau)
-    bits = [int(b) for b in config.get("quantize", {}).get("bits", [])] or [0] * depth
-    bucket = int(config.get("quantize", {}).get("bucket_size", 0))
+    bits = list(config.quantize.bits_for(depth))
+    bucket = config.quantize.bucket_size
     compute = np.asarray(metrics["compute_seconds"], dtype=np.float64).reshape(-1, depth)
     comm = np.asarray(metrics["comm_seconds"], dtype=np.float64).reshape(-1, depth)
     if len(compute) == 0:

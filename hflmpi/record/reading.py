@@ -1,0 +1,78 @@
+"""Read a run file (any rank, any time, also while a run writes it): metrics, config, attributes.
+
+The writer is :class:`hflmpi.record.store.RunRecord`; the file layout is described there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+__all__ = ["read_metrics", "read_config_toml", "read_run_info", "read_partition"]
+
+
+def _open_read(path: str | os.PathLike[str]) -> h5py.File:
+    """Open a run file read-only without HDF5 file locking, so a live run can be read."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"run record {os.fspath(path)} does not exist")
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as err:
+        # The same process already has the file open (with locking): HDF5 shares that handle and
+        # insists on matching flags.
+        if "locking flag" not in str(err):
+            raise
+        return h5py.File(path, "r")
+
+
+def read_metrics(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Return every ``/metrics`` dataset of a run file as an array (rows = rounds)."""
+    with _open_read(path) as file:
+        return {name: ds[()] for name, ds in file["metrics"].items()}
+
+
+def read_config_toml(path: str | os.PathLike[str]) -> str:
+    """Return the resolved configuration (TOML text) stored in a run file.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If the file holds no ``config_toml`` (not an hflmpi run file).
+    """
+    with _open_read(path) as file:
+        if "config_toml" not in file.attrs:
+            raise ValueError(f"{os.fspath(path)} stores no config (no config_toml attribute); "
+                             "is it an hflmpi run file (not a checkpoint)?")
+        value = file.attrs["config_toml"]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def read_run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the root attributes of a run file (``tree``, ``resume_log`` and ``config_history``
+    parsed from JSON)."""
+    with _open_read(path) as file:
+        info = {key: value.item() if isinstance(value, np.generic) else value
+                for key, value in file.attrs.items()}
+    for key in ("tree", "resume_log", "config_history"):
+        if isinstance(info.get(key), str):
+            try:
+                info[key] = json.loads(info[key])
+            except json.JSONDecodeError:
+                pass
+    return info
+
+
+def read_partition(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Return ``(sizes, label_histograms)`` of a run file, or None if none was written."""
+    with _open_read(path) as file:
+        if "partition" not in file:
+            return None
+        group = file["partition"]
+        return group["sizes"][()], group["label_histograms"][()]
