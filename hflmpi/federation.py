@@ -257,7 +257,7 @@ def _run_rounds(
     start_round: int, resumed: bool, record: RunRecord | None, progress: Progress | None,
     record_path: Path,
 ) -> TrainResult:
-    """The global rounds, top to bottom (all ranks; rank 0 records)."""
+    """Run the global rounds, top to bottom (all ranks; rank 0 records)."""
     rank, rounds, tau = comm.Get_rank(), config.run.rounds, list(config.schedule.tau)
     steps, started = steps_per_round(tau), time.perf_counter()
     samples = comm.Get_size() * steps * config.optim.batch_size

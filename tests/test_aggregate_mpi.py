@@ -13,15 +13,14 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-
 from conftest import parallel_assert, tree_specs
 
 mpi4py = pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
+from hflmpi.core.topology import plan_fanouts, plan_groups  # noqa: E402
 from hflmpi.mpi.aggregate import HierarchicalAggregator  # noqa: E402
 from hflmpi.mpi.comm import LayerComms  # noqa: E402
-from hflmpi.core.topology import plan_fanouts, plan_groups  # noqa: E402
 
 NUMEL = 1001
 

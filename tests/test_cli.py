@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from hflmpi.record.checkpoint import load_checkpoint
 from hflmpi.cli import main as cli_main
 from hflmpi.config import load_config
+from hflmpi.record.checkpoint import load_checkpoint
 from hflmpi.record.reading import read_config_toml, read_metrics, read_run_info
 
 MPIEXEC = Path(sys.executable).with_name("mpiexec")

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hflmpi.core.costmodel import round_time
+from hflmpi.core.wire import bytes_ratio
 from hflmpi.experiments import (
     ExperimentError,
     Timing,
@@ -22,8 +24,6 @@ from hflmpi.experiments import (
     results_markdown,
     summarize,
 )
-from hflmpi.core.costmodel import round_time
-from hflmpi.core.wire import bytes_ratio
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml"))
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import parallel_assert
 
 pytest.importorskip("mpi4py")

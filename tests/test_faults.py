@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import JOBS, MPIEXEC, preemptible_run, wait_for_rounds
+
 from hflmpi.record.checkpoint import load_checkpoint, load_latest_valid
 from hflmpi.record.reading import read_metrics
 

@@ -11,7 +11,6 @@ from hflmpi.learn.flat import flatten_parameters
 from hflmpi.learn.local import LocalSolver
 from hflmpi.learn.models import build_model
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

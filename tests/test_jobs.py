@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import JOBS, MPIEXEC, preemptible_run, wait_for_rounds
-from hflmpi.record.checkpoint import load_checkpoint
+
 from hflmpi.config import load_config
 from hflmpi.mpi.preempt import EXIT_PREEMPTED
+from hflmpi.record.checkpoint import load_checkpoint
 from hflmpi.record.marker import read_marker
 from hflmpi.record.reading import read_metrics
 

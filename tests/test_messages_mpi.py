@@ -14,15 +14,14 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import parallel_assert
 
 mpi4py = pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
+from hflmpi.core.secure import MODP_2048_P  # noqa: E402
 from hflmpi.mpi import messages  # noqa: E402
 from hflmpi.mpi.messages import MessageError  # noqa: E402
-from hflmpi.core.secure import MODP_2048_P  # noqa: E402
 
 WHAT = "testing"
 

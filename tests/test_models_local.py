@@ -14,7 +14,6 @@ from hflmpi.learn.data import TensorDataset, load_digits
 from hflmpi.learn.local import BatchSampler, LocalSolver, evaluate, lr_at
 from hflmpi.learn.models import build_model
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

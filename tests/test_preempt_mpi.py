@@ -13,7 +13,6 @@ import json
 import signal
 
 import pytest
-
 from conftest import parallel_assert
 
 mpi4py = pytest.importorskip("mpi4py")

@@ -15,18 +15,17 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-
 from conftest import parallel_assert, random_nested_groups
 
 mpi4py = pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
-from hflmpi.mpi.aggregate import HierarchicalAggregator  # noqa: E402
-from hflmpi.mpi.comm import LayerComms  # noqa: E402
 from hflmpi.core.quantize import bucket_absmax, from_level_sum, to_levels  # noqa: E402
 from hflmpi.core.rng import torch_generator  # noqa: E402
 from hflmpi.core.topology import plan_fanouts, plan_groups  # noqa: E402
 from hflmpi.core.wire import Method, choose_method, levels_for_bits, packed_nbytes  # noqa: E402
+from hflmpi.mpi.aggregate import HierarchicalAggregator  # noqa: E402
+from hflmpi.mpi.comm import LayerComms  # noqa: E402
 
 NUMEL = 1000
 BUCKET = 64

@@ -13,19 +13,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import parallel_assert
 
 mpi4py = pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
+from hflmpi.core.rng import torch_generator  # noqa: E402
+from hflmpi.core.topology import plan_fanouts, plan_groups  # noqa: E402
 from hflmpi.mpi.aggregate import HierarchicalAggregator, LayerFailedError, PrivacyOptions  # noqa: E402
 from hflmpi.mpi.comm import LayerComms  # noqa: E402
 from hflmpi.mpi.guard import (  # noqa: E402
-    HandshakeError, NonFiniteUpdateError, RankStatus, Watchdog, stall_report,
+    HandshakeError,
+    NonFiniteUpdateError,
+    RankStatus,
+    Watchdog,
+    stall_report,
 )
-from hflmpi.core.rng import torch_generator  # noqa: E402
-from hflmpi.core.topology import plan_fanouts, plan_groups  # noqa: E402
 
 NUMEL = 4096
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import parallel_assert
 
 pytest.importorskip("mpi4py")

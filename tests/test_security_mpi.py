@@ -15,15 +15,14 @@ import tempfile
 from typing import Any
 
 import pytest
-
 from conftest import parallel_assert
 
 pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
 from hflmpi.config import ConfigError, RunConfig, config_from_dict  # noqa: E402
-from hflmpi.record.reading import read_run_info# noqa: E402
 from hflmpi.federation import train  # noqa: E402
+from hflmpi.record.reading import read_run_info  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

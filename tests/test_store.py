@@ -12,8 +12,8 @@ import pytest
 
 import hflmpi
 from hflmpi import __version__
-from hflmpi.record.store import LAYER_METRICS, METHOD_CODES, SCALAR_METRICS, RoundMetrics, RunRecord
 from hflmpi.record.reading import read_config_toml, read_metrics, read_partition, read_run_info
+from hflmpi.record.store import LAYER_METRICS, METHOD_CODES, SCALAR_METRICS, RoundMetrics, RunRecord
 
 CONFIG = '[run]\nseed = 7\n\n[topology]\nfanouts = [4, 2]\n'
 META = {"world_size": 8, "tree": {"fanouts": [4, 2]}, "start_time_unix": 1_700_000_000.0}

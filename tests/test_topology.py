@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import random_nested_groups, tree_specs
+
 from hflmpi.core.topology import TopologyError, TreePlan, plan_fanouts, plan_groups, plan_nodes
 
 

@@ -31,19 +31,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import parallel_assert
 
 pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
 from hflmpi.config import RunConfig, config_from_dict  # noqa: E402
+from hflmpi.core.rng import torch_generator  # noqa: E402
+from hflmpi.federation import train  # noqa: E402
 from hflmpi.learn.data import load_dataset  # noqa: E402
 from hflmpi.learn.models import build_model  # noqa: E402
 from hflmpi.learn.partition import make_partition  # noqa: E402
-from hflmpi.core.rng import torch_generator  # noqa: E402
-from hflmpi.record.reading import read_metrics, read_run_info# noqa: E402
-from hflmpi.federation import train  # noqa: E402
+from hflmpi.record.reading import read_metrics, read_run_info  # noqa: E402
 
 SAMPLES, FEATURES, CLASSES = 512, 20, 4
 RTOL = 1e-5  # float32 training; reference means in float64

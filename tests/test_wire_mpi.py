@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from conftest import parallel_assert
 
 pytest.importorskip("mpi4py")
@@ -26,7 +25,7 @@ from mpi4py import MPI  # noqa: E402
 from hflmpi.config import config_from_dict  # noqa: E402
 from hflmpi.core.costmodel import bytes_per_layer  # noqa: E402
 from hflmpi.federation import train  # noqa: E402
-from hflmpi.record.reading import read_metrics# noqa: E402
+from hflmpi.record.reading import read_metrics  # noqa: E402
 
 FEATURES, HIDDEN, CLASSES = 12, 9, 3
 NUMEL = FEATURES * HIDDEN + HIDDEN + HIDDEN * CLASSES + CLASSES  # the MLP's parameters: 147

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hflmpi.core.topology import TreePlan
 from hflmpi.mpi.aggregate import HierarchicalAggregator
 from hflmpi.mpi.comm import LayerComms
 from hflmpi.mpi.messages import allreduce_float, allreduce_int, bcast_int
-from hflmpi.core.topology import TreePlan
 
 __all__ = ["default_fanouts", "time_interleaved", "bench_aggregate"]
 

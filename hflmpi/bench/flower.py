@@ -85,8 +85,8 @@ def flower_available() -> tuple[bool, str]:
     """Return whether ``flwr`` with its simulation engine imports, and why not."""
     try:
         import flwr  # noqa: F401
-        from flwr.simulation import run_simulation  # noqa: F401
         import ray  # noqa: F401
+        from flwr.simulation import run_simulation  # noqa: F401
     except ImportError as exc:
         return False, f"{exc}; install it with pip install 'hflmpi[flower]' (flwr[simulation])"
     return True, ""
@@ -110,9 +110,9 @@ def run_hflmpi(comm: Any, job: Job) -> dict[str, Any]:
     """
     import numpy as np
 
+    from hflmpi.federation import train
     from hflmpi.mpi.messages import bcast_array, bcast_text
     from hflmpi.record.reading import read_metrics
-    from hflmpi.federation import train
 
     if comm.Get_size() != job.clients:
         raise ValueError(f"the hflmpi side needs one rank per client: run under mpiexec -n "

@@ -153,9 +153,9 @@ def measure(
     Returns the rows (identical on every rank). ``job`` goes to :func:`job_config`.
     """
     from hflmpi.core.costmodel import bytes_per_round
+    from hflmpi.federation import train
     from hflmpi.mpi.messages import bcast_text
     from hflmpi.record.reading import read_metrics
-    from hflmpi.federation import train
 
     rank, world = comm.Get_rank(), comm.Get_size()
     workdir = bcast_text(comm, tempfile.mkdtemp(prefix="hflmpi-scaling-") if rank == 0 else None,

@@ -12,8 +12,6 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from hflmpi.core.layer_rules import LayerOptionsError
-from hflmpi.core.layer_rules import check_layer_options as check_layer_rules
 from hflmpi.config.checks import ConfigError, _fmt
 from hflmpi.config.sections import (
     _SECTIONS,
@@ -27,6 +25,8 @@ from hflmpi.config.sections import (
     ScheduleConfig,
     TopologyConfig,
 )
+from hflmpi.core.layer_rules import LayerOptionsError
+from hflmpi.core.layer_rules import check_layer_options as check_layer_rules
 
 __all__ = ["RunConfig"]
 

@@ -243,7 +243,7 @@ def _check_generator(generator: torch.Generator | None, device: torch.device) ->
     return generator
 
 
-def _check_scales(scales: torch.Tensor, numel: int, bucket_size: int, device) -> torch.Tensor:
+def _check_scales(scales: torch.Tensor, numel: int, bucket_size: int, device: torch.device) -> torch.Tensor:
     expected = num_buckets(numel, bucket_size)
     if scales.numel() != expected:
         raise ValueError(

@@ -45,9 +45,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hflmpi.errors import HflmpiError
 from hflmpi.core.costmodel import round_time
 from hflmpi.core.wire import bytes_ratio, resolve_bucket_size
+from hflmpi.errors import HflmpiError
 
 __all__ = [
     "PlanError",

@@ -11,7 +11,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-
 if sys.version_info >= (3, 11):
     pass
 else:  # pragma: no cover

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-
 if sys.version_info >= (3, 11):
     pass
 else:  # pragma: no cover
@@ -37,6 +36,7 @@ class VariantResult:
 
     @property
     def label(self) -> str:
+        """Return the variant's label for legends and tables (its name if none)."""
         return str(self.attrs.get("label", self.name))
 
 

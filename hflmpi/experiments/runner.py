@@ -13,9 +13,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from hflmpi import __version__
-from hflmpi.record.checkpoint import checkpoint_paths
 from hflmpi.config import RunConfig, config_from_dict
 from hflmpi.core.topology import TopologyError, TreePlan, plan_fanouts, plan_groups
+from hflmpi.record.checkpoint import checkpoint_paths
 
 if sys.version_info >= (3, 11):
     pass
@@ -292,8 +292,8 @@ def _write_results(exp: Experiment, variants: Sequence[Variant], out: Path, nume
     import h5py
 
     from hflmpi.config import to_toml_string
-    from hflmpi.record.run_config import read_run_config
     from hflmpi.record.reading import read_metrics
+    from hflmpi.record.run_config import read_run_config
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.h5")

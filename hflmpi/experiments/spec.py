@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-
 from hflmpi.config import ConfigError, RunConfig, apply_overrides, config_from_dict
 from hflmpi.errors import HflmpiError
 
@@ -87,6 +86,7 @@ class Variant:
 
     @property
     def tau(self) -> list[int]:
+        """Return the variant's ``schedule.tau``."""
         return list(self.config.get("schedule", {}).get("tau", [5]))
 
     @property
@@ -129,6 +129,7 @@ class Experiment:
     text: str = field(repr=False, default="")
 
     def variant(self, name: str) -> Variant:
+        """Return the variant called ``name`` (an error names the ones there are)."""
         for v in self.variants:
             if v.name == name:
                 return v

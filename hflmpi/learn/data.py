@@ -1,5 +1,6 @@
-"""Datasets as plain tensors: the bundled digits set, local MNIST/Fashion-MNIST/CIFAR-10 files, and
-a synthetic task. Nothing is ever downloaded.
+"""Datasets as plain tensors: bundled digits, local MNIST/Fashion-MNIST/CIFAR-10, synthetic.
+
+Nothing is ever downloaded.
 
 Every loader returns :class:`TensorDataset` objects (``features`` float32 ``[n, *input_shape]``,
 ``labels`` int64 ``[n]``). Images are ``[n, channels, height, width]`` scaled to [0, 1]; with

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hflmpi.config import OptimConfig
-from hflmpi.learn.data import TensorDataset
 from hflmpi.core.rng import torch_generator
+from hflmpi.learn.data import TensorDataset
 
 __all__ = ["LocalSolver", "BatchSampler", "lr_at", "evaluate"]
 
@@ -125,8 +125,11 @@ class LocalSolver:
         return loss.detach()
 
     def on_aggregation(self) -> None:
-        """Call after the model was replaced by an aggregate: set the FedProx anchor to it and,
-        with ``momentum_reset="aggregation"``, zero the momentum buffers."""
+        """Note that the model was replaced by an aggregate.
+
+        Sets the FedProx anchor to it and, with ``momentum_reset="aggregation"``, zeroes the
+        momentum buffers.
+        """
         with torch.no_grad():
             for anchor, p in zip(self.anchor, self.params):
                 anchor.copy_(p)

@@ -27,6 +27,7 @@ class LogisticRegression(nn.Module):
         self.linear = nn.Linear(in_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the logits for a batch ``x``."""
         return self.linear(x.flatten(1))
 
 
@@ -44,6 +45,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the logits for a batch ``x``."""
         return self.net(x.flatten(1))
 
 
@@ -69,6 +71,7 @@ class SmallCNN(nn.Module):
         self.head = MLP(64 * (height // 4) * (width // 4), hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the logits for a batch ``x``."""
         return self.head(self.features(x))
 
 

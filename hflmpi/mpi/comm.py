@@ -22,8 +22,8 @@ from typing import Sequence
 
 from mpi4py import MPI
 
-from hflmpi.mpi.messages import allgather_text, bcast_int
 from hflmpi.core.topology import TopologyError, TreePlan, plan_nodes
+from hflmpi.mpi.messages import allgather_text, bcast_int
 
 __all__ = ["LayerComms", "node_local", "node_names", "plan_from_nodes", "cuda_aware_mpi", "limit_threads"]
 

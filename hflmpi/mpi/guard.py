@@ -19,12 +19,12 @@ import fcntl
 import hashlib
 import os
 import stat
-import termios
 import sys
+import termios
 import threading
 import time
-from dataclasses import dataclass
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np

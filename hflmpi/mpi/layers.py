@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hflmpi.errors import HflmpiError
 from hflmpi.core.privacy import clip_update, gaussian_noise, noise_std
 from hflmpi.core.rng import torch_generator
 from hflmpi.core.robust import robust_update
 from hflmpi.core.secure import MODP_2048_P, DiffieHellmanSeeds, dh_keypair
 from hflmpi.core.wire import Method, auto_bucket_size
+from hflmpi.errors import HflmpiError
 from hflmpi.mpi.comm import LayerComms
 from hflmpi.mpi.messages import allgather_bigint, allreduce_float
 from hflmpi.mpi.transport import MpiBuffer
@@ -129,10 +129,12 @@ class Layer:
 
     @property
     def method(self) -> Method:
+        """Return how this layer's uplink travels."""
         """How this layer's uplink travels."""
         return Method.NONE
 
     def up(self, share: float, child_weight: float, step: int, measure_error: bool) -> LayerResult:
+        """Send this child's share of the update to the leader (see :class:`Layer`)."""
         """Send this child's model up one layer (collective over the layer communicator).
 
         Parameters
@@ -161,6 +163,7 @@ class ExactLayer(Layer):
         self._mpi = mpi
 
     def up(self, share: float, child_weight: float, step: int, measure_error: bool) -> LayerResult:
+        """Send this child's share of the update to the leader (see :class:`Layer`)."""
         if share != 1.0:
             self.flat.mul_(share)
         buf = self._mpi.outbound()
@@ -184,9 +187,11 @@ class QuantizedLayer(Layer):
 
     @property
     def method(self) -> Method:
+        """Return how this layer's uplink travels."""
         return Method(self.uplink.method)
 
     def up(self, share: float, child_weight: float, step: int, measure_error: bool) -> LayerResult:
+        """Send this child's share of the update to the leader (see :class:`Layer`)."""
         assert self.anchor is not None
         generator = torch_generator(self._seed, purpose="quantize", rank=self._rank, round=step,
                                     layer=self.n, device=self.flat.device)
@@ -211,6 +216,7 @@ class RobustLayer(Layer):
         self.caps = list(caps)
 
     def up(self, share: float, child_weight: float, step: int, measure_error: bool) -> LayerResult:
+        """Send this child's share of the update to the leader (see :class:`Layer`)."""
         assert self.anchor is not None
         update = (self.flat - self.anchor).to(torch.float32).contiguous()
         # Typed float64 claims; Byzantine values (NaN, Inf, negative, huge) are not an error here:
@@ -266,9 +272,11 @@ class PrivateLayer(Layer):
 
     @property
     def method(self) -> Method:
+        """Return how this layer's uplink travels."""
         return self.inner.method
 
     def up(self, share: float, child_weight: float, step: int, measure_error: bool) -> LayerResult:
+        """Send this child's share of the update to the leader (see :class:`Layer`)."""
         max_share = allreduce_float(self.comm, share, MPI.MAX)  # layer participants
         self._clip_and_noise(share, max_share, step)
         result = self.inner.up(share, child_weight, step, measure_error)

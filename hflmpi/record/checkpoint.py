@@ -1,13 +1,13 @@
-"""Atomic, checksummed HDF5 checkpoints with one previous generation kept.
+r"""Atomic, checksummed HDF5 checkpoints with one previous generation kept.
 
 Rank 0 writes; per-rank state (optimizer momentum, RNG/batch positions) arrives gathered by the
 caller as arrays stacked along a leading ``world_size`` axis. A run ``<run>.h5`` has its checkpoint
 in ``<run>.ckpt.h5`` and the generation before it in ``<run>.ckpt.prev.h5``. A save
 
-1. writes ``<run>.ckpt.h5.tmp`` (default HDF5 driver), flushes, closes and ``fsync``\\ s it;
+1. writes ``<run>.ckpt.h5.tmp`` (default HDF5 driver), flushes, closes and ``fsync``\ s it;
 2. renames the current checkpoint to ``<run>.ckpt.prev.h5`` (only if it looks valid, so a bad
    newest file never pushes out a good previous one);
-3. renames the temporary file to ``<run>.ckpt.h5`` and ``fsync``\\ s the directory.
+3. renames the temporary file to ``<run>.ckpt.h5`` and ``fsync``\ s the directory.
 
 A crash at any point leaves at least one complete checkpoint. Every file carries a SHA-256 over
 the round, the state JSON and each array's name, dtype, shape and bytes; :func:`load_checkpoint`

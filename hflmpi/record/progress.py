@@ -1,11 +1,11 @@
-"""Rank-0 progress line: round, loss, accuracy, throughput.
+r"""Rank-0 progress line: round, loss, accuracy, throughput.
 
 The style is resolved once from the mode, the stream and the environment:
 
 =========  ==========================  =====================  ==============
 mode       TTY and ``CI`` unset        ``CI`` set             other non-TTY
 =========  ==========================  =====================  ==============
-``auto``   live (``\\r`` rewrites)      off                    plain
+``auto``   live (``\r`` rewrites)      off                    plain
 ``on``     live                        plain                  plain
 ``off``    off                         off                    off
 =========  ==========================  =====================  ==============

@@ -55,8 +55,10 @@ def read_config_toml(path: str | os.PathLike[str]) -> str:
 
 
 def read_run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Return the root attributes of a run file (``tree``, ``resume_log`` and ``config_history``
-    parsed from JSON)."""
+    """Return the root attributes of a run file.
+
+    ``tree``, ``resume_log`` and ``config_history`` come parsed from JSON.
+    """
     with _open_read(path) as file:
         info = {key: value.item() if isinstance(value, np.generic) else value
                 for key, value in file.attrs.items()}

@@ -19,8 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from hflmpi.config import config_to_dict
-from hflmpi.record.run_config import read_run_config
 from hflmpi.record.reading import read_metrics, read_run_info
+from hflmpi.record.run_config import read_run_config
 
 __all__ = ["RunSummary", "load_runs", "summarize", "plot", "PLOT_NAMES"]
 

@@ -29,15 +29,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hflmpi.record.checkpoint import config_digest
 from hflmpi.config import (
     BUILTIN_MODELS,
     ConfigError,
     RunConfig,
     config_to_dict,
-    format_value as _fmt,
     parse_override,
 )
+from hflmpi.config import (
+    format_value as _fmt,
+)
+from hflmpi.record.checkpoint import config_digest
 from hflmpi.record.run_config import parse_stored_config
 
 __all__ = [

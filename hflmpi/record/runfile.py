@@ -37,6 +37,7 @@ from hflmpi.record.checkpoint import (
     load_latest_valid,
 )
 from hflmpi.record.marker import clear_marker
+from hflmpi.record.reading import read_config_toml, read_run_info
 from hflmpi.record.resume import (
     ALLOW_FLAG,
     FREE_KEYS,
@@ -47,7 +48,6 @@ from hflmpi.record.resume import (
     stored_config,
 )
 from hflmpi.record.store import RunRecord
-from hflmpi.record.reading import read_config_toml, read_run_info
 
 __all__ = [
     "ConfigUpdate",

@@ -14,8 +14,8 @@ import numpy as np
 
 from hflmpi.core.costmodel import aggregation_counts
 from hflmpi.core.schedule import steps_per_round
-from hflmpi.record.run_config import read_run_config
 from hflmpi.record.reading import read_metrics, read_run_info
+from hflmpi.record.run_config import read_run_config
 
 __all__ = ["MeasuredTimes", "times_from_run"]
 

@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 
 from hflmpi.record.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from hflmpi.record.marker import marker_path  # noqa: E402
-from hflmpi.record.reading import read_metrics, read_run_info# noqa: E402
+from hflmpi.record.reading import read_metrics, read_run_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = REPO / "jobs"
