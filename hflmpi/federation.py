@@ -13,6 +13,7 @@ communicator.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -51,6 +52,8 @@ from hflmpi.record.store import RunRecord
 
 __all__ = ["SetupError", "TrainResult", "plan_for", "train"]
 
+_log = logging.getLogger(__name__)  # notices; the command line shows them on stderr
+
 
 @dataclass
 class TrainResult:
@@ -68,6 +71,9 @@ class TrainResult:
         The HDF5 run file.
     preempted : bool
         The run stopped early on a signal, after checkpointing round ``rounds``.
+    privacy : str or None
+        With a DP layer, the line that states the run's ``(epsilon, delta)`` (or that the test
+        override left it without privacy).
     """
 
     rounds: int
@@ -76,6 +82,7 @@ class TrainResult:
     model: torch.Tensor
     record_path: Path
     preempted: bool = False
+    privacy: str | None = None
 
 
 @dataclass
@@ -200,7 +207,7 @@ def _set_up(config: RunConfig, comm: Any, plan: TreePlan) -> _Federation:
     comms = LayerComms(comm, plan)
     bits = list(config.quantize.bits_for(plan.depth))
     if config.privacy.layer and config.privacy.insecure_reproducible_noise and rank == 0:
-        print(_INSECURE_NOISE_WARNING, file=sys.stderr, flush=True)
+        _log.warning(_INSECURE_NOISE_WARNING)
     aggregator = agree(comm, "setting up the aggregation",
                        lambda: _aggregator(config, comms, params, bits, parts))
     sampler = BatchSampler(parts[rank], config.optim.batch_size, seed=seed, client=rank)
@@ -302,8 +309,8 @@ def _run_rounds(
                 last_checkpoint = rnd
             if stop:
                 if rank == 0:
-                    print(f"hflmpi: {why} on some rank: checkpointed round {rnd}, exiting for requeue",
-                          file=sys.stderr, flush=True)
+                    _log.warning("hflmpi: %s on some rank: checkpointed round %d, exiting for requeue",
+                                 why, rnd)
                 break
     finally:
         preemption.restore()
@@ -313,10 +320,9 @@ def _run_rounds(
         close_error = _close_record(record, record_path)
     if close_error is not None:  # rank 0; the others are done and wait to leave together
         raise SetupError(close_error)
-    if rank == 0 and config.privacy.layer:
-        print(_privacy_summary(config, fed.bits, last_round), flush=True)
+    summary = _privacy_summary(config, fed.bits, last_round) if config.privacy.layer else None
     return TrainResult(last_round, test_accuracy, test_loss, fed.params.flat.detach().cpu().clone(),
-                       record_path, preempted=last_round < rounds)
+                       record_path, preempted=last_round < rounds, privacy=summary)
 
 
 def _start(fed: _Federation, state: dict[str, Any] | None) -> int:
@@ -330,8 +336,8 @@ def _start(fed: _Federation, state: dict[str, Any] | None) -> int:
 
 def _report_dropped(stats: AggregationStats, comms: LayerComms, rnd: int, layer: int) -> None:
     if stats.dropped and comms.subtree(layer).Get_rank() == 0:
-        print(f"hflmpi: round {rnd}, layer {layer}: dropped rank(s) {stats.dropped} "
-              "(NaN/Inf model) from the aggregation", file=sys.stderr, flush=True)
+        _log.warning("hflmpi: round %d, layer %d: dropped rank(s) %s (NaN/Inf model) from the "
+                     "aggregation", rnd, layer, stats.dropped)
 
 
 def _record_round(

@@ -9,6 +9,7 @@ requeue). Ranks agree on the code and leave together (:func:`hflmpi.mpi.preempt.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +26,26 @@ from hflmpi.mpi.preempt import EXIT_PREEMPTED, leave_together
 from hflmpi.record.resume import ALLOW_FLAG
 from hflmpi.record.runfile import config_from_run, has_checkpoint
 
-__all__ = ["main"]
+__all__ = ["main", "show_notices"]
+
+
+def show_notices() -> None:
+    """Show the library's notices (``hflmpi.*`` loggers, already prefixed) on stderr, once."""
+    logger = logging.getLogger("hflmpi")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+        logger.setLevel(logging.INFO)
+
+
+class _Stderr(logging.Handler):
+    """Write each notice as it is to whatever ``sys.stderr`` is at that moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(record.getMessage() + "\n")
+            sys.stderr.flush()
+        except Exception:  # a notice must never stop a run
+            self.handleError(record)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +68,7 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     """Entry point of ``hflmpi run``; returns the process exit code (the same on every rank)."""
     args = _parser().parse_args(argv)
     comm = MPI.COMM_WORLD if comm is None else comm
+    show_notices()
     leaving = comm.Dup()  # all ranks: the exit handshake's own communicator (see leave_together)
     code = _run(args, comm)
     # All ranks agree on the code and leave together: under srun a rank that exits 75 or 2 first
@@ -80,6 +101,8 @@ def _run(args: argparse.Namespace, comm: MPI.Comm) -> int:
         return 2
     if result.preempted:
         return EXIT_PREEMPTED
+    if rank == 0 and result.privacy is not None:
+        print(result.privacy, flush=True)
     if rank == 0:
         print(f"hflmpi: {result.rounds} rounds done; test accuracy {result.test_accuracy:.4f}, "
               f"test loss {result.test_loss:.4f}; run record {result.record_path}", flush=True)

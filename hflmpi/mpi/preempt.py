@@ -20,8 +20,8 @@ Two things keep that path safe on a busy machine, where the ranks do not finish 
 
 from __future__ import annotations
 
+import logging
 import signal
-import sys
 import time
 from types import FrameType
 
@@ -39,6 +39,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", what a requeued job is
 EXIT_WAIT_SECONDS = 60.0  # how long a rank waits at the exit for the others (see leave_together)
 _STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
+
+_log = logging.getLogger(__name__)  # notices; the command line shows them on stderr
 
 class PreemptionFlag:
     """Record ``SIGUSR1``/``SIGTERM`` (by default) instead of dying on them.
@@ -103,8 +105,8 @@ def leave_together(comm: MPI.Comm, code: int, timeout: float = EXIT_WAIT_SECONDS
     deadline = time.monotonic() + timeout
     while not request.Test():
         if time.monotonic() > deadline:
-            print(f"hflmpi: rank {comm.Get_rank()}: the other ranks did not reach the exit within "
-                  f"{timeout:g} s; leaving alone with exit code {code}", file=sys.stderr, flush=True)
+            _log.warning("hflmpi: rank %d: the other ranks did not reach the exit within %g s; "
+                         "leaving alone with exit code %d", comm.Get_rank(), timeout, code)
             return code
         time.sleep(0.002)
     comm.Free()

@@ -12,8 +12,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -58,6 +58,8 @@ __all__ = [
     "config_from_run",
 ]
 
+_log = logging.getLogger(__name__)  # notices; the command line shows them on stderr
+
 
 @dataclass(frozen=True)
 class ConfigUpdate:
@@ -82,7 +84,7 @@ def load_checked(
         warnings.simplefilter("always", CheckpointFallbackWarning)
         checkpoint = load_latest_valid(resume)
     for warning in caught:
-        print(f"hflmpi: warning: {warning.message}", file=sys.stderr, flush=True)
+        _log.warning("hflmpi: warning: %s", warning.message)
     saved = int(checkpoint.state.get("world_size", world_size))
     if saved != world_size:  # partition, batch positions and momentum are per rank
         raise ValueError(
@@ -170,8 +172,8 @@ def _unfinished(path: Path) -> bool:
     except (OSError, ValueError) as exc:  # e.g. empty: killed while the file was created
         _set_aside_unreadable(path, exc, None)
         overwrite = False
-    print(f"hflmpi: {path} has no checkpoint (the run stopped before its first one): "
-          "starting it afresh", file=sys.stderr, flush=True)
+    _log.warning("hflmpi: %s has no checkpoint (the run stopped before its first one): starting "
+                 "it afresh", path)
     return overwrite
 
 
@@ -202,12 +204,12 @@ def _set_aside_unreadable(path: Path, error: BaseException, last_round: int | No
     os.replace(path, aside)
     reason = describe_os_error(error)
     if last_round is None:
-        print(f"hflmpi: warning: {path} is not a usable run record ({reason}); moved it to "
-              f"{aside.name}", file=sys.stderr, flush=True)
+        _log.warning("hflmpi: warning: %s is not a usable run record (%s); moved it to %s", path,
+                     reason, aside.name)
         return None
     note = (f"run record was unusable ({reason}); moved to {aside.name} and rebuilt from the "
             f"round-{last_round} checkpoint: metrics of rounds 1..{last_round} are only there")
-    print(f"hflmpi: warning: {path}: {note}", file=sys.stderr, flush=True)
+    _log.warning("hflmpi: warning: %s: %s", path, note)
     return note
 
 
