@@ -5,17 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
-
 
 from hflmpi.experiments.results import VariantResult, evaluate_checks, load_results, summarize
 

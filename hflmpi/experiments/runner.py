@@ -15,15 +15,8 @@ import numpy as np
 from hflmpi import __version__
 from hflmpi.config import RunConfig, config_from_dict
 from hflmpi.core.topology import TopologyError, TreePlan, plan_fanouts, plan_groups
-from hflmpi.record.checkpoint import checkpoint_paths
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
-
-
 from hflmpi.experiments.spec import Experiment, ExperimentError, Variant, load_experiment, merge_sections
+from hflmpi.record.checkpoint import checkpoint_paths
 
 _CURVES = ("round", "step", "test_accuracy", "test_loss", "train_loss", "upward_divergence",
            "downward_divergence", "bytes_cum", "model_time", "wall_time")
