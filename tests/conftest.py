@@ -61,6 +61,27 @@ def tree_specs(world_size: int) -> list[tuple[str, Any]]:
 
 
 @pytest.fixture
+def comm() -> Any:
+    """The world communicator of an MPI test."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+@pytest.fixture
+def shared_dir(comm: Any) -> Any:
+    """A temporary directory with the same path on every rank (rank 0 creates and removes it)."""
+    import shutil
+    import tempfile
+
+    path = comm.bcast(tempfile.mkdtemp(prefix="hflmpi-mpi-") if comm.rank == 0 else None, root=0)
+    yield path
+    comm.Barrier()
+    if comm.rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def one_torch_thread():
     """Run torch on one thread: tiny models crawl with several on a shared, oversubscribed CPU."""
     import torch

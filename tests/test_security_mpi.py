@@ -10,37 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import pytest
 from conftest import parallel_assert
 
 pytest.importorskip("mpi4py")
-from mpi4py import MPI  # noqa: E402
 
 from hflmpi.config import ConfigError, RunConfig, config_from_dict  # noqa: E402
 from hflmpi.federation import train  # noqa: E402
 from hflmpi.record.reading import read_run_info  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def comm():
-    return MPI.COMM_WORLD
-
-
-@pytest.fixture
-def shared_dir(comm):
-    """A temporary directory with the same path on every rank (rank 0 creates and removes it)."""
-    path = comm.bcast(tempfile.mkdtemp(prefix="hflmpi-security-") if comm.rank == 0 else None,
-                      root=0)
-    yield path
-    comm.Barrier()
-    if comm.rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _config(out: str, topology: dict[str, Any], tau: list[int], **sections: Any) -> RunConfig:

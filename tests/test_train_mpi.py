@@ -55,21 +55,6 @@ RTOL = 1e-5  # float32 training; reference means in float64
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture
-def comm():
-    return MPI.COMM_WORLD
-
-
-@pytest.fixture
-def shared_dir(comm):
-    """A temporary directory with the same path on every rank (rank 0 creates and removes it)."""
-    path = comm.bcast(tempfile.mkdtemp(prefix="hflmpi-train-") if comm.rank == 0 else None, root=0)
-    yield path
-    comm.Barrier()
-    if comm.rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def make_config(
     out: str, topology: dict[str, Any], tau: list[int], **sections: dict[str, Any]
 ) -> RunConfig:
