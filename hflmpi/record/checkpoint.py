@@ -40,6 +40,7 @@ from hflmpi import __version__
 from hflmpi.errors import HflmpiError
 
 __all__ = [
+    "fsync_path",
     "Checkpoint",
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -188,7 +189,8 @@ def _digest(round_: int, state_json: str, arrays: Iterable[tuple[str, np.ndarray
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def _fsync_path(path: Path, *, directory: bool = False) -> None:
+def fsync_path(path: Path, *, directory: bool = False) -> None:
+    """Flush ``path`` (a file, or with ``directory`` its entries) to the disk."""
     if directory and os.name == "nt":  # directories cannot be opened for fsync on Windows
         return
     fd = os.open(path, os.O_RDONLY)
@@ -223,7 +225,7 @@ def _write_file(
             if name in torch_dtypes:
                 ds.attrs["torch_dtype"] = torch_dtypes[name]
         file.flush()
-    _fsync_path(tmp)
+    fsync_path(tmp)
 
 
 def _looks_valid(path: Path) -> bool:
@@ -314,7 +316,7 @@ def save_checkpoint(
         if latest.exists() and _looks_valid(latest):
             os.replace(latest, previous)
         os.replace(tmp, latest)
-        _fsync_path(latest.parent, directory=True)
+        fsync_path(latest.parent, directory=True)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(

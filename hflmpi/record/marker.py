@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from hflmpi.record.checkpoint import fsync_path
+
 __all__ = ["MARKER_SUFFIX", "marker_path", "write_marker", "read_marker", "clear_marker"]
 
 MARKER_SUFFIX = ".preempted"
@@ -26,16 +28,6 @@ def marker_path(run_path: str | os.PathLike[str]) -> Path:
     ``"$RUN.preempted"``).
     """
     return Path(os.fspath(run_path) + MARKER_SUFFIX)
-
-
-def _fsync_directory(directory: Path) -> None:
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_marker(
@@ -70,7 +62,7 @@ def write_marker(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_directory(target.parent)
+    fsync_path(target.parent, directory=True)
     return target
 
 
@@ -89,4 +81,4 @@ def clear_marker(run_path: str | os.PathLike[str]) -> None:
     target = marker_path(run_path)
     if target.exists():
         target.unlink(missing_ok=True)
-        _fsync_directory(target.parent)
+        fsync_path(target.parent, directory=True)
