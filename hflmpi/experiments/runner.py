@@ -21,7 +21,6 @@ from hflmpi.record.checkpoint import checkpoint_paths
 _CURVES = ("round", "step", "test_accuracy", "test_loss", "train_loss", "upward_divergence",
            "downward_divergence", "bytes_cum", "model_time", "wall_time")
 _LAYER_CURVES = ("bytes_sent", "quant_error", "compute_seconds", "comm_seconds")
-_ERROR_BYTES = 4096  # longest error text rank 0 shares with the others
 
 __all__ = ["run_experiment"]
 
@@ -189,7 +188,7 @@ def _variants(exp: Experiment, comm: Any, only: Sequence[str] | None) -> tuple[l
     it, or the error, with every rank; every rank then checks every variant's tree against the
     world size, so a bad spec fails before anything trains.
     """
-    from hflmpi.mpi.messages import bcast_int, bcast_text
+    from hflmpi.mpi.messages import ERROR_TEXT_BYTES, bcast_int, bcast_text
 
     rank, size = comm.Get_rank(), comm.Get_size()
     variants = list(exp.variants)
@@ -201,7 +200,7 @@ def _variants(exp: Experiment, comm: Any, only: Sequence[str] | None) -> tuple[l
             probe_numel = _model_numel(probe)
         except (OSError, ValueError, RuntimeError, ImportError) as exc:
             probe_error = f"{type(exc).__name__}: {exc}"
-    probe_error = bcast_text(comm, probe_error, root=0, max_bytes=_ERROR_BYTES,
+    probe_error = bcast_text(comm, probe_error, root=0, max_bytes=ERROR_TEXT_BYTES,
                              what="sharing rank 0's model probe")  # all ranks
     if probe_error is not None:
         raise ExperimentError(f"loading the data / building the model failed on rank 0: {probe_error}")
@@ -263,7 +262,7 @@ def _share_results(
 
     Rank 0 reports the ``pairs`` runs and the seconds since ``started`` (``time.perf_counter``).
     """
-    from hflmpi.mpi.messages import bcast_text
+    from hflmpi.mpi.messages import ERROR_TEXT_BYTES, bcast_text
 
     error = None
     if comm.Get_rank() == 0:
@@ -274,7 +273,7 @@ def _share_results(
         else:
             print(f"[{exp.name}] {pairs} runs in {time.perf_counter() - started:.0f} s; "
                   f"results in {out}", file=stream, flush=True)
-    error = bcast_text(comm, error, root=0, max_bytes=_ERROR_BYTES,
+    error = bcast_text(comm, error, root=0, max_bytes=ERROR_TEXT_BYTES,
                        what="sharing rank 0's result")  # all ranks
     if error is not None:
         raise ExperimentError(error)

@@ -18,7 +18,14 @@ from mpi4py import MPI
 from hflmpi import __version__
 from hflmpi.config import ConfigError, RunConfig, to_toml_string
 from hflmpi.mpi.guard import SetupError, Watchdog, agree
-from hflmpi.mpi.messages import bcast_array, bcast_int, bcast_text, gather_array, scatter_array
+from hflmpi.mpi.messages import (
+    ERROR_TEXT_BYTES,
+    bcast_array,
+    bcast_int,
+    bcast_text,
+    gather_array,
+    scatter_array,
+)
 from hflmpi.record.checkpoint import Checkpoint, config_digest, save_checkpoint
 from hflmpi.record.marker import write_marker
 from hflmpi.record.runfile import ConfigUpdate, load_checked
@@ -27,7 +34,6 @@ __all__ = ["check_resume", "resume_state", "write_checkpoint"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _INT64 = (np.dtype(np.int64),)
-_ERROR_BYTES = 4096
 
 
 def check_resume(
@@ -57,7 +63,7 @@ def check_resume(
     what = f"checking the checkpoint of {resume} on rank 0"
     kind = bcast_int(comm, kind, low=0, high=2, what=what)
     if kind:
-        text = (bcast_text(comm, text, max_bytes=_ERROR_BYTES, what=what) or "")[:_ERROR_BYTES]
+        text = (bcast_text(comm, text, max_bytes=ERROR_TEXT_BYTES, what=what) or "")[:ERROR_TEXT_BYTES]
         raise ConfigError(text) if kind == 1 else SetupError(text)
     return checkpoint, update
 

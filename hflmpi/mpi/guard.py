@@ -33,7 +33,7 @@ from mpi4py import MPI
 from hflmpi.config import ConfigError
 from hflmpi.core.topology import TopologyError
 from hflmpi.errors import HflmpiError
-from hflmpi.mpi.messages import allgather_int64, allgather_text
+from hflmpi.mpi.messages import ERROR_TEXT_BYTES, allgather_int64, allgather_text
 
 __all__ = [
     "SetupError", "agree",
@@ -43,7 +43,6 @@ __all__ = [
 
 
 T = TypeVar("T")
-_ERROR_BYTES = 4096  # longest error text a rank shares in agree(); longer ones are cut
 
 
 class SetupError(HflmpiError, RuntimeError):
@@ -64,7 +63,7 @@ def agree(comm: MPI.Comm, what: str, action: Callable[[], T]) -> T:
         result = action()
     except (HflmpiError, OSError, ValueError, RuntimeError, KeyError, ImportError, TypeError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    errors = allgather_text(comm, error, max_bytes=_ERROR_BYTES, what=f"{what}: sharing the outcome")
+    errors = allgather_text(comm, error, max_bytes=ERROR_TEXT_BYTES, what=f"{what}: sharing the outcome")
     failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
     if failed:
         rank, text = failed[0]

@@ -53,6 +53,7 @@ from hflmpi.mpi.agreement import MessageError, agree_valid, who
 from hflmpi.mpi.arrays import DTYPES, bcast_array, gather_array, scatter_array
 
 __all__ = [
+    "ERROR_TEXT_BYTES",
     "DTYPES",
     "MessageError",
     "agree_valid",
@@ -71,6 +72,7 @@ __all__ = [
 ]
 
 _INT64 = (-(2**63), 2**63 - 1)
+ERROR_TEXT_BYTES = 4096  # longest error text one rank shares with the others; longer ones are cut
 
 
 def _short(value: int) -> str:

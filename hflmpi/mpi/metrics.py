@@ -22,12 +22,11 @@ from mpi4py import MPI
 
 from hflmpi.mpi.aggregate import AggregationStats
 from hflmpi.mpi.guard import SetupError
-from hflmpi.mpi.messages import bcast_text
+from hflmpi.mpi.messages import ERROR_TEXT_BYTES, bcast_text
 from hflmpi.record.store import RoundMetrics
 
 __all__ = ["RoundMeter", "RoundResult", "end_of_round"]
 
-_ERROR_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,7 @@ def end_of_round(
     flags = np.array([signalled, record_error is not None], dtype=np.int32)
     comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
     if flags[1]:
-        message = bcast_text(comm, record_error, root=0, max_bytes=_ERROR_BYTES,
+        message = bcast_text(comm, record_error, root=0, max_bytes=ERROR_TEXT_BYTES,
                              what="sharing rank 0's run-record error") or "writing the run record failed"
         kept = ("no checkpoint was written yet" if last_checkpoint is None else
                 f"the round-{last_checkpoint} checkpoint is kept; free space and continue with "
