@@ -4,12 +4,11 @@ Implements QMLHFL (quantized multi-layer hierarchical federated learning, arXiv 
 special cases FedAvg (one layer) and hierarchical SGD (two layers; Wang et al., AAAI 2022). The
 aggregation tree of any depth maps onto communicators made with ``Comm.Split``.
 
-The front door::
+The front door (docs/api.md)::
 
     import hflmpi
-    config = hflmpi.load_config("jobs/default.toml", ["run.rounds=5"])
-    result = hflmpi.federation(config, MPI.COMM_WORLD)          # collective over the communicator
-    metrics = hflmpi.read_metrics(result.record_path)
+    result = hflmpi.train("jobs/default.toml", run={"rounds": 5})  # collective; COMM_WORLD by default
+    result.model, result.metrics["test_accuracy"]                  # an nn.Module, per-round arrays
 
 The package reads top down: :mod:`hflmpi.core` (pure math), :mod:`hflmpi.mpi` (the wiring),
 :mod:`hflmpi.learn` (data, models, local solver), :mod:`hflmpi.record` (HDF5 record and
@@ -25,8 +24,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "train": "hflmpi.federation",
-    "TrainResult": "hflmpi.federation",
+    "train": "hflmpi.api",
+    "RunResult": "hflmpi.api",
+    "Callback": "hflmpi.callbacks",
     "RunConfig": "hflmpi.config",
     "ConfigError": "hflmpi.config",
     "load_config": "hflmpi.config",

@@ -18,19 +18,20 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
 import torch
 
+from hflmpi.callbacks import AggregationInfo, RoundInfo
 from hflmpi.config import ConfigError, RunConfig
 from hflmpi.core.privacy import epsilon_for
 from hflmpi.core.schedule import round_events, steps_per_round
 from hflmpi.core.topology import TreePlan, plan_fanouts, plan_groups
 from hflmpi.learn.data import TensorDataset, load_dataset
-from hflmpi.learn.flat import FlatParameters, flatten_parameters
+from hflmpi.learn.flat import FlatParameters, detached_copy, flatten_parameters
 from hflmpi.learn.local import BatchSampler, LocalSolver, evaluate, lr_at
 from hflmpi.learn.models import build_model
 from hflmpi.learn.partition import make_partition
@@ -43,6 +44,7 @@ from hflmpi.mpi.aggregate import (
 from hflmpi.mpi.checkpointing import check_resume, resume_state, write_checkpoint
 from hflmpi.mpi.comm import LayerComms, node_local, plan_from_nodes
 from hflmpi.mpi.guard import SetupError, Watchdog, agree
+from hflmpi.mpi.hooks import Hooks
 from hflmpi.mpi.metrics import RoundMeter, end_of_round
 from hflmpi.mpi.preempt import PreemptionFlag
 from hflmpi.record.checkpoint import describe_os_error
@@ -67,6 +69,8 @@ class TrainResult:
         Of the global model after the last round (NaN if never evaluated).
     model : torch.Tensor
         Copy of the final global model, flat, on the CPU.
+    module : torch.nn.Module
+        The same model as an ``nn.Module`` (the architecture the run built), on the CPU.
     record_path : Path
         The HDF5 run file.
     preempted : bool
@@ -81,6 +85,7 @@ class TrainResult:
     test_loss: float
     model: torch.Tensor
     record_path: Path
+    module: torch.nn.Module
     preempted: bool = False
     privacy: str | None = None
 
@@ -101,6 +106,7 @@ class _Federation:
     bits: list[int]
     aggregator: HierarchicalAggregator
     sampler: BatchSampler
+    hooks: Hooks
 
 
 def plan_for(config: RunConfig, comm: Any) -> TreePlan:
@@ -147,6 +153,8 @@ def train(
     stream: TextIO | None = None,
     allow_config_change: bool = False,
     replace_unfinished: bool = False,
+    callbacks: Sequence[Any] = (),
+    dataset: Callable[..., Any] | None = None,
 ) -> TrainResult:
     """Train federatedly over ``comm`` as ``config`` says and return the final global model.
 
@@ -170,13 +178,19 @@ def train(
     replace_unfinished : bool
         Starting fresh, replace a run file left at ``run.out`` by a run that stopped before its
         first checkpoint (the caller checked there is none), instead of refusing to overwrite it.
+    callbacks : sequence, optional
+        This rank's callbacks (:mod:`hflmpi.callbacks`), called after those ``run.callbacks``
+        names; the ranks may pass different ones.
+    dataset : callable, optional
+        The user's dataset function, called instead of importing ``data.name``
+        (:mod:`hflmpi.learn.custom_data`).
     """
     record_path = Path(resume) if resume is not None else Path(config.run.out)
     # Resume checks come before any data or model code (all ranks; refusals raise everywhere).
     plan = agree(comm, "planning the tree", lambda: _checked_plan(config, comm))
     checkpoint, update = check_resume(comm, Path(resume) if resume is not None else None, config,
                                       plan.depth, allow_config_change)
-    fed = _set_up(config, comm, plan)
+    fed = _set_up(config, comm, plan, dataset, callbacks)
     state = None
     if resume is not None:
         agree(comm, "checking the checkpoint against the model",
@@ -189,14 +203,19 @@ def train(
     finally:
         watchdog.close()  # all ranks; also when an error leaves the loop
         fed.comms.free()
+        fed.hooks.close()
 
 
-def _set_up(config: RunConfig, comm: Any, plan: TreePlan) -> _Federation:
+def _set_up(
+    config: RunConfig, comm: Any, plan: TreePlan, dataset: Callable[..., Any] | None,
+    callbacks: Sequence[Any],
+) -> _Federation:
     """Load the data, build the model and the aggregator (all ranks; failures raise everywhere)."""
     rank, size, seed = comm.Get_rank(), comm.Get_size(), config.run.seed
+    hooks = Hooks.build(comm, config.run.callbacks, callbacks)
     device = agree(comm, "choosing the device", lambda: _device(config, comm))
     dtype = torch.float64 if config.run.dtype == "float64" else torch.float32
-    train_set, test_set = agree(comm, "loading data", lambda: load_dataset(config.data, seed))
+    train_set, test_set = agree(comm, "loading data", lambda: load_dataset(config.data, seed, dataset))
     parts = agree(comm, "partitioning the data", lambda: _partition(config, train_set, size))
     weight = float(len(parts[rank])) if config.aggregation.weighting == "samples" else 1.0
     # Features in the model's dtype once, here, rather than a cast at every step.
@@ -212,7 +231,7 @@ def _set_up(config: RunConfig, comm: Any, plan: TreePlan) -> _Federation:
                        lambda: _aggregator(config, comms, params, bits, parts))
     sampler = BatchSampler(parts[rank], config.optim.batch_size, seed=seed, client=rank)
     return _Federation(plan, comms, device, train_set, test_set.subset(np.arange(rank, len(test_set), size)),
-                       parts, weight, model, params, bits, aggregator, sampler)
+                       parts, weight, model, params, bits, aggregator, sampler, hooks)
 
 
 def _aggregator(
@@ -275,23 +294,7 @@ def _run_rounds(
         for rnd in range(start_round, rounds + 1):
             solver.lr = lr_at(rnd - 1, config.optim, rounds)
             evaluate_now = rnd == rounds or (config.run.eval_every > 0 and rnd % config.run.eval_every == 0)
-            meter = RoundMeter(fed.plan.depth, rnd, fed.device)
-            for step, layer in round_events(tau):
-                batch = next(fed.sampler)
-                meter.add_loss(solver.step(fed.train_set.features[batch], fed.train_set.labels[batch]))
-                if layer == 0:
-                    continue
-                meter.end_compute(layer)
-                if layer == fed.plan.depth and evaluate_now and config.run.divergence:
-                    with watchdog.guard(f"the divergence measurement of round {rnd}"):
-                        meter.divergences = measure_divergences(fed.comms, fed.params.flat, fed.weight)
-                with watchdog.guard(f"the layer-{layer} aggregation of round {rnd} (step {step})"):
-                    stats = fed.aggregator.aggregate(layer, fed.weight, step=(rnd - 1) * steps + step,
-                                                     measure_error=evaluate_now)  # subtree ranks
-                _report_dropped(stats, fed.comms, rnd, layer)
-                solver.on_aggregation()
-                meter.add_aggregation(layer, stats)
-
+            meter = _round_steps(config, comm, fed, watchdog, solver, rnd, evaluate_now)
             evaluation = _evaluate_local(fed.model, fed.my_test) if evaluate_now else None
             with watchdog.guard(f"the metrics reduction of round {rnd}"):
                 result = meter.combine(comm, fed.weight, steps, evaluation, samples, started)  # all ranks
@@ -299,6 +302,9 @@ def _run_rounds(
                 test_loss, test_accuracy = result.test
             record_error = _record_round(record, progress, result, record_path, test_accuracy)  # rank 0
             last_round = rnd
+            if fed.hooks.round_end:
+                fed.hooks.call(comm, watchdog, "on_round_end", _round_info(
+                    config, comm, fed, rnd, result, record_path), f"the callbacks after round {rnd}")
             with watchdog.guard(f"the preemption poll after round {rnd}"):  # all ranks
                 stop = end_of_round(comm, preemption.received is not None, record_error, record_path,
                                     last_checkpoint) and rnd < rounds  # the last round needs no requeue
@@ -322,7 +328,49 @@ def _run_rounds(
         raise SetupError(close_error)
     summary = _privacy_summary(config, fed.bits, last_round) if config.privacy.layer else None
     return TrainResult(last_round, test_accuracy, test_loss, fed.params.flat.detach().cpu().clone(),
-                       record_path, preempted=last_round < rounds, privacy=summary)
+                       record_path, detached_copy(fed.model), preempted=last_round < rounds,
+                       privacy=summary)
+
+
+def _round_steps(
+    config: RunConfig, comm: Any, fed: _Federation, watchdog: Watchdog, solver: LocalSolver,
+    rnd: int, evaluate_now: bool,
+) -> RoundMeter:
+    """Run the local steps and aggregations of global round ``rnd`` (all ranks)."""
+    tau = list(config.schedule.tau)
+    steps, rank, size = steps_per_round(tau), comm.Get_rank(), comm.Get_size()
+    meter = RoundMeter(fed.plan.depth, rnd, fed.device)
+    for step, layer in round_events(tau):
+        batch = next(fed.sampler)
+        meter.add_loss(solver.step(fed.train_set.features[batch], fed.train_set.labels[batch]))
+        if layer == 0:
+            continue
+        meter.end_compute(layer)
+        if layer == fed.plan.depth and evaluate_now and config.run.divergence:
+            with watchdog.guard(f"the divergence measurement of round {rnd}"):
+                meter.divergences = measure_divergences(fed.comms, fed.params.flat, fed.weight)
+        with watchdog.guard(f"the layer-{layer} aggregation of round {rnd} (step {step})"):
+            stats = fed.aggregator.aggregate(layer, fed.weight, step=(rnd - 1) * steps + step,
+                                             measure_error=evaluate_now)  # subtree ranks
+        _report_dropped(stats, fed.comms, rnd, layer)
+        solver.on_aggregation()
+        meter.add_aggregation(layer, stats)
+        if fed.hooks.aggregation:
+            info = AggregationInfo(fed.model, fed.params.flat, rnd, step, (rnd - 1) * steps + step,
+                                   layer, fed.plan.depth, rank, size, tuple(stats.dropped))
+            fed.hooks.call(comm, watchdog, "on_aggregation", info, f"the callbacks after the "
+                           f"layer-{layer} aggregation of round {rnd} (step {step})")
+    return meter
+
+
+def _round_info(config: RunConfig, comm: Any, fed: _Federation, rnd: int, result: Any,
+                record_path: Path) -> RoundInfo:
+    """Describe the finished round to the callbacks (metrics on rank 0 only)."""
+    test_loss, test_accuracy = result.test if result.test is not None else (math.nan, math.nan)
+    metrics = asdict(result.metrics) if result.metrics is not None else None
+    return RoundInfo(fed.model, fed.params.flat, rnd, config.run.rounds,
+                     comm.Get_rank(), comm.Get_size(), result.train_loss, test_loss, test_accuracy,
+                     metrics, record_path)
 
 
 def _start(fed: _Federation, state: dict[str, Any] | None) -> int:

@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                              "(for requeued batch jobs)")
     parser.add_argument(ALLOW_FLAG, dest="allow_config_change", action="store_true",
                         help="on resume, accept config changes beyond run.rounds, run.out, "
-                             "run.progress, run.eval_every, run.checkpoint_every, run.divergence "
-                             "and run.watchdog_seconds (recorded in the run file)")
+                             "run.progress, run.eval_every, run.checkpoint_every, run.divergence, "
+                             "run.watchdog_seconds and run.callbacks (recorded in the run file)")
     return parser
 
 

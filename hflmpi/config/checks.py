@@ -13,7 +13,7 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import field
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 BUILTIN_MODELS = ("mlp", "logreg", "cnn")
+BUILTIN_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
 
 MAX_LR = 1000.0
 """Largest accepted ``optim.lr``: an SGD step that large only diverges (published SGD learning
@@ -298,19 +299,38 @@ def _groups(value: Any) -> tuple[Any, ...]:
     return walk(value, "")[1]
 
 
-def _model_name(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"is {_type_name(value)} but must be a string")
-    if value in BUILTIN_MODELS or _IMPORT_PATH.match(value):
-        return value
-    close = difflib.get_close_matches(value, BUILTIN_MODELS, n=1)
-    example = 'e.g. model.name="mlp" or "mypkg.nets:Net"'
-    fix = f"did you mean {_fmt(close[0])}?" if close else example
-    raise _Invalid(
-        "must be one of " + ", ".join(_fmt(m) for m in BUILTIN_MODELS)
-        + ' or an import path "package.module:ClassName"',
-        fix,
-    )
+def _builtin_or_import_path(builtins: Sequence[str], key: str, form: str, example: str) -> _Check:
+    """Check a name that is one of ``builtins`` or an import path ``"package.module:name"``."""
+    listed = ", ".join(_fmt(m) for m in builtins)
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise _Invalid(f"is {_type_name(value)} but must be a string")
+        if value in builtins or _IMPORT_PATH.match(value):
+            return value
+        close = difflib.get_close_matches(value, builtins, n=1)
+        fix = (f"did you mean {_fmt(close[0])}?" if close
+               else f"e.g. {key}={_fmt(builtins[0])} or {_fmt(example)}")
+        raise _Invalid(f"must be one of {listed} or an import path {_fmt(form)}", fix)
+
+    return check
+
+
+_model_name = _builtin_or_import_path(BUILTIN_MODELS, "model.name", "package.module:ClassName",
+                                      "mypkg.nets:Net")
+_data_name = _builtin_or_import_path(BUILTIN_DATASETS, "data.name", "package.module:function",
+                                     "mypkg.data:load")
+
+
+def _import_path_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise _Invalid(f"is {_type_name(value)} but must be a list of import paths "
+                       '"package.module:name"', 'e.g. ["mypkg.hooks:Logger"]')
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not _IMPORT_PATH.match(item):
+            raise _Invalid(f"has entry [{i}] = {_fmt(item)}, not an import path "
+                           '"package.module:name"', 'e.g. ["mypkg.hooks:Logger"]')
+    return tuple(value)
 
 
 def _thaw(value: Any) -> Any:

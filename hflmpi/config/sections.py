@@ -21,9 +21,11 @@ from hflmpi.config.checks import (
     _bool_list,
     _choice,
     _choice_list,
+    _data_name,
     _float,
     _fmt,
     _groups,
+    _import_path_list,
     _int,
     _int_list,
     _Invalid,
@@ -109,6 +111,9 @@ class RunOptions(_Section):
         Abort the job if one collective (aggregation, divergence measurement, metrics,
         preemption poll, checkpoint) waits longer than this, naming the collective and the rank
         that did not arrive (see :class:`hflmpi.mpi.guard.Watchdog`); 0 (default) disables it.
+    callbacks : list of str
+        Import paths ``"package.module:name"`` of callables returning a callback object
+        (:mod:`hflmpi.callbacks`), built on every rank. Default ``[]``.
     """
 
     section: ClassVar[str] = "run"
@@ -123,6 +128,7 @@ class RunOptions(_Section):
     divergence: bool = _opt(True, _bool, "true")
     nonfinite: str = _opt("raise", _choice("raise", "drop"), '"raise"')
     watchdog_seconds: float = _opt(0.0, _float(0.0), "600")
+    callbacks: tuple[str, ...] = _opt((), _import_path_list, '["mypkg.hooks:Logger"]')
 
 
 @dataclass(frozen=True)
@@ -344,9 +350,11 @@ class DataConfig(_Section):
 
     Attributes
     ----------
-    name : {"digits", "mnist", "fashion_mnist", "cifar10", "synthetic"}
+    name : {"digits", "mnist", "fashion_mnist", "cifar10", "synthetic"} or import path
         ``digits`` ships inside scikit-learn; mnist/fashion_mnist/cifar10 are read from
-        ``path``; nothing is ever downloaded. Default ``"digits"``.
+        ``path``; nothing is ever downloaded. Default ``"digits"``. ``"package.module:function"``
+        names your own loader returning ``(x_train, y_train, x_test, y_test)``
+        (:mod:`hflmpi.learn.custom_data`).
     path : str
         Directory holding the local files (IDX files, or CIFAR-10 python batches).
     partition : {"iid", "dirichlet", "shards", "label_sorted"}
@@ -365,8 +373,7 @@ class DataConfig(_Section):
     """
 
     section: ClassVar[str] = "data"
-    name: str = _opt("digits", _choice("digits", "mnist", "fashion_mnist", "cifar10", "synthetic"),
-                     '"digits"')
+    name: str = _opt("digits", _data_name, '"digits"')
     path: str = _opt("", _str, '"/data/mnist"')
     partition: str = _opt("iid", _choice("iid", "dirichlet", "shards", "label_sorted"), '"iid"')
     alpha: float = _opt(0.5, _float(0.0, lo_open=True), "0.5")

@@ -1,4 +1,4 @@
-"""Datasets as plain tensors: bundled digits, local MNIST/Fashion-MNIST/CIFAR-10, synthetic.
+"""Datasets as plain tensors: bundled digits, local MNIST/Fashion-MNIST/CIFAR-10, synthetic, yours.
 
 Nothing is ever downloaded.
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -389,7 +389,9 @@ def make_synthetic(
     return _dataset(features, labels, n_classes, "synthetic")
 
 
-def load_dataset(config: DataConfig, seed: int) -> tuple[TensorDataset, TensorDataset]:
+def load_dataset(
+    config: DataConfig, seed: int, loader: Callable[..., Any] | None = None
+) -> tuple[TensorDataset, TensorDataset]:
     """Load the dataset named by ``config`` and return ``(train, test)``.
 
     Parameters
@@ -398,13 +400,21 @@ def load_dataset(config: DataConfig, seed: int) -> tuple[TensorDataset, TensorDa
         The ``[data]`` section.
     seed : int
         The run's seed; keys splits and the synthetic task.
+    loader : callable, optional
+        The user's dataset function to call instead of importing ``config.name``
+        (see :mod:`hflmpi.learn.custom_data`).
 
     Returns
     -------
     train, test : TensorDataset
         Standardised with training statistics when ``config.normalize``.
     """
-    if config.name == "digits":
+    if loader is not None or ":" in config.name:
+        from hflmpi.learn.custom_data import load_custom  # it builds on this module
+
+        train, test = load_custom(loader or config.name, seed=seed, path=config.path,
+                                  name=config.name)
+    elif config.name == "digits":
         train, test = load_digits(seed, config.test_fraction)
     elif config.name in ("mnist", "fashion_mnist"):
         train, test = load_mnist_idx(config.path, config.name)

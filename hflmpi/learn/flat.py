@@ -9,12 +9,13 @@ MPI buffer collectives can send without packing.
 from __future__ import annotations
 
 import hashlib
+from copy import deepcopy as _deepcopy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["FlatParameters", "flatten_parameters"]
+__all__ = ["FlatParameters", "flatten_parameters", "detached_copy"]
 
 
 @dataclass(frozen=True)
@@ -135,3 +136,16 @@ def flatten_parameters(
         shapes=shapes,
         offsets=tuple(offsets),
     )
+
+
+def detached_copy(model: nn.Module) -> nn.Module:
+    """Return a deep copy of ``model`` on the CPU whose parameters own their memory.
+
+    The copy shares nothing with ``model`` (not the flat buffer behind its parameters either),
+    so the caller may train or change it without touching the run.
+    """
+    copy = _deepcopy(model).cpu()
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.data = p.data.clone()
+    return copy

@@ -6,7 +6,6 @@ every rank builds bit-identical models and the global RNG is never consumed.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Sequence
 
@@ -15,6 +14,7 @@ from torch import nn
 
 from hflmpi.config import ModelConfig
 from hflmpi.core.rng import torch_generator
+from hflmpi.importing import accepted_kwargs, import_object
 
 __all__ = ["LogisticRegression", "MLP", "SmallCNN", "build_model", "init_parameters"]
 
@@ -114,20 +114,29 @@ def init_parameters(model: nn.Module, generator: torch.Generator) -> None:
             done.add(id(p))
 
 
-def _import_class(path: str) -> type[nn.Module]:
-    module_name, _, qualname = path.partition(":")
+def _build_import_path(
+    config: ModelConfig, input_shape: Sequence[int], num_classes: int
+) -> nn.Module:
+    """Build ``model.name`` (a class or factory) with ``model.kwargs`` and the data's shapes."""
+    factory = import_object(config.name, "model.name")
+    if not callable(factory):
+        raise ValueError(f"model.name={config.name!r} is not callable; name an nn.Module "
+                         "subclass or a function returning one")
+    offered = {"input_shape": tuple(int(d) for d in input_shape), "num_classes": int(num_classes)}
+    given = accepted_kwargs(factory, offered)
+    for name, value in given.items():
+        if name in config.kwargs and config.kwargs[name] != value:
+            raise ValueError(f"model.kwargs.{name}={config.kwargs[name]!r} but the data gives "
+                             f"{name}={value!r}; delete model.kwargs.{name} (hflmpi passes it)")
     try:
-        obj: object = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"model.name={path!r}: cannot import module {module_name!r} ({exc}); "
-                         "check the name and that the package is on PYTHONPATH") from None
-    for part in qualname.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"model.name={path!r}: {module_name!r} has no attribute {qualname!r}")
-        obj = getattr(obj, part)
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise ValueError(f"model.name={path!r} is not an nn.Module subclass")
-    return obj
+        model = factory(**{**config.kwargs, **given})
+    except TypeError as exc:
+        raise ValueError(f"model.name={config.name!r} with model.kwargs="
+                         f"{config.kwargs!r} cannot be built: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model.name={config.name!r} returned {type(model).__name__}, "
+                         "not an nn.Module")
+    return model
 
 
 def build_model(
@@ -160,14 +169,17 @@ def build_model(
 
     Notes
     -----
-    Import-path models are built as ``ClassName(**config.kwargs)`` inside ``torch.random.fork_rng``
-    (so their constructors cannot move the global RNG), then re-initialised by
+    Import-path models (an ``nn.Module`` subclass, or a function returning a module) are built as
+    ``ClassName(**config.kwargs)`` inside ``torch.random.fork_rng`` (so their constructors cannot
+    move the global RNG); a class or function whose signature names ``input_shape`` (a tuple, the
+    shape of one sample) or ``num_classes`` (an int) receives them from the data as keyword
+    arguments (a ``**kwargs`` catch-all does not count). The model is then re-initialised by
     :func:`init_parameters`, unless the class defines ``init_parameters(self, generator)``, which is
     then called instead. Buffers (e.g. batch-norm statistics) are not aggregated by hflmpi.
 
     Importing ``package.module`` runs that module's code: pass only a config the user gave.
     ``hflmpi run --resume`` refuses an import path read back from a run file unless the command
-    line names it again (:func:`hflmpi.record.resume.check_untrusted_model`).
+    line names it again (:func:`hflmpi.record.resume.check_untrusted_imports`).
     """
     if generator is None:
         generator = torch_generator(seed, purpose="init")
@@ -180,12 +192,7 @@ def build_model(
         elif config.name == "cnn":
             model = SmallCNN(input_shape, config.hidden, num_classes)
         else:
-            cls = _import_class(config.name)
-            try:
-                model = cls(**config.kwargs)
-            except TypeError as exc:
-                raise ValueError(f"model.name={config.name!r} with model.kwargs="
-                                 f"{config.kwargs!r} cannot be built: {exc}") from None
+            model = _build_import_path(config, input_shape, num_classes)
     custom = getattr(model, "init_parameters", None)
     if callable(custom):
         with torch.no_grad():

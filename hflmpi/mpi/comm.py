@@ -25,7 +25,8 @@ from mpi4py import MPI
 from hflmpi.core.topology import TopologyError, TreePlan, plan_nodes
 from hflmpi.mpi.messages import allgather_text, bcast_int
 
-__all__ = ["LayerComms", "node_local", "node_names", "plan_from_nodes", "cuda_aware_mpi", "limit_threads"]
+__all__ = ["LayerComms", "node_local", "node_names", "plan_from_nodes", "cuda_aware_mpi", "limit_threads",
+           "world"]
 
 _NODE_NAME_BYTES = 1024  # longest node name (UTF-8 bytes) a rank may report
 
@@ -186,3 +187,8 @@ def limit_threads(comm: MPI.Comm) -> None:
 
     ranks_here = node_local(comm)[1]
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
+
+
+def world() -> MPI.Comm:
+    """Return ``MPI.COMM_WORLD``: every process of ``mpiexec``, or this one alone (size 1)."""
+    return MPI.COMM_WORLD

@@ -15,8 +15,9 @@ compares three things before any data is loaded or any model code is imported:
      tree, the features and classes of the data; and the privacy accounting) never change;
    * every other key changes only when the user says so (``--allow-config-change``);
 
-3. that the stored config does not make hflmpi import code: a ``model.name`` import path read
-   from a run file is only imported when the user names it again (:func:`check_untrusted_model`).
+3. that the stored config does not make hflmpi import code: an import path read from a run file
+   (``model.name``, ``data.name``, ``run.callbacks``) is only imported when the user names it
+   again (:func:`check_untrusted_imports`).
 
 Whatever changed is written to the run file (``config_toml`` becomes the config the run continues
 under, and an entry in ``config_history`` lists the changes), so the stored config stays true.
@@ -50,7 +51,7 @@ __all__ = [
     "config_changes",
     "check_config_change",
     "check_checkpoint_config",
-    "check_untrusted_model",
+    "check_untrusted_imports",
     "stored_config",
 ]
 
@@ -64,6 +65,7 @@ FREE_KEYS = (
     "run.checkpoint_every",
     "run.divergence",
     "run.watchdog_seconds",
+    "run.callbacks",
 )
 """Keys a resume may change without asking: they say how long the run goes, where it is
 reported and what is measured, never what is computed (``run.rounds`` also stretches a cosine
@@ -219,31 +221,38 @@ def stored_config(text: str, run_path: str, overrides: Sequence[str] = ()) -> Ru
 
     For the text already read (to hash it, too); from a path use
     :func:`hflmpi.record.run_config.read_run_config`. Nothing is imported: an import-path
-    ``model.name`` is only validated as a string here (see :func:`check_untrusted_model` before
+    ``model.name`` is only validated as a string here (see :func:`check_untrusted_imports` before
     building the model).
     """
     return parse_stored_config(text, f"--resume {run_path}", overrides)
 
 
-def check_untrusted_model(config: RunConfig, overrides: Sequence[str], run_path: str) -> None:
-    """Refuse to import a ``model.name`` import path that only a run file names.
+def check_untrusted_imports(config: RunConfig, overrides: Sequence[str], run_path: str) -> None:
+    """Refuse to import code (``model.name``, ``data.name``, ``run.callbacks``) only a run file names.
 
     A run file is data (it can come from anyone); importing ``package.module`` runs that
-    module's code on every rank. So when the config is read back from a run file, an import path
-    must be given again on the command line (``--set model.name=...``, or the CONFIG).
+    module's code on every rank. So when the config is read back from a run file, each import
+    path must be given again on the command line (``--set model.name=...``, or the CONFIG);
+    ``--set run.callbacks=[]`` drops stored callbacks.
     """
-    name = config.model.name
-    if name in BUILTIN_MODELS:
-        return
+    named = set()
     for text in overrides:
         try:
-            keys, _ = parse_override(text)
+            named.add(parse_override(text)[0])
         except ConfigError:
             continue
-        if keys == ("model", "name"):
-            return
+    stored = [(key, value) for key, value, imports in (
+        ("model.name", config.model.name, config.model.name not in BUILTIN_MODELS),
+        ("data.name", config.data.name, ":" in config.data.name),
+        ("run.callbacks", list(config.run.callbacks), bool(config.run.callbacks)),
+    ) if imports and tuple(key.split(".")) not in named]
+    if not stored:
+        return
+    given = " and ".join(f"{key}={_fmt(value)}" for key, value in stored)
+    fix = " ".join(f"--set {key}={_fmt(value)}" for key, value in stored)
     raise ConfigError(
-        f"--resume {run_path}: the stored config names model.name={_fmt(name)}, an import path; "
-        "hflmpi never imports code named by a run file (it may come from anyone). If you trust "
-        f"it, name it yourself: --set model.name={_fmt(name)} (or pass your CONFIG.toml)"
+        f"--resume {run_path}: the stored config names {given}, "
+        f"{'an import path' if len(stored) == 1 else 'import paths'}; hflmpi never imports code "
+        f"named by a run file (it may come from anyone). If you trust it, name it yourself: {fix} "
+        "(or pass your CONFIG.toml)"
     )

@@ -7,7 +7,7 @@ go through it (or, holding the text already, through :func:`parse_stored_config`
 config is validated the same way everywhere and a file without one gets the same message.
 
 Nothing is imported here: an import-path ``model.name`` is only checked as a string (see
-:func:`hflmpi.record.resume.check_untrusted_model` before building the model).
+:func:`hflmpi.record.resume.check_untrusted_imports` before building the model).
 """
 
 from __future__ import annotations

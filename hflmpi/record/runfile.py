@@ -44,7 +44,7 @@ from hflmpi.record.resume import (
     ConfigChange,
     check_checkpoint_config,
     check_config_change,
-    check_untrusted_model,
+    check_untrusted_imports,
     stored_config,
 )
 from hflmpi.record.store import RunRecord
@@ -223,7 +223,7 @@ def config_from_run(path: Path, overrides: Sequence[str]) -> RunConfig:
 
     From the run file, or from its newest valid checkpoint when the run file is lost or broken.
     The run file is data, not code: an import-path ``model.name`` it stores is refused unless
-    the command line names it again (:func:`hflmpi.record.resume.check_untrusted_model`).
+    the command line names it again (:func:`hflmpi.record.resume.check_untrusted_imports`).
     """
     text: str | None
     try:
@@ -234,7 +234,7 @@ def config_from_run(path: Path, overrides: Sequence[str]) -> RunConfig:
             raise ConfigError(f"--resume {path}: cannot read the stored config ({exc}) and no "
                               "valid checkpoint holds one; give the CONFIG.toml too") from None
     config = stored_config(text, str(path), overrides)
-    check_untrusted_model(config, overrides, str(path))
+    check_untrusted_imports(config, overrides, str(path))
     return config
 
 
