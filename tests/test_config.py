@@ -144,7 +144,7 @@ def test_wrong_types_and_ranges(override, expected):
 def test_bad_enum_lists_choices_and_close_match():
     msg = _error(["data.name=mnst"])
     assert msg == ('data.name="mnst" must be one of "digits", "mnist", "fashion_mnist", "cifar10", '
-                   '"synthetic"; did you mean "mnist"?')
+                   '"synthetic" or an import path "package.module:function"; did you mean "mnist"?')
     msg = _error(["run.device=gpu"])
     assert 'run.device="gpu" must be one of "cpu", "cuda", "auto"' in msg
     msg = _error(["model.name=resnet-ish"])

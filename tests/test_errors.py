@@ -32,6 +32,7 @@ USER_ERRORS = {
     "hflmpi.mpi.guard.NonFiniteUpdateError",
     "hflmpi.record.checkpoint.CheckpointError",
     "hflmpi.record.checkpoint.CheckpointNotFoundError",
+    "hflmpi.callbacks.CallbackError",
 }
 # Exception classes that are not user errors, each with the reason.
 NOT_USER_ERRORS = {
@@ -53,6 +54,7 @@ KEPT_BASES = {
     "NonFiniteUpdateError": FloatingPointError,
     "LayerOptionsError": ValueError,
     "LayerFailedError": ValueError,
+    "CallbackError": RuntimeError,
 }
 
 
