@@ -135,8 +135,8 @@ def _features(x: np.ndarray, where: str) -> np.ndarray:
     if x.dtype.kind not in "iuf" or x.ndim < 2 or math.prod(x.shape[1:]) == 0:
         raise DatasetError(f"{where} has dtype {x.dtype} and shape {x.shape}; features must be "
                            "real numbers [n, *input_shape] with at least one feature per sample")
-    rows = x.reshape(len(x), math.prod(x.shape[1:]))
-    bad = ~np.isfinite(rows).all(axis=1) if x.dtype.kind == "f" else None
+    flat = x.reshape(len(x), math.prod(x.shape[1:]))
+    bad = ~np.isfinite(flat).all(axis=1) if x.dtype.kind == "f" else None
     if bad is not None and bad.any():
         rows = np.flatnonzero(bad)
         raise DatasetError(f"{where} holds NaN or Inf in {len(rows)} sample(s), the first at "
