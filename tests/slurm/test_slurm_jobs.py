@@ -269,6 +269,33 @@ def test_mpiexec_inside_the_allocation(workdir):
     assert info["tree"]["groups_per_layer"] == [1], info["tree"]
 
 
+GPU_PROBE = """
+import os
+from mpi4py import MPI
+from hflmpi.mpi.placement import cuda_device_index
+comm = MPI.COMM_WORLD
+index = cuda_device_index(comm, visible=comm.Get_size())
+print(f"rank {comm.Get_rank()} SLURM_LOCALID={os.environ.get('SLURM_LOCALID')} gpu={index}")
+"""
+
+
+def test_mpiexec_ranks_get_distinct_gpus_although_slurm_localid_is_0(workdir):
+    """Inside an allocation mpiexec's ranks inherit the SLURM_LOCALID of the daemon srun started
+    (0 on every rank): the GPU choice must come from the MPI node-local rank instead."""
+    probe = workdir / "gpu_probe.py"
+    probe.write_text(GPU_PROBE)
+    proc = subprocess.run(["sbatch", "--parsable", "--ntasks=2", "--output=runs/gpu-probe-%j.out",
+                           f"--wrap={MPIEXEC} -n 2 {PYTHON} {probe}"], cwd=workdir,
+                          env=job_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    assert_completed(workdir, job, wait_for(job))
+    lines = sorted(line for line in (workdir / "runs" / f"gpu-probe-{job}.out").read_text()
+                   .splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0 SLURM_LOCALID=0 gpu=0", "rank 1 SLURM_LOCALID=0 gpu=1"], lines
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
     """The reference for the preemption tests: the same overrides, plain mpiexec, outside Slurm."""
