@@ -42,10 +42,11 @@ from hflmpi.mpi.aggregate import (
     measure_divergences,
 )
 from hflmpi.mpi.checkpointing import check_resume, resume_state, write_checkpoint
-from hflmpi.mpi.comm import LayerComms, node_local, plan_from_nodes
+from hflmpi.mpi.comm import LayerComms, plan_from_nodes
 from hflmpi.mpi.guard import SetupError, Watchdog, agree
 from hflmpi.mpi.hooks import Hooks
 from hflmpi.mpi.metrics import RoundMeter, end_of_round
+from hflmpi.mpi.placement import cuda_device_index
 from hflmpi.mpi.preempt import PreemptionFlag
 from hflmpi.record.checkpoint import describe_os_error
 from hflmpi.record.progress import Progress
@@ -134,8 +135,7 @@ def _device(config: RunConfig, comm: Any) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError('run.device="cuda" but torch sees no CUDA device; use "cpu" or "auto"')
-    local_rank = int(os.environ.get("SLURM_LOCALID", node_local(comm)[0]))
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cuda", cuda_device_index(comm, torch.cuda.device_count()))
 
 
 def _checked_plan(config: RunConfig, comm: Any) -> TreePlan:

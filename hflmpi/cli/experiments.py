@@ -54,8 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     comm = MPI.COMM_WORLD
     try:
-        from hflmpi.mpi.comm import limit_threads
+        from hflmpi.mpi.placement import check_srun_world, limit_threads
 
+        check_srun_world(comm.Get_size())  # a wrong srun --mpi plugin: exit 2, not N experiments
         limit_threads(comm)
         run_experiment(args.spec, args.out, comm, small=args.small, reuse=args.reuse,
                        only=[s for s in args.only.split(",") if s] or None,

@@ -22,6 +22,7 @@ from hflmpi.federation import train
 from hflmpi.mpi.comm import limit_threads
 from hflmpi.mpi.guard import SetupError
 from hflmpi.mpi.messages import MessageError
+from hflmpi.mpi.placement import check_srun_world
 from hflmpi.mpi.preempt import EXIT_PREEMPTED, leave_together
 from hflmpi.record.resume import ALLOW_FLAG
 from hflmpi.record.runfile import config_from_run, has_checkpoint
@@ -79,6 +80,7 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
 def _run(args: argparse.Namespace, comm: MPI.Comm) -> int:
     rank = comm.Get_rank()
     try:
+        check_srun_world(MPI.COMM_WORLD.Get_size())  # a wrong srun --mpi plugin: exit 2, not N runs
         if args.config is None and args.resume is None:
             raise ConfigError("give a CONFIG.toml, or --resume RUN.h5 to continue a run")
         if args.config is None:

@@ -24,6 +24,7 @@ from mpi4py import MPI
 
 from hflmpi.core.topology import TopologyError, TreePlan, plan_nodes
 from hflmpi.mpi.messages import allgather_text, bcast_int
+from hflmpi.mpi.placement import limit_threads, node_local  # re-exported: one home, old import path
 
 __all__ = ["LayerComms", "node_local", "node_names", "plan_from_nodes", "cuda_aware_mpi", "limit_threads",
            "world"]
@@ -100,15 +101,6 @@ class LayerComms:
         self.free()
 
 
-def node_local(comm: MPI.Comm) -> tuple[int, int]:
-    """Return this rank's index among the ranks sharing its node, and their count (collective)."""
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    try:
-        return local.Get_rank(), local.Get_size()
-    finally:
-        local.Free()
-
-
 def node_names(comm: MPI.Comm) -> list[str]:
     """Return, for every rank of ``comm``, a name for the shared-memory node it runs on.
 
@@ -174,19 +166,6 @@ def _mpi_library_handles(process: ctypes.CDLL) -> list[ctypes.CDLL]:
     except OSError:
         pass
     return handles
-
-
-def limit_threads(comm: MPI.Comm) -> None:
-    """Give each rank its share of the node's cores (ranks oversubscribing cores crawl otherwise).
-
-    Collective (learns how many ranks share the node); ``OMP_NUM_THREADS`` set by the user wins.
-    """
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    import torch
-
-    ranks_here = node_local(comm)[1]
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
 
 
 def world() -> MPI.Comm:

@@ -88,16 +88,17 @@ def job_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, HFLMPI_PYTHON=PYTHON, HFLMPI_SRUN_MPI="pmi2", OMP_NUM_THREADS="1",
                MKL_NUM_THREADS="1")
     for key in ("HFLMPI_ARGS", "HFLMPI_SCALING_RANKS", "HFLMPI_MPIRUN", "HFLMPI_MPIRUN_ARGS",
-                "HFLMPI_RUN"):
+                "HFLMPI_RUN", "HFLMPI_SETUP"):
         env.pop(key, None)
     env.update(extra)
     return env
 
 
-def sbatch(workdir: Path, script: str, options: list[str], env: dict[str, str]) -> str:
-    """Submit ``jobs/SCRIPT`` from ``workdir``; return the job id."""
-    proc = subprocess.run(["sbatch", "--parsable", *options, str(JOBS / script)], cwd=workdir,
-                          env=env, capture_output=True, text=True, timeout=30)
+def sbatch(workdir: Path, script: str, options: list[str], env: dict[str, str],
+           script_args: tuple[str, ...] = ()) -> str:
+    """Submit ``jobs/SCRIPT`` (with ``script_args``) from ``workdir``; return the job id."""
+    proc = subprocess.run(["sbatch", "--parsable", *options, str(JOBS / script), *script_args],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, f"sbatch {script} failed: {proc.stderr}"
     return proc.stdout.strip().split(";")[0]
 
@@ -209,6 +210,36 @@ def test_config_error_fails_the_job_with_exit_2(workdir):
         (workdir / "runs" / f"hflmpi-cpu-{job}.out").read_text()
 
 
+def test_wrong_pmi_plugin_fails_the_job_with_exit_2(workdir):
+    """``srun --mpi=none`` gives the MPICH wheel no PMI: each task starts as a 1-rank world (as
+    with any plugin the library cannot use). Every task must stop with the one-line error and
+    exit 2, not train alone and "succeed"."""
+    env = job_env(HFLMPI_SRUN_MPI="none", HFLMPI_ARGS="--set run.rounds=2")
+    job = sbatch(workdir, "cpu-node.sbatch", ["--ntasks=2"], env)
+    (record,) = wait_for(job)
+    assert (record.get("JobState"), record.get("ExitCode")) == ("FAILED", "2:0"), \
+        describe(workdir, job)
+    out = (workdir / "runs" / f"hflmpi-cpu-{job}.out").read_text()
+    assert ("hflmpi: error: srun started 2 tasks (SLURM_STEP_NUM_TASKS=2) but the MPI world has "
+            "1 rank") in out and "srun --mpi=pmi2" in out, out
+    assert "rounds done" not in out and not (workdir / "runs" / f"cpu-node-{job}.h5").exists()
+
+
+def test_arguments_with_spaces_setup_file_and_cpus_per_task(workdir):
+    """HFLMPI_ARGS words with spaces, sbatch script arguments, HFLMPI_SETUP and
+    ``srun --cpus-per-task`` (passed on from sbatch's) in one real job."""
+    setup = workdir / "site-setup.sh"
+    setup.write_text('module() { echo "site setup: module $*"; }\nmodule load mpi "$UNSET_IN_JOB"\n')
+    name = "runs/with space-%s.h5" % time.monotonic_ns()
+    env = job_env(HFLMPI_ARGS=f'--set run.rounds=2 --set "run.out={name}"', HFLMPI_SETUP=str(setup))
+    job = sbatch(workdir, "cpu-node.sbatch", ["--ntasks=2", "--cpus-per-task=1"], env,
+                 script_args=("--set", 'run.progress="off"'))
+    assert_completed(workdir, job, wait_for(job))
+    check_record(workdir / name, rounds=2, world_size=2)
+    out = (workdir / "runs" / f"hflmpi-cpu-{job}.out").read_text()
+    assert "site setup: module load mpi" in out and f"run record {name}" in out, out
+
+
 def test_scaling_array_scaled_down(workdir):
     env = job_env(HFLMPI_SCALING_RANKS="1 2",
                   HFLMPI_ARGS="--set run.rounds=2 --set run.eval_every=1 "
@@ -236,6 +267,33 @@ def test_mpiexec_inside_the_allocation(workdir):
     assert_completed(workdir, job, wait_for(job))
     info = check_record(workdir / "runs" / f"gpu-nodes-mpirun-{job}.h5", rounds=3, world_size=2)
     assert info["tree"]["groups_per_layer"] == [1], info["tree"]
+
+
+GPU_PROBE = """
+import os
+from mpi4py import MPI
+from hflmpi.mpi.placement import cuda_device_index
+comm = MPI.COMM_WORLD
+index = cuda_device_index(comm, visible=comm.Get_size())
+print(f"rank {comm.Get_rank()} SLURM_LOCALID={os.environ.get('SLURM_LOCALID')} gpu={index}")
+"""
+
+
+def test_mpiexec_ranks_get_distinct_gpus_although_slurm_localid_is_0(workdir):
+    """Inside an allocation mpiexec's ranks inherit the SLURM_LOCALID of the daemon srun started
+    (0 on every rank): the GPU choice must come from the MPI node-local rank instead."""
+    probe = workdir / "gpu_probe.py"
+    probe.write_text(GPU_PROBE)
+    proc = subprocess.run(["sbatch", "--parsable", "--ntasks=2", "--output=runs/gpu-probe-%j.out",
+                           f"--wrap={MPIEXEC} -n 2 {PYTHON} {probe}"], cwd=workdir,
+                          env=job_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    assert_completed(workdir, job, wait_for(job))
+    lines = sorted(line for line in (workdir / "runs" / f"gpu-probe-{job}.out").read_text()
+                   .splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0 SLURM_LOCALID=0 gpu=0", "rank 1 SLURM_LOCALID=0 gpu=1"], lines
 
 
 @pytest.fixture(scope="module")
