@@ -32,6 +32,8 @@ USER_ERRORS = {
     "hflmpi.mpi.guard.NonFiniteUpdateError",
     "hflmpi.record.checkpoint.CheckpointError",
     "hflmpi.record.checkpoint.CheckpointNotFoundError",
+    "hflmpi.core.server_opt.ServerOptError",
+    "hflmpi.core.strategy.PluginError",
 }
 # Exception classes that are not user errors, each with the reason.
 NOT_USER_ERRORS = {
@@ -53,6 +55,8 @@ KEPT_BASES = {
     "NonFiniteUpdateError": FloatingPointError,
     "LayerOptionsError": ValueError,
     "LayerFailedError": ValueError,
+    "ServerOptError": ValueError,
+    "PluginError": ValueError,
 }
 
 

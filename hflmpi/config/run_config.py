@@ -25,6 +25,7 @@ from hflmpi.config.sections import (
     ScheduleConfig,
     TopologyConfig,
 )
+from hflmpi.config.strategy import ServerOptConfig
 from hflmpi.core.layer_rules import LayerOptionsError
 from hflmpi.core.layer_rules import check_layer_options as check_layer_rules
 
@@ -44,6 +45,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -79,7 +81,7 @@ class RunConfig:
     def check_layer_options(
         self, depth: int, group_sizes: Sequence[Sequence[int]] | None = None
     ) -> None:
-        """Check the per-layer robust/secure/privacy options against a tree of ``depth`` layers.
+        """Check the per-layer robust/secure/privacy/server options against a ``depth``-layer tree.
 
         Parameters
         ----------
@@ -97,6 +99,7 @@ class RunConfig:
                               allow_small_secure_groups=agg.allow_small_secure_groups)
         except LayerOptionsError as exc:
             raise ConfigError(str(exc)) from None
+        self.server_opt.options_for(depth)  # per-layer lengths
         self._check_side_channels()
 
     def _check_side_channels(self) -> None:

@@ -39,6 +39,7 @@ from hflmpi.config import (
 from hflmpi.config import (
     format_value as _fmt,
 )
+from hflmpi.core.strategy import is_import_path
 from hflmpi.record.checkpoint import config_digest
 from hflmpi.record.run_config import parse_stored_config
 
@@ -226,24 +227,31 @@ def stored_config(text: str, run_path: str, overrides: Sequence[str] = ()) -> Ru
 
 
 def check_untrusted_model(config: RunConfig, overrides: Sequence[str], run_path: str) -> None:
-    """Refuse to import a ``model.name`` import path that only a run file names.
+    """Refuse to import a ``model.name`` or ``aggregation.robust`` import path only a run file names.
 
     A run file is data (it can come from anyone); importing ``package.module`` runs that
     module's code on every rank. So when the config is read back from a run file, an import path
-    must be given again on the command line (``--set model.name=...``, or the CONFIG).
+    must be given again on the command line (``--set model.name=...``,
+    ``--set aggregation.robust=[...]`` for plug-in rules, or the CONFIG).
     """
-    name = config.model.name
-    if name in BUILTIN_MODELS:
-        return
+    named = set()
     for text in overrides:
         try:
             keys, _ = parse_override(text)
         except ConfigError:
             continue
-        if keys == ("model", "name"):
-            return
+        named.add(keys)
+    rules = [r for r in config.aggregation.robust if is_import_path(r)]
+    value: Any
+    if config.model.name not in BUILTIN_MODELS and ("model", "name") not in named:
+        key, value, what = "model.name", config.model.name, "an import path"
+    elif rules and ("aggregation", "robust") not in named:
+        key, value = "aggregation.robust", list(config.aggregation.robust)
+        what = "which holds the import path of a plug-in rule"
+    else:
+        return
     raise ConfigError(
-        f"--resume {run_path}: the stored config names model.name={_fmt(name)}, an import path; "
-        "hflmpi never imports code named by a run file (it may come from anyone). If you trust "
-        f"it, name it yourself: --set model.name={_fmt(name)} (or pass your CONFIG.toml)"
+        f"--resume {run_path}: the stored config names {key}={_fmt(value)}, {what}; hflmpi "
+        "never imports code named by a run file (it may come from anyone). If you trust it, "
+        f"name it yourself: --set {key}={_fmt(value)} (or pass your CONFIG.toml)"
     )
