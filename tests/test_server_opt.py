@@ -165,3 +165,23 @@ def test_config_checks_lengths_against_depth():
     low, top = config.server_opt.options_for(2)
     assert low == ServerOptOptions("avgm", lr=1.0, tau=0.01)
     assert top == ServerOptOptions("yogi", lr=0.1, tau=0.01)
+
+
+@pytest.mark.parametrize("protect, optimizer, refused", [
+    ({"privacy": {"layer": 2}}, ["adam", "none"], "below privacy.layer=2 (layer 2)"),
+    ({"privacy": {"layer": 2}}, ["none", "adam"], None),  # post-noise: post-processing
+    ({"privacy": {"layer": 1}}, ["avgm", "yogi"], None),
+    ({"aggregation": {"secure": [False, True]}, "quantize": {"bits": [0, 8]}}, ["avgm", "none"],
+     "below aggregation.secure[1]=true (layer 2)"),
+    ({"aggregation": {"secure": [True, False]}, "quantize": {"bits": [8, 0]}}, ["avgm", "adam"],
+     None),
+])
+def test_server_state_below_a_protected_layer_is_refused(protect, optimizer, refused):
+    table = {"topology": {"fanouts": [3, 3]}, "schedule": {"tau": [2, 2]},
+             "run": {"divergence": False}, "server_opt": {"optimizer": optimizer}, **protect}
+    if refused is None:
+        config_from_dict(table)
+        return
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(table)
+    assert refused in str(info.value) and "every checkpoint gathers its state" in str(info.value)

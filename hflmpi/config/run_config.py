@@ -101,6 +101,24 @@ class RunConfig:
             raise ConfigError(str(exc)) from None
         self.server_opt.options_for(depth)  # per-layer lengths
         self._check_side_channels()
+        self._check_server_state()
+
+    def _check_server_state(self) -> None:
+        """Refuse server optimizer state below a protected layer (checkpoints gather it)."""
+        protected = [(n + 1, f"aggregation.secure[{n}]=true")
+                     for n, on in enumerate(self.aggregation.secure) if on]
+        if self.privacy.layer:
+            protected.append((self.privacy.layer, f"privacy.layer={self.privacy.layer}"))
+        for n, name in enumerate(self.server_opt.optimizer):
+            above = [(p, what) for p, what in protected if p > n + 1]
+            if name != "none" and above:
+                p, what = max(above)
+                raise ConfigError(
+                    f"server_opt.optimizer[{n}]={_fmt(name)} at layer {n + 1}, below {what} "
+                    f"(layer {p}): every checkpoint gathers its state (running averages of each "
+                    "group's un-protected aggregate) to rank 0, which the protected layer is "
+                    f"meant to hide; put the server optimizer on layer {p} or above"
+                )
 
     def _check_side_channels(self) -> None:
         """Refuse the metrics and checkpoints that carry individual models past a protected layer."""
