@@ -75,9 +75,10 @@ def restore_server_state(
 ) -> list[int]:
     """Send each leader its row of the checkpoint's state (all ranks; ``arrays`` read on rank 0).
 
-    ``arrays`` is the checkpoint's ``extra_arrays``. A layer whose array the checkpoint lacks
-    (written before its server optimizer was configured, with ``--allow-config-change``) keeps
-    the fresh state (``m = 0``, ``v = tau^2``). Returns those layers (on the leaders).
+    ``arrays`` is the checkpoint's ``extra_arrays``. A layer whose array the checkpoint lacks, or
+    holds for an optimizer with other state vectors (a resume that changed ``[server_opt]`` with
+    ``--allow-config-change``), keeps the fresh state (``m = 0``, ``v = tau^2``). Returns those
+    layers (on the leaders).
     """
     comms, numel = aggregator.comms, aggregator.numel
     optimizers = aggregator.server_optimizers()
@@ -89,6 +90,8 @@ def restore_server_state(
         try:
             stacked = None if arrays is None else arrays.get(state_name(n))
             slots = len(optimizers[n].options.slots)
+            if stacked is not None and np.ndim(stacked) == 3 and np.shape(stacked)[1] != slots:
+                stacked = None  # another optimizer wrote it (a resume that changed the config)
             row = scatter_array(sub, None if stacked is None else np.asarray(stacked),
                                 max_elements=slots * numel, dtypes=_F64, shape=(slots, numel),
                                 what=f"sending the layer-{n} server optimizer state")
