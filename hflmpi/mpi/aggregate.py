@@ -243,8 +243,8 @@ class HierarchicalAggregator:
         for n, rule in enumerate(self.robust, start=1):
             if isinstance(rule, str) and rule not in RULES or not isinstance(
                     rule, (str, AggregationRule)):
-                raise ValueError(f"robust rule {rule!r} at layer {n} is neither one of {RULES} "
-                                 "nor an object with aggregate(updates, weights)")
+                raise ValueError(f"robust rule {rule!r} at layer {n} is not one of {RULES} "
+                                 "(nor a plug-in object with aggregate(updates, weights))")
         if self.privacy is not None and self.privacy.layer < 1:
             raise ValueError(f"privacy layer {self.privacy.layer} is outside 1..{depth}")
         fan_ins = [[self.comms.layer(n).Get_size()] if self.comms.joins(n) else []
