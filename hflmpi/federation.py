@@ -27,6 +27,7 @@ import torch
 
 from hflmpi.callbacks import AggregationInfo, RoundInfo
 from hflmpi.config import ConfigError, RunConfig
+from hflmpi.config.strategy import load_rules
 from hflmpi.core.privacy import epsilon_for
 from hflmpi.core.schedule import round_events, steps_per_round
 from hflmpi.core.topology import TreePlan, plan_fanouts, plan_groups
@@ -48,6 +49,7 @@ from hflmpi.mpi.hooks import Hooks
 from hflmpi.mpi.metrics import RoundMeter, end_of_round
 from hflmpi.mpi.placement import cuda_device_index
 from hflmpi.mpi.preempt import PreemptionFlag
+from hflmpi.mpi.server_state import gather_server_state, restore_server_state
 from hflmpi.record.checkpoint import describe_os_error
 from hflmpi.record.progress import Progress
 from hflmpi.record.runfile import ConfigUpdate, check_model_size, open_record
@@ -196,6 +198,8 @@ def train(
         agree(comm, "checking the checkpoint against the model",
               lambda: check_model_size(checkpoint, fed.params.numel, config))
         state = resume_state(comm, checkpoint, fed.params.numel)  # all ranks: typed buffers
+        agree(comm, "restoring the server optimizers", lambda: restore_server_state(
+            fed.aggregator, checkpoint.extra_arrays if checkpoint is not None else None))
     watchdog = Watchdog(comm, config.run.watchdog_seconds)
     try:
         return _train_rounds(config, comm, fed, watchdog, state, update, record_path, stream,
@@ -245,12 +249,13 @@ def _aggregator(
     return HierarchicalAggregator(
         comms, params.flat, algorithm="tree" if agg.algorithm == "tree" else "subtree", bits=bits,
         bucket_size=config.quantize.bucket_size, seed=config.run.seed,
-        method=config.quantize.method, robust=list(agg.robust) or None,
+        method=config.quantize.method, robust=load_rules(agg.robust) or None,  # imports plug-ins
         secure=list(agg.secure) or None, robust_params={"trim": agg.trim, "f": agg.krum_f},
         weight_caps=caps, allow_small_secure_groups=agg.allow_small_secure_groups,
         privacy=PrivacyOptions(privacy.layer, privacy.clip, privacy.noise_multiplier, privacy.mode,
                                privacy.insecure_reproducible_noise) if privacy.layer else None,
         signature=params.signature_hash(), nonfinite=config.run.nonfinite,
+        server_opt=config.server_opt.options_for(comms.depth),
     )
 
 
@@ -311,7 +316,8 @@ def _run_rounds(
             why = (preemption.received.name if preemption.received else "signal") if stop else None
             if stop or rnd == rounds or (config.run.checkpoint_every > 0 and rnd % config.run.checkpoint_every == 0):
                 write_checkpoint(comm, record_path, rnd, fed.params.flat, fed.sampler.state_dict(),
-                                 solver.checkpoint_momentum(), config, watchdog, preempted_by=why)
+                                 solver.checkpoint_momentum(), config, watchdog, preempted_by=why,
+                                 server_state=lambda: gather_server_state(fed.aggregator))
                 last_checkpoint = rnd
             if stop:
                 if rank == 0:

@@ -34,6 +34,8 @@ USER_ERRORS = {
     "hflmpi.record.checkpoint.CheckpointError",
     "hflmpi.record.checkpoint.CheckpointNotFoundError",
     "hflmpi.callbacks.CallbackError",
+    "hflmpi.core.server_opt.ServerOptError",
+    "hflmpi.core.strategy.PluginError",
 }
 # Exception classes that are not user errors, each with the reason.
 NOT_USER_ERRORS = {
@@ -57,6 +59,8 @@ KEPT_BASES = {
     "LayerOptionsError": ValueError,
     "LayerFailedError": ValueError,
     "CallbackError": RuntimeError,
+    "ServerOptError": ValueError,
+    "PluginError": ValueError,
 }
 
 

@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -157,6 +157,7 @@ def _reference_lr(config: RunConfig, round0: int) -> float:
 def serial_reference(
     config: RunConfig, world: int, subtrees: list[list[list[int]]],
     dtype: torch.dtype = torch.float32,
+    server: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> torch.Tensor:
     """Replay the federation serially and return the final global model, flat, in ``dtype``.
 
@@ -164,6 +165,8 @@ def serial_reference(
     the highest layer ``L`` whose period ``tau_1 * ... * tau_L`` divides ``t`` averages each of
     its subtrees (float64, weights = samples or 1), and everyone in it continues from that mean.
     With ``dtype=torch.float64`` the models and the (float32-loaded) features are widened first.
+    ``server(x_prev, mean)`` (flat numpy) replaces each global (top-layer) mean by its result,
+    with ``x_prev`` the previous global model: a server optimizer on the top layer.
     """
     seed, optim = config.run.seed, config.optim
     train_set, _ = load_dataset(config.data, seed)
@@ -173,6 +176,7 @@ def serial_reference(
     start = build_model(config.model, train_set.input_shape, train_set.num_classes,
                         seed=seed).to(dtype)
     models = [copy.deepcopy(start) for _ in range(world)]
+    previous = _flat(models[0])
     anchors = [[p.detach().clone() for p in m.parameters()] for m in models]
     mu = optim.mu if optim.solver == "fedprox" else 0.0
 
@@ -212,13 +216,25 @@ def serial_reference(
                                    for k, r in enumerate(members))
                         for k in range(len(members)):
                             params[k][i].copy_(mean)
+            if server is not None and layer == len(periods):
+                new = server(previous.numpy(), _flat(models[0]).numpy())
+                previous = torch.from_numpy(new).to(dtype)  # what the MPI run broadcasts
+                with torch.no_grad():
+                    for model in models:
+                        for p, chunk in zip(model.parameters(),
+                                            previous.split([p.numel() for p in model.parameters()])):
+                            p.copy_(chunk.view_as(p))
             for r in range(world):
                 anchors[r] = [p.detach().clone() for p in models[r].parameters()]
                 if optim.momentum_reset == "aggregation":
                     optimizers[r] = fresh_optimizer(models[r])
                     for group in optimizers[r].param_groups:
                         group["lr"] = lr
-    return torch.cat([p.detach().reshape(-1) for p in models[0].parameters()]).to(dtype)
+    return _flat(models[0]).to(dtype)
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def initial_model(config: RunConfig) -> torch.Tensor:

@@ -48,6 +48,7 @@ from hflmpi.config.sections import (
     ScheduleConfig,
     TopologyConfig,
 )
+from hflmpi.config.strategy import ServerOptConfig
 
 __all__ = [
     "ConfigError",
@@ -60,6 +61,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "PrivacyConfig",
+    "ServerOptConfig",
     "RunConfig",
     "BUILTIN_MODELS",
     "MAX_LR",

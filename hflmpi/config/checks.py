@@ -9,13 +9,14 @@ or ``--set``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import field
-from typing import Any
+from typing import Any, ClassVar
 
 from hflmpi.errors import HflmpiError
 
@@ -232,14 +233,18 @@ def _int_list(lo: int, *, hi: int | None = None, allow_empty: bool = False) -> _
     return check
 
 
-def _choice_list(*options: str) -> _Check:
+def _choice_list(*options: str, import_paths: bool = False) -> _Check:
+    """Check a per-layer list of names; with ``import_paths`` also "package.module:Name"."""
+    listed = "one of " + ", ".join(repr(o) for o in options) + (
+        ' or an import path "package.module:Name"' if import_paths else "")
+
     def check(value: Any) -> tuple[str, ...]:
         if not isinstance(value, (list, tuple)):
             raise _Invalid(f"is {_type_name(value)} but must be a list of strings, one per layer")
         for i, item in enumerate(value):
-            if item not in options:
-                raise _Invalid(f"has entry [{i}] = {_fmt(item)}; each entry must be one of "
-                               f"{', '.join(repr(o) for o in options)}")
+            path = import_paths and isinstance(item, str) and bool(_IMPORT_PATH.match(item))
+            if item not in options and not path:
+                raise _Invalid(f"has entry [{i}] = {_fmt(item)}; each entry must be {listed}")
         return tuple(value)
 
     return check
@@ -348,3 +353,27 @@ def _opt(default: Any, check: _Check, example: str, *, factory: bool = False) ->
     if factory:
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+class _Section:
+    """Mixin for section dataclasses: run the field checks, then the section's cross-field rules."""
+
+    section: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            try:
+                normalised = f.metadata["check"](value)
+            except _Invalid as exc:
+                key = f"{self.section}.{f.name}"
+                fix = exc.fix or f"e.g. {key}={f.metadata['example']}"
+                raise ConfigError(f"{key}={_fmt(value)} {exc.constraint}; {fix}") from None
+            object.__setattr__(self, f.name, normalised)
+        self._cross_check()
+
+    def _cross_check(self) -> None:
+        """Check rules that involve several keys of this section (override as needed)."""
+
+    def _error(self, name: str, constraint: str, fix: str) -> ConfigError:
+        return ConfigError(f"{self.section}.{name}={_fmt(getattr(self, name))} {constraint}; {fix}")

@@ -25,6 +25,7 @@ from hflmpi.config.sections import (
     ScheduleConfig,
     TopologyConfig,
 )
+from hflmpi.config.strategy import ServerOptConfig
 from hflmpi.core.layer_rules import LayerOptionsError
 from hflmpi.core.layer_rules import check_layer_options as check_layer_rules
 
@@ -44,6 +45,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -79,7 +81,7 @@ class RunConfig:
     def check_layer_options(
         self, depth: int, group_sizes: Sequence[Sequence[int]] | None = None
     ) -> None:
-        """Check the per-layer robust/secure/privacy options against a tree of ``depth`` layers.
+        """Check the per-layer robust/secure/privacy/server options against a ``depth``-layer tree.
 
         Parameters
         ----------
@@ -97,7 +99,26 @@ class RunConfig:
                               allow_small_secure_groups=agg.allow_small_secure_groups)
         except LayerOptionsError as exc:
             raise ConfigError(str(exc)) from None
+        self.server_opt.options_for(depth)  # per-layer lengths
         self._check_side_channels()
+        self._check_server_state()
+
+    def _check_server_state(self) -> None:
+        """Refuse server optimizer state below a protected layer (checkpoints gather it)."""
+        protected = [(n + 1, f"aggregation.secure[{n}]=true")
+                     for n, on in enumerate(self.aggregation.secure) if on]
+        if self.privacy.layer:
+            protected.append((self.privacy.layer, f"privacy.layer={self.privacy.layer}"))
+        for n, name in enumerate(self.server_opt.optimizer):
+            above = [(p, what) for p, what in protected if p > n + 1]
+            if name != "none" and above:
+                p, what = max(above)
+                raise ConfigError(
+                    f"server_opt.optimizer[{n}]={_fmt(name)} at layer {n + 1}, below {what} "
+                    f"(layer {p}): every checkpoint gathers its state (running averages of each "
+                    "group's un-protected aggregate) to rank 0, which the protected layer is "
+                    f"meant to hide; put the server optimizer on layer {p} or above"
+                )
 
     def _check_side_channels(self) -> None:
         """Refuse the metrics and checkpoints that carry individual models past a protected layer."""

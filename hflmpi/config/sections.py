@@ -6,7 +6,6 @@ Every field declares its check and an example value (:func:`hflmpi.config.checks
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,14 +27,15 @@ from hflmpi.config.checks import (
     _import_path_list,
     _int,
     _int_list,
-    _Invalid,
     _model_name,
     _nonempty_str,
     _opt,
     _optional,
+    _Section,
     _str,
     _table,
 )
+from hflmpi.config.strategy import ServerOptConfig
 
 __all__ = [
     "RunOptions",
@@ -48,31 +48,6 @@ __all__ = [
     "OptimConfig",
     "PrivacyConfig",
 ]
-
-
-class _Section:
-    """Mixin for section dataclasses: run the field checks, then the section's cross-field rules."""
-
-    section: ClassVar[str]
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            try:
-                normalised = f.metadata["check"](value)
-            except _Invalid as exc:
-                key = f"{self.section}.{f.name}"
-                fix = exc.fix or f"e.g. {key}={f.metadata['example']}"
-                raise ConfigError(f"{key}={_fmt(value)} {exc.constraint}; {fix}") from None
-            object.__setattr__(self, f.name, normalised)
-        self._cross_check()
-
-    def _cross_check(self) -> None:
-        """Check rules that involve several keys of this section (override as needed)."""
-
-    def _error(self, name: str, constraint: str, fix: str) -> ConfigError:
-        return ConfigError(f"{self.section}.{name}={_fmt(getattr(self, name))} {constraint}; {fix}")
-
 
 
 @dataclass(frozen=True)
@@ -252,7 +227,9 @@ class AggregationConfig(_Section):
     robust : list of str
         Per layer, ``"mean"`` (the weighted mean of QMLHFL) or a Byzantine-robust rule that
         gathers every child's update at the leader: ``"median"`` (coordinate-wise),
-        ``"trimmed_mean"``, ``"krum"``. Empty (default) means mean everywhere. Robust layers
+        ``"trimmed_mean"``, ``"krum"``, or a plug-in rule by import path
+        ``"package.module:Name"`` (docs/strategies.md; imported when the run sets up). Empty
+        (default) means mean everywhere. Robust layers
         must not be quantized (``quantize.bits`` 0 there). A robust layer never trusts the
         weight a child claims: it is clamped to the child's true weight (partition sizes, which
         every rank computes from the seed). A rule that tolerates no Byzantine child at some
@@ -276,7 +253,8 @@ class AggregationConfig(_Section):
     weighting: str = _opt("samples", _choice("samples", "uniform"), '"samples"')
     algorithm: str = _opt("subtree", _choice("subtree", "tree"), '"subtree"')
     robust: tuple[str, ...] = _opt(
-        (), _choice_list("mean", "median", "trimmed_mean", "krum"), '["mean", "median"]')
+        (), _choice_list("mean", "median", "trimmed_mean", "krum", import_paths=True),
+        '["mean", "median"]')
     trim: float = _opt(0.2, _float(0.0, 0.5, hi_open=True), "0.2")
     krum_f: int = _opt(1, _int(0), "1")
     secure: tuple[bool, ...] = _opt((), _bool_list, "[true, false]")
@@ -486,5 +464,6 @@ _SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig,
     "optim": OptimConfig,
     "privacy": PrivacyConfig,
+    "server_opt": ServerOptConfig,
 }
 """The sections of a run config, in TOML order: table name to dataclass."""

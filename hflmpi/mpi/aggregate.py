@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -46,15 +46,19 @@ from mpi4py import MPI
 
 from hflmpi.core.layer_rules import check_layer_options
 from hflmpi.core.robust import RULES, max_byzantine
+from hflmpi.core.server_opt import ServerOptimizer, ServerOptOptions
+from hflmpi.core.strategy import AggregationRule, rule_name
 from hflmpi.core.wire import METHOD_NAMES, Method
 from hflmpi.mpi.comm import LayerComms, cuda_aware_mpi
-from hflmpi.mpi.guard import NonFiniteUpdateError, handshake, handshake_key
+from hflmpi.mpi.guard import NonFiniteUpdateError, all_finite, handshake, handshake_key
 from hflmpi.mpi.layers import (
     Layer,
     LayerFailedError,
     LayerOptions,
     PrivacyOptions,
+    ServerOptLayer,
     build_layer,
+    check_caps,
     rule_params,
 )
 from hflmpi.mpi.messages import allreduce_float, allreduce_int, bcast_text
@@ -128,8 +132,9 @@ class HierarchicalAggregator:
         Run seed; quantization noise is keyed by (seed, rank, step, layer).
     method : {"auto", "sum", "gather"}
         Transport of quantized levels (see :mod:`hflmpi.mpi.uplink`).
-    robust : sequence of str, optional
-        Rule per layer from :data:`hflmpi.core.robust.RULES`; anything but ``"mean"`` gathers the
+    robust : sequence of str or AggregationRule, optional
+        Rule per layer from :data:`hflmpi.core.robust.RULES`, or a plug-in object
+        (:class:`hflmpi.core.strategy.AggregationRule`); anything but ``"mean"`` gathers the
         children's full-precision updates to the leader (such a layer must not be quantized).
     robust_params : dict, optional
         Parameters of the rules (``trim``, ``f``, ``m``). A rule that would tolerate no
@@ -149,6 +154,9 @@ class HierarchicalAggregator:
         partner's update exactly from the sum (an error otherwise).
     privacy : PrivacyOptions, optional
         Clip and noise the uplink of one layer.
+    server_opt : sequence of ServerOptOptions or None, optional
+        Per layer, a server optimizer its leaders apply to the aggregate
+        (:mod:`hflmpi.core.server_opt`); None or name "none" keeps the aggregate.
     signature : int
         Hash of the model layout, checked by the pre-collective handshake.
     nonfinite : {"raise", "drop"}
@@ -166,12 +174,13 @@ class HierarchicalAggregator:
         bucket_size: int = 0,
         seed: int = 0,
         method: str = "auto",
-        robust: Sequence[str] | None = None,
+        robust: Sequence[str | AggregationRule] | None = None,
         robust_params: dict[str, float] | None = None,
         weight_caps: Sequence[float] | None = None,
         secure: Sequence[bool] | None = None,
         allow_small_secure_groups: bool = False,
         privacy: PrivacyOptions | None = None,
+        server_opt: Sequence[ServerOptOptions | None] | None = None,
         signature: int = 0,
         nonfinite: str = "raise",
     ) -> None:
@@ -189,11 +198,12 @@ class HierarchicalAggregator:
         if len(self.bits) != comms.depth:
             raise ValueError(f"bits={self.bits} needs one entry per layer ({comms.depth})")
         self.seed = seed
-        self.robust = ["mean"] * comms.depth if robust is None else list(robust)
+        self.robust: list[Any] = ["mean"] * comms.depth if robust is None else list(robust)
+        self.server_opt = [None] * comms.depth if server_opt is None else list(server_opt)
         self.robust_params = dict(robust_params or {})
         self.secure = [False] * comms.depth if secure is None else [bool(x) for x in secure]
         self.allow_small_secure_groups = bool(allow_small_secure_groups)
-        self.weight_caps = _check_caps(weight_caps, comms.comm.Get_size())
+        self.weight_caps = check_caps(weight_caps, comms.comm.Get_size())
         self.privacy = privacy
         self.signature = signature
         if nonfinite not in ("raise", "drop"):
@@ -208,6 +218,7 @@ class HierarchicalAggregator:
                 secure=self.secure[n - 1], rule=self.robust[n - 1],
                 rule_params=rule_params(self.robust[n - 1], self.robust_params), seed=seed,
                 privacy=privacy if privacy is not None and privacy.layer == n else None,
+                server_opt=self.server_opt[n - 1],
             ) for n in range(1, self.depth + 1)
         ]
         self._special = [o.special for o in options]
@@ -225,25 +236,28 @@ class HierarchicalAggregator:
         applies), with this rank's own group sizes; then the robust rules' parameters.
         """
         depth = self.depth
-        for name, values in (("robust", self.robust), ("secure", self.secure)):
+        for name, values in (("robust", self.robust), ("secure", self.secure),
+                             ("server_opt", self.server_opt)):
             if len(values) != depth:
                 raise ValueError(f"{name}={values} needs one entry per layer ({depth})")
         for n, rule in enumerate(self.robust, start=1):
-            if rule not in RULES:
-                raise ValueError(f"robust rule {rule!r} at layer {n} is not one of {RULES}")
+            if isinstance(rule, str) and rule not in RULES or not isinstance(
+                    rule, (str, AggregationRule)):
+                raise ValueError(f"robust rule {rule!r} at layer {n} is not one of {RULES} "
+                                 "(nor a plug-in object with aggregate(updates, weights))")
         if self.privacy is not None and self.privacy.layer < 1:
             raise ValueError(f"privacy layer {self.privacy.layer} is outside 1..{depth}")
         fan_ins = [[self.comms.layer(n).Get_size()] if self.comms.joins(n) else []
                    for n in range(1, depth + 1)]
         check_layer_options(
-            depth, self.bits, self.robust, self.secure, method=method,
+            depth, self.bits, [rule_name(r) for r in self.robust], self.secure, method=method,
             privacy_layer=self.privacy.layer if self.privacy is not None else 0,
             group_sizes=fan_ins, trim=self.robust_params.get("trim", 0.2),
             krum_f=int(self.robust_params.get("f", 1)),
             allow_small_secure_groups=self.allow_small_secure_groups,
         )
         for n, rule in enumerate(self.robust, start=1):
-            if rule != "mean" and fan_ins[n - 1] and fan_ins[n - 1][0] > 1:
+            if rule in RULES[1:] and fan_ins[n - 1] and fan_ins[n - 1][0] > 1:
                 # the parameters themselves (trim in [0, 0.5), krum's m, ...)
                 max_byzantine(rule, fan_ins[n - 1][0], **rule_params(rule, self.robust_params))
 
@@ -251,6 +265,11 @@ class HierarchicalAggregator:
         """Return how each layer's uplink travels from this rank ("none" where exact or absent)."""
         return [METHOD_NAMES[self._layers[n].method if n in self._layers else Method.NONE]
                 for n in range(1, self.depth + 1)]
+
+    def server_optimizers(self) -> dict[int, ServerOptimizer]:
+        """Return, by layer, the server optimizers of the layers this rank leads (their state)."""
+        return {n: layer.optimizer for n, layer in self._layers.items()
+                if isinstance(layer, ServerOptLayer) and layer.optimizer is not None}
 
     def reset_anchors(self, up_to: int | None = None) -> None:
         """Make the current model the anchor of layers ``1..up_to`` (all by default).
@@ -326,7 +345,7 @@ class HierarchicalAggregator:
                 self.flat.mul_(share)
         if nested or self.algorithm == "tree":
             stats, failure = self._up(layer, weight, step, measure_error, prescaled=not nested)
-            if any(rule != "mean" for rule in self.robust[:layer]):
+            if any(not isinstance(rule, str) or rule != "mean" for rule in self.robust[:layer]):
                 self._share_failure(layer, failure, step)
             self._down(layer, stats)
         else:
@@ -339,7 +358,7 @@ class HierarchicalAggregator:
         """Handshake over the subtree; return the world ranks whose model is not finite."""
         comm = self.comms.subtree(layer)
         key = handshake_key(self.signature, self.numel, str(self.flat.dtype), step, layer)
-        finite = _all_finite(self.flat)
+        finite = all_finite(self.flat)
         what = f"layer-{layer} aggregation at step {step}"
         bad = handshake(comm, key, finite, what)
         if not bad:
@@ -472,27 +491,3 @@ def measure_divergences(comms: LayerComms, flat: torch.Tensor, weight: float) ->
     sums = np.array([weight * up, weight * down])
     world_comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
     return float(sums[0] / total_weight), float(sums[1] / total_weight)
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """Tell whether ``tensor`` holds no NaN/Inf, in one reduction pass.
-
-    A finite sum proves every element finite (NaN and Inf propagate through addition). A sum
-    that overflowed from finite values is a false alarm, so a non-finite sum is confirmed with the
-    exact element-wise check, which allocates a mask and is ~30x slower.
-    """
-    if bool(torch.isfinite(tensor.sum())):
-        return True
-    return bool(torch.isfinite(tensor).all())
-
-
-def _check_caps(caps: Sequence[float] | None, size: int) -> list[float]:
-    """Return one weight cap per device (1.0 each by default), validated."""
-    if caps is None:
-        return [1.0] * size
-    values = [float(c) for c in caps]
-    if len(values) != size or not all(math.isfinite(c) and c >= 0 for c in values):
-        raise ValueError(
-            f"weight_caps needs one finite value >= 0 per device ({size}), got {len(values)}"
-        )
-    return values

@@ -9,7 +9,7 @@ every rank.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -96,8 +96,12 @@ def write_checkpoint(
     comm: MPI.Comm, path: Path, rnd: int, flat: torch.Tensor, position: dict[str, int],
     momentum: np.ndarray | None, config: RunConfig, watchdog: Watchdog,
     preempted_by: str | None = None,
+    server_state: Callable[[], dict[str, np.ndarray]] | None = None,
 ) -> None:
     """Gather every rank's state to rank 0 and write an atomic checkpoint (all ranks, guarded).
+
+    ``server_state`` (all ranks) gathers further arrays to rank 0, e.g. the server optimizers'
+    (:func:`hflmpi.mpi.server_state.gather_server_state`).
 
     With ``preempted_by`` (the signal's name), rank 0 then writes the preemption marker, so a job
     script knows the checkpoint is on disk even if a race leaves the step with a wrong exit code.
@@ -108,6 +112,7 @@ def write_checkpoint(
                                  max_elements=2, dtypes=_INT64, shape=(2,), what=what)
         momenta = gather_array(comm, momentum, max_elements=flat.numel(), dtypes=_FLOATS,
                                shape=(None,), what=f"{what} (momentum)")
+        server = server_state() if server_state is not None else {}
     text = to_toml_string(config)
 
     def write() -> None:
@@ -116,6 +121,7 @@ def write_checkpoint(
         extra = {"sampler": positions}
         if momenta is not None:
             extra["momentum"] = momenta
+        extra.update(server)
         written = save_checkpoint(
             path, round=rnd, model_flat=flat.detach().cpu(), extra_arrays=extra,
             state={"round": rnd, "config_sha256": config_digest(text),

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
 from hflmpi.config import ConfigError
@@ -38,7 +39,7 @@ from hflmpi.mpi.messages import ERROR_TEXT_BYTES, allgather_int64, allgather_tex
 __all__ = [
     "SetupError", "agree",
     "HandshakeError", "NonFiniteUpdateError", "handshake_key", "handshake", "RankStatus", "stall_report",
-    "Watchdog",
+    "Watchdog", "all_finite",
 ]
 
 
@@ -445,3 +446,15 @@ def _wait_until_read(stream: Any, limit: float = 10.0) -> None:
             time.sleep(0.01)
     except (OSError, ValueError, AttributeError):
         return
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Tell whether ``tensor`` holds no NaN/Inf, in one reduction pass.
+
+    A finite sum proves every element finite (NaN and Inf propagate through addition). A sum
+    that overflowed from finite values is a false alarm, so a non-finite sum is confirmed with the
+    exact element-wise check, which allocates a mask and is ~30x slower.
+    """
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())

@@ -5,9 +5,12 @@ Every layer a rank takes part in is one of
 * :class:`ExactLayer`: ``Reduce(SUM)`` of ``a_c x_c`` (the full-precision weighted mean);
 * :class:`QuantizedLayer`: ``Q_n(a_c (x_c - x))`` as exact integer sums (:mod:`hflmpi.mpi.uplink`);
 * :class:`RobustLayer`: the children's updates gathered to the leader, combined by a
-  Byzantine-robust rule (:mod:`hflmpi.core.robust`) with weights the leader clamps;
+  Byzantine-robust rule (:mod:`hflmpi.core.robust`) or a plug-in (:mod:`hflmpi.core.strategy`)
+  with weights the leader clamps;
 
-optionally wrapped in :class:`PrivateLayer` (clip each child's update, add Gaussian noise). They
+optionally wrapped in :class:`PrivateLayer` (clip each child's update, add Gaussian noise), and
+then in :class:`ServerOptLayer` (the leader turns the aggregate into a server optimizer's step,
+:mod:`hflmpi.core.server_opt`, before anything goes up or down). They
 share one method, ``up(share, child_weight, step, measure_error) -> LayerResult``: collective
 over the layer communicator, it leaves the layer's aggregate in the model buffer at the leader
 (rank 0 of the communicator). :class:`hflmpi.mpi.aggregate.HierarchicalAggregator` builds them
@@ -28,6 +31,8 @@ from hflmpi.core.privacy import clip_update, gaussian_noise, noise_std
 from hflmpi.core.rng import torch_generator
 from hflmpi.core.robust import robust_update
 from hflmpi.core.secure import MODP_2048_P, DiffieHellmanSeeds, dh_keypair
+from hflmpi.core.server_opt import ServerOptimizer, ServerOptOptions
+from hflmpi.core.strategy import apply_rule, rule_name
 from hflmpi.core.wire import Method, auto_bucket_size
 from hflmpi.errors import HflmpiError
 from hflmpi.mpi.comm import LayerComms
@@ -43,9 +48,11 @@ __all__ = [
     "QuantizedLayer",
     "RobustLayer",
     "PrivateLayer",
+    "ServerOptLayer",
     "PrivacyOptions",
     "LayerOptions",
     "build_layer",
+    "check_caps",
     "rule_params",
 ]
 
@@ -209,7 +216,7 @@ class RobustLayer(Layer):
     """
 
     def __init__(self, n: int, comm: MPI.Comm, flat: torch.Tensor, anchor: torch.Tensor,
-                 rule: str, params: dict[str, Any], caps: Sequence[float]) -> None:
+                 rule: Any, params: dict[str, Any], caps: Sequence[float]) -> None:
         super().__init__(n, comm, flat, anchor)
         self.rule = rule
         self.params = params
@@ -231,13 +238,17 @@ class RobustLayer(Layer):
         rows = torch.empty((size, update.numel()), dtype=torch.float32)
         self.comm.Gather(update.cpu().numpy(), rows.numpy(), root=0)
         weights = self.trusted_weights(gathered.tolist() if gathered is not None else [])
+        tensor_weights = torch.tensor(weights, dtype=torch.float64)
         try:
-            combined = robust_update(self.rule, rows, torch.tensor(weights, dtype=torch.float64),
-                                     **self.params)
+            combined = (robust_update(self.rule, rows, tensor_weights, **self.params)
+                        if isinstance(self.rule, str) else
+                        apply_rule(self.rule, rows, tensor_weights))
         except ValueError as exc:  # only the leader knows: the aggregator tells the subtree
             shown = ", ".join(f"{w:g}" for w in weights[:16]) + (", ..." if size > 16 else "")
+            what = (f"robust={self.rule!r}" if isinstance(self.rule, str)
+                    else f"the {rule_name(self.rule)}")
             return LayerResult(node_weight=float(sum(weights)), failure=(
-                f"robust={self.rule!r} at layer {self.n} could not combine its {size} children "
+                f"{what} at layer {self.n} could not combine its {size} children "
                 f"with clamped weights [{shown}]: {str(exc)[:1000]}"))
         self.flat.copy_(self.anchor + combined.to(self.flat.device, self.flat.dtype))
         return LayerResult(node_weight=float(sum(weights)))
@@ -309,28 +320,65 @@ class PrivateLayer(Layer):
                                layer=self.n, device=self.flat.device)
 
 
+class ServerOptLayer(Layer):
+    """Run ``inner.up``; the leader then replaces the aggregate by a server optimizer's step.
+
+    ``x' = x + step(y - x)`` with ``y`` the inner layer's aggregate (after dequantization, the
+    robust rule or the DP noise) and ``x`` the anchor, the model the layer last broadcast. The
+    state lives on the leader only; the aggregator broadcasts ``x'`` down, so every member gets
+    the same bits. A leader whose inner rule failed leaves its state untouched.
+    """
+
+    def __init__(self, inner: Layer, anchor: torch.Tensor, options: ServerOptOptions) -> None:
+        super().__init__(inner.n, inner.comm, inner.flat, anchor)
+        self.inner = inner
+        self.optimizer = ServerOptimizer(options, inner.flat.numel(), inner.flat.device) \
+            if self.is_leader else None
+
+    @property
+    def method(self) -> Method:
+        """Return how this layer's uplink travels."""
+        return self.inner.method
+
+    def up(self, share: float, child_weight: float, step: int, measure_error: bool) -> LayerResult:
+        """Send this child's share of the update to the leader (see :class:`Layer`)."""
+        result = self.inner.up(share, child_weight, step, measure_error)
+        if self.optimizer is not None and result.failure is None:
+            assert self.anchor is not None
+            self.optimizer.step(self.flat, self.anchor)
+        return result
+
+
 @dataclass(frozen=True)
 class LayerOptions:
     """How one layer aggregates: the aggregator's arguments for that layer.
 
     ``bits > 0`` makes it a :class:`QuantizedLayer` (``secure`` masks its levels), ``rule``
-    other than ``"mean"`` a :class:`RobustLayer` (with ``rule_params``), otherwise an
-    :class:`ExactLayer`; ``privacy`` wraps it in a :class:`PrivateLayer`.
+    other than ``"mean"`` (a robust rule's name or a plug-in object) a :class:`RobustLayer`
+    (with ``rule_params``), otherwise an :class:`ExactLayer`; ``privacy`` wraps it in a
+    :class:`PrivateLayer`, ``server_opt`` (other than "none") in a :class:`ServerOptLayer`.
     """
 
     bits: int = 0
     bucket_size: int = 0
     method: str = "auto"
     secure: bool = False
-    rule: str = "mean"
+    rule: Any = "mean"
     rule_params: dict[str, Any] = field(default_factory=dict)
     privacy: PrivacyOptions | None = None
     seed: int = 0
+    server_opt: ServerOptOptions | None = None
+
+    @property
+    def server_step(self) -> bool:
+        """Whether the leader applies a server optimizer to the aggregate."""
+        return self.server_opt is not None and self.server_opt.name != "none"
 
     @property
     def special(self) -> bool:
         """Whether the layer needs the nested path (anything but an exact weighted mean)."""
-        return self.bits > 0 or self.rule != "mean" or self.privacy is not None
+        return (self.bits > 0 or not _is_mean(self.rule) or self.privacy is not None
+                or self.server_step)
 
 
 def build_layer(
@@ -353,7 +401,7 @@ def build_layer(
             flat.device, cuda_aware, "sum" if seeds is not None else options.method, seeds=seeds,
         )
         layer = QuantizedLayer(n, uplink, flat, anchor, options.seed, rank)
-    elif options.rule != "mean":
+    elif not _is_mean(options.rule):
         assert anchor is not None
         layer = RobustLayer(n, comm, flat, anchor, options.rule, options.rule_params,
                             _child_caps(comms, n, weight_caps))
@@ -362,7 +410,14 @@ def build_layer(
     if options.privacy is not None:
         assert anchor is not None
         layer = PrivateLayer(layer, anchor, options.privacy, options.seed, rank)
+    if options.server_step:
+        assert anchor is not None and options.server_opt is not None
+        layer = ServerOptLayer(layer, anchor, options.server_opt)
     return layer
+
+
+def _is_mean(rule: Any) -> bool:
+    return isinstance(rule, str) and rule == "mean"
 
 
 def _child_caps(comms: LayerComms, n: int, weight_caps: Sequence[float]) -> list[float]:
@@ -384,10 +439,22 @@ def _pair_seeds(comm: MPI.Comm) -> DiffieHellmanSeeds:
     return DiffieHellmanSeeds(comm.Get_rank(), private, keys)
 
 
-def rule_params(rule: str, params: dict[str, float]) -> dict[str, Any]:
+def rule_params(rule: Any, params: dict[str, float]) -> dict[str, Any]:
     """Pick the parameters a robust rule takes from the configured ones."""
     if rule == "trimmed_mean":
         return {"trim": params.get("trim", 0.2)}
     if rule == "krum":
         return {"f": int(params.get("f", 1)), "m": int(params.get("m", 1))}
     return {}
+
+
+def check_caps(caps: Sequence[float] | None, size: int) -> list[float]:
+    """Return one weight cap per device (1.0 each by default), validated."""
+    if caps is None:
+        return [1.0] * size
+    values = [float(c) for c in caps]
+    if len(values) != size or not all(math.isfinite(c) and c >= 0 for c in values):
+        raise ValueError(
+            f"weight_caps needs one finite value >= 0 per device ({size}), got {len(values)}"
+        )
+    return values

@@ -40,6 +40,7 @@ from hflmpi.config import (
 from hflmpi.config import (
     format_value as _fmt,
 )
+from hflmpi.core.strategy import is_import_path
 from hflmpi.record.checkpoint import config_digest
 from hflmpi.record.run_config import parse_stored_config
 
@@ -228,12 +229,14 @@ def stored_config(text: str, run_path: str, overrides: Sequence[str] = ()) -> Ru
 
 
 def check_untrusted_imports(config: RunConfig, overrides: Sequence[str], run_path: str) -> None:
-    """Refuse to import code (``model.name``, ``data.name``, ``run.callbacks``) only a run file names.
+    """Refuse to import code that only a run file names (model, data, callbacks, plug-in rules).
 
-    A run file is data (it can come from anyone); importing ``package.module`` runs that
+    The import paths are ``model.name``, ``data.name``, ``run.callbacks`` and plug-in rules in
+    ``aggregation.robust``. A run file is data (it can come from anyone); importing ``package.module`` runs that
     module's code on every rank. So when the config is read back from a run file, each import
-    path must be given again on the command line (``--set model.name=...``, or the CONFIG);
-    ``--set run.callbacks=[]`` drops stored callbacks.
+    path must be given again on the command line (``--set model.name=...``,
+    ``--set aggregation.robust=[...]``, or the CONFIG); ``--set run.callbacks=[]`` drops stored
+    callbacks.
     """
     named = set()
     for text in overrides:
@@ -245,6 +248,8 @@ def check_untrusted_imports(config: RunConfig, overrides: Sequence[str], run_pat
         ("model.name", config.model.name, config.model.name not in BUILTIN_MODELS),
         ("data.name", config.data.name, ":" in config.data.name),
         ("run.callbacks", list(config.run.callbacks), bool(config.run.callbacks)),
+        ("aggregation.robust", list(config.aggregation.robust),
+         any(is_import_path(r) for r in config.aggregation.robust)),
     ) if imports and tuple(key.split(".")) not in named]
     if not stored:
         return
