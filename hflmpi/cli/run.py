@@ -2,8 +2,8 @@
 
 Launched under mpiexec. Every rank parses the same command line, then reads and checks the config
 and agrees on the verdict with the others (:func:`hflmpi.mpi.guard.agree`) before torch is
-imported, so a typo costs about a second even on many ranks; only then it imports the training
-code and runs :func:`hflmpi.federation.train`. Every rank returns the same exit code: 0 when
+imported, so a typo is reported without waiting for every rank to import torch; only then it
+imports the training code and runs :func:`hflmpi.federation.train`. Every rank returns the same exit code: 0 when
 done, 2 on a user error (reported once, by rank 0), 75 after a preemption checkpoint
 (:data:`hflmpi.mpi.preempt.EXIT_PREEMPTED`, for the job script to requeue). Ranks agree on the
 code and leave together (:func:`hflmpi.mpi.preempt.leave_together`).
@@ -91,7 +91,11 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
 
 
 def _read_config(args: argparse.Namespace) -> RunConfig:
-    """Check the options and read the config they name (one rank; no torch, no collective)."""
+    """Check the options and read the config they name (one rank; no collective).
+
+    No torch either, except for ``--resume RUN.h5`` alone: the run file's config is read with the
+    run-record code.
+    """
     if args.example is not None and args.config is not None:
         raise ConfigError(f"give CONFIG.toml ({args.config}) or --example {args.example}, not both")
     if args.overwrite and (args.resume is not None or args.resume_if_exists):
