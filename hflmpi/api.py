@@ -100,6 +100,7 @@ def train(
     callbacks: Sequence[Any] = (),
     dataset: Callable[..., Any] | None = None,
     resume: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
     stream: TextIO | None = None,
     **sections: Mapping[str, Any],
 ) -> RunResult:
@@ -129,6 +130,9 @@ def train(
     resume : path, optional
         Continue the run in this run file from its newest checkpoint (the config must match it,
         as for ``hflmpi run --resume``).
+    overwrite : bool
+        Start afresh even where ``run.out`` holds a run (``hflmpi run --overwrite``): its files
+        are set aside and deleted once the new run finishes. Without it such a run is refused.
     stream : text stream, optional
         Where rank 0 writes progress (default stdout; see ``run.progress``).
     **sections : mapping
@@ -150,8 +154,8 @@ def train(
     config = resolve_config(config_or_path, overrides, sections, dataset)
     if comm.Get_size() > 1:
         limit_threads(comm)  # collective; OMP_NUM_THREADS, when set, wins
-    result = run_federation(config, comm, resume=resume, stream=stream, callbacks=callbacks,
-                            dataset=dataset)
+    result = run_federation(config, comm, resume=resume, overwrite=overwrite, stream=stream,
+                            callbacks=callbacks, dataset=dataset)
     return RunResult(result.module.eval(), result.model, result.rounds, result.test_accuracy,
                      result.test_loss, result.record_path, config, result.preempted,
                      result.privacy)

@@ -42,7 +42,7 @@ from hflmpi.mpi.aggregate import (
     PrivacyOptions,
     measure_divergences,
 )
-from hflmpi.mpi.checkpointing import check_resume, resume_state, write_checkpoint
+from hflmpi.mpi.checkpointing import check_fresh_start, check_resume, resume_state, write_checkpoint
 from hflmpi.mpi.comm import LayerComms, plan_from_nodes
 from hflmpi.mpi.guard import SetupError, Watchdog, agree
 from hflmpi.mpi.hooks import Hooks
@@ -52,6 +52,7 @@ from hflmpi.mpi.preempt import PreemptionFlag
 from hflmpi.mpi.server_state import gather_server_state, restore_server_state
 from hflmpi.record.checkpoint import describe_os_error
 from hflmpi.record.progress import Progress
+from hflmpi.record.replace import drop_replaced
 from hflmpi.record.runfile import ConfigUpdate, check_model_size, open_record
 from hflmpi.record.store import RunRecord
 
@@ -157,6 +158,7 @@ def train(
     replace_unfinished: bool = False,
     callbacks: Sequence[Any] = (),
     dataset: Callable[..., Any] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train federatedly over ``comm`` as ``config`` says and return the final global model.
 
@@ -186,10 +188,19 @@ def train(
     dataset : callable, optional
         The user's dataset function, called instead of importing ``data.name``
         (:mod:`hflmpi.learn.custom_data`).
+    overwrite : bool
+        Start afresh even where a run at ``run.out`` has files (``--overwrite``): they are set
+        aside when the new run file is created and deleted when the new run finishes
+        (:mod:`hflmpi.record.replace`). Without it (or ``resume``) such files are refused.
     """
+    if overwrite and resume is not None:
+        raise ConfigError(f"overwrite starts afresh but resume={os.fspath(resume)!r} continues a "
+                          "run; give one of them")
     record_path = Path(resume) if resume is not None else Path(config.run.out)
     # Resume checks come before any data or model code (all ranks; refusals raise everywhere).
     plan = agree(comm, "planning the tree", lambda: _checked_plan(config, comm))
+    if resume is None and not (overwrite or replace_unfinished):
+        check_fresh_start(comm, record_path)
     checkpoint, update = check_resume(comm, Path(resume) if resume is not None else None, config,
                                       plan.depth, allow_config_change)
     fed = _set_up(config, comm, plan, dataset, callbacks)
@@ -203,7 +214,7 @@ def train(
     watchdog = Watchdog(comm, config.run.watchdog_seconds)
     try:
         return _train_rounds(config, comm, fed, watchdog, state, update, record_path, stream,
-                             allow_config_change, replace_unfinished)
+                             allow_config_change, replace_unfinished, overwrite)
     finally:
         watchdog.close()  # all ranks; also when an error leaves the loop
         fed.comms.free()
@@ -262,7 +273,7 @@ def _aggregator(
 def _train_rounds(
     config: RunConfig, comm: Any, fed: _Federation, watchdog: Watchdog,
     state: dict[str, Any] | None, update: ConfigUpdate | None, record_path: Path,
-    stream: TextIO | None, allow_change: bool, replace_unfinished: bool,
+    stream: TextIO | None, allow_change: bool, replace_unfinished: bool, overwrite: bool,
 ) -> TrainResult:
     """Start from the checkpoint (or rank 0's model) and run the global rounds (all ranks)."""
     rank, rounds = comm.Get_rank(), config.run.rounds
@@ -276,11 +287,23 @@ def _train_rounds(
         record: RunRecord | None = agree(comm, "opening the run record", lambda: open_record(
             config, comm.Get_size(), fed.plan, record_path, resuming=state is not None,
             last_round=start_round - 1, parts=fed.parts, train_set=fed.train_set, update=update,
-            allow_change=allow_change, replace_unfinished=replace_unfinished,
+            allow_change=allow_change, replace_unfinished=replace_unfinished, overwrite=overwrite,
         ) if rank == 0 else None)
     progress = Progress(stream or sys.stdout, config.run.progress, total_rounds=rounds) if rank == 0 else None
-    return _run_rounds(config, comm, fed, watchdog, solver, start_round, state is not None,
-                       record, progress, record_path)
+    result = _run_rounds(config, comm, fed, watchdog, solver, start_round, state is not None,
+                         record, progress, record_path)
+    if rank == 0 and not result.preempted:
+        _drop_replaced(record_path)
+    return result
+
+
+def _drop_replaced(record_path: Path) -> None:
+    """Delete what ``overwrite`` set aside, now that the new run is complete (rank 0; never raises)."""
+    try:
+        drop_replaced(record_path)
+    except OSError as exc:
+        _log.warning("hflmpi: warning: the replaced run's files next to %s stay: %s", record_path,
+                     describe_os_error(exc))
 
 
 def _run_rounds(

@@ -210,6 +210,64 @@ def test_run_set_resume_and_report(tmp_path, capsys):
     assert rows["final test accuracy"].endswith("(r5)")
 
 
+def test_overwrite_starts_afresh_and_drops_the_old_files_when_done(tmp_path, capsys):
+    """Running the same command twice works with --overwrite; without it the refusal names
+    --overwrite (also when only the checkpoints are left); the new run equals a fresh one."""
+    expected = _reference_model(tmp_path / "reference", capsys, rounds=2)
+    config = write_config(tmp_path)
+    run_file = tmp_path / "run.h5"
+    for rounds in (3, 2):  # the second run replaces a longer one
+        code, out, err = run_cli(capsys, "run", str(config), "--overwrite",
+                                 "--set", f"run.rounds={rounds}")
+        assert code == 0, err
+        assert f"{rounds} rounds done" in out
+        assert list(read_metrics(run_file)["round"]) == list(range(1, rounds + 1))
+        assert not list(tmp_path.glob("*.replaced")), "the old files must go once the run is done"
+    assert np.array_equal(_final_model(run_file), expected), "old files changed the new run"
+    assert load_checkpoint(tmp_path / "run.ckpt.h5").round == 2
+
+    code, _, err = run_cli(capsys, "run", str(config))
+    assert code == 2
+    assert_one_error(err, f"run record {run_file} already exists", "pass --overwrite",
+                     f"--resume {run_file}")
+    run_file.unlink()  # only the checkpoint is left: a fresh start would mix two runs
+    code, _, err = run_cli(capsys, "run", str(config))
+    assert code == 2
+    assert_one_error(err, f"its checkpoint {tmp_path / 'run.ckpt.h5'} exists", "--overwrite")
+    code, _, err = run_cli(capsys, "run", str(config), "--overwrite", "--resume", str(run_file))
+    assert code == 2
+    assert_one_error(err, "--overwrite starts the run afresh but --resume continues it")
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_finishes(tmp_path, capsys, monkeypatch):
+    """A crash of the new run leaves the old one whole under *.replaced, and the new one on disk."""
+    import hflmpi.federation
+
+    config = write_config(tmp_path)
+    code, _, err = run_cli(capsys, "run", str(config), "--set", "run.rounds=3",
+                           "--set", "run.checkpoint_every=1")
+    assert code == 0, err
+    old = {p.name: p.read_bytes() for p in tmp_path.glob("run*.h5")}
+    assert sorted(old) == ["run.ckpt.h5", "run.ckpt.prev.h5", "run.h5"]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash after round 1")
+
+    monkeypatch.setattr(hflmpi.federation, "end_of_round", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli_main(["run", str(config), "--overwrite"])
+    assert "kept as run.h5.replaced" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.replaced")} == \
+        {f"{name}.replaced": data for name, data in old.items()}
+    assert list(read_metrics(tmp_path / "run.h5")["round"]) == [1]
+
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, "run", str(config), "--overwrite")
+    assert code == 0, err
+    assert not list(tmp_path.glob("*.replaced"))
+    assert list(read_metrics(tmp_path / "run.h5")["round"]) == [1, 2]
+
+
 def _final_model(run_file: Path):
     return load_checkpoint(run_file.with_name(run_file.stem + ".ckpt.h5")).model
 

@@ -12,6 +12,7 @@ import inspect
 import pkgutil
 
 import h5py
+import numpy as np
 import pytest
 
 import hflmpi
@@ -130,6 +131,24 @@ def test_report_of_a_file_without_a_stored_config_is_one_line_and_exit_2(tmp_pat
         f.create_group("metrics")
     message = _one_error_line(capsys, "report", str(path))
     assert str(path) in message and "stores no config" in message
+
+
+def test_report_of_a_checkpoint_names_its_run_record(tmp_path, capsys):
+    from hflmpi.record.checkpoint import save_checkpoint
+
+    run = tmp_path / "job.h5"
+    run.write_bytes(b"")  # the run record next to it: the message names it
+    checkpoint = save_checkpoint(run, round=7, model_flat=np.zeros(3, dtype=np.float32))
+    message = _one_error_line(capsys, "report", str(checkpoint))
+    assert message == (f"{checkpoint} is a checkpoint (round 7), not a run record; pass its run "
+                       f"record {run} instead")
+
+
+def test_report_of_a_file_that_is_not_hdf5_is_one_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("not HDF5\n")
+    message = _one_error_line(capsys, "report", str(path))
+    assert message.startswith(f"{path} is not an HDF5 file") and "run.out" in message
 
 
 def test_plan_without_times_is_one_line_and_exit_2(capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shlex
 
 import numpy as np
 import pytest
@@ -172,6 +173,28 @@ def test_cli_prints_and_emits_json(capsys):
     assert json.loads(capsys.readouterr().out)["tau"]
     assert main(["--t-cp", "0.002", "--t-cm", "0.01", "--bits", "17", "--deadline", "60"]) == 2
     assert "bits=17" in capsys.readouterr().err
+
+
+def test_cli_prints_the_set_line_that_applies_its_tau(tmp_path, capsys):
+    """The printed ``--set`` line, split as a shell would and fed to the config loader as
+    ``hflmpi run`` feeds it, gives the planned tau (also with a deeper tree and tau above 9)."""
+    from hflmpi.config import load_config
+
+    for fanouts, t_cm in (("4,2", "0.01,0.05"), ("2,2,2", "0.0001,0.0002,0.5")):
+        argv = ["--t-cp", "0.002", "--t-cm", t_cm, "--deadline", "60", "--fanouts", fanouts,
+                "--tau-max", "12", "--random", "0"]
+        assert main(argv) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if "--set" in line]
+        assert len(lines) == 1, lines
+        words = shlex.split(lines[0].split("apply with", 1)[1])
+        assert words[:3] == ["hflmpi", "run", "CONFIG.toml"] and words[3] == "--set"
+        setting = words[4]
+        assert main([*argv, "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["set"] == setting
+        config = load_config(None, [setting, f"topology.fanouts=[{fanouts}]"])
+        assert list(config.schedule.tau) == data["tau"]
+    assert max(data["tau"]) >= 10, "the deep case should plan a tau of two digits"
 
 
 def test_cli_reads_times_from_a_run_record(tmp_path, capsys):

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Sequence
 
+from hflmpi.config import format_value
 from hflmpi.core.tau_search import (
     BoundConstants,
     PlanError,
@@ -24,7 +26,12 @@ from hflmpi.core.wire import bytes_ratio
 from hflmpi.errors import HflmpiError, report_user_error
 from hflmpi.record.timings import times_from_run
 
-__all__ = ["main"]
+__all__ = ["main", "tau_setting"]
+
+
+def tau_setting(tau: Sequence[int]) -> str:
+    """Return the ``hflmpi run --set`` value that runs with ``tau``, e.g. ``schedule.tau=[4, 2]``."""
+    return f"schedule.tau={format_value(list(tau))}"
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -49,6 +56,7 @@ def _format(result: PlanResult, bits: Sequence[int]) -> str:
         f"q {[round(x, 5) for x in result.q]}, fanouts {result.fanouts}",
         f"chosen tau        {result.tau}   (best of {result.feasible} feasible; "
         f"{result.searched} fit the deadline)",
+        f"apply with        hflmpi run CONFIG.toml --set {shlex.quote(tau_setting(result.tau))}",
         f"round time T(tau) {result.round_time:.6g} s",
         f"rounds in D       {result.rounds}",
         f"SGD steps K       {result.steps}",
@@ -106,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         out = result.to_dict()
         out["bits"] = list(bits)
+        out["set"] = tau_setting(result.tau)
         print(json.dumps(out, indent=2))
     else:
         print(_format(result, bits))

@@ -163,8 +163,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist; check the path, "
-                              "or start from an example in jobs/") from None
+            raise ConfigError(f"config file {path} does not exist; check the path, or start "
+                              "from an example: hflmpi run --example NAME, hflmpi init DIR") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} cannot be read ({exc})") from None
         except tomllib.TOMLDecodeError as exc:

@@ -28,9 +28,10 @@ from hflmpi.mpi.messages import (
 )
 from hflmpi.record.checkpoint import Checkpoint, config_digest, save_checkpoint
 from hflmpi.record.marker import write_marker
+from hflmpi.record.replace import refusal
 from hflmpi.record.runfile import ConfigUpdate, load_checked
 
-__all__ = ["check_resume", "resume_state", "write_checkpoint"]
+__all__ = ["check_fresh_start", "check_resume", "resume_state", "write_checkpoint"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _INT64 = (np.dtype(np.int64),)
@@ -66,6 +67,21 @@ def check_resume(
         text = (bcast_text(comm, text, max_bytes=ERROR_TEXT_BYTES, what=what) or "")[:ERROR_TEXT_BYTES]
         raise ConfigError(text) if kind == 1 else SetupError(text)
     return checkpoint, update
+
+
+def check_fresh_start(comm: MPI.Comm, run_path: Path) -> None:
+    """Refuse on every rank a fresh start over the files of a run at ``run_path``.
+
+    All ranks. Rank 0 alone writes the run, so its view of the disk decides
+    (:func:`hflmpi.record.replace.refusal`); the refusal is a :class:`ConfigError` naming
+    ``--overwrite``, ``--resume`` and another ``run.out``, raised before any data is loaded.
+    """
+    text = refusal(run_path) if comm.Get_rank() == 0 else None
+    if text is not None:
+        text = text.encode("utf-8")[:ERROR_TEXT_BYTES].decode("utf-8", errors="ignore")
+    text = bcast_text(comm, text, max_bytes=ERROR_TEXT_BYTES, what=f"checking {run_path} on rank 0")
+    if text is not None:
+        raise ConfigError(text)
 
 
 def resume_state(comm: MPI.Comm, checkpoint: Checkpoint | None, numel: int) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from hflmpi.record.checkpoint import _FORMAT as _CHECKPOINT_FORMAT
+
 __all__ = ["read_metrics", "read_config_toml", "read_run_info", "read_partition"]
 
 
@@ -25,9 +27,12 @@ def _open_read(path: str | os.PathLike[str]) -> h5py.File:
     except OSError as err:
         # The same process already has the file open (with locking): HDF5 shares that handle and
         # insists on matching flags.
-        if "locking flag" not in str(err):
-            raise
-        return h5py.File(path, "r")
+        if "locking flag" in str(err):
+            return h5py.File(path, "r")
+        if not h5py.is_hdf5(path):
+            raise OSError(f"{os.fspath(path)} is not an HDF5 file, so not an hflmpi run record; "
+                          f"{_PASS_A_RUN_RECORD}") from None
+        raise
 
 
 def read_metrics(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -48,10 +53,25 @@ def read_config_toml(path: str | os.PathLike[str]) -> str:
     """
     with _open_read(path) as file:
         if "config_toml" not in file.attrs:
-            raise ValueError(f"{os.fspath(path)} stores no config (no config_toml attribute); "
-                             "is it an hflmpi run file (not a checkpoint)?")
+            raise ValueError(_not_a_run_record(Path(path), file.attrs))
         value = file.attrs["config_toml"]
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+_PASS_A_RUN_RECORD = "pass the run record `hflmpi run` writes at run.out (e.g. runs/default.h5)"
+
+
+def _not_a_run_record(path: Path, attrs: Any) -> str:
+    """Say what an HDF5 file without a stored config is, and what to pass instead."""
+    if attrs.get("format") == _CHECKPOINT_FORMAT:
+        name = path.name
+        stem = name[: name.index(".ckpt.")] if ".ckpt." in name else path.stem
+        candidates = [path.with_name(stem + suffix) for suffix in (".h5", ".hdf5", "")]
+        run = next((p for p in candidates if p.is_file()), candidates[0])
+        return (f"{path} is a checkpoint (round {attrs.get('round')}), not a run record; pass its "
+                f"run record {run} instead")
+    return (f"{path} stores no config (no config_toml attribute): an HDF5 file, but not an hflmpi "
+            f"run record; {_PASS_A_RUN_RECORD}")
 
 
 def read_run_info(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -5,7 +5,8 @@
 * :func:`open_record`: create the run file, or append to it when resuming; a run file that is
   missing or unreadable (say truncated by a crash) is set aside, never deleted, and rebuilt at
   the checkpoint's round; with ``replace_unfinished`` a run file that has no checkpoint is
-  replaced (a requeued job that was killed before its first checkpoint).
+  replaced (a requeued job that was killed before its first checkpoint); with ``overwrite`` the
+  old run's files are set aside (:mod:`hflmpi.record.replace`).
 * :func:`config_from_run`: the config a ``--resume RUN.h5`` without CONFIG continues under, from
   the run file or, when it is lost, from a checkpoint; never imports a model module it names.
 """
@@ -38,6 +39,7 @@ from hflmpi.record.checkpoint import (
 )
 from hflmpi.record.marker import clear_marker
 from hflmpi.record.reading import read_config_toml, read_run_info
+from hflmpi.record.replace import set_aside
 from hflmpi.record.resume import (
     ALLOW_FLAG,
     FREE_KEYS,
@@ -132,16 +134,20 @@ def open_record(
     config: RunConfig, world_size: int, plan: TreePlan, path: Path, *, resuming: bool,
     last_round: int, parts: list[np.ndarray], train_set: TensorDataset,
     update: ConfigUpdate | None = None, allow_change: bool = False,
-    replace_unfinished: bool = False,
+    replace_unfinished: bool = False, overwrite: bool = False,
 ) -> RunRecord:
     """Open the run file on rank 0: append to it when resuming, else create it.
 
     Either way the run is starting: a preemption marker left by the previous leg is removed.
+    Starting afresh with ``overwrite``, the files of a run at ``path`` are set aside first
+    (:func:`hflmpi.record.replace.set_aside`).
     """
     clear_marker(path)
     if not resuming:
-        overwrite = replace_unfinished and path.exists() and _unfinished(path)
-        return _new_record(config, world_size, plan, path, parts, train_set, overwrite=overwrite)
+        if overwrite:
+            set_aside(path)
+        replace = replace_unfinished and path.exists() and _unfinished(path)
+        return _new_record(config, world_size, plan, path, parts, train_set, overwrite=replace)
     try:
         record = RunRecord.open_append(path)
         note = None
