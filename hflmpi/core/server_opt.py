@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from hflmpi.errors import HflmpiError
+
+if TYPE_CHECKING:  # the config reads this module's ranges and must load without torch
+    import torch
 
 __all__ = [
     "SERVER_OPTIMIZERS",
@@ -139,6 +141,8 @@ class ServerOptimizer:
 
     def __init__(self, options: ServerOptOptions, numel: int,
                  device: torch.device | str = "cpu") -> None:
+        import torch
+
         if options.name == "none":
             raise ServerOptError("ServerOptimizer needs an optimizer other than \"none\"")
         self.options = options
@@ -154,6 +158,8 @@ class ServerOptimizer:
         ``anchor`` is ``x``, the model the layer last broadcast; ``model`` holds ``y`` on entry
         and ``x'`` on return (rounded to its dtype once).
         """
+        import torch
+
         o = self.options
         x = anchor.to(torch.float64)
         delta = model.to(torch.float64) - x
@@ -174,10 +180,14 @@ class ServerOptimizer:
 
     def state_array(self) -> torch.Tensor:
         """Return the state as one ``[slots, numel]`` float64 tensor (a copy), for checkpoints."""
+        import torch
+
         return torch.stack([self.state[s] for s in self.options.slots])
 
     def load_state_array(self, stacked: torch.Tensor) -> None:
         """Restore the state from :meth:`state_array`'s layout (shape checked)."""
+        import torch
+
         want = (len(self.options.slots), self.numel)
         if tuple(stacked.shape) != want:
             raise ServerOptError(

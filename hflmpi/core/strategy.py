@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Any, Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from hflmpi.errors import HflmpiError
+
+if TYPE_CHECKING:  # the config checks plug-in names with this module and must load without torch
+    import torch
 
 __all__ = ["AggregationRule", "PluginError", "is_import_path", "load_rule", "apply_rule",
            "rule_name"]
@@ -105,6 +106,8 @@ def apply_rule(rule: AggregationRule, updates: torch.Tensor, weights: torch.Tens
     PluginError
         Whatever the plug-in raised, or a result of the wrong type, shape or with NaN/Inf.
     """
+    import torch
+
     n = updates.shape[1]
     try:
         result = rule.aggregate(updates, weights)

@@ -25,14 +25,16 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
-import torch
 from mpi4py import MPI
 
 from hflmpi.config import ConfigError
 from hflmpi.core.topology import TopologyError
+
+if TYPE_CHECKING:  # `hflmpi run` reports config errors through this module before torch loads
+    import torch
 from hflmpi.errors import HflmpiError
 from hflmpi.mpi.messages import ERROR_TEXT_BYTES, allgather_int64, allgather_text
 
@@ -455,6 +457,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     that overflowed from finite values is a false alarm, so a non-finite sum is confirmed with the
     exact element-wise check, which allocates a mask and is ~30x slower.
     """
+    import torch
+
     if bool(torch.isfinite(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())
