@@ -95,9 +95,12 @@ class RunOptions(_Section):
     eval_every : int
         Evaluate the global model every this many global rounds; 0 disables periodic evaluation.
         Default 1.
-    progress : {"auto", "on", "off"}
-        Progress output on rank 0; ``"auto"`` shows it when stdout is a terminal.
-        Default ``"auto"``.
+    progress : {"auto", "bar", "lines", "on", "off"}
+        Progress output on rank 0: ``"bar"`` rewrites one line in place, ``"lines"`` prints a
+        line every few rounds, ``"off"`` prints nothing. ``"auto"`` (default) picks "bar" on an
+        interactive terminal (not a Slurm batch job, not an Open MPI launch), "off" under CI,
+        else "lines"; ``"on"`` is "auto" that never goes silent under CI.
+        See :mod:`hflmpi.record.progress`.
     dtype : {"float32", "float64"}
         Parameter and aggregation dtype. Default ``"float32"``.
     divergence : bool
@@ -123,7 +126,7 @@ class RunOptions(_Section):
     device: str = _opt("cpu", _choice("cpu", "cuda", "auto"), '"cpu"')
     checkpoint_every: int = _opt(1, _int(0), "1")
     eval_every: int = _opt(1, _int(0), "1")
-    progress: str = _opt("auto", _choice("auto", "on", "off"), '"auto"')
+    progress: str = _opt("auto", _choice("auto", "bar", "lines", "on", "off"), '"auto"')
     dtype: str = _opt("float32", _choice("float32", "float64"), '"float32"')
     divergence: bool = _opt(True, _bool, "true")
     nonfinite: str = _opt("raise", _choice("raise", "drop"), '"raise"')
