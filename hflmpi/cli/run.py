@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,7 @@ from hflmpi.config import ConfigError, load_config
 from hflmpi.core.topology import TopologyError
 from hflmpi.federation import train
 from hflmpi.mpi.comm import limit_threads
+from hflmpi.mpi.crash import end_job
 from hflmpi.mpi.guard import SetupError
 from hflmpi.mpi.messages import MessageError
 from hflmpi.mpi.preempt import EXIT_PREEMPTED, leave_together
@@ -99,6 +101,8 @@ def _run(args: argparse.Namespace, comm: MPI.Comm) -> int:
         if rank == 0:
             print(f"hflmpi: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except Exception as exc:  # a bug (ours or a user model's), maybe on this rank alone
+        end_job(comm, exc, os.environ)  # one full traceback (rank 0's), then MPI_Abort
     if result.preempted:
         return EXIT_PREEMPTED
     if rank == 0 and result.privacy is not None:
