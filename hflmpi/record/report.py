@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hflmpi.config import config_to_dict
+from hflmpi.record.provenance import describe_provenance
 from hflmpi.record.reading import read_metrics, read_run_info
 from hflmpi.record.run_config import read_run_config
 
@@ -182,7 +183,9 @@ def summarize(paths: Sequence[str | os.PathLike[str]]) -> str:
 
     Rows: rounds, world size, layers, final and best test accuracy (with their round), final
     train and test loss, wall time, mean throughput, total bytes sent per layer and overall; then,
-    for two or more runs, every config key (and the world size/tree) whose value differs.
+    for two or more runs, every config key (and the world size/tree) whose value differs; then
+    each run's provenance, one block per start or resume (versions, MPI library, hosts, Slurm
+    job, command line, git commit).
     """
     runs = load_runs(paths)
     if not runs:
@@ -199,6 +202,10 @@ def summarize(paths: Sequence[str | os.PathLike[str]]) -> str:
             lines.extend(_table(["  key", *(r.label for r in runs)], diffs)[1:])
         else:
             lines.append("config differences: none")
+    for run in runs:
+        legs = run.info.get("provenance") or []
+        lines += ["", f"provenance of {run.label}" + ("" if legs else ": not recorded")]
+        lines += describe_provenance(legs)
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -132,16 +132,33 @@ def open_record(
     config: RunConfig, world_size: int, plan: TreePlan, path: Path, *, resuming: bool,
     last_round: int, parts: list[np.ndarray], train_set: TensorDataset,
     update: ConfigUpdate | None = None, allow_change: bool = False,
-    replace_unfinished: bool = False,
+    replace_unfinished: bool = False, provenance: Mapping[str, Any] | None = None,
 ) -> RunRecord:
     """Open the run file on rank 0: append to it when resuming, else create it.
 
-    Either way the run is starting: a preemption marker left by the previous leg is removed.
+    Either way the run is starting: a preemption marker left by the previous leg is removed, and
+    ``provenance`` (:func:`hflmpi.record.provenance.provenance`) is appended as a new leg.
     """
     clear_marker(path)
     if not resuming:
         overwrite = replace_unfinished and path.exists() and _unfinished(path)
-        return _new_record(config, world_size, plan, path, parts, train_set, overwrite=overwrite)
+        record = _new_record(config, world_size, plan, path, parts, train_set, overwrite=overwrite)
+    else:
+        record = _reopen(config, world_size, plan, path, parts, train_set, last_round, update,
+                         allow_change)
+    if provenance is not None:
+        try:
+            record.add_provenance(provenance, first_round=last_round + 1)
+        except BaseException:
+            record.close()
+            raise
+    return record
+
+
+def _reopen(
+    config: RunConfig, world_size: int, plan: TreePlan, path: Path, parts: list[np.ndarray],
+    train_set: TensorDataset, last_round: int, update: ConfigUpdate | None, allow_change: bool,
+) -> RunRecord:
     try:
         record = RunRecord.open_append(path)
         note = None
