@@ -156,6 +156,7 @@ def describe_provenance(legs: Sequence[Mapping[str, Any]]) -> list[str]:
         lines.append(f"    command: {' '.join(str(a) for a in get('argv', []))}")
         lines.append(f"    cwd: {get('cwd', '-')}")
         if "git_commit" in leg:
-            dirty = {True: " (uncommitted changes)", False: ""}.get(get("git_dirty"), " (state unknown)")
+            flag = get("git_dirty")
+            dirty = " (state unknown)" if flag is None else " (uncommitted changes)" if flag else ""
             lines.append(f"    git: {leg['git_commit']}{dirty}")
     return lines
