@@ -33,6 +33,7 @@ USER_ERRORS = {
     "hflmpi.record.checkpoint.CheckpointError",
     "hflmpi.record.checkpoint.CheckpointNotFoundError",
     "hflmpi.callbacks.CallbackError",
+    "hflmpi.bench.memory.BenchMemoryError",
 }
 # Exception classes that are not user errors, each with the reason.
 NOT_USER_ERRORS = {
@@ -55,6 +56,7 @@ KEPT_BASES = {
     "LayerOptionsError": ValueError,
     "LayerFailedError": ValueError,
     "CallbackError": RuntimeError,
+    "BenchMemoryError": ValueError,
 }
 
 
@@ -154,6 +156,7 @@ def test_experiments_run_of_a_missing_spec_is_one_line_and_exit_2(tmp_path, caps
 @pytest.mark.parametrize(("command", "argv"), [
     ("aggregate", ["aggregate", "--fanouts", "3,7"]),
     ("aggregate", ["aggregate", "--sizes", "many"]),
+    ("aggregate", ["aggregate", "--sizes", "1e15"]),  # more than any rank's memory holds
     ("scaling plot", ["scaling", "plot", "--out", "{tmp}/nope.h5"]),
 ])
 def test_bench_with_bad_options_is_one_line_and_exit_2(tmp_path, capsys, command, argv):
