@@ -110,6 +110,9 @@ class RunOptions(_Section):
     nonfinite : {"raise", "drop"}
         A device whose model holds NaN/Inf before an aggregation stops the job on every rank
         with its rank named (default), or is left out of that aggregation and logged.
+    name : str
+        Label of the run in ``hflmpi report`` tables and plot legends; empty (default): the run
+        file's stem. May change on resume.
     watchdog_seconds : float
         Abort the job if one collective (aggregation, divergence measurement, metrics,
         preemption poll, checkpoint) waits longer than this, naming the collective and the rank
@@ -132,6 +135,7 @@ class RunOptions(_Section):
     nonfinite: str = _opt("raise", _choice("raise", "drop"), '"raise"')
     watchdog_seconds: float = _opt(0.0, _float(0.0), "600")
     callbacks: tuple[str, ...] = _opt((), _import_path_list, '["mypkg.hooks:Logger"]')
+    name: str = _opt("", _str, '"fedavg-8bit"')
 
 
 @dataclass(frozen=True)
