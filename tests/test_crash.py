@@ -15,6 +15,7 @@ import pytest
 from conftest import MPIEXEC, preemptible_run
 
 from hflmpi.mpi.crash import GRACE_SECONDS, TRACEBACK_ENV, crash_report, crash_summary
+from hflmpi.record.checkpoint import CheckpointError
 
 BOOM = '''
 import os, time
@@ -77,6 +78,15 @@ def test_rank_zero_prints_the_traceback_others_one_line_unless_all():
     assert text.startswith("hflmpi: rank 5: ValueError: boom (at ") and f"{TRACEBACK_ENV}=all" in text
     text, wait = crash_report(5, exc, {TRACEBACK_ENV: "all"})
     assert not wait and "Traceback (most recent call last)" in text
+
+
+def test_a_user_error_reaching_the_handler_is_one_line_on_rank_zero():
+    exc = _raise(CheckpointError("cannot write runs/a.ckpt: No space left on device"))
+    assert crash_report(0, exc, {}) == ("hflmpi: error: cannot write runs/a.ckpt: No space left on "
+                                        "device", False)
+    assert "Traceback" in crash_report(0, exc, {TRACEBACK_ENV: "all"})[0]
+    text, wait = crash_report(2, exc, {})
+    assert wait and text.startswith("hflmpi: rank 2: CheckpointError: cannot write runs/a.ckpt")
 
 
 def _boom_job(tmp_path, ranks, size):

@@ -4,6 +4,9 @@ Every rank parses the same command line, runs :func:`hflmpi.federation.train` an
 same exit code: 0 when done, 2 on a user error (reported once, by rank 0), 75 after a
 preemption checkpoint (:data:`hflmpi.mpi.preempt.EXIT_PREEMPTED`, for the job script to
 requeue). Ranks agree on the code and leave together (:func:`hflmpi.mpi.preempt.leave_together`).
+Any other exception (a bug, say in a user model) aborts the job with code 1 after rank 0's one
+traceback and a line per other failing rank (:mod:`hflmpi.mpi.crash`; ``HFLMPI_TRACEBACK=all``
+prints every rank's).
 """
 
 from __future__ import annotations

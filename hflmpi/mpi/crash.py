@@ -11,8 +11,10 @@ reaches ``hflmpi run``:
   a failure on one rank therefore always ends the whole job, never hangs it;
 * with ``HFLMPI_TRACEBACK=all`` in the environment every rank prints its full traceback at once.
 
-Errors users cause (config, topology, setup; :class:`hflmpi.errors.HflmpiError`) are reported
-collectively elsewhere, once, with exit code 2; this module is only for everything else.
+Errors users cause (config, topology, setup) are reported collectively elsewhere, once, with exit
+code 2. Any other :class:`hflmpi.errors.HflmpiError` that reaches here (say a checkpoint that
+cannot be written, or a non-finite update the ranks agreed on) already explains itself: rank 0
+prints its one line ``hflmpi: error: ...`` instead of a traceback, and the job is aborted as above.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Mapping, NoReturn, TextIO
 
 from mpi4py import MPI
 
+from hflmpi.errors import HflmpiError
 from hflmpi.mpi.guard import wait_until_read
 
 __all__ = ["EXIT_CRASH", "GRACE_SECONDS", "TRACEBACK_ENV", "crash_summary", "crash_report", "end_job"]
@@ -57,9 +60,13 @@ def crash_report(rank: int, exc: BaseException, env: Mapping[str, str]) -> tuple
     """Return what ``rank`` prints at once for ``exc``, and whether it should wait for rank 0.
 
     Pure: rank 0 (and every rank under ``HFLMPI_TRACEBACK=all``) gives the full traceback and
-    does not wait; the other ranks give :func:`crash_summary` plus how to see the rest.
+    does not wait; the other ranks give :func:`crash_summary` plus how to see the rest. Rank 0
+    gives a user error (:class:`~hflmpi.errors.HflmpiError`) as its one line, no traceback.
     """
-    if rank == 0 or env.get(TRACEBACK_ENV, "").strip().lower() == "all":
+    every = env.get(TRACEBACK_ENV, "").strip().lower() == "all"
+    if rank == 0 and isinstance(exc, HflmpiError) and not every:
+        return f"hflmpi: error: {exc}", False
+    if rank == 0 or every:
         return _traceback(rank, exc), False
     hint = (f"; rank 0 prints its traceback (set {TRACEBACK_ENV}=all to print every rank's; this "
             f"rank prints its own if the job has not ended within {GRACE_SECONDS:g} s)")
