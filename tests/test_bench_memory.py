@@ -34,16 +34,17 @@ def _meminfo(tmp_path, kib: int):
 
 
 def test_copies_take_the_largest_phase_not_the_sum():
-    # float phase: raw 2 + subtree 2 + tree 3.5 (+ gloo 2); one width at depth d: 2 + 6.5 + 5 (d - 1)
+    # float phase: raw 2 + subtree 2 + tree 3.5 (+ gloo 2); one width at depth d: 2 + 7 + 5 (d - 1)
     assert copies_per_rank(1, [], gloo=True) == 9.5
     assert copies_per_rank(1, [], gloo=False) == 7.5
-    assert copies_per_rank(1, [8, 4, 2], gloo=True) == 9.5  # 8.5 per width < the float phase
-    assert copies_per_rank(2, [8, 4, 2], gloo=True) == 13.5  # the same as one width
-    assert copies_per_rank(3, [8], gloo=False) == 18.5
+    assert copies_per_rank(1, [8, 4, 2], gloo=True) == 9.5  # 9 per width < the float phase
+    assert copies_per_rank(1, [8, 4, 2], gloo=False) == 9.0
+    assert copies_per_rank(2, [8, 4, 2], gloo=True) == 14.0  # the same as one width
+    assert copies_per_rank(3, [8], gloo=False) == 19.0
 
 
 def test_max_params_and_default_sizes():
-    budget = 4 * 13.5 * 10_000_000  # exactly 10M parameters at depth 2 with bits
+    budget = 4 * 14.0 * 10_000_000  # exactly 10M parameters at depth 2 with bits
     assert max_params(budget, 2, [8], True) == 10_000_000
     assert max_params(budget - 1, 2, [8], True) == 9_999_999
     assert default_sizes(30_000_000) == [1_000_000, 10_000_000, 25_000_000]
