@@ -5,16 +5,19 @@ hierarchical aggregators (``subtree`` and ``tree``) and gloo's tensor while the 
 are timed, and, for each quantized width in turn, the model plus the quantizer's buffers (a layer
 leader also receives and sums its children's payloads, so it holds more per layer). The counts
 below are float32 model copies per rank, measured as the peak RSS growth (``VmHWM``) of the
-busiest rank at 4M parameters, 2-8 ranks, trees ``[2]``, ``[2, 2]``, ``[4, 2]``, rounded up (a
-whole ``bench aggregate --sizes 4e6 --bits 8,4,2`` at 4 ranks, ``[2, 2]``: 14.0 copies on the
-busiest rank, 29.8 before the widths ran one at a time):
+busiest rank at 4M parameters, 2-8 ranks, trees ``[2]``, ``[2, 2]``, ``[4, 2]``:
 
-==================  ===========================================
-phase               float32 copies per rank (peak, busiest rank)
-==================  ===========================================
-float candidates    raw 1.5 + subtree 1.9 + tree 3.4 + gloo 1.5
-one quantized width raw 1.5 + 6.4 at depth 1, + 5 per extra layer (budget: 2 + 7 + 5 (d-1))
-==================  ===========================================
+====================  ==================================  ==============================
+phase                 measured (busiest rank)             budgeted here (depth d)
+====================  ==================================  ==============================
+float candidates      raw 1.5, subtree 1.9, tree 3.4,     2 + 2 + 3.5 (+ 2 with gloo)
+                      gloo 1.5
+one quantized width   raw 1.5 + 6.4 at depth 1,           2 + 7 + 5 (d - 1)
+                      + 5 per extra layer
+====================  ==================================  ==============================
+
+A whole ``bench aggregate --sizes 4e6 --bits 8,4,2 --no-gloo`` at 4 ranks (tree ``[2, 2]``)
+peaked at 14.0 copies on the busiest rank (29.8 when every width's buffers lived at once).
 
 The widths run one after another with their buffers freed in between, so the peak is the
 largest phase, not their sum. The memory a rank may use is ``MemAvailable`` (``/proc/meminfo``),
