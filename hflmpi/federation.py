@@ -43,7 +43,7 @@ from hflmpi.mpi.aggregate import (
     measure_divergences,
 )
 from hflmpi.mpi.checkpointing import check_fresh_start, check_resume, resume_state, write_checkpoint
-from hflmpi.mpi.comm import LayerComms, plan_from_nodes
+from hflmpi.mpi.comm import LayerComms, mpi_provenance, plan_from_nodes
 from hflmpi.mpi.guard import SetupError, Watchdog, agree
 from hflmpi.mpi.hooks import Hooks
 from hflmpi.mpi.metrics import RoundMeter, end_of_round
@@ -52,6 +52,7 @@ from hflmpi.mpi.preempt import PreemptionFlag
 from hflmpi.mpi.server_state import gather_server_state, restore_server_state
 from hflmpi.record.checkpoint import describe_os_error
 from hflmpi.record.progress import Progress
+from hflmpi.record.provenance import provenance
 from hflmpi.record.replace import drop_replaced
 from hflmpi.record.runfile import ConfigUpdate, check_model_size, open_record
 from hflmpi.record.store import RunRecord
@@ -284,10 +285,12 @@ def _train_rounds(
     if state is not None and "momentum" in state["mine"]:
         solver.restore_momentum(state["mine"]["momentum"])
     with watchdog.guard("opening the run record"):
+        mpi_facts = mpi_provenance(comm)  # all ranks: library, host names
         record: RunRecord | None = agree(comm, "opening the run record", lambda: open_record(
             config, comm.Get_size(), fed.plan, record_path, resuming=state is not None,
             last_round=start_round - 1, parts=fed.parts, train_set=fed.train_set, update=update,
             allow_change=allow_change, replace_unfinished=replace_unfinished, overwrite=overwrite,
+            provenance=provenance(mpi_facts, os.environ, sys.argv, os.getcwd()),
         ) if rank == 0 else None)
     progress = Progress(stream or sys.stdout, config.run.progress, total_rounds=rounds) if rank == 0 else None
     result = _run_rounds(config, comm, fed, watchdog, solver, start_round, state is not None,

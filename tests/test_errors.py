@@ -37,6 +37,7 @@ USER_ERRORS = {
     "hflmpi.callbacks.CallbackError",
     "hflmpi.core.server_opt.ServerOptError",
     "hflmpi.core.strategy.PluginError",
+    "hflmpi.bench.memory.BenchMemoryError",
 }
 # Exception classes that are not user errors, each with the reason.
 NOT_USER_ERRORS = {
@@ -62,6 +63,7 @@ KEPT_BASES = {
     "CallbackError": RuntimeError,
     "ServerOptError": ValueError,
     "PluginError": ValueError,
+    "BenchMemoryError": ValueError,
 }
 
 
@@ -179,6 +181,7 @@ def test_experiments_run_of_a_missing_spec_is_one_line_and_exit_2(tmp_path, caps
 @pytest.mark.parametrize(("command", "argv"), [
     ("aggregate", ["aggregate", "--fanouts", "3,7"]),
     ("aggregate", ["aggregate", "--sizes", "many"]),
+    ("aggregate", ["aggregate", "--sizes", "1e15"]),  # more than any rank's memory holds
     ("scaling plot", ["scaling", "plot", "--out", "{tmp}/nope.h5"]),
 ])
 def test_bench_with_bad_options_is_one_line_and_exit_2(tmp_path, capsys, command, argv):

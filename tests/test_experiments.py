@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,25 @@ def test_markdown_and_plots(tmp_path):
     text = results_markdown(path, figures)
     assert "| hi: hi | fanouts [4, 2] | [5, 2] | [0, 0] | 40 | 90.0 ± 1.0 |" in text
     assert "| hi beats lo | holds |" in text and "[fake_acc.png](fake_acc.png)" in text
+
+
+def test_figures_in_pdf_and_svg_have_distinct_titles_and_say_what_bytes_sum(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = _fake_results(tmp_path / "r.h5", [])
+    figures = plot_results(path, tmp_path / "out", formats=["svg", "pdf"])
+    assert [p.name for p in figures[:2]] == ["fake_acc.svg", "fake_acc.pdf"] and len(figures) == 10
+    titles = []
+    for p in figures:
+        data = p.read_bytes()
+        if p.suffix == ".pdf":
+            assert data[:5] == b"%PDF-"
+            continue
+        comments = re.findall(r"<!-- (.*?) -->", data.decode("utf-8"))
+        titles.append(next(c for c in comments if c.startswith("Fake: ")))
+        if p.stem == "fake_bytes":
+            assert "cumulative bytes sent, summed over all devices and layers" in comments
+        if p.stem == "fake_acc":
+            assert {"hi", "lo"} <= set(comments)  # series labelled by variant
+    assert len(set(titles)) == 5, titles
+    with pytest.raises(ValueError, match="not one of png, pdf, svg"):
+        plot_results(path, tmp_path / "out", formats=["gif"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from hflmpi.cli.report import main
-from hflmpi.record.report import PLOT_NAMES, plot, summarize
+from hflmpi.record.report import PLOT_NAMES, PLOT_STEMS, plot, summarize
 from hflmpi.record.store import RoundMetrics, RunRecord
 
 ROUNDS = 12
@@ -107,3 +108,49 @@ def test_main_prints_summary_and_writes_plots(runs, tmp_path, capsys):
 def test_main_reports_missing_file(tmp_path, capsys):
     assert main([str(tmp_path / "nope.h5")]) == 2
     assert "nope.h5 does not exist" in capsys.readouterr().err
+
+
+def _named_run(path: Path, name: str) -> Path:
+    with RunRecord.create(path, f'[run]\nname = "{name}"\n', {"world_size": 4, "tree": {}},
+                          layer_count=1) as rec:
+        for r in (1, 2):
+            rec.append_round(RoundMetrics(round=r, wall_time=r, train_loss=1.0 / r, test_loss=1.0,
+                                          test_accuracy=0.5, bytes_sent=[4000]))
+    return path
+
+
+def test_pdf_and_svg_figures_label_series_by_run_name_with_distinct_titles(runs, tmp_path):
+    named = _named_run(tmp_path / "exp3_seed1.h5", "FedAvg, 8-bit uplinks")
+    written = plot([runs[0], named], tmp_path / "fig", formats=["pdf", "SVG", "pdf"])
+    assert [p.name for p in written] == [f"{stem}.{fmt}" for stem in PLOT_STEMS for fmt in ("pdf", "svg")]
+    titles = []
+    for path in written:
+        data = path.read_bytes()
+        if path.suffix == ".pdf":
+            assert data[:5] == b"%PDF-" and data.rstrip().endswith(b"%%EOF")
+            continue
+        assert data[:5] == b"<?xml" and b"<svg" in data[:1000]
+        text = data.decode("utf-8")  # matplotlib writes each text as an XML comment above its glyphs
+        comments = re.findall(r"<!-- (.*?) -->", text)
+        assert any("FedAvg, 8-bit uplinks" in c for c in comments), comments  # the run's name
+        assert any(c.startswith("fedavg") for c in comments)  # no name: the file's stem
+        assert not any("exp3_seed1" in c for c in comments)
+        titles.append(next(c for c in comments if c.startswith(("Test accuracy", "Training", "Bytes"))))
+        if path.stem == "bytes_per_layer":
+            assert "bytes per round, summed over all devices" in comments
+            assert "bytes per round, per device (sum / world size)" in comments
+    assert len(set(titles)) == len(titles) == len(PLOT_STEMS), titles
+
+
+def test_unknown_figure_format_is_refused(runs, tmp_path, capsys):
+    with pytest.raises(ValueError, match="'jpg'.*png, pdf, svg"):
+        plot(runs, tmp_path / "f", formats=["jpg"])
+    assert main([str(runs[0]), "--out", str(tmp_path / "g"), "--format", "eps"]) == 2
+    assert "is not one of png, pdf, svg" in capsys.readouterr().err
+
+
+def test_run_names_label_the_summary_and_clashes_add_the_file(tmp_path):
+    a = _named_run(tmp_path / "a.h5", "same")
+    b = _named_run(tmp_path / "b.h5", "same")
+    header = summarize([a, b]).splitlines()[0].split()
+    assert header == ["run", "same", "(a)", "same", "(b)"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import asdict
@@ -20,42 +21,74 @@ from mpi4py import MPI
 
 from hflmpi.bench.aggregate import bench_aggregate, default_fanouts
 from hflmpi.bench.flower import Job, flower_available, run_flower, run_hflmpi, wait_sleeping
+from hflmpi.bench.memory import (
+    SAFETY,
+    available_bytes,
+    check_sizes,
+    copies_per_rank,
+    default_sizes,
+    max_params,
+)
 from hflmpi.bench.scaling import PREDICT_WORLDS, measure, plot
 from hflmpi.core.topology import plan_fanouts
 from hflmpi.errors import HflmpiError, report_user_error
+from hflmpi.mpi.comm import node_local
+from hflmpi.mpi.messages import allreduce_float
 
 __all__ = ["main"]
 
 
-def _format_rows(rows: list[dict[str, float]], world_size: int, fanouts: Sequence[int]) -> str:
+def _header(world_size: int, fanouts: Sequence[int], bits: Sequence[int]) -> list[str]:
     lines = [
         f"# hflmpi bench aggregate: {world_size} ranks, tree fanouts={list(fanouts)}, float32, "
-        "median of repeats, slowest rank",
+        "median of repeats, slowest rank; rows appear as they are measured",
         f"{'params':>10} {'raw MPI ms':>11} {'subtree ms':>11} {'tree ms':>9} {'gloo ms':>9} "
         f"{'subtree/raw':>12} {'tree/raw':>9} {'gloo/raw':>9}",
     ]
-    for row in rows:
-        raw = row["mpi_allreduce"]
-        gloo = row.get("gloo_all_reduce", float("nan"))
-        lines.append(
-            f"{int(row['numel']):>10} {raw * 1e3:>11.2f} {row['hfl_subtree'] * 1e3:>11.2f} "
-            f"{row['hfl_tree'] * 1e3:>9.2f} {gloo * 1e3:>9.2f} {row['hfl_subtree'] / raw:>12.3f} "
-            f"{row['hfl_tree'] / raw:>9.3f} {gloo / raw:>9.3f}"
-        )
-    widths = sorted({int(k[1:]) for row in rows for k in row if k[0] == "q" and k[1:].isdigit()}, reverse=True)
-    if widths:
-        lines.append("# quantized (quantize + exact integer reduce + dequantize + broadcast), all layers")
+    if bits:
+        lines.append("# quantized rows (quantize + exact integer reduce + dequantize + broadcast, all "
+                     "layers; time/raw against a raw Allreduce timed with it):")
         lines.append(f"{'params':>10} {'bits':>4} {'method':>11} {'ms':>9} {'time/raw':>9} "
                      f"{'uplink bytes':>13} {'bytes/float32':>14}")
-        for row in rows:
-            for width in widths:
-                method = "integer-sum" if row[f"q{width}_method"] == 1 else "gather"
-                lines.append(
-                    f"{int(row['numel']):>10} {width:>4} {method:>11} {row[f'q{width}'] * 1e3:>9.2f} "
-                    f"{row[f'q{width}'] / row['mpi_allreduce']:>9.3f} {int(row[f'q{width}_bytes']):>13} "
-                    f"{row[f'q{width}_bytes'] / row['float_bytes']:>14.4f}"
-                )
-    return "\n".join(lines)
+    return lines
+
+
+def _format_row(row: dict[str, float], width: int | None) -> str:
+    """Return the table line of a size's float candidates (``width`` None) or of one width."""
+    if width is None:
+        raw = row["mpi_allreduce"]
+        gloo = row.get("gloo_all_reduce", float("nan"))
+        return (f"{int(row['numel']):>10} {raw * 1e3:>11.2f} {row['hfl_subtree'] * 1e3:>11.2f} "
+                f"{row['hfl_tree'] * 1e3:>9.2f} {gloo * 1e3:>9.2f} {row['hfl_subtree'] / raw:>12.3f} "
+                f"{row['hfl_tree'] / raw:>9.3f} {gloo / raw:>9.3f}")
+    method = "integer-sum" if row[f"q{width}_method"] == 1 else "gather"
+    return (f"{int(row['numel']):>10} {width:>4} {method:>11} {row[f'q{width}'] * 1e3:>9.2f} "
+            f"{row[f'q{width}'] / row[f'q{width}_raw']:>9.3f} {int(row[f'q{width}_bytes']):>13} "
+            f"{row[f'q{width}_bytes'] / row['float_bytes']:>14.4f}")
+
+
+def _sizes(comm: MPI.Comm, given: str | None, depth: int, bits: Sequence[int], gloo: bool,
+           ) -> tuple[list[int], str]:
+    """Return the sizes to time (the defaults that fit, or the checked ``given``) and a memory note.
+
+    Collective: every rank takes the smallest budget of any rank, so all decide alike.
+    """
+    try:
+        budget = available_bytes(node_local(comm)[1])
+    except (OSError, ValueError):  # no /proc/meminfo (not Linux): nothing to size by
+        budget = math.inf
+    budget = allreduce_float(comm, budget, MPI.MIN)  # all ranks
+    per_param = 4 * copies_per_rank(depth, bits, gloo)
+    limit = max_params(budget, depth, bits, gloo) if math.isfinite(budget) else 2**62
+    note = (f"# memory: each rank may use {budget / 2**30:.2f} GiB (MemAvailable, cgroup-capped, / "
+            f"ranks on the node x {SAFETY}); peak ~{per_param / 4:.1f} float32 copies of the model "
+            f"per rank; largest size that fits {limit:,}" if math.isfinite(budget) else
+            "# memory: not known here (no /proc/meminfo); sizes are not checked")
+    if given is None:
+        return default_sizes(limit), note
+    sizes = [int(float(s)) for s in given.split(",") if s]
+    check_sizes(sizes, limit, budget, per_param)
+    return sizes, note
 
 
 def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int:
@@ -63,7 +96,9 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     parser = argparse.ArgumentParser(prog="hflmpi bench", description="Benchmarks under mpiexec: aggregation, scaling, Flower.")
     sub = parser.add_subparsers(dest="what", required=True)
     agg = sub.add_parser("aggregate", help="hierarchical aggregation vs raw Allreduce and gloo")
-    agg.add_argument("--sizes", default="1000000,10000000,25000000", help="parameter counts, comma-separated")
+    agg.add_argument("--sizes", default=None,
+                     help="parameter counts, comma-separated (default: those of 1M,10M,25M that fit "
+                          "in the memory each rank has; larger sizes than fit are refused)")
     agg.add_argument("--fanouts", default="", help="tree fan-outs, e.g. 4,2 (default: groups of 4 or 2)")
     agg.add_argument("--repeats", type=int, default=7)
     agg.add_argument("--no-gloo", action="store_true", help="skip the torch.distributed baseline")
@@ -80,17 +115,20 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD if comm is None else comm
     torch.set_num_threads(1)
-    try:  # the same options on every rank: each raises the same error
-        sizes = [int(float(s)) for s in args.sizes.split(",") if s]
+    try:  # the same options (and the agreed memory budget) on every rank: each raises alike
         fanouts = [int(f) for f in args.fanouts.split(",") if f] or default_fanouts(comm.Get_size())
         plan = plan_fanouts(fanouts, comm.Get_size())
         bits = [int(b) for b in args.bits.split(",") if b]
+        sizes, note = _sizes(comm, args.sizes, plan.depth, bits, not args.no_gloo)
     except (HflmpiError, ValueError) as exc:
         return report_user_error("bench aggregate", exc, show=comm.Get_rank() == 0)
-    rows = bench_aggregate(comm, sizes, plan, args.repeats, gloo=not args.no_gloo, bits=bits,
-                           bucket_size=args.bucket_size)
-    if comm.Get_rank() == 0:
-        print(_format_rows(rows, comm.Get_size(), fanouts), flush=True)
+    rank0 = comm.Get_rank() == 0
+    if rank0:
+        header = _header(comm.Get_size(), fanouts, bits)
+        print("\n".join([header[0], note, *header[1:]]), flush=True)
+    bench_aggregate(comm, sizes, plan, args.repeats, gloo=not args.no_gloo, bits=bits,
+                    bucket_size=args.bucket_size,
+                    emit=lambda row, width: print(_format_row(row, width), flush=True) if rank0 else None)
     return 0
 
 

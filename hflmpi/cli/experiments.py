@@ -30,9 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "base, e.g. jobs/experiments.toml (MNIST/CIFAR-10 files, model, device)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a base config key, e.g. --set optim.lr=0.05 (repeatable)")
-    plot = sub.add_parser("plot", help="draw PNGs and write the markdown table (serial)")
+    plot = sub.add_parser("plot", help="draw figures and write the markdown table (serial)")
     plot.add_argument("results", nargs="+", help="results HDF5 file(s)")
-    plot.add_argument("--out", required=True, help="directory for PNGs and NAME.md")
+    plot.add_argument("--out", required=True, help="directory for the figures and NAME.md")
+    plot.add_argument("--format", default="png", metavar="FMT[,FMT]",
+                      help="figure formats, comma-separated: png, pdf, svg (default png)")
     plot.add_argument("--no-png", action="store_true", help="write the markdown table only")
     args = parser.parse_args(argv)
 
@@ -40,13 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             for results in args.results:
-                figures = [] if args.no_png else plot_results(results, args.out)
+                figures = [] if args.no_png else plot_results(
+                    results, args.out, [f for f in args.format.split(",") if f])
                 name = load_results(results)[0]["experiment"]
                 md = Path(args.out) / f"{name}.md"
                 md.write_text(results_markdown(results, figures), encoding="utf-8")
                 for p in [*figures, md]:
                     print(f"wrote {p} ({p.stat().st_size // 1024} KiB)")
-        except (HflmpiError, OSError, KeyError) as exc:
+        except (HflmpiError, OSError, KeyError, ValueError) as exc:
             return report_user_error("experiments", exc)
         return 0
 

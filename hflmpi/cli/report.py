@@ -1,4 +1,4 @@
-"""``hflmpi report RUN.h5 [RUN2.h5 ...] [--out DIR]``: summary table and comparison plots."""
+"""``hflmpi report RUN.h5 [RUN2.h5 ...] [--out DIR [--format png,pdf,svg]]``: summary and plots."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Summarise and compare hflmpi run records (HDF5).",
     )
     parser.add_argument("runs", nargs="+", metavar="RUN.h5", help="run record(s) to compare")
-    parser.add_argument("--out", metavar="DIR", help="also write comparison PNGs into DIR")
+    parser.add_argument("--out", metavar="DIR", help="also write comparison figures into DIR")
+    parser.add_argument("--format", default="png", metavar="FMT[,FMT]",
+                        help="figure formats, comma-separated: png, pdf, svg (default png)")
     return parser
 
 
@@ -28,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sys.stdout.write(summarize(args.runs))
         if args.out:
-            for path in plot(args.runs, args.out):
+            for path in plot(args.runs, args.out, [f for f in args.format.split(",") if f]):
                 sys.stdout.write(f"wrote {path}\n")
     except (HflmpiError, OSError, KeyError, ValueError) as err:
         return report_user_error("report", err)

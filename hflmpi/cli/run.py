@@ -3,20 +3,25 @@
 Launched under mpiexec. Every rank parses the same command line, then reads and checks the config
 and agrees on the verdict with the others (:func:`hflmpi.mpi.guard.agree`) before torch is
 imported, so a typo is reported without waiting for every rank to import torch; only then it
-imports the training code and runs :func:`hflmpi.federation.train`. Every rank returns the same exit code: 0 when
-done, 2 on a user error (reported once, by rank 0), 75 after a preemption checkpoint
-(:data:`hflmpi.mpi.preempt.EXIT_PREEMPTED`, for the job script to requeue). Ranks agree on the
-code and leave together (:func:`hflmpi.mpi.preempt.leave_together`).
+imports the training code and runs :func:`hflmpi.federation.train`. Every rank returns the
+same exit code: 0 when done, 2 on a user error (reported once, by rank 0), 75 after a
+preemption checkpoint (:data:`hflmpi.mpi.preempt.EXIT_PREEMPTED`, for the job script to
+requeue). Ranks agree on the code and leave together (:func:`hflmpi.mpi.preempt.leave_together`).
 
 Nothing here imports mpi4py or torch at import time: ``hflmpi run --help`` needs neither. The
 config is agreed over MPI rather than checked before MPI starts because a rank that exits before
 ``MPI_Init`` leaves the others waiting in it for ever (a config file that differs between nodes).
+
+Any other exception (a bug, say in a user model) aborts the job with code 1 after rank 0's one
+traceback and a line per other failing rank (:mod:`hflmpi.mpi.crash`; ``HFLMPI_TRACEBACK=all``
+prints every rank's).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -142,6 +147,10 @@ def _run(args: argparse.Namespace, comm: Any) -> int:
         if rank == 0:
             print(f"hflmpi: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except Exception as exc:  # a bug (ours or a user model's), maybe on this rank alone
+        from hflmpi.mpi.crash import end_job
+
+        end_job(comm, exc, os.environ)  # one full traceback (rank 0's), then MPI_Abort
     if result.preempted:
         return EXIT_PREEMPTED
     if rank == 0 and result.privacy is not None:

@@ -70,9 +70,12 @@ class RunOptions(_Section):
     eval_every : int
         Evaluate the global model every this many global rounds; 0 disables periodic evaluation.
         Default 1.
-    progress : {"auto", "on", "off"}
-        Progress output on rank 0; ``"auto"`` shows it when stdout is a terminal.
-        Default ``"auto"``.
+    progress : {"auto", "bar", "lines", "on", "off"}
+        Progress output on rank 0: ``"bar"`` rewrites one line in place, ``"lines"`` prints a
+        line every few rounds, ``"off"`` prints nothing. ``"auto"`` (default) picks "bar" on an
+        interactive terminal (not a Slurm batch job, not an Open MPI launch), "off" under CI,
+        else "lines"; ``"on"`` is "auto" that never goes silent under CI.
+        See :mod:`hflmpi.record.progress`.
     dtype : {"float32", "float64"}
         Parameter and aggregation dtype. Default ``"float32"``.
     divergence : bool
@@ -82,6 +85,9 @@ class RunOptions(_Section):
     nonfinite : {"raise", "drop"}
         A device whose model holds NaN/Inf before an aggregation stops the job on every rank
         with its rank named (default), or is left out of that aggregation and logged.
+    name : str
+        Label of the run in ``hflmpi report`` tables and plot legends; empty (default): the run
+        file's stem. May change on resume.
     watchdog_seconds : float
         Abort the job if one collective (aggregation, divergence measurement, metrics,
         preemption poll, checkpoint) waits longer than this, naming the collective and the rank
@@ -98,12 +104,13 @@ class RunOptions(_Section):
     device: str = _opt("cpu", _choice("cpu", "cuda", "auto"), '"cpu"')
     checkpoint_every: int = _opt(1, _int(0), "1")
     eval_every: int = _opt(1, _int(0), "1")
-    progress: str = _opt("auto", _choice("auto", "on", "off"), '"auto"')
+    progress: str = _opt("auto", _choice("auto", "bar", "lines", "on", "off"), '"auto"')
     dtype: str = _opt("float32", _choice("float32", "float64"), '"float32"')
     divergence: bool = _opt(True, _bool, "true")
     nonfinite: str = _opt("raise", _choice("raise", "drop"), '"raise"')
     watchdog_seconds: float = _opt(0.0, _float(0.0), "600")
     callbacks: tuple[str, ...] = _opt((), _import_path_list, '["mypkg.hooks:Logger"]')
+    name: str = _opt("", _str, '"fedavg-8bit"')
 
 
 @dataclass(frozen=True)

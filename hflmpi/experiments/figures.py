@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hflmpi.experiments.results import VariantResult, evaluate_checks, load_results, summarize
+from hflmpi.record.report import check_formats
 
 __all__ = ["plot_results", "results_markdown"]
 
@@ -55,12 +56,39 @@ def _curves(ax: Any, variants: Sequence[VariantResult], xkey: str, ykey: str, sc
 
 #: The x axis (results column, label) of each "accuracy_vs_*" figure kind.
 _ACCURACY_AXES = {"accuracy_vs_steps": ("step", "SGD steps per device"),
-                  "accuracy_vs_bytes": ("bytes_cum", "cumulative bytes sent (all layers, all ranks)"),
+                  "accuracy_vs_bytes": ("bytes_cum", "cumulative bytes sent, summed over all devices "
+                                        "and layers"),
                   "accuracy_vs_time": ("model_time", "modelled wall time [s]")}
 
 
-def plot_results(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Draw the spec's ``[[figure]]`` entries as ``<experiment>_<figure>.png`` in ``out_dir``."""
+_SUBTITLES = {"accuracy_vs_steps": "test accuracy vs SGD steps",
+              "accuracy_vs_bytes": "test accuracy vs bytes sent",
+              "accuracy_vs_time": "test accuracy vs modelled time",
+              "divergence": "H-SGD divergences", "quant_vs_bits": "quantization error and accuracy vs bits"}
+
+
+def _titles(experiment_title: str, figures: Sequence[dict[str, Any]], small: bool) -> list[str]:
+    """Return one distinct title per figure: its own, or the experiment's plus what it shows."""
+    titles: list[str] = []
+    for spec in figures:
+        shows = _SUBTITLES.get(spec["kind"]) or (
+            f"{spec.get('metric', 'last_accuracy').replace('_', ' ')} vs {spec.get('xlabel', 'x')}")
+        title = spec.get("title") or f"{experiment_title}: {shows}"
+        if title in titles:
+            title += f" ({spec['name']})"
+        titles.append(title + (" (small)" if small else ""))
+    return titles
+
+
+def plot_results(
+    path: str | os.PathLike[str], out_dir: str | os.PathLike[str], formats: Sequence[str] = ("png",),
+) -> list[Path]:
+    """Draw the spec's ``[[figure]]`` entries as ``<experiment>_<figure>.<format>`` in ``out_dir``.
+
+    ``formats`` holds any of png, pdf, svg (one file per figure and format); series are labelled
+    by variant, and every figure gets a distinct title.
+    """
+    formats = check_formats(formats)
     attrs, variants = load_results(path)
     by_name = {v.name: v for v in variants}
     summary = summarize(path)
@@ -68,13 +96,11 @@ def plot_results(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) 
     out.mkdir(parents=True, exist_ok=True)
     figures = json.loads(attrs["figures"]) or [{"name": "accuracy", "kind": "accuracy_vs_steps"}]
     written = []
-    for spec in figures:
+    for spec, title in zip(figures, _titles(str(attrs["title"]), figures, bool(attrs.get("small")))):
         chosen = [by_name[n] for n in spec.get("variants", list(by_name)) if n in by_name]
         if not chosen:
             continue
-        kind, title = spec["kind"], spec.get("title", f"{attrs['title']}")
-        if attrs.get("small"):
-            title += " (small)"
+        kind = spec["kind"]
         if kind in _ACCURACY_AXES:
             fig = _draw_accuracy(kind, title, chosen)
         elif kind == "divergence":
@@ -85,9 +111,10 @@ def plot_results(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) 
             fig = _draw_metric_vs_x(title, chosen, summary, spec)
         if kind != "quant_vs_bits" and spec.get("yscale"):
             fig.axes[0].set_yscale(spec["yscale"])
-        target = out / f"{attrs['experiment']}_{spec['name']}.png"
-        fig.savefig(target, dpi=90)
-        written.append(target)
+        for fmt in formats:
+            target = out / f"{attrs['experiment']}_{spec['name']}.{fmt}"
+            fig.savefig(target, dpi=90)
+            written.append(target)
     return written
 
 

@@ -27,7 +27,7 @@ from hflmpi.mpi.messages import allgather_text, bcast_int
 from hflmpi.mpi.placement import limit_threads, node_local  # re-exported: one home, old import path
 
 __all__ = ["LayerComms", "node_local", "node_names", "plan_from_nodes", "cuda_aware_mpi", "limit_threads",
-           "world"]
+           "world", "mpi_provenance"]
 
 _NODE_NAME_BYTES = 1024  # longest node name (UTF-8 bytes) a rank may report
 
@@ -124,6 +124,22 @@ def node_names(comm: MPI.Comm) -> list[str]:
     names = allgather_text(comm, name, max_bytes=_NODE_NAME_BYTES, strict=True,
                            what="sharing the node names (HFLMPI_NODE_NAME or the processor name)")
     return [str(n) for n in names]  # strict: every entry is a validated text
+
+
+def mpi_provenance(comm: MPI.Comm) -> dict[str, object]:
+    """Return the MPI facts of a run: library string, standard version, every rank's host name.
+
+    Collective (one typed text allgather, no pickle). ``mpi_library`` is the first line of
+    ``MPI.Get_library_version()`` (e.g. ``"MPICH Version:      4.3.0"``), the one that tells
+    Open MPI from MPICH and their releases apart; ``host_names`` holds ``MPI.Get_processor_name()``
+    of every rank, in rank order.
+    """
+    library = MPI.Get_library_version().strip().splitlines()
+    major, minor = MPI.Get_version()
+    hosts = allgather_text(comm, MPI.Get_processor_name(), max_bytes=_NODE_NAME_BYTES,
+                           what="sharing the host names for the run record")
+    return {"mpi_library": library[0].strip() if library else "", "mpi_standard": f"{major}.{minor}",
+            "host_names": [h or "" for h in hosts], "world_size": comm.Get_size()}
 
 
 def plan_from_nodes(comm: MPI.Comm, node_fanouts: Sequence[int] = ()) -> TreePlan:

@@ -41,7 +41,7 @@ from hflmpi.mpi.messages import ERROR_TEXT_BYTES, allgather_int64, allgather_tex
 __all__ = [
     "SetupError", "agree",
     "HandshakeError", "NonFiniteUpdateError", "handshake_key", "handshake", "RankStatus", "stall_report",
-    "Watchdog", "all_finite",
+    "Watchdog", "all_finite", "wait_until_read",
 ]
 
 
@@ -392,7 +392,7 @@ class Watchdog:
                 late = self._inside and time.monotonic() > self._deadline
             if late:
                 print(f"{self.report()}; aborting the job", file=sys.stderr, flush=True)
-                _wait_until_read(sys.stderr)
+                wait_until_read(sys.stderr)
                 self.comm.Abort(3)
 
     def report(self) -> str:
@@ -428,7 +428,7 @@ class Watchdog:
         return stall_report(rank, size, phase, sequence, self.timeout, self.grace, answers)
 
 
-def _wait_until_read(stream: Any, limit: float = 10.0) -> None:
+def wait_until_read(stream: Any, limit: float = 10.0) -> None:
     """Wait (at most ``limit`` s) until the reader of a pipe ``stream`` has taken every byte.
 
     The launcher forwards a rank's stderr through a pipe, and ``Abort`` tears the job down at once:

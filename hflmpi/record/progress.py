@@ -1,18 +1,27 @@
 r"""Rank-0 progress line: round, loss, accuracy, throughput.
 
-The style is resolved once from the mode, the stream and the environment:
+The style is resolved once from the mode (config key ``run.progress``, also ``--set
+run.progress="lines"`` on the command line), the stream and the environment:
 
-=========  ==========================  =====================  ==============
-mode       TTY and ``CI`` unset        ``CI`` set             other non-TTY
-=========  ==========================  =====================  ==============
-``auto``   live (``\r`` rewrites)      off                    plain
-``on``     live                        plain                  plain
-``off``    off                         off                    off
-=========  ==========================  =====================  ==============
+==========  =====================================================================================
+mode        style
+==========  =====================================================================================
+``auto``    "bar" on an interactive terminal (see below), "off" under CI, "lines" otherwise
+``bar``     "bar" always, even into a file (forced)
+``lines``   "lines" always (forced)
+``on``      "bar" on an interactive terminal, "lines" otherwise (also under CI)
+``off``     "off"
+==========  =====================================================================================
 
-"plain" writes one ordinary line every ``every`` rounds (and on the last round when the total is
-known), which suits Slurm log files; "live" rewrites a single line in place. Nothing here reads
-global state: the stream and the environment are arguments.
+"lines" writes one ordinary line every ``every`` rounds (and on the last round when the total is
+known), which suits Slurm log files; "bar" rewrites a single line in place with ``\r``.
+
+Interactive means: the stream is a TTY, and the process is neither inside a Slurm batch job
+(``SLURM_JOB_ID`` set without ``SLURM_PTY_PORT``, which only ``srun --pty`` sets) nor a rank
+started by Open MPI's ``mpirun`` (``OMPI_COMM_WORLD_SIZE`` or ``PMIX_RANK`` set): Open MPI gives
+every rank a pseudo-terminal even when the job's output goes to a file, and ``\r`` rewrites would
+pile up in that file. Nothing here reads global state: the stream and the environment are
+arguments.
 """
 
 from __future__ import annotations
@@ -22,11 +31,12 @@ import os
 from types import TracebackType
 from typing import Literal, Mapping, TextIO
 
-__all__ = ["PROGRESS_MODES", "Progress", "format_progress", "is_ci", "resolve_style"]
+__all__ = ["PROGRESS_MODES", "Progress", "format_progress", "interactive", "is_ci", "resolve_style"]
 
-PROGRESS_MODES = ("auto", "on", "off")
-Style = Literal["live", "plain", "off"]
+PROGRESS_MODES = ("auto", "bar", "lines", "on", "off")
+Style = Literal["bar", "lines", "off"]
 _FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
+_OPEN_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 
 
 def is_ci(env: Mapping[str, str]) -> bool:
@@ -41,8 +51,22 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
+def interactive(stream: TextIO, env: Mapping[str, str]) -> bool:
+    """Return whether a person watches ``stream`` live: a TTY outside Slurm batch jobs and Open MPI.
+
+    A Slurm batch job (``SLURM_JOB_ID`` without ``SLURM_PTY_PORT``) writes to a log file, and
+    Open MPI's launcher (``OMPI_COMM_WORLD_SIZE``/``PMIX_RANK``) hands each rank a pseudo-terminal
+    whatever the final destination, so neither counts even when ``stream.isatty()``.
+    """
+    if env.get("SLURM_JOB_ID") and not env.get("SLURM_PTY_PORT"):
+        return False
+    if any(env.get(name) for name in _OPEN_MPI_VARS):
+        return False
+    return _isatty(stream)
+
+
 def resolve_style(mode: str, stream: TextIO, env: Mapping[str, str]) -> Style:
-    """Return the output style ("live", "plain" or "off") for a mode, stream and environment.
+    """Return the output style ("bar", "lines" or "off") for a mode, stream and environment.
 
     Raises
     ------
@@ -51,14 +75,15 @@ def resolve_style(mode: str, stream: TextIO, env: Mapping[str, str]) -> Style:
     """
     if mode not in PROGRESS_MODES:
         raise ValueError(f"progress mode {mode!r} is not one of {PROGRESS_MODES}")
-    if mode == "off":
-        return "off"
+    forced: dict[str, Style] = {"bar": "bar", "lines": "lines", "off": "off"}
+    if mode in forced:
+        return forced[mode]
     ci = is_ci(env)
-    if _isatty(stream) and not ci:
-        return "live"
+    if interactive(stream, env) and not ci:
+        return "bar"
     if mode == "auto" and ci:
         return "off"
-    return "plain"
+    return "lines"
 
 
 def _fmt(value: float, spec: str) -> str:
@@ -93,14 +118,14 @@ class Progress:
     ----------
     stream : TextIO
         Where to write (``sys.stdout`` in the CLI).
-    mode : {"auto", "on", "off"}
+    mode : {"auto", "bar", "lines", "on", "off"}
         See the module docstring.
     every : int
-        Plain style: print every ``every`` rounds.
+        "lines" style: print every ``every`` rounds.
     total_rounds : int, optional
-        Shown as ``round r/total``; the last round is always printed in plain style.
+        Shown as ``round r/total``; the last round is always printed in "lines" style.
     env : mapping, optional
-        Environment to read ``CI`` from (default ``os.environ``).
+        Environment to read ``CI``, Slurm's and Open MPI's variables from (default ``os.environ``).
     """
 
     def __init__(
@@ -134,7 +159,7 @@ class Progress:
         text = format_progress(
             round, self._total, loss=loss, accuracy=accuracy, samples_per_second=samples_per_second
         )
-        if self.style == "live":
+        if self.style == "bar":
             pad = max(0, self._live_width - len(text))
             self._stream.write("\r" + text + " " * pad)
             self._live_width = len(text)
@@ -145,8 +170,8 @@ class Progress:
         self._stream.flush()
 
     def close(self) -> None:
-        """End a live line with a newline (no-op otherwise)."""
-        if self.style == "live" and self._live_width:
+        """End a "bar" line with a newline (no-op otherwise)."""
+        if self.style == "bar" and self._live_width:
             self._stream.write("\n")
             self._stream.flush()
             self._live_width = 0

@@ -15,7 +15,7 @@ import numpy as np
 
 from hflmpi.record.checkpoint import _FORMAT as _CHECKPOINT_FORMAT
 
-__all__ = ["read_metrics", "read_config_toml", "read_run_info", "read_partition"]
+__all__ = ["read_metrics", "read_config_toml", "read_run_info", "read_partition", "read_provenance"]
 
 
 def _open_read(path: str | os.PathLike[str]) -> h5py.File:
@@ -74,21 +74,45 @@ def _not_a_run_record(path: Path, attrs: Any) -> str:
             f"run record; {_PASS_A_RUN_RECORD}")
 
 
-def read_run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Return the root attributes of a run file.
-
-    ``tree``, ``resume_log`` and ``config_history`` come parsed from JSON.
-    """
-    with _open_read(path) as file:
-        info = {key: value.item() if isinstance(value, np.generic) else value
-                for key, value in file.attrs.items()}
-    for key in ("tree", "resume_log", "config_history"):
+def _plain(attrs: Any, parsed: tuple[str, ...]) -> dict[str, Any]:
+    info = {key: value.item() if isinstance(value, np.generic) else value
+            for key, value in attrs.items()}
+    for key in parsed:
         if isinstance(info.get(key), str):
             try:
                 info[key] = json.loads(info[key])
             except json.JSONDecodeError:
                 pass
     return info
+
+
+def read_run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the root attributes of a run file, and ``provenance`` (:func:`read_provenance`).
+
+    ``tree``, ``resume_log`` and ``config_history`` come parsed from JSON.
+    """
+    with _open_read(path) as file:
+        info = _plain(file.attrs, ("tree", "resume_log", "config_history"))
+        info["provenance"] = _legs(file)
+    return info
+
+
+def read_provenance(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Return one dict per leg of the run (start, then each resume), oldest first.
+
+    Keys as :func:`hflmpi.record.provenance.provenance` made them plus ``time`` and
+    ``first_round``; ``host_names`` and ``argv`` come parsed from JSON. Empty for a run file
+    written before provenance was recorded.
+    """
+    with _open_read(path) as file:
+        return _legs(file)
+
+
+def _legs(file: h5py.File) -> list[dict[str, Any]]:
+    if "provenance" not in file:
+        return []
+    group = file["provenance"]
+    return [_plain(group[leg].attrs, ("host_names", "argv")) for leg in sorted(group, key=int)]
 
 
 def read_partition(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray] | None:

@@ -2,10 +2,11 @@
 
 ``summarize`` gives a text table with one column per run (rounds, final and best test accuracy,
 final losses, wall time, throughput, total bytes per layer) followed by the config keys whose
-values differ between the runs. ``plot`` writes PNGs with matplotlib's Agg canvas (no pyplot, no
-global backend switch): accuracy vs round, accuracy vs wall time, loss vs round and the mean bytes
-sent per round for each layer. Rounds without a value (NaN, e.g. rounds between evaluations) are
-left out of the lines rather than breaking them.
+values differ between the runs. ``plot`` writes figures (PNG, PDF or SVG) with matplotlib's own
+canvases (no pyplot, no global backend switch): accuracy vs round, accuracy vs wall time, loss vs
+round and the mean bytes sent per round for each layer, summed over all devices and per device.
+Series are labelled by the run's name (``run.name``, else the file's stem). Rounds without a value
+(NaN, e.g. rounds between evaluations) are left out of the lines rather than breaking them.
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from hflmpi.config import config_to_dict
+from hflmpi.record.provenance import describe_provenance
 from hflmpi.record.reading import read_metrics, read_run_info
 from hflmpi.record.run_config import read_run_config
 
-__all__ = ["RunSummary", "load_runs", "summarize", "plot", "PLOT_NAMES"]
+__all__ = ["RunSummary", "load_runs", "summarize", "plot", "check_formats", "PLOT_FORMATS", "PLOT_STEMS",
+           "PLOT_NAMES"]
 
-PLOT_NAMES = (
-    "accuracy_vs_round.png",
-    "accuracy_vs_time.png",
-    "loss_vs_round.png",
-    "bytes_per_layer.png",
-)
+PLOT_STEMS = ("accuracy_vs_round", "accuracy_vs_time", "loss_vs_round", "bytes_per_layer")
+PLOT_FORMATS = ("png", "pdf", "svg")
+PLOT_NAMES = tuple(f"{stem}.png" for stem in PLOT_STEMS)  # the default format's file names
 _UNSET = "(unset)"
 
 
@@ -81,20 +81,34 @@ def _flatten_config(config: dict[str, Any]) -> dict[str, str]:
     return flat
 
 
-def _labels(paths: Sequence[Path]) -> list[str]:
-    """Return short unique labels: file stems, with parent folders added where stems clash."""
-    labels = [p.stem for p in paths]
-    if len(set(labels)) < len(labels):
-        labels = [f"{p.parent.name}/{p.stem}" for p in paths]
-    if len(set(labels)) < len(labels):
-        labels = [str(p) for p in paths]
-    return labels
+def _labels(paths: Sequence[Path], names: Sequence[str] = ()) -> list[str]:
+    """Return short unique labels: run names (or file stems), made unique where they clash.
+
+    A clash adds the file stem to named runs, then parent folders, then the whole path.
+    """
+    names = list(names) or [""] * len(paths)
+    tries = [
+        [name or p.stem for p, name in zip(paths, names)],
+        [f"{name} ({p.stem})" if name else p.stem for p, name in zip(paths, names)],
+        [f"{name} ({p.parent.name}/{p.stem})" if name else f"{p.parent.name}/{p.stem}"
+         for p, name in zip(paths, names)],
+    ]
+    for labels in tries:
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
 
 
 def load_runs(paths: Sequence[str | os.PathLike[str]]) -> list[RunSummary]:
-    """Read run files into :class:`RunSummary` objects labelled for tables and legends."""
-    resolved = [Path(p) for p in paths]
-    return [RunSummary(p, label) for p, label in zip(resolved, _labels(resolved))]
+    """Read run files into :class:`RunSummary` objects labelled for tables and legends.
+
+    The label is the run's ``run.name`` when it has one, else the file's stem (see :func:`_labels`).
+    """
+    runs = [RunSummary(Path(p), "") for p in paths]
+    names = [str(json.loads(run.config.get("run.name", '""')) or "") for run in runs]
+    for run, label in zip(runs, _labels([run.path for run in runs], names)):
+        run.label = label
+    return runs
 
 
 # -- text summary ----------------------------------------------------------------------------------
@@ -182,7 +196,9 @@ def summarize(paths: Sequence[str | os.PathLike[str]]) -> str:
 
     Rows: rounds, world size, layers, final and best test accuracy (with their round), final
     train and test loss, wall time, mean throughput, total bytes sent per layer and overall; then,
-    for two or more runs, every config key (and the world size/tree) whose value differs.
+    for two or more runs, every config key (and the world size/tree) whose value differs; then
+    each run's provenance, one block per start or resume (versions, MPI library, hosts, Slurm
+    job, command line, git commit).
     """
     runs = load_runs(paths)
     if not runs:
@@ -199,11 +215,15 @@ def summarize(paths: Sequence[str | os.PathLike[str]]) -> str:
             lines.extend(_table(["  key", *(r.label for r in runs)], diffs)[1:])
         else:
             lines.append("config differences: none")
+    for run in runs:
+        legs = run.info.get("provenance") or []
+        lines += ["", f"provenance of {run.label}" + ("" if legs else ": not recorded")]
+        lines += describe_provenance(legs)
     return "\n".join(lines) + "\n"
 
 
 # -- plots -----------------------------------------------------------------------------------------
-def _new_figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+def _new_figure(title: str, xlabel: str, ylabel: str, panels: int = 1) -> tuple[Any, Any]:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -211,14 +231,18 @@ def _new_figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
         raise ModuleNotFoundError(
             "hflmpi report plots need matplotlib: pip install 'hflmpi[report]'"
         ) from err
-    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    return fig, ax
+    fig = Figure(figsize=(7.0 * panels if panels > 1 else 7.0, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)  # savefig picks the canvas of the file's format (pdf, svg) itself
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    if panels > 1:
+        fig.suptitle(title)
+    else:
+        axes[0].set_title(title)
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    return fig, axes[0] if panels == 1 else axes
 
 
 def _line(ax: Any, x: np.ndarray, y: np.ndarray, **kwargs: Any) -> bool:
@@ -230,62 +254,108 @@ def _line(ax: Any, x: np.ndarray, y: np.ndarray, **kwargs: Any) -> bool:
     return True
 
 
-def _finish(fig: Any, ax: Any, drew: bool, path: Path) -> Path:
-    if drew:
-        ax.legend(loc="best", fontsize="small")
-    else:
-        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    fig.savefig(path, dpi=110)
-    return path
+def _finish(fig: Any, axes: Any, drew: bool, out: Path, stem: str, formats: Sequence[str]) -> list[Path]:
+    for ax in np.atleast_1d(axes):
+        if drew:
+            ax.legend(loc="best", fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    paths = [out / f"{stem}.{fmt}" for fmt in formats]
+    for path in paths:
+        fig.savefig(path, dpi=110)
+    return paths
 
 
-def plot(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write comparison PNGs of the runs into ``out_dir`` (created if needed).
+def check_formats(formats: Sequence[str]) -> list[str]:
+    """Return the figure formats lower-cased, without dots or repeats; raise ValueError if unknown."""
+    chosen = [f.lower().lstrip(".") for f in formats]
+    bad = [f for f in chosen if f not in PLOT_FORMATS]
+    if bad or not chosen:
+        raise ValueError(f"plot format {bad or formats!r} is not one of {', '.join(PLOT_FORMATS)}; "
+                         "give e.g. --format pdf,png")
+    return list(dict.fromkeys(chosen))
 
-    Returns
-    -------
-    list of Path
-        ``accuracy_vs_round.png``, ``accuracy_vs_time.png``, ``loss_vs_round.png`` and
-        ``bytes_per_layer.png`` (grouped bars: mean bytes sent per round, per layer and run).
-    """
-    runs = load_runs(paths)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+def _accuracy_figures(runs: Sequence[RunSummary], out: Path, formats: Sequence[str]) -> list[Path]:
     written = []
-
-    for name, xkey, xlabel in (
-        (PLOT_NAMES[0], "round", "global round"),
-        (PLOT_NAMES[1], "wall_time", "wall time [s]"),
-    ):
-        fig, ax = _new_figure("Test accuracy", xlabel, "test accuracy [%]")
+    for stem, xkey, xlabel in ((PLOT_STEMS[0], "round", "global round"),
+                               (PLOT_STEMS[1], "wall_time", "wall time [s]")):
+        fig, ax = _new_figure(f"Test accuracy vs {xlabel.split(' [')[0]}", xlabel, "test accuracy [%]")
         drew = False
         for i, run in enumerate(runs):
             x = run.metrics[xkey].astype(np.float64)
-            drew |= _line(ax, x, 100.0 * run.metrics["test_accuracy"], color=f"C{i}",
-                          label=run.label)
-        written.append(_finish(fig, ax, drew, out / name))
+            drew |= _line(ax, x, 100.0 * run.metrics["test_accuracy"], color=f"C{i}", label=run.label)
+        written += _finish(fig, ax, drew, out, stem, formats)
+    return written
 
-    fig, ax = _new_figure("Loss (solid: train, dashed: test)", "global round", "loss")
+
+def _loss_figure(runs: Sequence[RunSummary], out: Path, formats: Sequence[str]) -> list[Path]:
+    fig, ax = _new_figure("Training and test loss vs global round (solid: train, dashed: test)",
+                          "global round", "loss")
     drew = False
     for i, run in enumerate(runs):
         x = run.rounds.astype(np.float64)
         drew |= _line(ax, x, run.metrics["train_loss"], color=f"C{i}", label=f"{run.label} train")
         drew |= _line(ax, x, run.metrics["test_loss"], color=f"C{i}", linestyle="--",
                       label=f"{run.label} test")
-    written.append(_finish(fig, ax, drew, out / PLOT_NAMES[2]))
+    return _finish(fig, ax, drew, out, PLOT_STEMS[2], formats)
 
-    fig, ax = _new_figure("Bytes sent per round", "layer", "mean bytes per round")
+
+def _bytes_figure(runs: Sequence[RunSummary], out: Path, formats: Sequence[str]) -> list[Path]:
+    """Mean bytes per round and layer: summed over all devices (left), per device (right)."""
+    fig, (total_ax, device_ax) = _new_figure("Bytes sent per global round, by tree layer", "tree layer",
+                                             "", panels=2)
+    total_ax.set_ylabel("bytes per round, summed over all devices")
+    device_ax.set_ylabel("bytes per round, per device (sum / world size)")
     layers = max(int(r.metrics["bytes_sent"].shape[1]) for r in runs)
     width = 0.8 / max(len(runs), 1)
     drew = False
     for i, run in enumerate(runs):
-        sent = run.metrics["bytes_sent"]
+        sent = run.metrics["bytes_sent"]  # summed over every rank (a SUM reduction per round)
         means = np.array([np.nanmean(sent[:, j]) if np.isfinite(sent[:, j]).any() else 0.0
                           for j in range(sent.shape[1])])
+        devices = max(1, int(run.info.get("world_size", 1)))
         if sent.shape[1]:
             pos = np.arange(1, sent.shape[1] + 1) + (i - (len(runs) - 1) / 2) * width
-            ax.bar(pos, means, width=width, color=f"C{i}", label=run.label)
+            total_ax.bar(pos, means, width=width, color=f"C{i}", label=run.label)
+            device_ax.bar(pos, means / devices, width=width, color=f"C{i}",
+                          label=f"{run.label} ({devices} devices)")
             drew = True
-    ax.set_xticks(np.arange(1, layers + 1))
-    written.append(_finish(fig, ax, drew, out / PLOT_NAMES[3]))
-    return written
+    for ax in (total_ax, device_ax):
+        ax.set_xticks(np.arange(1, layers + 1))
+    return _finish(fig, (total_ax, device_ax), drew, out, PLOT_STEMS[3], formats)
+
+
+def plot(
+    paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
+    formats: Sequence[str] = ("png",),
+) -> list[Path]:
+    """Write comparison figures of the runs into ``out_dir`` (created if needed).
+
+    Parameters
+    ----------
+    paths : sequence of path-like
+        Run files; each series is labelled by its run's name (``run.name``, else the file stem).
+    out_dir : path-like
+        Where the figures go.
+    formats : sequence of {"png", "pdf", "svg"}
+        One file per figure and format.
+
+    Returns
+    -------
+    list of Path
+        For each figure in :data:`PLOT_STEMS` order, one file per format: ``accuracy_vs_round``,
+        ``accuracy_vs_time``, ``loss_vs_round`` and ``bytes_per_layer`` (grouped bars: mean bytes
+        sent per round, per layer and run; summed over all devices and per device).
+
+    Raises
+    ------
+    ValueError
+        If a format is not one of :data:`PLOT_FORMATS`.
+    """
+    chosen = check_formats(formats)
+    runs = load_runs(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [*_accuracy_figures(runs, out, chosen), *_loss_figure(runs, out, chosen),
+            *_bytes_figure(runs, out, chosen)]

@@ -67,6 +67,7 @@ FREE_KEYS = (
     "run.divergence",
     "run.watchdog_seconds",
     "run.callbacks",
+    "run.name",
 )
 """Keys a resume may change without asking: they say how long the run goes, where it is
 reported and what is measured, never what is computed (``run.rounds`` also stretches a cosine

@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -135,10 +135,12 @@ def open_record(
     last_round: int, parts: list[np.ndarray], train_set: TensorDataset,
     update: ConfigUpdate | None = None, allow_change: bool = False,
     replace_unfinished: bool = False, overwrite: bool = False,
+    provenance: Mapping[str, Any] | None = None,
 ) -> RunRecord:
     """Open the run file on rank 0: append to it when resuming, else create it.
 
-    Either way the run is starting: a preemption marker left by the previous leg is removed.
+    Either way the run is starting: a preemption marker left by the previous leg is removed, and
+    ``provenance`` (:func:`hflmpi.record.provenance.provenance`) is appended as a new leg.
     Starting afresh with ``overwrite``, the files of a run at ``path`` are set aside first
     (:func:`hflmpi.record.replace.set_aside`).
     """
@@ -147,7 +149,23 @@ def open_record(
         if overwrite:
             set_aside(path)
         replace = replace_unfinished and path.exists() and _unfinished(path)
-        return _new_record(config, world_size, plan, path, parts, train_set, overwrite=replace)
+        record = _new_record(config, world_size, plan, path, parts, train_set, overwrite=replace)
+    else:
+        record = _reopen(config, world_size, plan, path, parts, train_set, last_round, update,
+                         allow_change)
+    if provenance is not None:
+        try:
+            record.add_provenance(provenance, first_round=last_round + 1)
+        except BaseException:
+            record.close()
+            raise
+    return record
+
+
+def _reopen(
+    config: RunConfig, world_size: int, plan: TreePlan, path: Path, parts: list[np.ndarray],
+    train_set: TensorDataset, last_round: int, update: ConfigUpdate | None, allow_change: bool,
+) -> RunRecord:
     try:
         record = RunRecord.open_append(path)
         note = None

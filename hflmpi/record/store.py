@@ -15,6 +15,10 @@ File layout (``format_version`` 1)::
     /metrics/<per-layer>    float64 [rounds, layers]  (``method`` is int8)
     /partition/sizes              int64 [clients]
     /partition/label_histograms   int64 [clients, classes]
+    /provenance/<leg>       attrs of one start or resume (leg 0, 1, ...; never overwritten):
+                            library and MPI versions, host_names, Slurm ids, argv, cwd, git
+                            commit (:mod:`hflmpi.record.provenance`; lists as JSON), time,
+                            first_round
 
 Column ``j`` of a per-layer dataset is tree layer ``j + 1``: 1 is the first aggregation layer above
 the devices, ``layer_count`` is the root (the notation of QMLHFL, arXiv 2505.08145, Sec. 3).
@@ -401,6 +405,22 @@ class RunRecord:
         self._file.attrs["config_history"] = json.dumps(history)
         self._file.attrs["config_toml"] = config_toml
         self.flush()
+
+    def add_provenance(self, entry: Mapping[str, Any], first_round: int) -> int:
+        """Append one leg's provenance (:func:`hflmpi.record.provenance.provenance`) as a group.
+
+        A resume adds a new leg (the run may continue on another cluster); earlier legs stay.
+        Returns the leg number (0 for the first start).
+        """
+        group = self._file.require_group("provenance")
+        leg = len(group)
+        attrs = group.create_group(str(leg)).attrs
+        attrs["time"] = _now_iso(time.time())
+        attrs["first_round"] = int(first_round)
+        for key, value in entry.items():
+            attrs[key] = _attr_value(key, value)
+        self.flush()
+        return leg
 
     def write_partition(self, sizes: Sequence[int] | np.ndarray, histograms: np.ndarray) -> None:
         """Store per-client sample counts [clients] and label histograms [clients, classes].
