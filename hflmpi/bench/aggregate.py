@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -83,8 +83,12 @@ def bench_aggregate(
     gloo: bool = True,
     bits: Sequence[int] = (),
     bucket_size: int = 0,
+    link_iface: str = "",
 ) -> list[dict[str, float]]:
     """Time hierarchical aggregation against raw Allreduce (and gloo) for each model size.
+
+    With ``link_iface`` (on emulated nodes, :mod:`hflmpi.bench.emulate`) each row also holds the
+    bytes one run of each candidate sent across the nodes' links (``{name}_link``).
 
     Returns
     -------
@@ -94,9 +98,14 @@ def bench_aggregate(
     rows = []
     if gloo:
         _gloo_group(comm)
+    meter = None
+    if link_iface:
+        from hflmpi.bench.emulate import LinkMeter
+
+        meter = LinkMeter(comm, link_iface)
     with LayerComms(comm, plan) as comms:
         for numel in sizes:
-            rows.append(_bench_size(comm, comms, plan, numel, repeats, gloo, bits, bucket_size))
+            rows.append(_bench_size(comm, comms, plan, numel, repeats, gloo, bits, bucket_size, meter))
     return rows
 
 
@@ -109,6 +118,7 @@ def _bench_size(
     gloo: bool,
     bits: Sequence[int],
     bucket_size: int,
+    meter: Any = None,
 ) -> dict[str, float]:
     """Time every candidate on one model size (buffers are freed when this returns)."""
     raw = np.ones(numel, dtype=np.float32)
@@ -132,6 +142,8 @@ def _bench_size(
         quantized[width] = agg
         candidates[f"q{width}"] = _quantized_run(agg, plan.depth)
     row = {"numel": float(numel), **time_interleaved(comm, candidates, repeats)}
+    if meter is not None:
+        row.update(meter.per_candidate(candidates))
     for width, agg in quantized.items():
         stats = agg.aggregate(plan.depth, 1.0, step=10**6)
         row[f"q{width}_bytes"] = allreduce_int(comm, sum(stats.bytes_sent), MPI.SUM)

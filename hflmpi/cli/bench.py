@@ -69,6 +69,13 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     agg.add_argument("--no-gloo", action="store_true", help="skip the torch.distributed baseline")
     agg.add_argument("--bits", default="", help="also time quantized aggregation at these widths, e.g. 8,4,2")
     agg.add_argument("--bucket-size", type=int, default=0, help="0 = auto per width")
+    agg.add_argument("--emulate-nodes", type=int, default=0, metavar="N",
+                     help="run on N fake nodes joined by shaped links (as root, not under mpiexec)")
+    agg.add_argument("--ranks-per-node", type=int, default=2, help="with --emulate-nodes")
+    agg.add_argument("--link", default="1gbit", metavar="RATE[,LATENCY]",
+                     help="with --emulate-nodes: link rate (tc units) and one-way latency, e.g. 10gbit")
+    agg.add_argument("--link-iface", default="", help="count bytes crossing this interface per "
+                     "candidate (set by --emulate-nodes)")
     sub.add_parser("scaling", add_help=False,
                    help="strong/weak scaling rows to HDF5; 'scaling plot' adds cost-model predictions")
     sub.add_parser("flower", add_help=False, help="FedAvg round time: hflmpi vs Flower's simulation")
@@ -78,6 +85,10 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     if raw and raw[0] == "flower":
         return _flower(raw[1:], comm)
     args = parser.parse_args(argv)
+    if args.emulate_nodes:
+        from hflmpi.bench.emulate import run_emulated
+
+        return run_emulated(raw, args.emulate_nodes, args.ranks_per_node, args.link)
     comm = MPI.COMM_WORLD if comm is None else comm
     torch.set_num_threads(1)
     try:  # the same options on every rank: each raises the same error
@@ -88,9 +99,13 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     except (HflmpiError, ValueError) as exc:
         return report_user_error("bench aggregate", exc, show=comm.Get_rank() == 0)
     rows = bench_aggregate(comm, sizes, plan, args.repeats, gloo=not args.no_gloo, bits=bits,
-                           bucket_size=args.bucket_size)
+                           bucket_size=args.bucket_size, link_iface=args.link_iface)
     if comm.Get_rank() == 0:
         print(_format_rows(rows, comm.Get_size(), fanouts), flush=True)
+        if args.link_iface:
+            from hflmpi.bench.emulate import format_link_rows
+
+            print(format_link_rows(rows), flush=True)
     return 0
 
 

@@ -1,0 +1,133 @@
+"""``hflmpi bench aggregate --emulate-nodes N``: the aggregation benchmark across emulated nodes.
+
+The command re-launches itself inside an :class:`hflmpi.bench.netem.EmulatedCluster` (one MPMD
+``mpiexec``, ``N`` fake nodes of ``--ranks-per-node`` ranks, links shaped to ``--link``) with
+``--link-iface hfl0``, a tree of one group per node (unless ``--fanouts`` is given) and without the
+gloo baseline (it rendezvouses on 127.0.0.1, which the other nodes cannot reach).
+
+Bytes per candidate come from one launch, not one launch per candidate: after the interleaved
+timing, every candidate runs once more between two barriers while the first rank of each node
+reads its own link's ``tc`` counter before and after; the sum over nodes, less what the two
+barriers alone send (measured the same way), is the candidate's row. One launch keeps the time
+ratios interleaved (this machine's speed drifts) and the counting free of start-up traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Callable, Sequence
+
+from mpi4py import MPI
+
+from hflmpi.bench.netem import IFACE, EmulatedCluster, NetemError, available, parse_link, read_counters
+from hflmpi.errors import report_user_error
+from hflmpi.mpi.comm import node_names
+from hflmpi.mpi.messages import allreduce_int
+
+__all__ = ["LinkMeter", "run_emulated", "format_link_rows"]
+
+
+class LinkMeter:
+    """Count the bytes that cross the emulated links while a callable runs (collective).
+
+    Parameters
+    ----------
+    comm : MPI.Comm
+        All ranks of the emulated cluster.
+    iface : str
+        The link interface inside each node's namespace (:data:`hflmpi.bench.netem.IFACE`).
+    """
+
+    def __init__(self, comm: MPI.Comm, iface: str) -> None:
+        names = node_names(comm)
+        rank = comm.Get_rank()
+        self.comm, self.iface = comm, iface
+        self.reads = names.index(names[rank]) == rank  # one reader per node: its first rank
+
+    def _read(self) -> tuple[int, int]:
+        return read_counters(self.iface) if self.reads else (0, 0)
+
+    def measure(self, run: Callable[[], object]) -> tuple[int, int]:
+        """Run ``run`` once on every rank; return the bytes all links carried (tc, ip counters)."""
+        self.comm.Barrier()
+        before = self._read()
+        run()
+        self.comm.Barrier()  # every rank has its result: every byte of the run has crossed
+        after = self._read()
+        return (allreduce_int(self.comm, after[0] - before[0], MPI.SUM),
+                allreduce_int(self.comm, after[1] - before[1], MPI.SUM))
+
+    def per_candidate(self, candidates: dict[str, Callable[[], object]]) -> dict[str, float]:
+        """Return ``{name}_link`` (tc) and ``{name}_link_ip`` bytes of one run of each candidate."""
+        idle = self.measure(lambda: None)
+        row: dict[str, float] = {}
+        for name, run in candidates.items():
+            tc, ip = self.measure(run)
+            row[f"{name}_link"] = float(max(0, tc - idle[0]))
+            row[f"{name}_link_ip"] = float(max(0, ip - idle[1]))
+        return row
+
+
+def format_link_rows(rows: list[dict[str, float]]) -> str:
+    """Return the table of bytes that crossed the links, per size and candidate."""
+    lines = ["# bytes that crossed the emulated links in one run of each candidate (sum over nodes, "
+             "tc qdisc counters; ip link counters as a check), and time and bytes / float32 Allreduce",
+             f"{'params':>10} {'candidate':>14} {'ms':>9} {'time/raw':>9} {'link MB':>9} "
+             f"{'ip MB':>9} {'bytes/raw':>10}"]
+    for row in rows:
+        raw_time, raw_bytes = row["mpi_allreduce"], row["mpi_allreduce_link"]
+        for name in [k[:-5] for k in row if k.endswith("_link")]:
+            lines.append(
+                f"{int(row['numel']):>10} {name:>14} {row[name] * 1e3:>9.2f} "
+                f"{row[name] / raw_time:>9.3f} {row[f'{name}_link'] / 1e6:>9.2f} "
+                f"{row[f'{name}_link_ip'] / 1e6:>9.2f} "
+                f"{row[f'{name}_link'] / raw_bytes if raw_bytes else float('nan'):>10.3f}")
+    return "\n".join(lines)
+
+
+def _inner_args(raw: Sequence[str], nodes: int, ranks_per_node: int) -> list[str]:
+    """Return the ``hflmpi bench aggregate`` arguments each emulated rank runs."""
+    strip = argparse.ArgumentParser(add_help=False)
+    for option in ("--emulate-nodes", "--ranks-per-node", "--link"):
+        strip.add_argument(option)
+    _, rest = strip.parse_known_args(list(raw))
+    rest += ["--link-iface", IFACE]
+    if "--no-gloo" not in rest:
+        rest.append("--no-gloo")
+    if not any(a == "--fanouts" or a.startswith("--fanouts=") for a in rest):
+        rest += ["--fanouts", f"{ranks_per_node},{nodes}"]
+    return rest
+
+
+def run_emulated(raw: Sequence[str], nodes: int, ranks_per_node: int, link: str) -> int:
+    """Run ``hflmpi bench RAW`` on an emulated cluster; return the launch's exit status.
+
+    ``raw`` is the command line after ``bench`` (``aggregate ...``). Not under mpiexec: this
+    process makes the cluster and launches the ranks itself.
+    """
+    if MPI.COMM_WORLD.Get_size() > 1:
+        return report_user_error("bench", NetemError(
+            "--emulate-nodes launches its own mpiexec; run it as a single process, as root"),
+            show=MPI.COMM_WORLD.Get_rank() == 0)
+    try:
+        rate, latency = parse_link(link)
+        ok, why = available()
+        if not ok:
+            raise NetemError(f"cannot emulate nodes here: {why}")
+        cluster = EmulatedCluster(nodes, ranks_per_node, rate, latency)
+    except NetemError as exc:
+        return report_user_error("bench", exc)
+    argv = [sys.executable, "-m", "mpi4py", "-m", "hflmpi", "bench",
+            *_inner_args(raw, nodes, ranks_per_node)]
+    with cluster:
+        print(f"# {cluster.describe()}", flush=True)
+        env = cluster.env({**os.environ, "OMP_NUM_THREADS": "1"})
+        code = subprocess.run(cluster.command(argv), env=env).returncode
+        totals = cluster.link_bytes()
+    print("# whole launch (start-up included), per node: sent (tc / ip) and received bytes: " + ", ".join(
+        f"{host} {b.sent / 1e6:.1f} / {b.sent_ip / 1e6:.1f} MB sent, {b.received / 1e6:.1f} MB received"
+        for host, b in totals.items()), flush=True)
+    return code
