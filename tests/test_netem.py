@@ -59,6 +59,31 @@ def test_bad_link_specs_name_the_expected_form(text):
         parse_link(text)
 
 
+def test_unavailable_says_why(monkeypatch, tmp_path):
+    from hflmpi.bench import netem
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert available() == (False, "needs root (network namespaces and tc shaping)")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netem.shutil, "which", lambda tool: None if tool == "tc" else "/bin/" + tool)
+    assert available() == (False, "missing tools: tc (iproute2, util-linux)")
+    monkeypatch.setattr(netem.shutil, "which", lambda tool: "/bin/" + tool)
+    fake = tmp_path / "mpiexec"
+    fake.write_text("#!/bin/sh\necho 'mpiexec (OpenRTE) 4.1.5'\n")
+    fake.chmod(0o755)
+    ok, why = available(fake)
+    assert not ok and "open-mpi, not MPICH's hydra" in why and "not supported" in why
+
+
+def test_a_bad_link_is_one_error_line_and_exit_2():
+    done = subprocess.run([sys.executable, "-m", "hflmpi", "bench", "aggregate", "--emulate-nodes", "2",
+                           "--link", "fast"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "hflmpi bench aggregate: error: --link 'fast': the rate must be a positive number with one of bit, kbit, "
+        "mbit, gbit, tbit (e.g. 1gbit or 10gbit,100us)"]
+
+
 @pytest.mark.slow
 def test_two_nodes_give_one_group_each_and_their_traffic_crosses_the_link(tmp_path, no_leftovers):
     from hflmpi.record.reading import read_metrics, read_run_info

@@ -109,7 +109,7 @@ def run_emulated(raw: Sequence[str], nodes: int, ranks_per_node: int, link: str)
     process makes the cluster and launches the ranks itself.
     """
     if MPI.COMM_WORLD.Get_size() > 1:
-        return report_user_error("bench", NetemError(
+        return report_user_error("bench aggregate", NetemError(
             "--emulate-nodes launches its own mpiexec; run it as a single process, as root"),
             show=MPI.COMM_WORLD.Get_rank() == 0)
     try:
@@ -119,7 +119,7 @@ def run_emulated(raw: Sequence[str], nodes: int, ranks_per_node: int, link: str)
             raise NetemError(f"cannot emulate nodes here: {why}")
         cluster = EmulatedCluster(nodes, ranks_per_node, rate, latency)
     except NetemError as exc:
-        return report_user_error("bench", exc)
+        return report_user_error("bench aggregate", exc)
     argv = [sys.executable, "-m", "mpi4py", "-m", "hflmpi", "bench",
             *_inner_args(raw, nodes, ranks_per_node)]
     with cluster:

@@ -149,7 +149,13 @@ def leftover_namespaces(owner: int | None = None) -> list[str]:
         return []
     listed = _run(["ip", "netns", "list"], check=False).stdout.splitlines()
     names = [line.split()[0] for line in listed if line.strip()]
-    return [n for n in names if (m := _NAME.match(n)) and (owner is None or int(m[1]) == owner)]
+    return [n for n in names if _owner(n) is not None and owner in (None, _owner(n))]
+
+
+def _owner(namespace: str) -> int | None:
+    """Return the pid in an emulated cluster's namespace name, or None for other namespaces."""
+    match = _NAME.match(namespace)
+    return int(match[1]) if match else None
 
 
 def _remove(namespace: str) -> None:
@@ -170,7 +176,7 @@ def _remove(namespace: str) -> None:
 
 def remove_stale() -> list[str]:
     """Delete the namespaces of emulated clusters whose owning process no longer exists."""
-    stale = [n for n in leftover_namespaces() if not _pid_alive(int(_NAME.match(n)[1]))]  # type: ignore[index]
+    stale = [n for n in leftover_namespaces() if not _pid_alive(_owner(n) or 0)]
     for name in stale:
         _remove(name)
     return stale
