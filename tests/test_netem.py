@@ -176,3 +176,15 @@ def test_a_failure_inside_the_block_leaves_nothing(no_leftovers):
         with EmulatedCluster(3, 1, rate=10**8) as cluster:
             assert len(cluster.link_bytes()) == 3
             raise RuntimeError("boom")
+
+
+def test_a_latency_is_a_netem_delay_or_a_clear_refusal(no_leftovers):
+    from hflmpi.bench.netem import IFACE
+
+    try:
+        with EmulatedCluster(2, 1, rate=10**9, latency=200e-6) as cluster:
+            shown = subprocess.run(["tc", "-n", cluster.namespaces[0], "qdisc", "show", "dev", IFACE],
+                                   capture_output=True, text=True, check=True).stdout
+            assert "tbf" in shown and re.search(r"netem .*delay 100us", shown), shown
+    except NetemError as exc:
+        assert "sch_netem" in str(exc) and "--link 1gbit" in str(exc)

@@ -112,21 +112,20 @@ def run_emulated(raw: Sequence[str], nodes: int, ranks_per_node: int, link: str)
         return report_user_error("bench aggregate", NetemError(
             "--emulate-nodes launches its own mpiexec; run it as a single process, as root"),
             show=MPI.COMM_WORLD.Get_rank() == 0)
+    argv = [sys.executable, "-m", "mpi4py", "-m", "hflmpi", "bench",
+            *_inner_args(raw, nodes, ranks_per_node)]
     try:
         rate, latency = parse_link(link)
         ok, why = available()
         if not ok:
             raise NetemError(f"cannot emulate nodes here: {why}")
-        cluster = EmulatedCluster(nodes, ranks_per_node, rate, latency)
-    except NetemError as exc:
+        with EmulatedCluster(nodes, ranks_per_node, rate, latency) as cluster:
+            print(f"# {cluster.describe()}", flush=True)
+            env = cluster.env({**os.environ, "OMP_NUM_THREADS": "1"})
+            code = subprocess.run(cluster.command(argv), env=env).returncode
+            totals = cluster.link_bytes()
+    except NetemError as exc:  # a refused set-up (e.g. no sch_netem for a latency): gone already
         return report_user_error("bench aggregate", exc)
-    argv = [sys.executable, "-m", "mpi4py", "-m", "hflmpi", "bench",
-            *_inner_args(raw, nodes, ranks_per_node)]
-    with cluster:
-        print(f"# {cluster.describe()}", flush=True)
-        env = cluster.env({**os.environ, "OMP_NUM_THREADS": "1"})
-        code = subprocess.run(cluster.command(argv), env=env).returncode
-        totals = cluster.link_bytes()
     print("# whole launch (start-up included), per node: sent (tc / ip) and received bytes: " + ", ".join(
         f"{host} {b.sent / 1e6:.1f} / {b.sent_ip / 1e6:.1f} MB sent, {b.received / 1e6:.1f} MB received"
         for host, b in totals.items()), flush=True)
