@@ -47,45 +47,61 @@ class LinkMeter:
         self.comm, self.iface = comm, iface
         self.reads = names.index(names[rank]) == rank  # one reader per node: its first rank
 
-    def _read(self) -> tuple[int, int]:
-        return read_counters(self.iface) if self.reads else (0, 0)
+    def _read(self) -> tuple[int, int, int]:
+        return read_counters(self.iface) if self.reads else (0, 0, 0)
 
-    def measure(self, run: Callable[[], object]) -> tuple[int, int]:
-        """Run ``run`` once on every rank; return the bytes all links carried (tc, ip counters)."""
+    def measure(self, run: Callable[[], object]) -> tuple[int, int, int]:
+        """Run ``run`` once on every rank and return what the links carried meanwhile.
+
+        Returns
+        -------
+        (int, int, int)
+            Bytes the nodes sent, summed, by ``tc`` and by ``ip`` counters, and the most bytes
+            one direction of one link carried (``ip``: a node's sent or received bytes).
+        """
         self.comm.Barrier()
         before = self._read()
         run()
         self.comm.Barrier()  # every rank has its result: every byte of the run has crossed
-        after = self._read()
-        return (allreduce_int(self.comm, after[0] - before[0], MPI.SUM),
-                allreduce_int(self.comm, after[1] - before[1], MPI.SUM))
+        tc, sent, received = (b - a for a, b in zip(before, self._read()))
+        return (allreduce_int(self.comm, tc, MPI.SUM), allreduce_int(self.comm, sent, MPI.SUM),
+                allreduce_int(self.comm, max(sent, received), MPI.MAX))
 
     def per_candidate(self, candidates: dict[str, Callable[[], object]]) -> dict[str, float]:
-        """Return ``{name}_link`` (tc) and ``{name}_link_ip`` bytes of one run of each candidate."""
+        """Return ``{name}_link`` (tc), ``{name}_link_ip`` and ``{name}_link_busiest`` bytes.
+
+        One run of each candidate, less what the bracketing barriers alone send.
+        """
         idle = self.measure(lambda: None)
         row: dict[str, float] = {}
         for name, run in candidates.items():
-            tc, ip = self.measure(run)
-            row[f"{name}_link"] = float(max(0, tc - idle[0]))
-            row[f"{name}_link_ip"] = float(max(0, ip - idle[1]))
+            counts = self.measure(run)
+            for suffix, count, base in zip(("_link", "_link_ip", "_link_busiest"), counts, idle):
+                row[name + suffix] = float(max(0, count - base))
         return row
 
 
 def format_link_rows(rows: list[dict[str, float]]) -> str:
     """Return the table of bytes that crossed the links, per size and candidate."""
     lines = ["# bytes that crossed the emulated links in one run of each candidate (sum over nodes, "
-             "tc qdisc counters; ip link counters as a check), and time and bytes / float32 Allreduce",
+             "tc qdisc counters; ip link counters as a check), the most one link carried one way "
+             "(ip), and time and bytes / float32 Allreduce",
              f"{'params':>10} {'candidate':>14} {'ms':>9} {'time/raw':>9} {'link MB':>9} "
-             f"{'ip MB':>9} {'bytes/raw':>10}"]
+             f"{'ip MB':>9} {'bytes/raw':>10} {'busiest MB':>11} {'busiest/raw':>12}"]
     for row in rows:
-        raw_time, raw_bytes = row["mpi_allreduce"], row["mpi_allreduce_link"]
+        raw = row["mpi_allreduce"], row["mpi_allreduce_link"], row["mpi_allreduce_link_busiest"]
         for name in [k[:-5] for k in row if k.endswith("_link")]:
+            busiest = row[f"{name}_link_busiest"]
             lines.append(
                 f"{int(row['numel']):>10} {name:>14} {row[name] * 1e3:>9.2f} "
-                f"{row[name] / raw_time:>9.3f} {row[f'{name}_link'] / 1e6:>9.2f} "
-                f"{row[f'{name}_link_ip'] / 1e6:>9.2f} "
-                f"{row[f'{name}_link'] / raw_bytes if raw_bytes else float('nan'):>10.3f}")
+                f"{row[name] / raw[0]:>9.3f} {row[f'{name}_link'] / 1e6:>9.2f} "
+                f"{row[f'{name}_link_ip'] / 1e6:>9.2f} {_ratio(row[f'{name}_link'], raw[1]):>10.3f} "
+                f"{busiest / 1e6:>11.2f} {_ratio(busiest, raw[2]):>12.3f}")
     return "\n".join(lines)
+
+
+def _ratio(value: float, base: float) -> float:
+    return value / base if base else float("nan")
 
 
 def _inner_args(raw: Sequence[str], nodes: int, ranks_per_node: int) -> list[str]:

@@ -117,12 +117,12 @@ def _run(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess
     return done
 
 
-def read_counters(iface: str = IFACE, namespace: str | None = None) -> tuple[int, int]:
-    """Return ``(tc bytes, interface tx bytes)`` sent through ``iface`` (in ``namespace``).
+def read_counters(iface: str = IFACE, namespace: str | None = None) -> tuple[int, int, int]:
+    """Return ``(tc sent, ip sent, ip received)`` bytes of ``iface`` (in ``namespace``).
 
     The first is the ``Sent`` count of the interface's root qdisc (``tc -s qdisc show``), the
-    second its transmit counter (``ip -s link``). Without ``namespace`` it reads the namespace the
-    caller runs in (a rank inside a fake node reads its own node's link).
+    others its transmit and receive counters (``ip -s link``). Without ``namespace`` it reads the
+    namespace the caller runs in (a rank inside a fake node reads its own node's link).
     """
     where = ["-n", namespace] if namespace else []
     qdiscs = json.loads(_run(["tc", *where, "-s", "-j", "qdisc", "show", "dev", iface]).stdout)
@@ -130,7 +130,8 @@ def read_counters(iface: str = IFACE, namespace: str | None = None) -> tuple[int
     if not roots:
         raise NetemError(f"{iface} has no root qdisc (is this inside an emulated node?)")
     link = json.loads(_run(["ip", *where, "-s", "-j", "link", "show", "dev", iface]).stdout)
-    return int(roots[0]["bytes"]), int(link[0]["stats64"]["tx"]["bytes"])
+    stats = link[0]["stats64"]
+    return int(roots[0]["bytes"]), int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -361,8 +362,8 @@ class EmulatedCluster:
         """Return, per host name, the bytes its link carried since the cluster was made."""
         out = {}
         for i, (ns, host) in enumerate(zip(self.namespaces, self.hostnames)):
-            sent, sent_ip = read_counters(IFACE, ns)
-            received, _ = read_counters(f"p{i}", self.switch)
+            sent, sent_ip, _ = read_counters(IFACE, ns)
+            received = read_counters(f"p{i}", self.switch)[0]
             out[host] = LinkBytes(sent=sent, sent_ip=sent_ip, received=received)
         return out
 
