@@ -19,7 +19,7 @@ import gc
 import socket
 import statistics
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -94,11 +94,14 @@ def bench_aggregate(
     bits: Sequence[int] = (),
     bucket_size: int = 0,
     emit: Emit | None = None,
+    link_iface: str = "",
 ) -> list[dict[str, float]]:
     """Time hierarchical aggregation against raw Allreduce (and gloo) for each model size.
 
     ``emit(row, width)`` (if given) is called on every rank after each phase: the float
-    candidates of a size (``width`` None), then each quantized width in turn.
+    candidates of a size (``width`` None), then each quantized width in turn. With
+    ``link_iface`` (on emulated nodes, :mod:`hflmpi.bench.emulate`) each row also holds the
+    bytes one run of each candidate sent across the nodes' links (``{name}_link``).
 
     Returns
     -------
@@ -110,22 +113,29 @@ def bench_aggregate(
     rows = []
     if gloo:
         _gloo_group(comm)
+    meter = None
+    if link_iface:
+        from hflmpi.bench.emulate import LinkMeter
+
+        meter = LinkMeter(comm, link_iface)
     with LayerComms(comm, plan) as comms:
         for numel in sizes:
             rows.append(_bench_size(comm, comms, plan, numel, repeats, gloo, bits, bucket_size,
-                                    emit or (lambda row, width: None)))
+                                    emit or (lambda row, width: None), meter))
     return rows
 
 
 def _bench_size(
     comm: MPI.Comm, comms: LayerComms, plan: TreePlan, numel: int, repeats: int, gloo: bool,
-    bits: Sequence[int], bucket_size: int, emit: Emit,
+    bits: Sequence[int], bucket_size: int, emit: Emit, meter: Any = None,
 ) -> dict[str, float]:
     """Time every candidate on one model size, one phase at a time (buffers freed in between)."""
     raw = np.ones(numel, dtype=np.float32)
     allreduce = lambda: comm.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM)  # noqa: E731
     floats = _float_candidates(comms, plan, numel, gloo, allreduce)
     row = {"numel": float(numel), **time_interleaved(comm, floats, repeats)}
+    if meter is not None:
+        row.update(meter.per_candidate(floats))
     del floats  # the float candidates' buffers go before the first quantized width's come
     # what a flat float32 reduction's uplinks carry: every rank but the root sends the model
     row["float_bytes"] = float((comm.Get_size() - 1) * numel * 4)
@@ -138,6 +148,8 @@ def _bench_size(
         times = time_interleaved(comm, {"mpi_allreduce": allreduce, "q": _quantized_run(agg, plan.depth)},
                                  repeats)
         row[f"q{width}"], row[f"q{width}_raw"] = times["q"], times["mpi_allreduce"]
+        if meter is not None:
+            row.update(meter.per_candidate({f"q{width}": _quantized_run(agg, plan.depth)}))
         stats = agg.aggregate(plan.depth, 1.0, step=10**6)
         row[f"q{width}_bytes"] = allreduce_int(comm, sum(stats.bytes_sent), MPI.SUM)
         row[f"q{width}_method"] = float(stats.methods[0])

@@ -104,6 +104,13 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     agg.add_argument("--no-gloo", action="store_true", help="skip the torch.distributed baseline")
     agg.add_argument("--bits", default="", help="also time quantized aggregation at these widths, e.g. 8,4,2")
     agg.add_argument("--bucket-size", type=int, default=0, help="0 = auto per width")
+    agg.add_argument("--emulate-nodes", type=int, default=0, metavar="N",
+                     help="run on N fake nodes joined by shaped links (as root, not under mpiexec)")
+    agg.add_argument("--ranks-per-node", type=int, default=2, help="with --emulate-nodes")
+    agg.add_argument("--link", default="1gbit", metavar="RATE[,LATENCY]",
+                     help="with --emulate-nodes: link rate (tc units) and one-way latency, e.g. 10gbit")
+    agg.add_argument("--link-iface", default="", help="count bytes crossing this interface per "
+                     "candidate (set by --emulate-nodes)")
     sub.add_parser("scaling", add_help=False,
                    help="strong/weak scaling rows to HDF5; 'scaling plot' adds cost-model predictions")
     sub.add_parser("flower", add_help=False, help="FedAvg round time: hflmpi vs Flower's simulation")
@@ -113,6 +120,10 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     if raw and raw[0] == "flower":
         return _flower(raw[1:], comm)
     args = parser.parse_args(argv)
+    if args.emulate_nodes:
+        from hflmpi.bench.emulate import run_emulated
+
+        return run_emulated(raw, args.emulate_nodes, args.ranks_per_node, args.link)
     comm = MPI.COMM_WORLD if comm is None else comm
     torch.set_num_threads(1)
     try:  # the same options (and the agreed memory budget) on every rank: each raises alike
@@ -126,9 +137,13 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     if rank0:
         header = _header(comm.Get_size(), fanouts, bits)
         print("\n".join([header[0], note, *header[1:]]), flush=True)
-    bench_aggregate(comm, sizes, plan, args.repeats, gloo=not args.no_gloo, bits=bits,
-                    bucket_size=args.bucket_size,
-                    emit=lambda row, width: print(_format_row(row, width), flush=True) if rank0 else None)
+    rows = bench_aggregate(comm, sizes, plan, args.repeats, gloo=not args.no_gloo, bits=bits,
+                           bucket_size=args.bucket_size, link_iface=args.link_iface,
+                           emit=lambda row, width: rank0 and print(_format_row(row, width), flush=True))
+    if rank0 and args.link_iface:
+        from hflmpi.bench.emulate import format_link_rows
+
+        print(format_link_rows(rows), flush=True)
     return 0
 
 

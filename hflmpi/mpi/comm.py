@@ -106,8 +106,10 @@ def node_names(comm: MPI.Comm) -> list[str]:
 
     Collective. Ranks that share memory (``MPI.COMM_TYPE_SHARED``) get the same name: the host
     name of the node's lowest rank, suffixed with that rank so two shared-memory domains on one
-    host stay apart. ``HFLMPI_NODE_NAME`` overrides the detected name (for testing "nodes"
-    trees on a single machine). Names travel as UTF-8 of at most 1024 bytes.
+    host stay apart. Under MPICH's ``MPIR_CVAR_NOLOCAL`` (every rank its own shared-memory
+    domain, as in :mod:`hflmpi.bench.netem`'s emulated nodes) the processor name alone names the
+    node. ``HFLMPI_NODE_NAME`` overrides the detected name (for testing "nodes" trees on a single
+    machine). Names travel as UTF-8 of at most 1024 bytes.
 
     Raises
     ------
@@ -120,7 +122,8 @@ def node_names(comm: MPI.Comm) -> list[str]:
                                low=0, high=comm.Get_size() - 1, what="naming the node's first rank")
     finally:
         local.Free()
-    name = os.environ.get("HFLMPI_NODE_NAME") or f"{MPI.Get_processor_name()}#{first_rank}"
+    domain = "" if _no_local() else f"#{first_rank}"
+    name = os.environ.get("HFLMPI_NODE_NAME") or f"{MPI.Get_processor_name()}{domain}"
     names = allgather_text(comm, name, max_bytes=_NODE_NAME_BYTES, strict=True,
                            what="sharing the node names (HFLMPI_NODE_NAME or the processor name)")
     return [str(n) for n in names]  # strict: every entry is a validated text
@@ -140,6 +143,12 @@ def mpi_provenance(comm: MPI.Comm) -> dict[str, object]:
                            what="sharing the host names for the run record")
     return {"mpi_library": library[0].strip() if library else "", "mpi_standard": f"{major}.{minor}",
             "host_names": [h or "" for h in hosts], "world_size": comm.Get_size()}
+
+
+def _no_local() -> bool:
+    """Tell whether MPICH was told to treat every rank as remote (no shared-memory domains)."""
+    names = ("MPIR_CVAR_NOLOCAL", "MPIR_PARAM_NOLOCAL", "MPICH_NOLOCAL")  # MPICH's spellings
+    return any(os.environ.get(n, "").strip().lower() in ("1", "true", "yes", "on") for n in names)
 
 
 def plan_from_nodes(comm: MPI.Comm, node_fanouts: Sequence[int] = ()) -> TreePlan:
