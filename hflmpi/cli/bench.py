@@ -139,7 +139,8 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
         print("\n".join([header[0], note, *header[1:]]), flush=True)
     rows = bench_aggregate(comm, sizes, plan, args.repeats, gloo=not args.no_gloo, bits=bits,
                            bucket_size=args.bucket_size, link_iface=args.link_iface,
-                           emit=lambda row, width: rank0 and print(_format_row(row, width), flush=True))
+                           emit=lambda row, width: print(_format_row(row, width), flush=True)
+                           if rank0 else None)
     if rank0 and args.link_iface:
         from hflmpi.bench.emulate import format_link_rows
 
