@@ -148,6 +148,8 @@ def _run(args: argparse.Namespace, comm: Any) -> int:
             print(f"hflmpi: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except Exception as exc:  # a bug (ours or a user model's), maybe on this rank alone
+        if comm.Get_size() == 1:
+            raise  # no other rank waits: the plain traceback, and in-process callers get the error
         from hflmpi.mpi.crash import end_job
 
         end_job(comm, exc, os.environ)  # one full traceback (rank 0's), then MPI_Abort

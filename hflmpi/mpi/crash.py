@@ -11,6 +11,9 @@ reaches ``hflmpi run``:
   a failure on one rank therefore always ends the whole job, never hangs it;
 * with ``HFLMPI_TRACEBACK=all`` in the environment every rank prints its full traceback at once.
 
+A world of one rank needs none of this: ``hflmpi run`` lets the exception propagate (Python's
+own traceback, exit 1, and in-process callers such as tests get the exception).
+
 Errors users cause (config, topology, setup) are reported collectively elsewhere, once, with exit
 code 2. Any other :class:`hflmpi.errors.HflmpiError` that reaches here (say a checkpoint that
 cannot be written, or a non-finite update the ranks agreed on) already explains itself: rank 0
