@@ -19,6 +19,7 @@ from hflmpi.core.secure import (
     dtype_bits,
     mask_correction,
     mask_levels,
+    max_modulus_bits,
     pair_mask,
     required_modulus_bits,
     unmask_sum,
@@ -28,17 +29,22 @@ SEEDS = SharedSecretSeeds(bytes(range(32)))
 DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64]
 
 
-def _wrapping_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """What an MPI integer SUM does: add in the container, wrapping around."""
-    total = tensors[0].clone()
-    for t in tensors[1:]:
-        total += t
-    return total
+def _exact_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The exact integer sum (Python integers), checked to fit the container, in its dtype.
+
+    An MPI SUM of in-range values gives exactly this; nothing may depend on overflow, which
+    MPI libraries treat differently (Open MPI 5 saturates 8- and 16-bit sums).
+    """
+    dtype = tensors[0].dtype
+    total = [sum(int(t.reshape(-1)[e]) for t in tensors) for e in range(tensors[0].numel())]
+    info = torch.iinfo(dtype)
+    assert all(info.min <= v <= info.max for v in total), "the sum overflowed the container"
+    return torch.tensor(total, dtype=torch.int64).to(dtype).reshape(tensors[0].shape)
 
 
 def _levels(k: int, n: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
-    """Random levels whose true sum fits the container, including both extremes."""
-    s = torch.iinfo(dtype).max // k
+    """Random levels whose true sum fits the modulus, including both extremes."""
+    s = (2 ** (max_modulus_bits(dtype, k) - 1) - 1) // k
     g = torch.Generator().manual_seed(seed)
     out = [
         torch.randint(-s, s + 1, (n,), generator=g, dtype=torch.int64).to(dtype) for _ in range(k)
@@ -70,19 +76,38 @@ def _chi_square_pvalue(counts: np.ndarray) -> float:
 @pytest.mark.parametrize("k", [2, 3, 5])
 def test_masked_sum_equals_plain_sum(dtype, k):
     levels = _levels(k, 1000, dtype, seed=k)
+    w = max_modulus_bits(dtype, k)
     masked = [mask_levels(lv, i, k, SEEDS, step=7, layer=1, group=2) for i, lv in enumerate(levels)]
     plain = sum(lv.to(torch.int64) for lv in levels)
     assert all(m.dtype == dtype for m in masked)
+    assert all(int(m.min()) >= 0 and int(m.max()) < 2**w for m in masked)  # residues
     assert not any(torch.equal(m, lv) for m, lv in zip(masked, levels))
-    total = unmask_sum(_wrapping_sum(masked))
+    total = unmask_sum(_exact_sum(masked), w)
     assert total.dtype == dtype
     assert torch.equal(total.to(torch.int64), plain)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_masked_sum_is_the_wrapped_sum_even_beyond_the_container(dtype):
-    """Masking commutes with the container's modular sum, overflow or not."""
-    k, w = 4, dtype_bits(dtype)
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 64])
+def test_residues_of_a_group_never_overflow_the_container(dtype, k):
+    """The default modulus is the largest whose ``k`` residues sum exactly in the container."""
+    w = max_modulus_bits(dtype, k)
+    largest = torch.iinfo(dtype).max
+    assert w == min(62, max(v for v in range(64) if k * (2**v - 1) <= largest))
+    assert w <= dtype_bits(dtype) - 1
+    zeros = torch.zeros(3, dtype=dtype)
+    with pytest.raises(ValueError, match="must fit the container"):
+        mask_levels(zeros, 0, k, SEEDS, w + 1, step=0, layer=1)
+    if w < 2:  # 64 int8 residues of even 2 bits would overflow: no modulus fits
+        with pytest.raises(ValueError, match="must fit the container"):
+            mask_levels(zeros, 0, k, SEEDS, step=0, layer=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_sum_is_the_modular_sum_of_any_levels(dtype):
+    """Masking commutes with the sum modulo 2^w for any levels, even ones whose sum needs more."""
+    k = 4
+    w = max_modulus_bits(dtype, k)
     info = torch.iinfo(dtype)
     g = torch.Generator().manual_seed(1)
     levels = [torch.randint(info.min, info.max, (300,), generator=g, dtype=dtype) for _ in range(k)]
@@ -90,7 +115,7 @@ def test_masked_sum_is_the_wrapped_sum_even_beyond_the_container(dtype):
         t[0], t[1] = info.min, info.max
     masked = [mask_levels(lv, i, k, SEEDS, step=0, layer=3) for i, lv in enumerate(levels)]
     expected = [sum(int(lv[e]) for lv in levels) % 2**w for e in range(300)]
-    got = [int(v) % 2**w for v in _wrapping_sum(masked)]
+    got = [int(v) % 2**w for v in _exact_sum(masked)]
     assert got == expected
 
 
@@ -103,9 +128,8 @@ def test_modulus_smaller_than_the_container(w):
         torch.randint(-bound, bound + 1, (500,), generator=g, dtype=torch.int32) for _ in range(k)
     ]
     masked = [mask_levels(lv, i, k, SEEDS, w, step=1, layer=1) for i, lv in enumerate(levels)]
-    half = 2 ** (w - 1)
-    assert all(int(m.min()) >= -half and int(m.max()) < half for m in masked)
-    total = unmask_sum(_wrapping_sum(masked), w)
+    assert all(int(m.min()) >= 0 and int(m.max()) < 2**w for m in masked)
+    total = unmask_sum(_exact_sum(masked), w)
     assert torch.equal(total, sum(levels))
     assert required_modulus_bits(k * bound) <= w
 
@@ -115,12 +139,15 @@ def test_in_place_and_shapes():
     shaped = [lv.reshape(4, 6).clone() for lv in levels]
     masked = [mask_levels(lv, i, 3, SEEDS, step=2, layer=1, out=lv) for i, lv in enumerate(shaped)]
     assert all(m is lv and m.shape == (4, 6) for m, lv in zip(masked, shaped))
-    assert torch.equal(_wrapping_sum(masked).reshape(-1), sum(levels))
+    w = max_modulus_bits(torch.int16, 3)
+    assert torch.equal(unmask_sum(_exact_sum(masked), w).reshape(-1), sum(levels))
 
 
 def test_group_of_one_is_not_masked():
     levels = torch.arange(-5, 5, dtype=torch.int32)
-    assert torch.equal(mask_levels(levels, 0, 1, SEEDS, step=0, layer=1), levels)
+    residues = mask_levels(levels, 0, 1, SEEDS, 8, step=0, layer=1)
+    assert residues.tolist() == [v % 256 for v in range(-5, 5)]
+    assert torch.equal(unmask_sum(residues, 8), levels)
 
 
 def test_long_vectors_cross_prg_blocks():
@@ -128,7 +155,9 @@ def test_long_vectors_cross_prg_blocks():
     n, k = (1 << 20) + 40, 2
     levels = [torch.full((n,), 3, dtype=torch.int8), torch.full((n,), -5, dtype=torch.int8)]
     masked = [mask_levels(lv, i, k, SEEDS, step=0, layer=1) for i, lv in enumerate(levels)]
-    assert torch.equal(_wrapping_sum(masked), torch.full((n,), -2, dtype=torch.int8))
+    assert max_modulus_bits(torch.int8, 2) == 6  # 2 * 63 <= 127
+    total = unmask_sum(masked[0] + masked[1], 6)  # residues < 64: no overflow in int8
+    assert torch.equal(total, torch.full((n,), -2, dtype=torch.int8))
     key = SEEDS.pair_key(0, 1, step=0, layer=1, group=0)
     whole = pair_mask(key, n, 8)
     np.testing.assert_array_equal(
@@ -149,19 +178,22 @@ def test_single_masked_contribution_is_uniform():
     levels = torch.randint(-3, 4, (n,), generator=g, dtype=torch.int8)
     masked = mask_levels(levels, 1, 3, SEEDS, step=11, layer=1)
 
-    def counts(t: torch.Tensor, shift: int = 0) -> np.ndarray:
+    def counts(t: torch.Tensor, shift: int = 0, bits: int = 8) -> np.ndarray:
         v = t.to(torch.int64).numpy() >> shift
-        return np.bincount(v & 0xFF, minlength=256)
+        return np.bincount(v & (2**bits - 1), minlength=2**bits)
 
-    assert _chi_square_pvalue(counts(masked)) > 1e-3
-    assert _chi_square_pvalue(counts(levels)) < 1e-12
-    # the same for every byte of a 32-bit container
+    # int8 residues of a group of 3: w = 5 (3 * 31 <= 127), uniform over 32 values
+    assert _chi_square_pvalue(counts(masked, bits=5)) > 1e-3
+    assert _chi_square_pvalue(counts(levels, bits=5)) < 1e-12
+    assert int(masked.min()) >= 0 and int(masked.max()) < 32
+    # every byte of the w = 29 bits of a 32-bit container (4 * (2^29 - 1) <= 2^31 - 1)
     wide = mask_levels(levels.to(torch.int32), 2, 4, SEEDS, step=11, layer=1)
-    for shift in (0, 8, 16, 24):
-        assert _chi_square_pvalue(counts(wide, shift)) > 1e-3
+    for shift, bits in ((0, 8), (8, 8), (16, 8), (24, 5)):
+        assert _chi_square_pvalue(counts(wide, shift, bits)) > 1e-3
+    assert int(wide.max()) < 2**29
     # and across releases for one fixed element: its masked value is uniform over 2^8
-    one = torch.tensor([127], dtype=torch.int8)  # an extreme level
-    draws = torch.cat([mask_levels(one, 0, 2, SEEDS, step=t, layer=1) for t in range(256 * 20)])
+    one = torch.tensor([127], dtype=torch.int16)  # an extreme level
+    draws = torch.cat([mask_levels(one, 0, 2, SEEDS, 8, step=t, layer=1) for t in range(256 * 20)])
     assert _chi_square_pvalue(counts(draws)) > 1e-3
 
 
@@ -213,6 +245,8 @@ def test_validation():
         mask_levels(levels, 3, 3, SEEDS, step=0, layer=1)
     with pytest.raises(ValueError, match="modulus_bits"):
         mask_levels(levels, 0, 3, SEEDS, 17, step=0, layer=1)
+    with pytest.raises(ValueError, match="modulus_bits"):
+        unmask_sum(levels, 16)  # residues modulo 2^16 do not fit int16
     with pytest.raises(TypeError, match="int8/16/32/64"):
         mask_levels(levels.float(), 0, 3, SEEDS, step=0, layer=1)
     with pytest.raises(ValueError, match="step"):
@@ -245,14 +279,17 @@ def test_mask_correction_removes_dropped_pairs(dropped, dtype, w):
     masked = [mask_levels(lv, i, k, SEEDS, w, **context) for i, lv in enumerate(levels)]
     survivors = [i for i in range(k) if i not in dropped]
     plain = sum(levels[i].to(torch.int64) for i in survivors)
-    garbage = unmask_sum(_wrapping_sum([masked[i] for i in survivors]), w)
+    w = max_modulus_bits(dtype, k) if w is None else w
+    garbage = unmask_sum(_exact_sum([masked[i].to(torch.int64) for i in survivors]), w)
     assert not torch.equal(
         garbage.to(torch.int64), plain
     )  # the round is garbage without correction
     corrections = [
         mask_correction(dropped, i, k, SEEDS, w, numel=n, dtype=dtype, **context) for i in survivors
     ]
-    total = unmask_sum(_wrapping_sum([masked[i] for i in survivors] + corrections), w)
+    assert all(int(c.min()) >= 0 and int(c.max()) < 2**w for c in corrections)
+    summands = [t.to(torch.int64) for t in [masked[i] for i in survivors] + corrections]
+    total = unmask_sum(_exact_sum(summands), w)  # 2 k' residues: summed in int64
     assert torch.equal(total.to(torch.int64), plain)
     with pytest.raises(ValueError, match="survivors only"):
         mask_correction(dropped, min(dropped), k, SEEDS, w, numel=n, dtype=dtype, **context)
@@ -302,12 +339,14 @@ def test_diffie_hellman_seeds_agree_and_cancel():
         seeds[0].pair_key(1, 2, step=1, layer=1, group=0)  # the leader cannot derive others' pairs
     levels = _levels(k, 100, torch.int16, seed=4)
     masked = [mask_levels(lv, i, k, seeds[i], step=9, layer=1) for i, lv in enumerate(levels)]
-    assert torch.equal(_wrapping_sum(masked), sum(levels))
+    w = max_modulus_bits(torch.int16, k)
+    assert torch.equal(unmask_sum(_exact_sum(masked), w), sum(levels))
     corrections = [
         mask_correction({1}, i, k, seeds[i], numel=100, dtype=torch.int16, step=9, layer=1)
         for i in (0, 2, 3)
     ]
-    total = _wrapping_sum([masked[i] for i in (0, 2, 3)] + corrections)
+    total = unmask_sum(_exact_sum([t.to(torch.int64) for t in
+                                   [masked[i] for i in (0, 2, 3)] + corrections]), w)
     assert torch.equal(total, levels[0] + levels[2] + levels[3])
 
 

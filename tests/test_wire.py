@@ -26,6 +26,8 @@ from hflmpi.core.wire import (
     container_nbytes,
     layer_wire,
     levels_for_bits,
+    masked_container_nbytes,
+    masked_modulus_bits,
     num_buckets,
     packed_nbytes,
     resolve_bucket_size,
@@ -107,6 +109,29 @@ def test_layer_wire_by_hand() -> None:
     assert layer_wire(1000, 8, 2).bucket_size == 512  # auto
     with pytest.raises(ValueError, match="bits=17"):
         layer_wire(1000, 17, 2)
+
+
+def test_secure_layers_send_residues_in_a_container_that_holds_their_sum() -> None:
+    # by hand: 8 bits, 4 children: |sum| <= 508 -> w = 10; 4 * 1023 = 4092 -> int16
+    assert (masked_modulus_bits(8, 4), masked_container_nbytes(8, 4)) == (10, 2)
+    # 8 bits, 16 children: 2032 -> w = 12; 16 * 4095 = 65520 > 32767 -> int32 (plain sum: int16)
+    assert (masked_modulus_bits(8, 16), masked_container_nbytes(8, 16)) == (12, 4)
+    assert container_nbytes(8, 16) == 2
+    # 4 bits, 2 children: 14 -> w = 5; 2 * 31 = 62 -> int8; 4 children: 4 * 63 = 252 -> int16
+    assert masked_container_nbytes(4, 2) == 1 and masked_container_nbytes(4, 4) == 2
+    secure = layer_wire(1000, 8, 16, 64, "auto", secure=True)
+    assert secure == LayerWire(1000, 8, 16, 64, Method.INTEGER_SUM, 4000, 64, 4000, 4, 12)
+    with pytest.raises(ValueError, match="needs method='sum'"):
+        layer_wire(1000, 8, 4, 64, "gather", secure=True)
+    for bits in range(1, 17):
+        for fan_in in (*range(1, 70), 255, 256, 257, 4097, 65537):
+            s = levels_for_bits(bits)
+            w = masked_modulus_bits(bits, fan_in)
+            assert -(2 ** (w - 1)) <= -fan_in * s and fan_in * s < 2 ** (w - 1) <= 2 * fan_in * s
+            size = masked_container_nbytes(bits, fan_in)
+            assert fan_in * (2**w - 1) <= 2 ** (8 * size - 1) - 1, (bits, fan_in)
+            assert size == 1 or fan_in * (2**w - 1) > 2 ** (4 * size - 1) - 1, (bits, fan_in)
+            assert size >= container_nbytes(bits, fan_in)
 
 
 def test_bytes_ratio_is_the_large_model_limit_of_the_gather_path() -> None:
@@ -225,3 +250,26 @@ def test_uplink_moves_the_bytes_the_wire_model_predicts(bits: int) -> None:
                 assert leader_comm.received == [(uplink_op, gathered * wire.payload_nbytes)], what
                 # together: what /metrics/bytes_sent sums over the group
                 assert leader_bytes + (fan_in - 1) * child_bytes == wire.uplink_nbytes, what
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16])
+def test_secure_uplink_moves_the_bytes_the_wire_model_predicts(bits: int) -> None:
+    from hflmpi.core.secure import SharedSecretSeeds
+
+    seeds = SharedSecretSeeds(bytes(range(32)))
+    for fan_in in (2, 3, 5, 9, 17):
+        wire = layer_wire(NUMEL, bits, fan_in, 0, "sum", secure=True)
+        comm = RecordingComm(fan_in, rank=fan_in - 1)
+        generator = torch_generator(bits, purpose="test-wire", rank=comm.rank)
+        uplink = QuantizedUplink(comm, NUMEL, bits, 0, torch.device("cpu"), False, "sum",  # type: ignore[arg-type]
+                                 seeds=seeds)
+        anchor = torch.randn(NUMEL, generator=generator)
+        sent = uplink.exchange(anchor + torch.randn(NUMEL, generator=generator), anchor, 0.5,
+                               generator, step=1, layer=1).bytes_sent
+        assert uplink.wire == wire and uplink.container.itemsize == wire.accumulator_nbytes
+        assert comm.sent == [("Allreduce", wire.scale_nbytes), ("Reduce", wire.payload_nbytes)]
+        assert sent == wire.scale_nbytes + wire.payload_nbytes == wire.scale_nbytes + NUMEL * (
+            masked_container_nbytes(bits, fan_in))
+        assert uplink.sum_range() == (0, 2 ** masked_modulus_bits(bits, fan_in) - 1)
+        levels = uplink._levels.numpy()  # what went on the wire: residues modulo 2^w
+        assert levels.min() >= 0 and levels.max() < 2 ** wire.modulus_bits

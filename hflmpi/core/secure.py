@@ -1,20 +1,26 @@
 r"""Secure aggregation of integer levels by pairwise additive masking (pure tensor math).
 
-The quantized uplink (:mod:`hflmpi.mpi.uplink`) sums the children's integer levels ``l_i`` in a signed
-container of ``D`` bits (:func:`hflmpi.core.quantize.sum_dtype`). Following Bonawitz et al.,
-"Practical secure aggregation for privacy-preserving machine learning" (CCS 2017, Sec. 4), each of
-the ``k`` participants ``i = 0..k-1`` of a group sends instead
+The quantized uplink (:mod:`hflmpi.mpi.uplink`) sums the children's integer levels ``l_i`` (in
+``[-s, s]``) with one MPI ``Reduce(SUM)``. Following Bonawitz et al., "Practical secure
+aggregation for privacy-preserving machine learning" (CCS 2017, Sec. 4), each of the ``k``
+participants ``i = 0..k-1`` of a group sends instead the residue
 
 .. math::
 
-    y_i = l_i + \sum_{j > i} p_{ij} - \sum_{j < i} p_{ij} \pmod{2^w},
+    y_i = \Big(l_i + \sum_{j > i} p_{ij} - \sum_{j < i} p_{ij}\Big) \bmod 2^w \in [0, 2^w),
 
 where ``p_ij = PRG(key_ij)`` is a vector of uniform ``w``-bit integers from a key that only
-participants ``i`` and ``j`` hold (``w <= D``, default ``w = D``). Every pair's mask is added once
-and subtracted once, so ``sum_i y_i = sum_i l_i (mod 2^w)`` and, as long as the true sum lies in
-``[-2^(w-1), 2^(w-1))`` (``sum_dtype`` guarantees it for ``w = D``), :func:`unmask_sum` returns it
-exactly. Any single ``y_i`` (and any partial sum of fewer than all ``k``) is uniform over
-``Z_{2^w}`` whatever ``l_i`` is, given that the observer lacks the pair keys involved.
+participants ``i`` and ``j`` hold. Every pair's mask is added once and subtracted once, so
+``sum_i y_i = sum_i l_i (mod 2^w)``, and as long as the true sum lies in ``[-2^(w-1), 2^(w-1))``
+(``w >= required_modulus_bits(k s)``), :func:`unmask_sum` returns it exactly. Any single ``y_i``
+(and any partial sum of fewer than all ``k``) is uniform over ``Z_{2^w}`` whatever ``l_i`` is,
+given that the observer lacks the pair keys involved.
+
+No overflow, on any MPI: residues travel in a signed container of ``D`` bits with
+``k (2^w - 1) <= 2^(D-1) - 1`` (:func:`hflmpi.core.wire.masked_container_nbytes`, about
+``w + ceil(log2 k) + 1`` bits; :func:`mask_levels` refuses a larger ``w``), so the integer sum of
+the ``k`` residues and every partial sum on the way are exact; :func:`unmask_sum` reduces modulo
+``2^w`` after the sum. Nothing relies on wrap-around (Open MPI 5 saturates 8/16-bit sums).
 
 Keys and generator:
 
@@ -40,10 +46,9 @@ with the dropped participants) in a second message, which removes exactly those 
 participant's late message must then be discarded: with the corrections, it would reveal its levels
 (Bonawitz et al.'s double masking prevents this; it is not implemented).
 
-Arithmetic: for ``w <= 32`` everything is exact int64 arithmetic reduced modulo ``2^w``; for
-``w = 64`` masks are combined in numpy ``uint64`` (defined wrap-around) and added to int64 levels
-with torch's two's-complement wrapping add. Results are mapped to the signed range
-``[-2^(w-1), 2^(w-1))`` and stored in the levels' dtype.
+Arithmetic: masks are combined in numpy ``uint64`` (defined wrap-around modulo ``2^64``, a
+multiple of ``2^w``); levels are reduced to ``l & (2^w - 1)`` and added to the mask in int64,
+which cannot overflow (``w <= 62``).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ __all__ = [
     "MODP_2048_G",
     "dtype_bits",
     "required_modulus_bits",
+    "max_modulus_bits",
     "pair_mask",
     "mask_levels",
     "unmask_sum",
@@ -252,17 +258,27 @@ def required_modulus_bits(bound: int) -> int:
     return bound.bit_length() + 1
 
 
-def _check_modulus(modulus_bits: int | None, dtype: torch.dtype) -> int:
-    width = dtype_bits(dtype)
+def max_modulus_bits(dtype: torch.dtype, summands: int) -> int:
+    """Return the largest ``w`` whose ``summands`` residues in ``[0, 2^w)`` sum exactly in ``dtype``.
+
+    That is the largest ``w <= 62`` with ``summands (2^w - 1) <= iinfo(dtype).max``; 0 if none.
+    """
+    if isinstance(summands, bool) or not isinstance(summands, int) or summands < 1:
+        raise ValueError(f"summands={summands!r} must be an integer >= 1")
+    room = ((1 << (dtype_bits(dtype) - 1)) - 1) // summands  # 2^w - 1 <= room
+    return min(62, (room + 1).bit_length() - 1)
+
+
+def _check_modulus(modulus_bits: int | None, dtype: torch.dtype, summands: int) -> int:
+    top = max_modulus_bits(dtype, summands)
     if modulus_bits is None:
-        return width
+        modulus_bits = top
     if isinstance(modulus_bits, bool) or not isinstance(modulus_bits, int):
         raise TypeError(f"modulus_bits={modulus_bits!r} must be an integer")
-    if not 2 <= modulus_bits <= width:
-        raise ValueError(
-            f"modulus_bits={modulus_bits} must be in 2..{width} for {dtype} levels "
-            "(the masked values must fit the container)"
-        )
+    if not 2 <= modulus_bits <= top:
+        raise ValueError(f"modulus_bits={modulus_bits} must be in 2..{top} for {dtype} containers "
+                         f"summing {summands} residues: {summands} * (2^w - 1) must fit the "
+                         "container, so that the sum never overflows (use a wider container)")
     return modulus_bits
 
 
@@ -313,41 +329,28 @@ def _net_mask(
             total += mask  # uint64 arithmetic wraps modulo 2^64 by definition
         else:
             total -= mask
-    if modulus_bits < 64:
-        total &= np.uint64((1 << modulus_bits) - 1)
+    total &= np.uint64((1 << modulus_bits) - 1)  # w <= 62 here
     return total
 
 
 def _add_mod(levels: torch.Tensor, mask: np.ndarray, modulus_bits: int, out: torch.Tensor) -> None:
-    """Write ``centered((levels + mask) mod 2^w)`` into ``out`` (1-D views of one block)."""
-    addend = torch.from_numpy(mask.view(np.int64)).to(levels.device)
-    if modulus_bits == 64:
-        torch.add(levels, addend, out=out)  # int64 two's-complement wrap-around
-        return
-    # exact for container widths <= 32; for int64 levels any wrap is modulo 2^64, a multiple of 2^w
-    wide = levels.to(torch.int64) + addend
-    half = 1 << (modulus_bits - 1)
-    wide.add_(half).bitwise_and_((1 << modulus_bits) - 1).sub_(half)
-    out.copy_(wide)
+    """Write ``(levels + mask) mod 2^w`` into ``out`` (1-D views of one block), in ``[0, 2^w)``."""
+    low_bits = (1 << modulus_bits) - 1
+    residue = torch.bitwise_and(levels.to(torch.int64), low_bits)  # two's complement: l mod 2^w
+    residue.add_(torch.from_numpy(mask.view(np.int64)).to(levels.device))  # < 2^63 for w <= 62
+    out.copy_(residue.bitwise_and_(low_bits))
 
 
-def _apply_masks(
-    levels: torch.Tensor,
-    out: torch.Tensor,
-    participant: int,
-    keys: list[tuple[int, bytes]],
-    modulus_bits: int,
-    negate: bool = False,
-) -> None:
+def _apply_masks(levels: torch.Tensor, out: torch.Tensor, participant: int,
+                 keys: list[tuple[int, bytes]], modulus_bits: int, negate: bool = False) -> None:
     """Add (or subtract) the net mask of ``keys`` to 1-D ``levels`` into ``out``, block by block."""
     numel = levels.numel()
     for start in range(0, numel, _BLOCK):
         count = min(_BLOCK, numel - start)
         net = _net_mask(participant, keys, start, count, modulus_bits)
         if negate:
-            net = np.zeros(count, dtype=np.uint64) - net  # wraps modulo 2^64
-            if modulus_bits < 64:
-                net &= np.uint64((1 << modulus_bits) - 1)
+            net = np.zeros(count, dtype=np.uint64) - net  # numpy uint64 wraps modulo 2^64
+            net &= np.uint64((1 << modulus_bits) - 1)
         _add_mod(levels[start : start + count], net, modulus_bits, out[start : start + count])
 
 
@@ -372,7 +375,10 @@ def mask_levels(
     group: int = 0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Return ``participant``'s masked levels ``l_i + sum_{j>i} p_ij - sum_{j<i} p_ij (mod 2^w)``.
+    """Return ``participant``'s masked residues ``(l_i + sum_{j>i} p_ij - sum_{j<i} p_ij) mod 2^w``.
+
+    Sum the ``group_size`` results as plain integers (they fit the container, see ``modulus_bits``)
+    and recover the true sum with :func:`unmask_sum`.
 
     Parameters
     ----------
@@ -382,12 +388,13 @@ def mask_levels(
         This participant's id ``i`` in ``0..group_size-1`` (its rank in the group communicator).
     group_size : int
         Number of participants ``k`` whose masked levels will be summed. With ``k = 1`` there is
-        no pair and the levels are returned unmasked (a sum of one reveals it anyway).
+        no pair and the result is ``l mod 2^w`` (a sum of one reveals it anyway).
     seeds : PairwiseSeeds
         Pair keys.
     modulus_bits : int, optional
-        ``w`` (2..D); default ``D``, the dtype's width. The true sum of the group must lie in
-        ``[-2^(w-1), 2^(w-1))``.
+        ``w``: at least 2, at most :func:`max_modulus_bits` ``(levels.dtype, group_size)``, so
+        that ``k`` residues sum without overflow in the container (the default is that
+        largest ``w``). The true sum of the group must lie in ``[-2^(w-1), 2^(w-1))``.
     step, layer, group : int
         The release this mask is for; every release must use a distinct triple.
     out : Tensor, optional
@@ -396,10 +403,10 @@ def mask_levels(
     Returns
     -------
     Tensor
-        Masked levels in ``[-2^(w-1), 2^(w-1))``, ``levels``' dtype (``out`` if given).
+        Masked residues in ``[0, 2^w)``, ``levels``' dtype (``out`` if given).
     """
     _check_group(participant, group_size)
-    w = _check_modulus(modulus_bits, levels.dtype)
+    w = _check_modulus(modulus_bits, levels.dtype, group_size)
     if out is None:
         out = torch.empty_like(levels)
     if out.dtype != levels.dtype or out.shape != levels.shape:
@@ -412,19 +419,27 @@ def mask_levels(
     return out
 
 
-def unmask_sum(masked_sum: torch.Tensor, modulus_bits: int | None = None) -> torch.Tensor:
-    """Return the true sum from the (wrapping) sum of all masked contributions.
+def unmask_sum(masked_sum: torch.Tensor, modulus_bits: int) -> torch.Tensor:
+    """Return the true sum, ``masked_sum mod 2^w`` mapped to ``[-2^(w-1), 2^(w-1))``.
 
-    The masks cancel in the sum, so this only maps ``masked_sum`` modulo ``2^w`` to the signed
-    range ``[-2^(w-1), 2^(w-1))``: the identity when ``w`` is the dtype's width (the container's
-    wrap-around already did it). Returns a new tensor of the same dtype.
+    The masks cancel modulo ``2^w``. Returns a new tensor of ``masked_sum``'s dtype.
+
+    Parameters
+    ----------
+    masked_sum : Tensor
+        Integer sum of the :func:`mask_levels` outputs (and any :func:`mask_correction`).
+    modulus_bits : int
+        The ``w`` the residues were masked with, 2..62 and below the dtype's width.
     """
-    w = _check_modulus(modulus_bits, masked_sum.dtype)
-    if w == dtype_bits(masked_sum.dtype):
-        return masked_sum.clone()
-    half = 1 << (w - 1)
-    wide = masked_sum.to(torch.int64).add_(half).bitwise_and_((1 << w) - 1).sub_(half)
-    return wide.to(masked_sum.dtype)
+    width = dtype_bits(masked_sum.dtype)
+    if isinstance(modulus_bits, bool) or not isinstance(modulus_bits, int):
+        raise TypeError(f"modulus_bits={modulus_bits!r} must be an integer")
+    if not 2 <= modulus_bits <= min(width - 1, 62):
+        raise ValueError(f"modulus_bits={modulus_bits} must be in 2..{min(width - 1, 62)} "
+                         f"for a {masked_sum.dtype} sum")
+    half, low_bits = 1 << (modulus_bits - 1), (1 << modulus_bits) - 1
+    wide = torch.bitwise_and(masked_sum.to(torch.int64), low_bits)  # in [0, 2^w)
+    return wide.add_(half).bitwise_and_(low_bits).sub_(half).to(masked_sum.dtype)
 
 
 def mask_correction(
@@ -448,9 +463,8 @@ def mask_correction(
     ``-(sum_{j in D, j > i} p_ij - sum_{j in D, j < i} p_ij) mod 2^w``, so
     ``sum_{i survived} (y_i + correction_i) = sum_{i survived} l_i (mod 2^w)``.
 
-    Revealing corrections tells the leader the dropped participants' pair masks with the
-    survivors: it must discard any late message from a dropped participant (see the module
-    docstring).
+    Sum the ``2 k'`` residues of ``k'`` survivors in a container that holds them (e.g. int64).
+    The leader must discard any late message of a dropped participant (see the module docstring).
 
     Parameters
     ----------
@@ -468,17 +482,15 @@ def mask_correction(
     Returns
     -------
     Tensor
-        1-D correction in ``[-2^(w-1), 2^(w-1))`` of ``dtype``, to add with wrap-around.
+        1-D correction, a residue in ``[0, 2^w)``, of ``dtype``.
     """
     _check_group(participant, group_size)
     dropped = set(dropped)
     if participant in dropped:
-        raise ValueError(
-            f"participant {participant} is in dropped={sorted(dropped)}; survivors only"
-        )
+        raise ValueError(f"participant {participant} is in dropped={sorted(dropped)}; survivors only")
     if any(not 0 <= j < group_size for j in dropped):
         raise ValueError(f"dropped={sorted(dropped)} holds ids outside 0..{group_size - 1}")
-    w = _check_modulus(modulus_bits, dtype)
+    w = _check_modulus(modulus_bits, dtype, group_size)
     keys = _pair_keys(participant, sorted(dropped), seeds, step, layer, group)
     out = torch.zeros(numel, dtype=dtype, device=device)
     _apply_masks(out, out, participant, keys, w, negate=True)

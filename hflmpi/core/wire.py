@@ -22,6 +22,14 @@ buckets of ``B`` entries moves, per aggregation:
 The leader of the gather path adds the children's *codes* (``level + s``, each up to ``2s``)
 before removing the offsets, so its accumulator holds ``2 fan_in s``
 (:attr:`LayerWire.accumulator_nbytes`).
+
+A secure layer (pairwise masking, :mod:`hflmpi.core.secure`) always takes the integer sum and
+sends residues modulo ``2^w`` with ``w = masked_modulus_bits(bits, fan_in)``, the fewest bits
+that hold the signed group sum. Residues lie in ``[0, 2^w)``, so their sum reaches
+``fan_in (2^w - 1)``: the container is the smallest signed integer that holds *that*
+(:func:`masked_container_nbytes`), so the MPI sum never overflows and hflmpi never depends on
+how an MPI library treats integer overflow (Open MPI 5 saturates 8- and 16-bit sums instead of
+wrapping). It can be one size wider than the plain sum's container; the payload counts it.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ __all__ = [
     "packed_nbytes",
     "scale_nbytes",
     "container_nbytes",
+    "masked_modulus_bits",
+    "masked_container_nbytes",
     "choose_method",
     "layer_wire",
     "bytes_ratio",
@@ -183,6 +193,40 @@ def container_nbytes(bits: int, fan_in: int) -> int:
     )
 
 
+def masked_modulus_bits(bits: int, fan_in: int) -> int:
+    """Return ``w``, the modulus bits of a secure layer: the fewest that hold its signed sum.
+
+    The sum of ``fan_in`` levels lies in ``[-fan_in s, fan_in s]``, inside
+    ``[-2^(w-1), 2^(w-1))`` for ``w = bit_length(fan_in s) + 1``
+    (:func:`hflmpi.core.secure.required_modulus_bits`).
+    """
+    fan_in = _check_int("fan_in", fan_in, 1)
+    return (fan_in * levels_for_bits(bits)).bit_length() + 1
+
+
+def masked_container_nbytes(bits: int, fan_in: int) -> int:
+    """Return the bytes of the smallest signed integer that holds ``fan_in (2^w - 1)``.
+
+    That is the largest sum of ``fan_in`` masked residues in ``[0, 2^w)``
+    (``w = masked_modulus_bits(bits, fan_in)``), so a secure layer's integer sum never overflows;
+    every partial sum is smaller still (residues are non-negative).
+
+    Raises
+    ------
+    OverflowError
+        If even a 64-bit integer cannot hold it.
+    """
+    w = masked_modulus_bits(bits, fan_in)
+    largest = fan_in * ((1 << w) - 1)
+    for size in _CONTAINERS:
+        if largest <= (1 << (8 * size - 1)) - 1:
+            return size
+    raise OverflowError(
+        f"a secure sum of fan_in={fan_in} residues modulo 2^{w} reaches {largest}, beyond int64; "
+        "use fewer bits or smaller groups"
+    )
+
+
 def choose_method(numel: int, bits: int, fan_in: int, method: str = "auto") -> Method:
     """Return how a quantized layer's levels travel.
 
@@ -228,6 +272,9 @@ class LayerWire:
     accumulator_nbytes : int
         Element size of the leader's level accumulator, also the integer-sum path's container
         (0 if exact).
+    modulus_bits : int
+        ``w`` of a secure layer, whose participants send residues modulo ``2^w`` in that
+        container (0 if not secure).
     """
 
     numel: int
@@ -239,6 +286,7 @@ class LayerWire:
     scale_nbytes: int
     downlink_nbytes: int
     accumulator_nbytes: int
+    modulus_bits: int = 0
 
     @property
     def uplink_nbytes(self) -> int:
@@ -251,7 +299,7 @@ class LayerWire:
 
 def layer_wire(
     numel: int, bits: int, fan_in: int, bucket_size: int = 0, method: str = "auto",
-    itemsize: int = 4,
+    itemsize: int = 4, secure: bool = False,
 ) -> LayerWire:
     """Return the :class:`LayerWire` of one layer.
 
@@ -270,6 +318,9 @@ def layer_wire(
     itemsize : int
         Bytes of one model value (4 for float32, 8 for float64): the exact payload and the
         downlink.
+    secure : bool
+        Masked levels (:mod:`hflmpi.core.secure`): the integer sum of residues in the
+        :func:`masked_container_nbytes` container; needs ``method`` ``"auto"`` or ``"sum"``.
     """
     numel = _check_int("numel", numel, 0)
     fan_in = _check_int("fan_in", fan_in, 1)
@@ -278,6 +329,13 @@ def layer_wire(
     if bits == 0:
         return LayerWire(numel, 0, fan_in, 0, Method.NONE, downlink, 0, downlink, 0)
     bucket = resolve_bucket_size(bits, bucket_size)
+    if secure:
+        if choose_method(numel, bits, fan_in, method) == Method.GATHER and method != "auto":
+            raise ValueError("secure aggregation masks integer sums: it needs method='sum'")
+        container = masked_container_nbytes(bits, fan_in)
+        return LayerWire(numel, bits, fan_in, bucket, Method.INTEGER_SUM, numel * container,
+                         scale_nbytes(numel, bucket), downlink, container,
+                         masked_modulus_bits(bits, fan_in))
     chosen = choose_method(numel, bits, fan_in, method)
     if chosen == Method.INTEGER_SUM:
         accumulator = container_nbytes(bits, fan_in)

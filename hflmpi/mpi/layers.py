@@ -36,6 +36,7 @@ from hflmpi.core.strategy import apply_rule, rule_name
 from hflmpi.core.wire import Method, auto_bucket_size
 from hflmpi.errors import HflmpiError
 from hflmpi.mpi.comm import LayerComms
+from hflmpi.mpi.exact_sum import check_integer_sum
 from hflmpi.mpi.messages import allgather_bigint, allreduce_float
 from hflmpi.mpi.transport import MpiBuffer
 from hflmpi.mpi.uplink import QuantizedUplink
@@ -387,7 +388,8 @@ def build_layer(
 ) -> Layer:
     """Return the object that carries this rank's model up layer ``n`` (which it must join).
 
-    Collective over the layer's participants for a secure layer (the key exchange). Every
+    Collective over the layer's participants for a secure layer (the key exchange) and for an
+    integer-sum layer (:func:`hflmpi.mpi.exact_sum.check_integer_sum`). Every
     layer but an exact one keeps an anchor, a copy of ``flat``.
     """
     comm, rank = comms.layer(n), comms.rank
@@ -400,6 +402,11 @@ def build_layer(
             comm, flat.numel(), options.bits, options.bucket_size or auto_bucket_size(options.bits),
             flat.device, cuda_aware, "sum" if seeds is not None else options.method, seeds=seeds,
         )
+        if uplink.method == Method.INTEGER_SUM:  # the layer's participants, once
+            low, high = uplink.sum_range()
+            check_integer_sum(comm, torch.empty(0, dtype=uplink.container).numpy().dtype, low, high,
+                              op=uplink.sum_op, what=f"the {options.bits}-bit integer sum of "
+                              f"layer {n}{' (secure)' if options.secure else ''}")
         layer = QuantizedLayer(n, uplink, flat, anchor, options.seed, rank)
     elif not _is_mean(options.rule):
         assert anchor is not None

@@ -15,7 +15,12 @@ every child (a participant of the layer communicator) does:
 
 Integer sums are associative, so the leader's ``sum_c l_c`` is the same for any reduction order,
 MPI algorithm, method or device, and the result ``x + (sum_c l_c) m_b / s`` is bitwise
-reproducible. ``E[l_c m_b / s] = d_c``, so the update is unbiased. The method that moves fewer
+reproducible. The container is sized from the fan-in so that no sum (and no partial sum) ever
+overflows: nothing depends on what an MPI library does on integer overflow (Open MPI 5 saturates
+8- and 16-bit sums). Secure layers send masked residues modulo ``2^w`` in a container that holds
+``fan_in (2^w - 1)`` and reduce modulo ``2^w`` after the sum (:mod:`hflmpi.core.secure`).
+:func:`hflmpi.mpi.exact_sum.check_integer_sum` verifies at set-up that the library's sum is
+exact over that range. ``E[l_c m_b / s] = d_c``, so the update is unbiased. The method that moves fewer
 bytes per child is used unless one is forced.
 """
 
@@ -23,13 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
 from hflmpi.core.packing import code_scratch, pack_levels, sum_packed_levels
 from hflmpi.core.quantize import bucket_absmax, from_level_sum, integer_dtype, new_workspace, to_levels
-from hflmpi.core.secure import PairwiseSeeds, mask_levels
+from hflmpi.core.secure import PairwiseSeeds, mask_levels, unmask_sum
 from hflmpi.core.wire import SCALE_NBYTES, LayerWire, Method, layer_wire, levels_for_bits
 from hflmpi.mpi.transport import MpiBuffer
 
@@ -81,18 +85,19 @@ class QuantizedUplink:
         cuda_aware: bool,
         method: str = "auto",
         seeds: PairwiseSeeds | None = None,
+        sum_op: MPI.Op = MPI.SUM,
     ) -> None:
         self.comm = comm
         self.numel = numel
         self.bits = bits
         self.s = levels_for_bits(bits)
         self.fan_in = comm.Get_size()
-        self.wire: LayerWire = layer_wire(numel, bits, self.fan_in, bucket_size, method)
+        self.wire: LayerWire = layer_wire(numel, bits, self.fan_in, bucket_size, method,
+                                          secure=seeds is not None)
         self.bucket_size = self.wire.bucket_size
         self.method = self.wire.method
-        if seeds is not None and self.method != Method.INTEGER_SUM:
-            raise ValueError("secure aggregation masks integer sums: it needs method='sum'")
         self.seeds = seeds
+        self.sum_op = sum_op
         # The integer-sum container is what travels; the gather path's leader accumulates offset
         # codes (up to 2s each) in a container with one bit of headroom (LayerWire).
         self.container = integer_dtype(self.wire.accumulator_nbytes)
@@ -169,8 +174,8 @@ class QuantizedUplink:
         )
         error = self._relative_error(diff, levels) if measure_error else float("nan")
         if self.seeds is not None:
-            mask_levels(levels, self.comm.Get_rank(), self.fan_in, self.seeds, step=step,
-                        layer=layer, out=levels)
+            mask_levels(levels, self.comm.Get_rank(), self.fan_in, self.seeds,
+                        self.wire.modulus_bits, step=step, layer=layer, out=levels)
         if self.method == Method.INTEGER_SUM:
             sent = self._reduce_sum()
         else:
@@ -181,19 +186,26 @@ class QuantizedUplink:
             torch.add(anchor, update.to(child.dtype), out=child)
         return UplinkResult(sent + self.wire.scale_nbytes, error)
 
+    def sum_range(self) -> tuple[int, int]:
+        """Return the smallest and largest value one participant adds in the integer sum.
+
+        Levels ``[-s, s]``, or masked residues ``[0, 2^w - 1]`` on a secure layer; the container
+        holds ``fan_in`` times either bound (:func:`hflmpi.core.wire.layer_wire`).
+        """
+        if self.seeds is not None:
+            return 0, (1 << self.wire.modulus_bits) - 1
+        return -self.s, self.s
+
     def _reduce_sum(self) -> int:
         buf = self._levels_mpi.outbound()
-        if self.seeds is not None:
-            # Masked sums wrap around modulo 2**w by design: sum them as unsigned integers, whose
-            # overflow MPI (like C) defines as wrapping, then read the bits back as signed.
-            if isinstance(buf, np.ndarray):
-                buf = buf.view(buf.dtype.str.replace("i", "u"))
-        if self.is_leader:
-            self.comm.Reduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=0)
-            self._levels_mpi.inbound()
-            return 0
-        self.comm.Reduce(buf, None, op=MPI.SUM, root=0)
-        return self.payload_nbytes
+        if not self.is_leader:
+            self.comm.Reduce(buf, None, op=self.sum_op, root=0)
+            return self.payload_nbytes
+        self.comm.Reduce(MPI.IN_PLACE, buf, op=self.sum_op, root=0)
+        self._levels_mpi.inbound()
+        if self.seeds is not None:  # the exact sum of the residues; the masks cancel modulo 2^w
+            self._levels.copy_(unmask_sum(self._levels, self.wire.modulus_bits))
+        return 0
 
     def _gather_sum(self, levels: torch.Tensor) -> int:
         if not self.is_leader:  # the leader's own levels never leave it
