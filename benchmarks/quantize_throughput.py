@@ -1,8 +1,8 @@
 """Measure single-core throughput of the quantization kernels the job's uplink runs.
 
 Times, in parameters per second per core, the encoder of one child on the gather path of
-:class:`hflmpi.mpi.uplink.QuantizedUplink` (``bucket_absmax`` -> ``to_levels`` ->
-``pack_levels`` into the send row) and the decoder of a leader with one child (its own levels
+:class:`hflmpi.mpi.uplink.QuantizedUplink` (``bucket_absmax`` -> ``to_packed``
+into the send row) and the decoder of a leader with one child (its own levels
 plus ``sum_packed_levels`` of the child's row -> ``from_level_sum``), with the same preallocated
 buffers the uplink keeps. The MPI collectives themselves are not timed (see ``hflmpi bench
 aggregate``). Each rate is also given as a ratio to a baseline measured in the same run on the
@@ -27,8 +27,15 @@ from collections.abc import Callable
 
 import torch
 
-from hflmpi.core.packing import code_scratch, pack_levels, sum_packed_levels
-from hflmpi.core.quantize import bucket_absmax, from_level_sum, integer_dtype, new_workspace, to_levels
+from hflmpi.core.packing import code_scratch, sum_packed_levels
+from hflmpi.core.quantize import (
+    bucket_absmax,
+    from_level_sum,
+    integer_dtype,
+    new_workspace,
+    to_levels,
+    to_packed,
+)
 from hflmpi.core.rng import torch_generator
 from hflmpi.core.wire import layer_wire, levels_for_bits
 
@@ -67,9 +74,8 @@ def _kernels(
 
     def encode() -> None:
         scales.copy_(bucket_absmax(x, bucket_size))
-        to_levels(x, scales, s, generator, bucket_size=bucket_size, sign=bits == 1, out=levels,
+        to_packed(x, scales, bits, generator, bucket_size=bucket_size, out=row, codes=codes,
                   workspace=workspace)
-        pack_levels(levels, bits, out=row, codes=codes, check=False)
 
     def decode() -> None:
         # The accumulator's previous contents stand in for the leader's own levels (the job
@@ -78,6 +84,8 @@ def _kernels(
         from_level_sum(accumulator, scales, s, out=out, bucket_size=bucket_size)
 
     encode()
+    to_levels(x, scales, s, generator, bucket_size=bucket_size, sign=bits == 1, out=levels,
+              workspace=workspace)
     accumulator.copy_(levels)
     return encode, decode, wire.payload_nbytes + wire.scale_nbytes
 
