@@ -170,3 +170,16 @@ def test_failed_compilation_falls_back_to_the_same_bits(monkeypatch) -> None:
     monkeypatch.setenv(KERNEL_ENV, "fast")
     with pytest.raises(ValueError, match="HFLMPI_QUANTIZE_KERNEL='fast' must be one of"):
         to_levels(x, scales, 7, _gen(5), bucket_size=32)
+
+
+@pytest.mark.parametrize(("numel", "bucket_size"), [(150_001, 70_000), (200_003, 1000)])
+def test_eager_blocks_cover_large_buckets_and_many_rows(numel: int, bucket_size: int,
+                                                        monkeypatch) -> None:
+    """The eager kernel splits buckets wider than a block and batches narrow ones."""
+    x = _random_input(numel, 11)
+    scales = bucket_absmax(x, bucket_size)
+    results = []
+    for mode in MODES:
+        monkeypatch.setenv(KERNEL_ENV, mode)
+        results.append(to_levels(x, scales, 127, _gen(3), bucket_size=bucket_size))
+    assert torch.equal(results[0], results[1])

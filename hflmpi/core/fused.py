@@ -58,6 +58,7 @@ KERNEL_ENV = "HFLMPI_QUANTIZE_KERNEL"
 _KERNEL_MODES = ("auto", "compiled", "eager")
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _DITHER_PLANE_BITS = 16  # two byte planes
+_EAGER_BLOCK = 1 << 16  # elements per block of the eager kernel on CPU (3 x 256 KiB of scratch)
 
 
 def dither_bits(s: int) -> int:
@@ -141,14 +142,40 @@ def _round_eager(
     x: torch.Tensor, inv: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
     k: tuple[float, ...], out: torch.Tensor,
 ) -> None:
-    """Run :func:`_round_math`'s operations in place on two float scratches (its eager twin)."""
-    w = torch.mul(x, inv)
+    """Run :func:`_round_math`'s operations in place (its eager twin), block by block.
+
+    On CPU the blocks hold ``_EAGER_BLOCK`` elements so that the two float scratches stay in
+    cache across the dozen passes; other devices take the whole tensor at once.
+    """
+    rows, cols = x.shape
+    block = _EAGER_BLOCK if x.device.type == "cpu" else x.numel()
+    scratch = torch.empty(3 * min(x.numel(), max(block, cols)), dtype=torch.float32,
+                          device=x.device)
+    if cols <= block:
+        step = max(1, block // cols)
+        pieces = [(slice(r, r + step), slice(None)) for r in range(0, rows, step)]
+    else:  # a bucket larger than a block: split it along its columns
+        pieces = [(slice(r, r + 1), slice(c, c + block))
+                  for r in range(rows) for c in range(0, cols, block)]
+    for r, c in pieces:
+        _round_block(x[r, c], inv[r], low[r, c], high[r, c], k, out[r, c], scratch)
+
+
+def _round_block(
+    x: torch.Tensor, inv: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+    k: tuple[float, ...], out: torch.Tensor, scratch: torch.Tensor,
+) -> None:
+    third = scratch.numel() // 3
+    w, dither, low_float = (scratch[i * third : i * third + x.numel()].view(x.shape)
+                            for i in range(3))
+    torch.mul(x, inv, out=w)
     w.mul_(k[0]).round_()
     if k[1]:
         w.add_(k[1])
     w.clamp_(k[2], k[3])
-    dither = high.to(torch.float32)
-    dither.mul_(256.0).add_(low)
+    dither.copy_(high)
+    low_float.copy_(low)  # a same-dtype add is vectorized, a uint8 operand is not
+    dither.mul_(256.0).add_(low_float)
     if k[4] != 1.0:
         dither.mul_(k[4]).floor_()
     w.add_(dither).mul_(k[5]).floor_()
