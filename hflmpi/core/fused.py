@@ -48,16 +48,30 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["KERNEL_ENV", "Grid", "dither_bits", "dither_words", "draw_dither", "round_dithered"]
+from hflmpi.core.packing import pack_codes
+
+__all__ = [
+    "KERNEL_ENV",
+    "Grid",
+    "dither_bits",
+    "dither_words",
+    "draw_dither",
+    "pack_into",
+    "reciprocal_steps",
+    "round_dithered",
+]
 
 KERNEL_ENV = "HFLMPI_QUANTIZE_KERNEL"
 _KERNEL_MODES = ("auto", "compiled", "eager")
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _DITHER_PLANE_BITS = 16  # two byte planes
+# Widths 1, 2, 4: the word of 8/b byte-wide codes per output byte and its shift-OR steps
+# (hflmpi.core.packing's divisor-width packing).
+_PACK_WORDS = {1: (torch.int64, (7, 14, 28)), 2: (torch.int32, (6, 12)), 4: (torch.int16, (4,))}
 _EAGER_BLOCK = 1 << 16  # elements per block of the eager kernel on CPU (3 x 256 KiB of scratch)
 
 
@@ -188,9 +202,9 @@ def _round_block(
 
 @dataclass
 class _Kernels:
-    """The compiled kernel of this process, or the reason it is not used."""
+    """The compiled kernels of this process, or the reason they are not used."""
 
-    compiled: Callable[..., None] | None = None
+    compiled: dict[str, Callable[..., None]] = field(default_factory=dict)
     failed: str = ""
 
 
@@ -204,29 +218,66 @@ def _mode() -> str:
     return mode
 
 
-def _run(
-    x: torch.Tensor, inv: torch.Tensor, low: torch.Tensor, high: torch.Tensor, grid: Grid,
-    out: torch.Tensor,
+def _dispatch(
+    math: Callable[..., None], args: tuple[object, ...], eager: Callable[[], object]
 ) -> None:
+    """Run ``math(*args)`` compiled, or ``eager()`` (the same results) as :data:`KERNEL_ENV` says."""
     mode = _mode()
     if mode == "auto" and _KERNELS.failed:
         mode = "eager"
     if mode == "eager":
-        _round_eager(x, inv, low, high, grid.constants(), out)
+        eager()
         return
-    if _KERNELS.compiled is None:
-        _KERNELS.compiled = torch.compile(_round_math, dynamic=True)
-    constants = torch.tensor(grid.constants(), dtype=torch.float32, device=out.device)
+    kernel = _KERNELS.compiled.get(math.__name__)
+    if kernel is None:
+        kernel = _KERNELS.compiled[math.__name__] = torch.compile(math, dynamic=True)
     try:
-        _KERNELS.compiled(x, inv, low, high, constants, out)
+        kernel(*args)
     except Exception as error:  # no C++ compiler / Triton: the eager twin gives the same bits
         if mode == "compiled":
             raise
         _KERNELS.failed = f"{type(error).__name__}: {error}".splitlines()[0]
-        warnings.warn(f"torch.compile of the quantization kernel failed ({_KERNELS.failed}); "
-                      f"using the eager kernel (same results, slower). Set {KERNEL_ENV}=eager "
-                      "to skip the attempt.", RuntimeWarning, stacklevel=3)
-        _round_eager(x, inv, low, high, grid.constants(), out)
+        warnings.warn(f"torch.compile of the quantization kernels failed ({_KERNELS.failed}); "
+                      f"using the eager kernels (same results, slower). Set {KERNEL_ENV}=eager "
+                      "to skip the attempt.", RuntimeWarning, stacklevel=4)
+        eager()
+
+
+def _run(
+    x: torch.Tensor, inv: torch.Tensor, low: torch.Tensor, high: torch.Tensor, grid: Grid,
+    out: torch.Tensor,
+) -> None:
+    constants = grid.constants()
+    _dispatch(_round_math,
+              (x, inv, low, high, torch.tensor(constants, device=out.device), out),
+              lambda: _round_eager(x, inv, low, high, constants, out))
+
+
+def _pack_math(
+    codes: torch.Tensor, word_dtype: torch.dtype, shifts: tuple[int, ...], out: torch.Tensor
+) -> None:
+    """Pack byte-wide codes like :func:`hflmpi.core.packing.pack_codes` at widths 1, 2 and 4."""
+    words = codes.view(word_dtype)
+    for shift in shifts:
+        words = words | (words >> shift)
+    out.copy_(words.to(torch.uint8)[: out.numel()])  # the low byte of each word
+
+
+def pack_into(codes: torch.Tensor, bits: int, numel: int, out: torch.Tensor) -> torch.Tensor:
+    """Pack ``numel`` byte-wide codes (zero-padded to a multiple of 8) into ``out``.
+
+    Widths 1, 2 and 4 run one fused pass (compiled, same bytes as
+    :func:`hflmpi.core.packing.pack_codes`, which is the eager twin); other widths run
+    :func:`~hflmpi.core.packing.pack_codes`. ``codes`` is overwritten.
+    """
+    def eager() -> None:
+        out.view(-1).copy_(pack_codes(codes, bits, numel, overwrite=True))
+
+    if bits not in _PACK_WORDS or codes.dtype != torch.uint8 or codes.numel() % 8:
+        eager()
+    else:
+        _dispatch(_pack_math, (codes, *_PACK_WORDS[bits], out.view(-1)), eager)
+    return out
 
 
 def round_dithered(

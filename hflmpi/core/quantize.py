@@ -47,8 +47,16 @@ import math
 
 import torch
 
-from hflmpi.core.fused import Grid, dither_bits, dither_words, draw_dither, reciprocal_steps, round_dithered
-from hflmpi.core.packing import code_scratch, code_scratch_shape, pack_codes
+from hflmpi.core.fused import (
+    Grid,
+    dither_bits,
+    dither_words,
+    draw_dither,
+    pack_into,
+    reciprocal_steps,
+    round_dithered,
+)
+from hflmpi.core.packing import code_scratch, code_scratch_shape
 from hflmpi.core.wire import (
     check_bucket_size,
     container_nbytes,
@@ -426,8 +434,7 @@ def to_packed(
                          f"(code_scratch), got {codes.dtype} with {codes.numel()}")
     _round(x, scales, grid, generator, codes[:n], bucket_size, workspace)
     codes[n:].zero_()  # the padding of the last group of 8 must be zero codes
-    out.view(-1).copy_(pack_codes(codes, bits, n, overwrite=True))
-    return out
+    return pack_into(codes, bits, n, out)
 
 
 def from_level_sum(
