@@ -8,7 +8,8 @@ buffers the uplink keeps. The MPI collectives themselves are not timed (see ``hf
 aggregate``). Each rate is also given as a ratio to a baseline measured in the same run on the
 same tensor: ``torch.rand(n)`` followed by ``.copy_(x)`` (one uniform draw and one float copy per
 element, the floor of any naive stochastic rounding). CPU speed on shared machines drifts, so
-compare the ratios, not absolute numbers across runs. Times are the best of ``--repeats``
+compare the ratios, not absolute numbers across runs. The kernels run compiled unless
+``HFLMPI_QUANTIZE_KERNEL=eager`` (:mod:`hflmpi.core.fused`); the warm-up call compiles. Times are the best of ``--repeats``
 rounds, each round running baseline, encode and decode back to back; the clock is this thread's
 CPU time (``time.thread_time``), i.e. per core, so other processes on the machine distort it
 less than wall time.
@@ -22,11 +23,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
 import torch
 
+from hflmpi.core.fused import KERNEL_ENV
 from hflmpi.core.packing import code_scratch, sum_packed_levels
 from hflmpi.core.quantize import (
     bucket_absmax,
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, "
         f"bucket_size={args.bucket_size}, best of {args.repeats}, "
-        f"clock={'wall' if args.wall else 'thread CPU'}; Mp/s = 1e6 params/s per core"
+        f"clock={'wall' if args.wall else 'thread CPU'}, "
+        f"{KERNEL_ENV}={os.environ.get(KERNEL_ENV, 'auto')}; Mp/s = 1e6 params/s per core"
     )
     print(f"{'numel':>10} {'bits':>4} {'baseline':>9} {'encode':>9} {'x base':>7} "
           f"{'decode':>9} {'x base':>7} {'wire bytes':>11}")
