@@ -1,18 +1,18 @@
 """Measure single-core throughput of the quantization kernels the job's uplink runs.
 
 Times, in parameters per second per core, the encoder of one child on the gather path of
-:class:`hflmpi.mpi.uplink.QuantizedUplink` (``bucket_absmax`` -> ``to_packed``
-into the send row) and the decoder of a leader with one child (its own levels
-plus ``sum_packed_levels`` of the child's row -> ``from_level_sum``), with the same preallocated
+:class:`hflmpi.mpi.uplink.QuantizedUplink` (``bucket_absmax`` -> ``to_packed`` into the send
+row) and the decoder of a leader with one child (its own levels plus ``sum_packed_levels`` of
+the child's row -> ``from_level_sum``), with the same preallocated
 buffers the uplink keeps. The MPI collectives themselves are not timed (see ``hflmpi bench
 aggregate``). Each rate is also given as a ratio to a baseline measured in the same run on the
 same tensor: ``torch.rand(n)`` followed by ``.copy_(x)`` (one uniform draw and one float copy per
 element, the floor of any naive stochastic rounding). CPU speed on shared machines drifts, so
-compare the ratios, not absolute numbers across runs. The kernels run compiled unless
-``HFLMPI_QUANTIZE_KERNEL=eager`` (:mod:`hflmpi.core.fused`); the warm-up call compiles. Times are the best of ``--repeats``
-rounds, each round running baseline, encode and decode back to back; the clock is this thread's
-CPU time (``time.thread_time``), i.e. per core, so other processes on the machine distort it
-less than wall time.
+compare the ratios, not absolute numbers across runs. The encoder runs compiled unless
+``HFLMPI_QUANTIZE_KERNEL=eager`` (:mod:`hflmpi.core.fused`); the warm-up call compiles. Times
+are the best of ``--repeats`` rounds, each round running baseline, encode and decode back to
+back; the clock is this thread's CPU time (``time.thread_time``), i.e. per core, so other
+processes on the machine distort it less than wall time.
 
 Usage::
 

@@ -49,7 +49,6 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
@@ -64,7 +63,6 @@ __all__ = [
     "pack_into",
     "reciprocal_steps",
     "round_dithered",
-    "scale_levels",
 ]
 
 KERNEL_ENV = "HFLMPI_QUANTIZE_KERNEL"
@@ -323,39 +321,6 @@ def round_dithered(
     if cut < n:
         _run(x[cut:].view(1, -1), inv[full:].view(1, 1), low[cut:].view(1, -1),
              high[cut:].view(1, -1), grid, out[cut:].view(1, -1))
-    return out
-
-
-def _scale_math(levels: torch.Tensor, steps: torch.Tensor, out: torch.Tensor) -> None:
-    """Write ``levels * step`` per bucket in ``out``'s float dtype (the compiled decoder)."""
-    out.copy_(levels.to(out.dtype) * steps)
-
-
-def _scale_eager(levels: torch.Tensor, steps: torch.Tensor, out: torch.Tensor) -> None:
-    out.copy_(levels)
-    out.mul_(steps)
-
-
-def scale_levels(
-    levels: torch.Tensor, steps: torch.Tensor, out: torch.Tensor, bucket_size: int
-) -> torch.Tensor:
-    """Write ``out = levels * steps[bucket]`` for flat integer ``levels`` in one pass.
-
-    ``steps`` has ``out``'s dtype. The conversion to float is exact below ``2**24`` (float32)
-    and the product is one IEEE multiply, so the compiled pass and its eager twin (convert, then
-    multiply in place) give the same bits.
-    """
-    n = levels.numel()
-    full = n // bucket_size
-    cut = full * bucket_size
-    parts = []
-    if full:
-        rows = (full, bucket_size)
-        parts.append((levels[:cut].view(rows), steps[:full, None], out[:cut].view(rows)))
-    if cut < n:
-        parts.append((levels[cut:].view(1, -1), steps[full:].view(1, 1), out[cut:].view(1, -1)))
-    for part in parts:
-        _dispatch(_scale_math, part, partial(_scale_eager, *part))
     return out
 
 

@@ -55,7 +55,6 @@ from hflmpi.core.fused import (
     pack_into,
     reciprocal_steps,
     round_dithered,
-    scale_levels,
 )
 from hflmpi.core.packing import code_scratch, code_scratch_shape
 from hflmpi.core.wire import (
@@ -179,6 +178,28 @@ def _buckets(t: torch.Tensor, bucket_size: int) -> tuple[torch.Tensor, torch.Ten
     """Split a flat tensor into a ``(full_buckets, bucket_size)`` view and the short tail."""
     full = t.numel() // bucket_size
     return t[: full * bucket_size].view(full, bucket_size), t[full * bucket_size :]
+
+
+def _per_bucket(
+    op: str,
+    t: torch.Tensor,
+    values: torch.Tensor,
+    bucket_size: int,
+    other: torch.Tensor | None = None,
+) -> None:
+    """Run ``t.op(other, values[bucket])`` (or ``t.op(values[bucket])``) in place per bucket."""
+    main, tail = _buckets(t, bucket_size)
+    full = main.shape[0]
+    if other is None:
+        main_args: tuple[torch.Tensor, ...] = ()
+        tail_args: tuple[torch.Tensor, ...] = ()
+    else:
+        other_main, other_tail = _buckets(other, bucket_size)
+        main_args, tail_args = (other_main,), (other_tail,)
+    if full:
+        getattr(main, op)(*main_args, values[:full, None])
+    if tail.numel():
+        getattr(tail, op)(*tail_args, values[full:])
 
 
 def bucket_absmax(x: torch.Tensor, bucket_size: int) -> torch.Tensor:
@@ -461,5 +482,7 @@ def from_level_sum(
             f"{out.numel()}"
         )
     scales = _check_scales(scales, n, bucket_size, out.device)
-    scale_levels(level_sum, (scales / s).to(out.dtype), out.view(-1), bucket_size)
+    flat = out.view(-1)
+    flat.copy_(level_sum)
+    _per_bucket("mul_", flat, (scales / s).to(out.dtype), bucket_size)
     return out
