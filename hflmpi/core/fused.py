@@ -23,9 +23,9 @@ the float32 product:
 
 i.e. at most ``2^-(r+1) step + 2^-23 m`` in value (before the clamp, which only bites for
 values beyond the scale). ``r = min(16, 24 - bitlength(s))`` (:func:`dither_bits`): 16 bits up
-to 9-bit quantizers, a bias of at most ``2^-17`` step, 65536 times below the largest per-element
-quantization variance ``step^2/4`` in squared terms and as small as the float32 rounding of
-``x/step`` near the top of an 8-bit grid; fewer bits for wider grids so that
+to 9-bit quantizers: a bias of at most ``2^-17`` step, the size of the float32 rounding of
+``x/step`` near the top of an 8-bit grid and ``2^-16`` of the rounding's standard deviation at
+``p = 1/2``; fewer bits for wider grids so that
 ``|w + U| <= (hi + 1) 2^r <= 2^24`` stays exact in float32 (16 bits: ``r = 9``, bias
 ``<= 2^-10`` step ``= 2^-25 m``). ``w``, ``U``, their sum, the scaling by ``2^-r`` and the floor
 are exact, so every implementation that computes ``fl(x g)`` with one IEEE multiply (CPU,
