@@ -1,17 +1,18 @@
 """Measure single-core throughput of the quantization kernels the job's uplink runs.
 
 Times, in parameters per second per core, the encoder of one child on the gather path of
-:class:`hflmpi.mpi.uplink.QuantizedUplink` (``bucket_absmax`` -> ``to_levels`` ->
-``pack_levels`` into the send row) and the decoder of a leader with one child (its own levels
-plus ``sum_packed_levels`` of the child's row -> ``from_level_sum``), with the same preallocated
+:class:`hflmpi.mpi.uplink.QuantizedUplink` (``bucket_absmax`` -> ``to_packed`` into the send
+row) and the decoder of a leader with one child (its own levels plus ``sum_packed_levels`` of
+the child's row -> ``from_level_sum``), with the same preallocated
 buffers the uplink keeps. The MPI collectives themselves are not timed (see ``hflmpi bench
 aggregate``). Each rate is also given as a ratio to a baseline measured in the same run on the
 same tensor: ``torch.rand(n)`` followed by ``.copy_(x)`` (one uniform draw and one float copy per
 element, the floor of any naive stochastic rounding). CPU speed on shared machines drifts, so
-compare the ratios, not absolute numbers across runs. Times are the best of ``--repeats``
-rounds, each round running baseline, encode and decode back to back; the clock is this thread's
-CPU time (``time.thread_time``), i.e. per core, so other processes on the machine distort it
-less than wall time.
+compare the ratios, not absolute numbers across runs. The encoder runs compiled unless
+``HFLMPI_QUANTIZE_KERNEL=eager`` (:mod:`hflmpi.core.fused`); the warm-up call compiles. Times
+are the best of ``--repeats`` rounds, each round running baseline, encode and decode back to
+back; the clock is this thread's CPU time (``time.thread_time``), i.e. per core, so other
+processes on the machine distort it less than wall time.
 
 Usage::
 
@@ -22,13 +23,22 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
 import torch
 
-from hflmpi.core.packing import code_scratch, pack_levels, sum_packed_levels
-from hflmpi.core.quantize import bucket_absmax, from_level_sum, integer_dtype, new_workspace, to_levels
+from hflmpi.core.fused import KERNEL_ENV
+from hflmpi.core.packing import code_scratch, sum_packed_levels
+from hflmpi.core.quantize import (
+    bucket_absmax,
+    from_level_sum,
+    integer_dtype,
+    new_workspace,
+    to_levels,
+    to_packed,
+)
 from hflmpi.core.rng import torch_generator
 from hflmpi.core.wire import layer_wire, levels_for_bits
 
@@ -67,9 +77,8 @@ def _kernels(
 
     def encode() -> None:
         scales.copy_(bucket_absmax(x, bucket_size))
-        to_levels(x, scales, s, generator, bucket_size=bucket_size, sign=bits == 1, out=levels,
+        to_packed(x, scales, bits, generator, bucket_size=bucket_size, out=row, codes=codes,
                   workspace=workspace)
-        pack_levels(levels, bits, out=row, codes=codes, check=False)
 
     def decode() -> None:
         # The accumulator's previous contents stand in for the leader's own levels (the job
@@ -78,6 +87,8 @@ def _kernels(
         from_level_sum(accumulator, scales, s, out=out, bucket_size=bucket_size)
 
     encode()
+    to_levels(x, scales, s, generator, bucket_size=bucket_size, sign=bits == 1, out=levels,
+              workspace=workspace)
     accumulator.copy_(levels)
     return encode, decode, wire.payload_nbytes + wire.scale_nbytes
 
@@ -112,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, "
         f"bucket_size={args.bucket_size}, best of {args.repeats}, "
-        f"clock={'wall' if args.wall else 'thread CPU'}; Mp/s = 1e6 params/s per core"
+        f"clock={'wall' if args.wall else 'thread CPU'}, "
+        f"{KERNEL_ENV}={os.environ.get(KERNEL_ENV, 'auto')}; Mp/s = 1e6 params/s per core"
     )
     print(f"{'numel':>10} {'bits':>4} {'baseline':>9} {'encode':>9} {'x base':>7} "
           f"{'decode':>9} {'x base':>7} {'wire bytes':>11}")

@@ -12,7 +12,7 @@ with scale ``m = max_i |x_i|`` (float32) and ``s = 2**(bits-1) - 1`` levels per 
     d = m / s,\qquad t_i = x_i / d,\qquad \ell_i = \lfloor t_i + u_i \rfloor,\quad
     u_i \sim U[0, 1),\qquad Q(x)_i = \ell_i\, d,
 
-so ``P(l_i = floor(t_i) + 1) = t_i - floor(t_i)`` and ``E[Q(x)_i] = x_i`` (unbiased), with
+so ``P(l_i = floor(t_i) + 1) = t_i - floor(t_i)`` (to the dither's resolution, see Numerics) and ``E[Q(x)_i] = x_i`` (unbiased), with
 ``l_i`` in ``[-s, s]``. Per bucket, ``E||Q(x) - x||^2 <= q ||x||^2`` with QSGD's
 ``q = min(B/s^2, sqrt(B)/s)`` (:func:`variance_bound`). ``bits = 1`` is the stochastic sign
 quantizer: ``Q(x)_i = +m`` with probability ``(1 + x_i/m)/2``, else ``-m`` (see
@@ -27,17 +27,18 @@ integers of that width or bit-packed (:func:`hflmpi.core.packing.pack_levels`, s
 leader by :func:`hflmpi.core.packing.sum_packed_levels`); :mod:`hflmpi.core.wire` says how many
 bytes each way moves. These are the kernels the job's uplink (:mod:`hflmpi.mpi.uplink`) runs:
 
-    encode   bucket_absmax -> (MAX allreduce) -> to_levels -> pack_levels
+    encode   bucket_absmax -> (MAX allreduce) -> to_packed (gather) or to_levels (sum)
     decode   sum_packed_levels (or an integer Reduce) -> from_level_sum
 
-Numerics: the dither ``u`` comes from 23 random mantissa bits per element, drawn with
-``int64`` ``random_`` from the caller's generator (never the global RNG), which is about 2x
-cheaper on CPU than ``torch.rand``. Arithmetic is float32 with the same step ``d`` (float32) for
-encoding and decoding, so unbiasedness holds up to float32 rounding,
-``|E[Q(x)_i] - x_i| <~ 2**-22 m`` (a few ulps of the bucket scale). ``x / d`` never overflows
-(``|x| <= m``); scales below float32's normal range (~1e-38 * s) give a subnormal ``d`` and lose
-relative precision. The same code runs on CUDA tensors with a CUDA generator; CPU and CUDA
-generators produce different streams, so levels differ between devices (same distribution).
+Numerics: the dither is an ``r``-bit integer (``r = 16`` up to 9 bits, ``25 - bits`` above),
+drawn as full 64-bit words with ``random_`` from the caller's generator (never the global RNG),
+4 elements per word; :mod:`hflmpi.core.fused` rounds in one fused pass whose arithmetic after
+``fl(x_i / d)`` is exact, so ``E[l_i]`` is ``t_i`` rounded to the ``2^-r`` grid:
+``|E[Q(x)_i] - x_i| <= 2^-(r+1) d + 2^-23 m`` (exactly unbiased for ``t_i`` on that grid).
+Decoding multiplies by the same float32 step ``d``. ``x / d`` never overflows (``|x| <= m``);
+scales below float32's normal range (~1e-38 * s) give a subnormal ``d`` and lose relative
+precision. The same code runs on CUDA tensors with a CUDA generator; CPU and CUDA generators
+produce different streams, so levels differ between devices (same distribution).
 """
 
 from __future__ import annotations
@@ -46,13 +47,30 @@ import math
 
 import torch
 
-from hflmpi.core.wire import check_bucket_size, container_nbytes, levels_for_bits, num_buckets
+from hflmpi.core.fused import (
+    Grid,
+    dither_bits,
+    dither_words,
+    draw_dither,
+    pack_into,
+    reciprocal_steps,
+    round_dithered,
+)
+from hflmpi.core.packing import code_scratch, code_scratch_shape
+from hflmpi.core.wire import (
+    check_bucket_size,
+    container_nbytes,
+    levels_for_bits,
+    num_buckets,
+    packed_nbytes,
+)
 
 __all__ = [
     "variance_bound",
     "bucket_absmax",
     "new_workspace",
     "to_levels",
+    "to_packed",
     "from_level_sum",
     "sum_dtype",
     "integer_dtype",
@@ -60,8 +78,6 @@ __all__ = [
 
 _SUM_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 _DTYPE_OF_NBYTES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_MANTISSA_MASK = (1 << 23) - 1
-_ONE_BITS = 0x3F800000  # float32 1.0: OR-ed with 23 random mantissa bits gives U[1, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,49 +272,48 @@ def _check_scales(scales: torch.Tensor, numel: int, bucket_size: int, device: to
 def new_workspace(numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Return a scratch buffer for quantizing ``numel`` elements (reuse it to avoid page faults).
 
-    It holds the random words and then the dithered values: ``4*numel`` bytes (rounded up to
-    8), as an ``int64`` tensor of ``ceil(numel/2)`` elements.
+    It holds the random words of the dither (:func:`hflmpi.core.fused.draw_dither`): ``2*numel``
+    bytes (rounded up to 8), as an ``int64`` tensor.
     """
-    return torch.empty(-(-numel // 2), dtype=torch.int64, device=device)
+    return torch.empty(dither_words(numel), dtype=torch.int64, device=device)
 
 
-def _dithered(
+def _round(
     x: torch.Tensor,
-    steps: torch.Tensor,
-    offset: float,
-    bucket_size: int,
+    scales: torch.Tensor,
+    grid: Grid,
     generator: torch.Generator,
+    out: torch.Tensor,
+    bucket_size: int,
     workspace: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Return ``x / step + offset + u`` (float32, in the workspace), ``u ~ U[0, 1)``.
+    """Check the arguments shared by :func:`to_levels` and :func:`to_codes`; round into ``out``.
 
-    ``step`` is the per-bucket grid spacing (``scale / s``); ``|x / step|`` cannot overflow
-    because ``|x| <= scale``. ``u`` has 23 random bits: OR-ing random mantissa bits into the bit
-    pattern of 1.0 gives a float uniform on the 2**-23 grid of [1, 2) exactly. Zero-step buckets
-    (all-zero data) divide by 1 instead, which leaves their zeros at 0.
+    The grid spacing is ``step = scale / s`` (``2 * scale`` on the sign grid), the one
+    :func:`from_level_sum` multiplies by; zero-scale buckets get a reciprocal step of 0, which
+    leaves their zeros at level 0 (sign grid: +-1 times a zero scale).
     """
-    n = x.numel()
-    words_needed = -(-n // 2)
+    _check_generator(generator, x.device)
+    if out.numel() != x.numel() or out.dtype not in _SUM_DTYPES + (torch.uint8,):
+        raise ValueError(f"out must be an integer tensor of {x.numel()} elements, got {out.dtype} "
+                         f"with {out.numel()}")
+    low, high = grid.bounds
+    mult, add = grid.affine
+    largest = max(abs(low * mult + add), abs(high * mult + add))
+    if torch.iinfo(out.dtype).max < largest or (torch.iinfo(out.dtype).min > low * mult + add):
+        raise ValueError(f"dtype {out.dtype} cannot hold levels up to s={grid.s}")
+    scales = _check_scales(scales, x.numel(), bucket_size, x.device)
+    _check_finite(scales)
+    if x.numel() == 0:
+        return out
     if workspace is None:
-        workspace = new_workspace(n, x.device)
-    if (
-        workspace.dtype != torch.int64
-        or workspace.numel() < words_needed
-        or workspace.device != x.device
-    ):
-        raise ValueError(
-            f"workspace must be an int64 tensor of >= {words_needed} elements on {x.device} "
-            "(see new_workspace)"
-        )
-    words = workspace[:words_needed]
-    words.random_(generator=generator)  # 63 random bits per word; we use 2 x 23 of them
-    halves = words.view(torch.int32)[:n]
-    halves.bitwise_and_(_MANTISSA_MASK).bitwise_or_(_ONE_BITS)
-    values = halves.view(torch.float32)  # uniform on [1, 2)
-    values.add_(offset - 1.0)
-    divisor = torch.where(steps > 0, steps, torch.ones_like(steps))
-    _per_bucket("addcdiv_", values, divisor, bucket_size, x)
-    return values
+        workspace = new_workspace(x.numel(), x.device)
+    if workspace.device != x.device:
+        raise ValueError(f"workspace is on {workspace.device}, x on {x.device} (see new_workspace)")
+    dither = draw_dither(x.numel(), generator, workspace)
+    steps = scales * 2.0 if grid.sign else scales / grid.s
+    round_dithered(x, reciprocal_steps(steps), dither, grid, out.view(-1), bucket_size)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +337,7 @@ def to_levels(
 
     ``l_i = floor(x_i / d_b + u_i)`` clamped to ``[-s, s]``, with ``d_b = m_b / s`` (float32)
     and ``m_b`` the (shared) scale of ``x_i``'s bucket, so ``E[l_i] d_b = x_i`` whenever
-    ``|x_i| <= m_b``. With ``sign=True`` (the 1-bit grid, ``s`` must be 1) ``l_i = +1`` with
+    ``|x_i| <= m_b`` (up to the dither resolution: :mod:`hflmpi.core.fused`). With ``sign=True`` (the 1-bit grid, ``s`` must be 1) ``l_i = +1`` with
     probability ``(1 + x_i/m_b)/2``, else -1, so ``E[l_i] m_b = x_i``.
 
     Parameters
@@ -355,32 +370,71 @@ def to_levels(
     """
     bucket_size = check_bucket_size(bucket_size)
     x = _flat_float32(x)
-    _check_generator(generator, x.device)
-    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-        raise ValueError(f"s={s!r} must be an integer >= 1 (levels_for_bits(bits))")
+    dither_bits(s)  # checks s
     if sign and s != 1:
         raise ValueError(f"the sign grid has s=1, got s={s}")
     if out is None:
         out = torch.empty(x.numel(), dtype=dtype, device=x.device)
-    if out.dtype not in _SUM_DTYPES or out.numel() != x.numel():
-        raise ValueError(
-            f"out must be an int8/16/32/64 tensor of {x.numel()} elements, got {out.dtype} "
-            f"with {out.numel()}"
-        )
-    if torch.iinfo(out.dtype).max < s:
-        raise ValueError(f"dtype {out.dtype} cannot hold levels up to s={s}")
-    scales = _check_scales(scales, x.numel(), bucket_size, x.device)
-    _check_finite(scales)
-    if x.numel() == 0:
-        return out
-    if sign:  # code = floor(x / (2m) + 1/2 + u) in {0, 1}; level = 2 code - 1
-        values = _dithered(x, scales * 2.0, 0.5, bucket_size, generator, workspace)
-        values.floor_().clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
-    else:
-        values = _dithered(x, scales / s, 0.0, bucket_size, generator, workspace)
-        values.floor_().clamp_(-float(s), float(s))
-    out.view(-1).copy_(values)
-    return out
+    if out.dtype not in _SUM_DTYPES:
+        raise ValueError(f"out must be an int8/16/32/64 tensor of {x.numel()} elements, got "
+                         f"{out.dtype} with {out.numel()}")
+    return _round(x, scales, Grid(s, sign, codes=False), generator, out, bucket_size, workspace)
+
+
+def to_packed(
+    x: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    generator: torch.Generator,
+    *,
+    bucket_size: int,
+    out: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Round ``x`` like :func:`to_levels` and bit-pack the levels: the gather path's encoder.
+
+    Equal to ``pack_levels(to_levels(x, scales, s, generator, sign=bits == 1, ...), bits)`` for
+    the same generator state, but the kernel writes the wire codes (``level + s``, or the sign
+    bit) directly, into ``out`` itself at 8 bits, so no level tensor is made.
+
+    Parameters
+    ----------
+    x, scales, generator, bucket_size, workspace
+        As for :func:`to_levels`.
+    bits : int
+        Quantizer width, 1..16 (1 = stochastic sign).
+    out : Tensor, optional
+        ``uint8`` tensor of exactly ``ceil(numel*bits/8)`` bytes (e.g. the send row).
+    codes : Tensor, optional
+        Scratch from :func:`hflmpi.core.packing.code_scratch` (unused at 8 bits).
+
+    Returns
+    -------
+    Tensor
+        The packed ``uint8`` bit stream (``out`` if given).
+    """
+    bucket_size = check_bucket_size(bucket_size)
+    x = _flat_float32(x)
+    n = x.numel()
+    nbytes = packed_nbytes(n, bits)
+    if out is None:
+        out = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+    if out.dtype != torch.uint8 or out.numel() != nbytes:
+        raise ValueError(f"out must be a uint8 tensor of {nbytes} elements, got {out.dtype} "
+                         f"with {out.numel()}")
+    grid = Grid(levels_for_bits(bits), bits == 1, codes=True)
+    if bits == 8:  # the codes are the bytes
+        return _round(x, scales, grid, generator, out, bucket_size, workspace)
+    if codes is None:
+        codes = code_scratch(n, bits, x.device)
+    expected = code_scratch_shape(n, bits)
+    if (codes.dtype, codes.numel()) != expected:
+        raise ValueError(f"codes must be a {expected[0]} tensor of {expected[1]} elements "
+                         f"(code_scratch), got {codes.dtype} with {codes.numel()}")
+    _round(x, scales, grid, generator, codes[:n], bucket_size, workspace)
+    codes[n:].zero_()  # the padding of the last group of 8 must be zero codes
+    return pack_into(codes, bits, n, out)
 
 
 def from_level_sum(

@@ -32,7 +32,14 @@ import torch
 from mpi4py import MPI
 
 from hflmpi.core.packing import code_scratch, pack_levels, sum_packed_levels
-from hflmpi.core.quantize import bucket_absmax, from_level_sum, integer_dtype, new_workspace, to_levels
+from hflmpi.core.quantize import (
+    bucket_absmax,
+    from_level_sum,
+    integer_dtype,
+    new_workspace,
+    to_levels,
+    to_packed,
+)
 from hflmpi.core.secure import PairwiseSeeds, mask_levels, unmask_sum
 from hflmpi.core.wire import SCALE_NBYTES, LayerWire, Method, layer_wire, levels_for_bits
 from hflmpi.mpi.transport import MpiBuffer
@@ -168,12 +175,20 @@ class QuantizedUplink:
                 "a model update in this layer group holds NaN or Inf; check the learning rate "
                 "and the data of the group's devices"
             )
-        levels = to_levels(
-            diff, self._scales, self.s, generator, bucket_size=self.bucket_size,
-            sign=self.bits == 1, out=self._levels, workspace=self._workspace,
-        )
-        error = self._relative_error(diff, levels) if measure_error else float("nan")
-        if self.seeds is not None:
+        if self.method == Method.GATHER and not self.is_leader and not measure_error:
+            # these levels only travel packed: round straight into the send row (same bits)
+            to_packed(diff, self._scales, self.bits, generator, bucket_size=self.bucket_size,
+                      out=self._packed[0], codes=self._codes, workspace=self._workspace)
+            levels = None
+        else:
+            levels = to_levels(
+                diff, self._scales, self.s, generator, bucket_size=self.bucket_size,
+                sign=self.bits == 1, out=self._levels, workspace=self._workspace,
+            )
+        error = float("nan")
+        if measure_error and levels is not None:
+            error = self._relative_error(diff, levels)
+        if self.seeds is not None and levels is not None:
             mask_levels(levels, self.comm.Get_rank(), self.fan_in, self.seeds,
                         self.wire.modulus_bits, step=step, layer=layer, out=levels)
         if self.method == Method.INTEGER_SUM:
@@ -207,8 +222,8 @@ class QuantizedUplink:
             self._levels.copy_(unmask_sum(self._levels, self.wire.modulus_bits))
         return 0
 
-    def _gather_sum(self, levels: torch.Tensor) -> int:
-        if not self.is_leader:  # the leader's own levels never leave it
+    def _gather_sum(self, levels: torch.Tensor | None) -> int:
+        if not self.is_leader and levels is not None:  # the leader's own levels never leave it
             pack_levels(levels, self.bits, out=self._packed[0], codes=self._codes, check=False)
         buf = self._packed_mpi.outbound()
         if self.is_leader:
