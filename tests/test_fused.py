@@ -162,7 +162,10 @@ def test_failed_compilation_falls_back_to_the_same_bits(monkeypatch) -> None:
     monkeypatch.setenv(KERNEL_ENV, "compiled")
     with pytest.raises(RuntimeError, match="no C"):
         to_levels(x, scales, 7, _gen(5), bucket_size=32)
-    monkeypatch.setenv(KERNEL_ENV, "auto")
+    monkeypatch.setenv(KERNEL_ENV, "auto")  # below COMPILE_MIN_NUMEL: eager, no attempt
+    assert torch.equal(to_levels(x, scales, 7, _gen(5), bucket_size=32), expected)
+    assert not fused._KERNELS.failed
+    monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 100)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler\\); using the eager kernels"):
         result = to_levels(x, scales, 7, _gen(5), bucket_size=32)
     assert torch.equal(result, expected)
