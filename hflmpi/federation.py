@@ -296,17 +296,8 @@ def _train_rounds(
     result = _run_rounds(config, comm, fed, watchdog, solver, start_round, state is not None,
                          record, progress, record_path)
     if rank == 0 and not result.preempted:
-        _drop_replaced(record_path)
+        drop_replaced(record_path)  # the new run is complete: what overwrite set aside goes
     return result
-
-
-def _drop_replaced(record_path: Path) -> None:
-    """Delete what ``overwrite`` set aside, now that the new run is complete (rank 0; never raises)."""
-    try:
-        drop_replaced(record_path)
-    except OSError as exc:
-        _log.warning("hflmpi: warning: the replaced run's files next to %s stay: %s", record_path,
-                     describe_os_error(exc))
 
 
 def _run_rounds(

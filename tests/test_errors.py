@@ -39,6 +39,7 @@ USER_ERRORS = {
     "hflmpi.core.server_opt.ServerOptError",
     "hflmpi.core.strategy.PluginError",
     "hflmpi.bench.memory.BenchMemoryError",
+    "hflmpi.bench.netem.NetemError",
 }
 # Exception classes that are not user errors, each with the reason.
 NOT_USER_ERRORS = {

@@ -58,7 +58,7 @@ def test_a_file_without_a_stored_config_is_a_clear_config_error(tmp_path):
         read_run_config(path)
     assert isinstance(info.value, HflmpiError)
     message = str(info.value)
-    assert str(path) in message and "stores no config" in message and "run file" in message
+    assert str(path) in message and "stores no config" in message and "run record" in message
 
 
 def test_a_missing_file_is_file_not_found(tmp_path):

@@ -19,7 +19,7 @@ import logging
 import os
 from pathlib import Path
 
-from hflmpi.record.checkpoint import checkpoint_paths, fsync_path
+from hflmpi.record.checkpoint import checkpoint_paths, describe_os_error, fsync_path
 
 __all__ = ["REPLACED_SUFFIX", "OVERWRITE_FLAG", "run_files", "refusal", "set_aside", "drop_replaced"]
 
@@ -83,10 +83,17 @@ def set_aside(run_path: str | os.PathLike[str]) -> list[Path]:
 
 
 def drop_replaced(run_path: str | os.PathLike[str]) -> list[Path]:
-    """Delete the files :func:`set_aside` kept for the run at ``run_path``; return those deleted."""
+    """Delete the files :func:`set_aside` kept for the run at ``run_path``; return those deleted.
+
+    Never raises: the new run is complete, so a file that cannot be deleted is only a warning.
+    """
     dropped = []
     for path in map(_aside, run_files(run_path)):
-        if path.exists():
-            path.unlink()
-            dropped.append(path)
+        try:
+            if path.exists():
+                path.unlink()
+                dropped.append(path)
+        except OSError as exc:
+            _log.warning("hflmpi: warning: the replaced run's file %s stays: %s", path,
+                         describe_os_error(exc))
     return dropped
