@@ -85,6 +85,7 @@ def test_a_bad_link_is_one_error_line_and_exit_2():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # past the job's own 600 s limit, so a stuck job shows its output
 def test_two_nodes_give_one_group_each_and_their_traffic_crosses_the_link(tmp_path, no_leftovers):
     from hflmpi.record.reading import read_metrics, read_run_info
 
@@ -92,11 +93,15 @@ def test_two_nodes_give_one_group_each_and_their_traffic_crosses_the_link(tmp_pa
     argv = [sys.executable, "-m", "mpi4py", "-m", "hflmpi", "run", str(JOBS / "cpu-node.toml"),
             "--set", f'run.out="{out}"', "--set", f"run.rounds={rounds}",
             "--set", "schedule.tau=[2, 1]", "--set", "quantize.bits=[0, 0]",
-            "--set", "topology.nodes=true", "--set", 'run.progress="off"']
+            "--set", "topology.nodes=true", "--set", 'run.progress="off"',
+            "--set", "run.watchdog_seconds=300"]
     with EmulatedCluster(2, 2, rate=10**9) as cluster:
         before = cluster.link_bytes()
-        done = subprocess.run(cluster.command(argv), env=cluster.env({**os.environ, "OMP_NUM_THREADS": "1"}),
-                              capture_output=True, text=True, timeout=600)
+        try:
+            done = subprocess.run(cluster.command(argv), capture_output=True, text=True, timeout=600,
+                                  env=cluster.env({**os.environ, "OMP_NUM_THREADS": "1"}))
+        except subprocess.TimeoutExpired as stuck:
+            pytest.fail(f"the 2-node job did not end within 600 s; its output:\n{stuck.stdout}\n{stuck.stderr}")
         after = cluster.link_bytes()
     assert done.returncode == 0, done.stderr[-3000:]
     tree = read_run_info(out)["tree"]
