@@ -85,3 +85,18 @@ def test_old_run_file_without_provenance_reads_empty(tmp_path):
     path = tmp_path / "old.h5"
     RunRecord.create(path, "", {"world_size": 1, "tree": {}}, layer_count=1).close()
     assert read_provenance(path) == [] and read_run_info(path)["provenance"] == []
+
+
+def test_the_mpi_library_name_drops_the_nul_open_mpi_ends_it_with(monkeypatch):
+    """Open MPI 5's MPI_Get_library_version ends with a NUL, which HDF5 string attributes refuse."""
+    import hflmpi.mpi.comm as comm_module
+
+    class FakeMPI:
+        @staticmethod
+        def Get_library_version() -> str:
+            return "Open MPI v5.0.11, package: Open MPI, ident: 5.0.11, repo rev: v5.0.11rc1\x00"
+
+    monkeypatch.setattr(comm_module, "MPI", FakeMPI)
+    assert comm_module.library_name() == "Open MPI v5.0.11, package: Open MPI, ident: 5.0.11, repo rev: v5.0.11rc1"
+    FakeMPI.Get_library_version = staticmethod(lambda: "MPICH Version:      4.3.0\nMPICH Release date: x\n")
+    assert comm_module.library_name() == "MPICH Version:      4.3.0"

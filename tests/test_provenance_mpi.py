@@ -40,7 +40,7 @@ def test_run_record_holds_hosts_mpi_library_and_a_new_leg_per_resume(comm, share
     size = comm.Get_size()
     path = f"{shared_dir}/run.h5"
     hosts = comm.allgather(MPI.Get_processor_name())
-    library = MPI.Get_library_version().strip().splitlines()[0].strip()
+    library = MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0].strip()
     train(_config(path, 2, size), comm)
     train(_config(path, 3, size), comm, resume=path)
     verdict, message = True, ""

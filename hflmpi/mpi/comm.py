@@ -26,7 +26,7 @@ from hflmpi.core.topology import TopologyError, TreePlan, plan_nodes
 from hflmpi.mpi.messages import allgather_text, bcast_int
 from hflmpi.mpi.placement import limit_threads, node_local  # re-exported: one home, old import path
 
-__all__ = ["LayerComms", "node_local", "node_names", "plan_from_nodes", "cuda_aware_mpi", "limit_threads",
+__all__ = ["library_name", "LayerComms", "node_local", "node_names", "plan_from_nodes", "cuda_aware_mpi", "limit_threads",
            "world", "mpi_provenance"]
 
 _NODE_NAME_BYTES = 1024  # longest node name (UTF-8 bytes) a rank may report
@@ -129,6 +129,15 @@ def node_names(comm: MPI.Comm) -> list[str]:
     return [str(n) for n in names]  # strict: every entry is a validated text
 
 
+def library_name() -> str:
+    """Return the first line of ``MPI.Get_library_version()`` (e.g. ``"MPICH Version: 4.2.0"``).
+
+    Open MPI ends the string with a NUL byte, which HDF5 refuses in a string attribute: NULs go.
+    """
+    lines = MPI.Get_library_version().replace("\x00", "").strip().splitlines()
+    return lines[0].strip() if lines else "an unknown MPI library"
+
+
 def mpi_provenance(comm: MPI.Comm) -> dict[str, object]:
     """Return the MPI facts of a run: library string, standard version, every rank's host name.
 
@@ -137,11 +146,10 @@ def mpi_provenance(comm: MPI.Comm) -> dict[str, object]:
     Open MPI from MPICH and their releases apart; ``host_names`` holds ``MPI.Get_processor_name()``
     of every rank, in rank order.
     """
-    library = MPI.Get_library_version().strip().splitlines()
     major, minor = MPI.Get_version()
     hosts = allgather_text(comm, MPI.Get_processor_name(), max_bytes=_NODE_NAME_BYTES,
                            what="sharing the host names for the run record")
-    return {"mpi_library": library[0].strip() if library else "", "mpi_standard": f"{major}.{minor}",
+    return {"mpi_library": library_name(), "mpi_standard": f"{major}.{minor}",
             "host_names": [h or "" for h in hosts], "world_size": comm.Get_size()}
 
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
+from hflmpi.mpi.comm import library_name
 from hflmpi.mpi.guard import SetupError
 
-__all__ = ["InexactSumError", "check_integer_sum", "library_name"]
+__all__ = ["InexactSumError", "check_integer_sum"]
 
 _ELEMENTS = 4 * 64 + 3  # vector kernels take 64 int8 at a time (AVX-512); 3 more for the tail
 _PATTERN_SEED = 0x5EC5
@@ -34,12 +35,6 @@ _PATTERN_SEED = 0x5EC5
 
 class InexactSumError(SetupError):
     """The MPI library's integer ``SUM`` gave a wrong result on in-range values."""
-
-
-def library_name() -> str:
-    """Return the first line of ``MPI.Get_library_version()`` (e.g. ``"MPICH Version: 4.2.0"``)."""
-    lines = MPI.Get_library_version().strip().splitlines()
-    return lines[0].strip() if lines else "an unknown MPI library"
 
 
 def _pattern(size: int, low: int, high: int) -> np.ndarray:
