@@ -197,14 +197,23 @@ def test_bytes_counted_equal_the_formula(width):
         scales = 4 * -(-NUMEL // BUCKET)
         if method == Method.GATHER:
             payload = packed_nbytes(NUMEL, width)
+        elif method == Method.LANES:  # lanes of bit_length(2 size s) bits, floor(64 / L) a word
+            width_bits = (2 * size * levels_for_bits(width)).bit_length()
+            payload = 8 * -(-NUMEL // (64 // width_bits))
         else:
             container = torch.int8 if size * levels_for_bits(width) <= 127 else (
                 torch.int16 if size * levels_for_bits(width) <= 2**15 - 1 else torch.int32)
             payload = NUMEL * torch.empty((), dtype=container).element_size()
         expected = scales + (0 if rank == 0 else payload)
         parallel_assert(comm, stats.bytes_sent == [expected], f"{stats.bytes_sent} != [{expected}]")
-        parallel_assert(comm, agg.methods() == ["integer-sum" if method == Method.INTEGER_SUM
-                                                else "gather"])
+        parallel_assert(comm, agg.methods() == [method.label])
+        # the downlink: the level sum in the same lanes as a fan-in of `size`, plus the scales,
+        # unless that is not smaller than the float32 model
+        width_bits = (2 * size * levels_for_bits(width)).bit_length()
+        levels = 8 * -(-NUMEL // (64 // width_bits)) + scales
+        down = levels if levels < 4 * NUMEL else 4 * NUMEL
+        parallel_assert(comm, stats.bytes_received == [0 if rank == 0 else down],
+                        f"{stats.bytes_received} != [{down}]")
 
 
 @pytest.mark.mpi(min_size=2)
