@@ -105,7 +105,7 @@ class LevelsDownlink:
                    scratch=self._pack_scratch)
         self._scales.copy_(scales)
 
-    def bcast(self, comm: MPI.Comm) -> None:
+    def broadcast(self, comm: MPI.Comm) -> None:
         """Broadcast the payload from rank 0 of ``comm`` (a layer communicator)."""
         buf = self._mpi.outbound(copy=comm.Get_rank() == 0)
         comm.Bcast(buf, root=0)
@@ -194,7 +194,7 @@ class Downlinks:
         for n in range(layer, 0, -1):
             if self.comms.joins(n):
                 comm = self.comms.layer(n)
-                downlink.bcast(comm)
+                downlink.broadcast(comm)
                 if comm.Get_rank() != 0:
                     received[n - 1] += downlink.nbytes
         downlink.rebuild(flat)
