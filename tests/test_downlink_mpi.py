@@ -21,10 +21,13 @@ from conftest import parallel_assert, random_nested_groups
 mpi4py = pytest.importorskip("mpi4py")
 from mpi4py import MPI  # noqa: E402
 
+from hflmpi.core.lanes import LaneFormat  # noqa: E402
 from hflmpi.core.server_opt import ServerOptOptions  # noqa: E402
 from hflmpi.core.topology import plan_fanouts, plan_groups  # noqa: E402
+from hflmpi.mpi import layers  # noqa: E402
 from hflmpi.mpi.aggregate import HierarchicalAggregator  # noqa: E402
 from hflmpi.mpi.comm import LayerComms  # noqa: E402
+from hflmpi.mpi.exact_sum import InexactSumError, check_integer_sum  # noqa: E402
 
 NUMEL = 1500
 BUCKET = 64
@@ -138,3 +141,38 @@ def test_a_server_optimizer_at_the_top_keeps_the_float32_downlink():
     parallel_assert(comm, torch.equal(results[0], results[1]), "server optimizer results differ")
     parallel_assert(comm, received == [0, 0] if rank == 0 else received == [4 * NUMEL] * 2,
                     f"received {received}")
+
+
+def _drops_the_tail(inbuf: object, inoutbuf: object, datatype: MPI.Datatype) -> None:
+    """A uint64 vector kernel that forgets the elements after its last full block of 64."""
+    a = np.frombuffer(inbuf, dtype=np.uint64)  # type: ignore[call-overload]
+    b = np.frombuffer(inoutbuf, dtype=np.uint64)  # type: ignore[call-overload]
+    full = len(b) // 64 * 64
+    b[:full] += a[:full]
+
+
+@pytest.mark.mpi(min_size=2)
+def test_lanes_layers_check_the_uint64_sum_at_set_up(monkeypatch):
+    """The start-up check covers the lane words: MPI.SUM passes, a faulty sum is refused."""
+    comm = MPI.COMM_WORLD
+    size = comm.Get_size()
+    fmt = LaneFormat(300, 8, size)
+    check_integer_sum(comm, np.uint64, 0, fmt.max_word, what="lanes")  # MPI.SUM: exact
+    faulty = MPI.Op.Create(_drops_the_tail, commute=True)
+    try:
+        with pytest.raises(InexactSumError, match="uint64"):
+            check_integer_sum(comm, np.uint64, 0, fmt.max_word, op=faulty, what="lanes")
+    finally:
+        faulty.Free()
+    seen: list[tuple[object, int]] = []
+
+    def recording(comm_, dtype, low, high, **kwargs):
+        seen.append((np.dtype(dtype), high))
+        return check_integer_sum(comm_, dtype, low, high, **kwargs)
+
+    monkeypatch.setattr(layers, "check_integer_sum", recording)
+    with LayerComms(comm, plan_fanouts([size], size)) as comms:
+        HierarchicalAggregator(comms, torch.zeros(300), bits=[8], method="lanes")
+    parallel_assert(comm, seen == [(np.dtype(np.uint64), fmt.max_word)], f"checked {seen}")
+    # the largest word of one participant times the fan-in still fits 64 bits
+    parallel_assert(comm, size * fmt.max_word < 1 << 64, "lanes overflow a word")
