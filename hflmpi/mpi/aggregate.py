@@ -23,7 +23,8 @@ and then one of two algorithms sums the scaled models:
 Any other layer (quantized, robust, private: :mod:`hflmpi.mpi.layers`) needs the nested form:
 one up-loop in which each layer's object sends its participant's contribution to the leader
 (e.g. ``Q_n(a_c (x_c - x))``, :mod:`hflmpi.mpi.uplink`), layer by layer, then the top leader's
-model is broadcast down, layer by layer. The ``"tree"`` algorithm is that same up-loop over exact
+model is broadcast down, layer by layer (a bare quantized top layer sends its level sum and
+scales instead, :mod:`hflmpi.mpi.downlink`). The ``"tree"`` algorithm is that same up-loop over exact
 layers fed the pre-scaled model (``a_c = 1``: they only sum), and the same broadcast down. Each
 participant keeps the anchor ``x`` of every such layer it takes part in (the model at that
 layer's last aggregation).
