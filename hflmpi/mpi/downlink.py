@@ -35,6 +35,7 @@ from hflmpi.core.lanes import LaneFormat, pack_lanes, unpack_lanes
 from hflmpi.core.quantize import from_level_sum, integer_dtype
 from hflmpi.core.wire import (
     SCALE_NBYTES,
+    Method,
     choose_downlink,
     container_nbytes,
     levels_for_bits,
@@ -96,14 +97,22 @@ class LevelsDownlink:
         """Bytes of the broadcast payload: lane words plus float32 scales."""
         return self.payload.numel()
 
-    def load(self, level_sum: torch.Tensor, scales: torch.Tensor) -> None:
-        """At the top leader: put the group's level sum and the scales into the payload."""
+    def load(self, level_sum: torch.Tensor, scales: torch.Tensor,
+             words: torch.Tensor | None = None) -> None:
+        """At the top leader: put the group's level sum and the scales into the payload.
+
+        ``words``: the lanes uplink's summed words, already this payload's lanes (the sum of
+        ``fan_in`` codes ``level + s`` is ``level_sum + fan_in s``): copied, not repacked.
+        """
+        self._scales.copy_(scales)
+        if words is not None:
+            self._words.copy_(words)
+            return
         if self._pack_scratch is None:
             self._pack_scratch = torch.empty(self.lanes.words, dtype=torch.int64,
                                              device=self.payload.device)
         pack_lanes(level_sum, self.lanes, self._words, offset=self.fan_in * self.s,
                    scratch=self._pack_scratch)
-        self._scales.copy_(scales)
 
     def broadcast(self, comm: MPI.Comm) -> None:
         """Broadcast the payload from rank 0 of ``comm`` (a layer communicator)."""
@@ -166,6 +175,9 @@ class Downlinks:
                     mode, flat.element_size()) != "levels":
                 continue
             joined = layers.get(n)
+            if joined is not None and joined.comm.Get_size() != fan_in:
+                raise RuntimeError(f"layer {n}: the plan's fan-in {fan_in} is not the "
+                                   f"communicator's {joined.comm.Get_size()}")
             anchor = joined.anchor if joined is not None else None
             if anchor is None:
                 anchor = flat.detach().clone()
@@ -190,7 +202,9 @@ class Downlinks:
         top = self.layers.get(layer)
         if top is not None and top.is_leader:
             assert isinstance(top, QuantizedLayer)
-            downlink.load(top.uplink.level_sum, top.uplink.scales)
+            uplink = top.uplink
+            words = uplink.lane_sums if uplink.method == Method.LANES else None
+            downlink.load(uplink.level_sum, uplink.scales, words)
         for n in range(layer, 0, -1):
             if self.comms.joins(n):
                 comm = self.comms.layer(n)

@@ -218,6 +218,11 @@ class QuantizedUplink:
         return self._levels
 
     @property
+    def lane_sums(self) -> torch.Tensor:
+        """The summed lane words at the leader after a lanes :meth:`exchange`."""
+        return self._words
+
+    @property
     def scales(self) -> torch.Tensor:
         """The shared float32 scales of the last :meth:`exchange` (every participant)."""
         return self._scales
