@@ -323,8 +323,8 @@ class QuantizeConfig(_Section):
         (in lanes) and the scales, from which every device rebuilds the same model bit for bit
         (one more model copy per device for each such layer above the ones it joins).
         ``"auto"`` (the default) and ``"levels"`` send levels on every quantized layer whose
-        leader does not change the aggregate afterwards (no server optimizer, no central DP
-        noise); ``"auto"`` only where that is smaller than the model. Same bits every way.
+        leader does not change the aggregate afterwards (no server optimizer, no privacy at that
+        layer); ``"auto"`` only where that is smaller than the model. Same bits every way.
     """
 
     section: ClassVar[str] = "quantize"

@@ -20,8 +20,9 @@ layer's anchor). :class:`hflmpi.mpi.aggregate.HierarchicalAggregator` resets the
 layers' own anchors: after every layer-``n`` aggregation, after :meth:`broadcast` and on resume.
 
 Only a bare quantized layer broadcasts levels: where the leader changes the aggregate after
-dequantization (central DP noise, a server optimizer, a robust rule), the model itself goes
-down in float32.
+dequantization (central DP noise, a server optimizer; a robust rule is never quantized), the
+model itself goes down in float32. A privacy layer keeps float32 in both DP modes (distributed
+noise would allow levels; the safe choice keeps one rule).
 """
 
 from __future__ import annotations
