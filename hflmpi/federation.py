@@ -261,7 +261,7 @@ def _aggregator(
     return HierarchicalAggregator(
         comms, params.flat, algorithm="tree" if agg.algorithm == "tree" else "subtree", bits=bits,
         bucket_size=config.quantize.bucket_size, seed=config.run.seed,
-        method=config.quantize.method, robust=load_rules(agg.robust) or None,  # imports plug-ins
+        method=config.quantize.method, downlink=config.quantize.downlink, robust=load_rules(agg.robust) or None,  # imports plug-ins
         secure=list(agg.secure) or None, robust_params={"trim": agg.trim, "f": agg.krum_f},
         weight_caps=caps, allow_small_secure_groups=agg.allow_small_secure_groups,
         privacy=PrivacyOptions(privacy.layer, privacy.clip, privacy.noise_multiplier, privacy.mode,

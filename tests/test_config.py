@@ -358,3 +358,14 @@ def test_resume_config_rules():
         "model.kwargs: stored {width = 3}, given {width = 4}"]
     with pytest.raises(ConfigError, match="cannot change on resume, not even with"):
         check_config_change(net, wider, run_path="r.h5", allow_change=True, checkpoint_round=1)
+
+
+def test_quantize_downlink_and_lanes_are_options():
+    assert load_config(None, []).quantize.downlink == "auto"
+    config = load_config(None, ['quantize.downlink="float32"', 'quantize.method="lanes"'])
+    assert (config.quantize.downlink, config.quantize.method) == ("float32", "lanes")
+    msg = _error(['quantize.downlink="int8"'])
+    assert 'quantize.downlink="int8" must be one of "auto", "float32", "levels"' in msg
+    # masked residues are summed whole, never in lanes
+    msg = _error([*SECURE, "run.divergence=false", 'quantize.method="lanes"'])
+    assert 'aggregation.secure needs quantize.method = "auto" or "sum"' in msg

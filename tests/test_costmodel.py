@@ -61,13 +61,20 @@ def test_layer_time_exact_and_quantized():
     assert exact == pytest.approx(collective_time("allreduce", 4, 8, NET)
                                   + collective_time("reduce", 4, 4 * numel, NET)
                                   + collective_time("bcast", 4, 4 * numel, NET))
-    # 8 bits, fan-in 4: int16 container (4*127 > 127) is 2 B/entry > 1 packed byte -> gather
+    # 8 bits, fan-in 4: 3 packed rows into the leader (3 B/entry) against 2 tree hops of
+    # 10-bit lanes, 6 a word (2 * 8/6 B/entry) -> a reduce of the lane words
     q8 = layer_time(4, numel, 8, NET, bucket_size=512)
     scales = 4 * math.ceil(numel / 512)
     assert q8 == pytest.approx(collective_time("allreduce", 4, 8, NET)
                                + collective_time("allreduce", 4, scales, NET)
-                               + collective_time("gather", 4, numel, NET)
+                               + collective_time("reduce", 4, 8 * math.ceil(numel / 6), NET)
                                + collective_time("bcast", 4, 4 * numel, NET))
+    # 8 bits, fan-in 2: one packed row -> gather
+    q8 = layer_time(2, numel, 8, NET, bucket_size=512)
+    assert q8 == pytest.approx(collective_time("allreduce", 2, 8, NET)
+                               + collective_time("allreduce", 2, scales, NET)
+                               + collective_time("gather", 2, numel, NET)
+                               + collective_time("bcast", 2, 4 * numel, NET))
     assert layer_time(1, numel, 8, NET) == 0  # a single participant communicates nothing
 
 

@@ -67,6 +67,7 @@ KEPT_BASES = {
     "ServerOptError": ValueError,
     "PluginError": ValueError,
     "BenchMemoryError": ValueError,
+    "NetemError": RuntimeError,
 }
 
 

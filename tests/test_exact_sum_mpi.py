@@ -32,8 +32,7 @@ from hflmpi.core.secure import SharedSecretSeeds  # noqa: E402
 from hflmpi.core.topology import plan_fanouts  # noqa: E402
 from hflmpi.mpi import layers  # noqa: E402
 from hflmpi.mpi.aggregate import HierarchicalAggregator  # noqa: E402
-from hflmpi.mpi.comm import LayerComms  # noqa: E402
-from hflmpi.mpi.comm import library_name  # noqa: E402
+from hflmpi.mpi.comm import LayerComms, library_name  # noqa: E402
 from hflmpi.mpi.exact_sum import InexactSumError, check_integer_sum  # noqa: E402
 from hflmpi.mpi.uplink import QuantizedUplink  # noqa: E402
 

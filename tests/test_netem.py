@@ -137,8 +137,9 @@ def test_bench_counts_each_candidates_bytes_on_the_link(no_leftovers):
     assert rows["mpi_allreduce"] >= 2 * 4 * numel
     assert 4 * numel <= found["mpi_allreduce"][1] <= rows["mpi_allreduce"]
     assert rows["hfl_subtree"] >= 2 * 4 * numel
-    # 8-bit uplink, float32 downlink: fewer bytes than float32 both ways
-    assert 4 * numel <= rows["q8"] < rows["mpi_allreduce"], rows
+    # 8-bit uplink (1 byte an entry) and the level sum down in 9-bit lanes, 7 a word (8/7 bytes an
+    # entry): about 0.27 of the Allreduce's bytes (issue 14's target: at most 0.3)
+    assert 2 * numel <= rows["q8"] < 0.35 * rows["mpi_allreduce"], rows
 
 
 HOLD = textwrap.dedent("""

@@ -98,15 +98,17 @@ def _digest(t: torch.Tensor) -> str:
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("width", [1, 2, 4, 8, 12])
-@pytest.mark.parametrize("method", ["sum", "gather"])
-def test_matches_serial_reference_bitwise(width, method):
+@pytest.mark.parametrize("method,downlink", [("sum", "levels"), ("gather", "float32"),
+                                             ("lanes", "levels")])
+def test_matches_serial_reference_bitwise(width, method, downlink):
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     for plan in _plans(size):
         bits = [width] * plan.depth
         with LayerComms(comm, plan) as comms:
             flat = _anchor().clone()
-            agg = HierarchicalAggregator(comms, flat, bits=bits, bucket_size=BUCKET, seed=SEED, method=method)
+            agg = HierarchicalAggregator(comms, flat, bits=bits, bucket_size=BUCKET, seed=SEED,
+                                         method=method, downlink=downlink)
             for layer in range(1, plan.depth + 1):
                 flat.copy_(_anchor())
                 agg.reset_anchors()
@@ -121,19 +123,20 @@ def test_matches_serial_reference_bitwise(width, method):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_sum_and_gather_give_identical_bits():
+def test_sum_gather_and_lanes_give_identical_bits():
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     plan = plan_fanouts([size], size)
     results = []
     with LayerComms(comm, plan) as comms:
-        for method in ("sum", "gather"):
+        for method in ("sum", "gather", "lanes"):
             flat = _anchor().clone()
             agg = HierarchicalAggregator(comms, flat, bits=[4], bucket_size=BUCKET, seed=SEED, method=method)
             flat.copy_(_model_of(rank))
             agg.aggregate(1, _weight_of(rank), step=3)
             results.append(flat.clone())
     parallel_assert(comm, torch.equal(results[0], results[1]), "sum and gather differ")
+    parallel_assert(comm, torch.equal(results[0], results[2]), "sum and lanes differ")
 
 
 @pytest.mark.mpi(min_size=1)
@@ -197,14 +200,23 @@ def test_bytes_counted_equal_the_formula(width):
         scales = 4 * -(-NUMEL // BUCKET)
         if method == Method.GATHER:
             payload = packed_nbytes(NUMEL, width)
+        elif method == Method.LANES:  # lanes of bit_length(2 size s) bits, floor(64 / L) a word
+            width_bits = (2 * size * levels_for_bits(width)).bit_length()
+            payload = 8 * -(-NUMEL // (64 // width_bits))
         else:
             container = torch.int8 if size * levels_for_bits(width) <= 127 else (
                 torch.int16 if size * levels_for_bits(width) <= 2**15 - 1 else torch.int32)
             payload = NUMEL * torch.empty((), dtype=container).element_size()
         expected = scales + (0 if rank == 0 else payload)
         parallel_assert(comm, stats.bytes_sent == [expected], f"{stats.bytes_sent} != [{expected}]")
-        parallel_assert(comm, agg.methods() == ["integer-sum" if method == Method.INTEGER_SUM
-                                                else "gather"])
+        parallel_assert(comm, agg.methods() == [method.label])
+        # the downlink: the level sum in the same lanes as a fan-in of `size`, plus the scales,
+        # unless that is not smaller than the float32 model
+        width_bits = (2 * size * levels_for_bits(width)).bit_length()
+        levels = 8 * -(-NUMEL // (64 // width_bits)) + scales
+        down = levels if levels < 4 * NUMEL else 4 * NUMEL
+        parallel_assert(comm, stats.bytes_received == [0 if rank == 0 else down],
+                        f"{stats.bytes_received} != [{down}]")
 
 
 @pytest.mark.mpi(min_size=2)

@@ -8,6 +8,7 @@ and fan-in 2..9 in a serial test, independent of the MPI world size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,16 +75,23 @@ def test_container_boundaries() -> None:
 
 def test_method_choice_and_codes() -> None:
     # the stored integers and names are part of the run-file format: never renumber them
-    assert [int(m) for m in Method] == [0, 1, 2]
-    assert METHOD_NAMES == ("none", "integer-sum", "gather")
-    # one child: the int8/int16 container is as small as the packed bytes; ties go to the sum
+    assert [int(m) for m in Method] == [0, 1, 2, 3]
+    assert METHOD_NAMES == ("none", "integer-sum", "gather", "lanes")
+    # one child: nothing reaches the leader; ties go to the sum
     assert choose_method(1000, 8, 1) == Method.INTEGER_SUM
     assert choose_method(1000, 16, 1) == Method.INTEGER_SUM
-    # two or more children need a wider container than the packed width
+    # two or three children: one or two packed rows beat one or two wider sums
     for bits in range(1, 17):
-        for fan_in in (2, 3, 9):
+        for fan_in in (2, 3):
             assert choose_method(1000, bits, fan_in) == Method.GATHER
+    # 9 children at 8 bits: 8 packed rows (8000 bytes) against 4 tree hops of 12-bit lanes,
+    # 5 a word (4 * 8 * 200 = 6400 bytes) and of int16 sums (8000 bytes)
+    assert choose_method(1000, 8, 9) == Method.LANES
+    for bits in range(1, 17):
+        for fan_in in (2, 3, 4, 9, 17, 64):
+            assert choose_method(1000, bits, fan_in) == _hand_sizes(bits, fan_in, 0, "auto")[0]
     assert choose_method(1000, 8, 4, "sum") == Method.INTEGER_SUM
+    assert choose_method(1000, 8, 4, "lanes") == Method.LANES
     assert choose_method(1000, 8, 1, "gather") == Method.GATHER
     with pytest.raises(ValueError, match="quantize.method='fast'"):
         choose_method(1000, 8, 2, "fast")
@@ -158,6 +166,8 @@ from hflmpi.mpi.uplink import QuantizedUplink  # noqa: E402
 
 
 def _nbytes(buf: Any) -> int:
+    if isinstance(buf, list):  # [buffer, MPI datatype]
+        buf = buf[0]
     return int(np.asarray(buf).nbytes)
 
 
@@ -211,8 +221,17 @@ def _hand_sizes(bits: int, fan_in: int, bucket: int, method: str) -> tuple[Metho
     packed = -(-NUMEL * bits // 8)
     b = bucket or next(2**e for e in range(20) if 2**e * bits >= 4096)
     scales = 4 * -(-NUMEL // b)
-    gather = method == "gather" or (method == "auto" and packed < NUMEL * container)
-    return (Method.GATHER, packed, scales) if gather else (Method.INTEGER_SUM, NUMEL * container, scales)
+    width = (2 * fan_in * s).bit_length()  # lanes hold sums of fan_in codes in [0, 2s]
+    lanes = 8 * -(-NUMEL // (64 // width))
+    sizes = {Method.INTEGER_SUM: NUMEL * container, Method.LANES: lanes, Method.GATHER: packed}
+    if method != "auto":
+        chosen = {"sum": Method.INTEGER_SUM, "gather": Method.GATHER, "lanes": Method.LANES}[method]
+        return chosen, sizes[chosen], scales
+    hops = math.ceil(math.log2(fan_in)) if fan_in > 1 else 0  # binomial-tree reduction
+    into_leader = {Method.INTEGER_SUM: hops * sizes[Method.INTEGER_SUM],
+                   Method.LANES: hops * lanes, Method.GATHER: (fan_in - 1) * packed}
+    chosen = min(into_leader, key=into_leader.__getitem__)  # dict order: sum, lanes, gather
+    return chosen, sizes[chosen], scales
 
 
 def _exchange(comm: RecordingComm, bits: int, bucket: int, method: str) -> tuple[QuantizedUplink, int]:
@@ -228,7 +247,7 @@ def _exchange(comm: RecordingComm, bits: int, bucket: int, method: str) -> tuple
 @pytest.mark.parametrize("bits", range(1, 17))
 def test_uplink_moves_the_bytes_the_wire_model_predicts(bits: int) -> None:
     for fan_in in range(2, 10):
-        for method in ("auto", "sum", "gather"):
+        for method in ("auto", "sum", "gather", "lanes"):
             for bucket in (0, 64):
                 wire = layer_wire(NUMEL, bits, fan_in, bucket, method)
                 what = f"bits={bits} fan_in={fan_in} method={method} bucket={bucket}"

@@ -62,7 +62,7 @@ _UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
 _TIMES = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 
 
-class NetemError(HflmpiError):
+class NetemError(HflmpiError, RuntimeError):
     """The emulated cluster cannot be made here, or its link was given wrongly."""
 
 

@@ -314,15 +314,24 @@ class QuantizeConfig(_Section):
         Entries sharing one scale; 0 (the default) picks per layer the smallest power of two
         that keeps the scales under ~1% of the payload: 512 at 8 bits, 1024 at 4, 2048 at 2
         (:func:`hflmpi.core.wire.auto_bucket_size`).
-    method : {"auto", "sum", "gather"}
-        How quantized levels travel: integer ``Reduce`` or ``Gather`` of packed bytes; ``"auto"``
-        picks the one that moves fewer bytes. The result is the same bits either way.
+    method : {"auto", "sum", "gather", "lanes"}
+        How quantized levels travel up: integer ``Reduce``, ``Gather`` of packed bytes, or
+        ``Reduce`` of 64-bit words holding lanes sized from the fan-in; ``"auto"`` picks the
+        one that brings the leader fewer bytes. The result is the same bits either way.
+    downlink : {"auto", "float32", "levels"}
+        What a quantized layer's leader broadcasts down: the float32 model, or the level sum
+        (in lanes) and the scales, from which every device rebuilds the same model bit for bit
+        (one more model copy per device for each such layer above the ones it joins).
+        ``"auto"`` (the default) and ``"levels"`` send levels on every quantized layer whose
+        leader does not change the aggregate afterwards (no server optimizer, no privacy at that
+        layer); ``"auto"`` only where that is smaller than the model. Same bits every way.
     """
 
     section: ClassVar[str] = "quantize"
     bits: tuple[int, ...] = _opt((), _int_list(0, hi=16, allow_empty=True), "[8, 4]")
     bucket_size: int = _opt(0, _int(0), "0")
-    method: str = _opt("auto", _choice("auto", "sum", "gather"), '"auto"')
+    method: str = _opt("auto", _choice("auto", "sum", "gather", "lanes"), '"auto"')
+    downlink: str = _opt("auto", _choice("auto", "float32", "levels"), '"auto"')
 
     def bits_for(self, depth: int) -> tuple[int, ...]:
         """Return one bit width per layer for a tree of ``depth`` layers (empty means all 0)."""

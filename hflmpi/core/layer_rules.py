@@ -60,7 +60,7 @@ def check_layer_options(
         ``aggregation.robust`` per layer; empty means ``"mean"`` everywhere.
     secure : sequence of bool
         ``aggregation.secure`` per layer; empty means no masking.
-    method : {"auto", "sum", "gather"}
+    method : {"auto", "sum", "gather", "lanes"}
         ``quantize.method``.
     privacy_layer : int
         ``privacy.layer`` (0 = no privacy).
@@ -120,7 +120,7 @@ def _check_layer(n: int, width: int, rule: str, masked: bool, method: str) -> No
     if masked and rule != "mean":
         raise LayerOptionsError(f"aggregation.secure[{n}] and robust[{n}]={rule!r} exclude "
                                 "each other: masking hides the updates the rule needs")
-    if masked and method == "gather":
+    if masked and method in ("gather", "lanes"):
         raise LayerOptionsError('aggregation.secure needs quantize.method = "auto" or "sum"')
 
 

@@ -17,7 +17,20 @@ buckets of ``B`` entries moves, per aggregation:
   bit-packed to ``ceil(numel bits / 8)`` bytes (``Method.GATHER``, a ``Gather``); ``"auto"`` picks
   the smaller, ties going to the integer sum. An exact layer (``bits = 0``, ``Method.NONE``)
   sends ``numel`` model values (``itemsize`` bytes each, float32 by default);
-* downlink: the leader broadcasts the new model, ``numel * itemsize`` bytes.
+* lanes (``Method.LANES``): every participant packs its offset codes ``level + s`` into lanes
+  of ``L = bit_length(2 fan_in s)`` bits, ``k = floor(64 / L)`` lanes per 64-bit word
+  (:func:`lane_width`, :func:`lanes_per_word`), and the words are summed by a plain
+  ``Reduce(SUM)`` on unsigned 64-bit integers: a lane's sum stays below ``2^L``, so no carry
+  crosses into the next lane and the sum of words is the word of the sums
+  (:mod:`hflmpi.core.lanes`);
+* downlink: the leader broadcasts the new model, ``numel * itemsize`` bytes (``"float32"``),
+  or, on a quantized layer, the level sum in lanes plus the scales (``"levels"``,
+  :func:`levels_downlink_nbytes`), from which every member rebuilds the same model bit for bit.
+
+``"auto"`` compares what the leader receives: a gather brings ``fan_in - 1`` packed payloads
+to it, a reduction ``ceil(log2 fan_in)`` (a binomial tree; every other rank forwards one
+partial sum), so lanes win from a fan-in of about 4 and gather below; ties go to the integer
+sum, then lanes.
 
 The leader of the gather path adds the children's *codes* (``level + s``, each up to ``2s``)
 before removing the offsets, so its accumulator holds ``2 fan_in s``
@@ -54,6 +67,11 @@ __all__ = [
     "container_nbytes",
     "masked_modulus_bits",
     "masked_container_nbytes",
+    "lane_width",
+    "lanes_per_word",
+    "lane_words",
+    "levels_downlink_nbytes",
+    "choose_downlink",
     "choose_method",
     "layer_wire",
     "bytes_ratio",
@@ -66,7 +84,10 @@ SCALE_NBYTES = 4
 """Bytes of one bucket scale (float32)."""
 
 _CONTAINERS = (1, 2, 4, 8)  # int8, int16, int32, int64
-_METHOD_ARGS = ("auto", "sum", "gather")
+_METHOD_ARGS = ("auto", "sum", "gather", "lanes")
+_DOWNLINK_ARGS = ("auto", "float32", "levels")
+WORD_BITS = 64
+"""Bits of one lane word (an unsigned 64-bit integer)."""
 
 
 class Method(enum.IntEnum):
@@ -75,15 +96,16 @@ class Method(enum.IntEnum):
     NONE = 0
     INTEGER_SUM = 1
     GATHER = 2
+    LANES = 3
 
     @property
     def label(self) -> str:
-        """Return the name written in reports: ``"none"``, ``"integer-sum"`` or ``"gather"``."""
+        """Return the name written in reports: ``"none"``, ``"integer-sum"``, ``"gather"``, ``"lanes"``."""
         return self.name.lower().replace("_", "-")
 
 
 METHOD_NAMES = tuple(m.label for m in Method)
-"""``("none", "integer-sum", "gather")``, indexed by :class:`Method`."""
+"""``("none", "integer-sum", "gather", "lanes")``, indexed by :class:`Method`."""
 
 
 def _check_int(name: str, value: int, low: int) -> int:
@@ -227,28 +249,110 @@ def masked_container_nbytes(bits: int, fan_in: int) -> int:
     )
 
 
-def choose_method(numel: int, bits: int, fan_in: int, method: str = "auto") -> Method:
-    """Return how a quantized layer's levels travel.
+def lane_width(bits: int, fan_in: int) -> int:
+    """Return ``L``, the bits of one lane: the fewest that hold a sum of ``fan_in`` codes.
 
-    ``"sum"`` and ``"gather"`` force :attr:`Method.INTEGER_SUM` and :attr:`Method.GATHER`;
-    ``"auto"`` picks the one whose per-child payload is smaller, ties going to the integer sum:
-    ``numel * container_nbytes(bits, fan_in)`` against ``packed_nbytes(numel, bits)`` (both also
-    exchange the same scales).
+    A code is ``level + s`` in ``[0, 2s]``, so the sum lies in ``[0, 2 fan_in s]`` and
+    ``L = bit_length(2 fan_in s)`` (``bits + ceil(log2 fan_in)`` for ``bits >= 2``).
+
+    Raises
+    ------
+    OverflowError
+        If one lane would not fit a 64-bit word.
+    """
+    fan_in = _check_int("fan_in", fan_in, 1)
+    width = (2 * fan_in * levels_for_bits(bits)).bit_length()
+    if width > WORD_BITS:
+        raise OverflowError(
+            f"a lane for the sum of fan_in={fan_in} {bits}-bit codes needs {width} bits, more "
+            f"than a {WORD_BITS}-bit word; use fewer bits or smaller groups"
+        )
+    return width
+
+
+def lanes_per_word(bits: int, fan_in: int) -> int:
+    """Return ``k = floor(64 / L)``, the lanes of one 64-bit word (:func:`lane_width`)."""
+    return WORD_BITS // lane_width(bits, fan_in)
+
+
+def lane_words(numel: int, bits: int, fan_in: int) -> int:
+    """Return the 64-bit words that hold ``numel`` lanes: ``ceil(numel / k)``."""
+    numel = _check_int("numel", numel, 0)
+    return -(-numel // lanes_per_word(bits, fan_in))
+
+
+def levels_downlink_nbytes(numel: int, bits: int, fan_in: int, bucket_size: int) -> int:
+    """Return the bytes of a ``"levels"`` downlink: the level sum in lanes plus the scales.
+
+    ``8 lane_words(numel, bits, fan_in) + 4 ceil(numel / B)``: enough for every member to
+    rebuild ``anchor + level_sum * scale / s`` exactly as the leader computed it.
+    """
+    bucket = resolve_bucket_size(bits, bucket_size)
+    return 8 * lane_words(numel, bits, fan_in) + scale_nbytes(numel, bucket)
+
+
+def choose_downlink(numel: int, bits: int, fan_in: int, bucket_size: int = 0,
+                    downlink: str = "auto", itemsize: int = 4) -> str:
+    """Return what a layer's leader broadcasts down: ``"float32"`` (the model) or ``"levels"``.
+
+    ``"auto"`` takes ``"levels"`` on a quantized layer when it is smaller than the model
+    (``numel * itemsize`` bytes), ``"float32"`` otherwise and on exact layers; ``"levels"``
+    on an exact layer is an error.
 
     Raises
     ------
     ValueError
-        If ``method`` is not ``"auto"``, ``"sum"`` or ``"gather"``.
+        If ``downlink`` is not ``"auto"``, ``"float32"`` or ``"levels"``, or asks for levels
+        on an exact layer.
+    """
+    if downlink not in _DOWNLINK_ARGS:
+        raise ValueError(
+            f"quantize.downlink={downlink!r} must be 'auto', 'float32' or 'levels'")
+    if bits == 0:
+        if downlink == "levels":
+            raise ValueError("quantize.downlink='levels' needs a quantized layer (bits > 0)")
+        return "float32"
+    if downlink != "auto":
+        return downlink
+    levels = levels_downlink_nbytes(numel, bits, fan_in, bucket_size)
+    return "levels" if levels < numel * itemsize else "float32"
+
+
+def _leader_inbound(method: Method, numel: int, bits: int, fan_in: int) -> int:
+    """Return the bytes into the leader: ``fan_in - 1`` payloads, or ``ceil(log2 fan_in)`` sums.
+
+    A gather brings every other participant's payload; a binomial-tree reduction brings one
+    partial sum per round.
+    """
+    hops = (fan_in - 1).bit_length()
+    if method == Method.GATHER:
+        return (fan_in - 1) * packed_nbytes(numel, bits)
+    if method == Method.LANES:
+        return hops * 8 * lane_words(numel, bits, fan_in)
+    return hops * numel * container_nbytes(bits, fan_in)
+
+
+def choose_method(numel: int, bits: int, fan_in: int, method: str = "auto") -> Method:
+    """Return how a quantized layer's levels travel.
+
+    ``"sum"``, ``"gather"`` and ``"lanes"`` force :attr:`Method.INTEGER_SUM`,
+    :attr:`Method.GATHER` and :attr:`Method.LANES`; ``"auto"`` picks the one whose bytes into
+    the leader are fewest (:func:`_leader_inbound`; the same scales are exchanged by all), ties
+    going to the integer sum, then lanes.
+
+    Raises
+    ------
+    ValueError
+        If ``method`` is not ``"auto"``, ``"sum"``, ``"gather"`` or ``"lanes"``.
     """
     if method not in _METHOD_ARGS:
-        raise ValueError(f"quantize.method={method!r} must be 'auto', 'sum' or 'gather'")
-    if method == "sum":
-        return Method.INTEGER_SUM
-    if method == "gather":
-        return Method.GATHER
-    if packed_nbytes(numel, bits) < numel * container_nbytes(bits, fan_in):
-        return Method.GATHER
-    return Method.INTEGER_SUM
+        raise ValueError(
+            f"quantize.method={method!r} must be 'auto', 'sum', 'gather' or 'lanes'")
+    if method != "auto":
+        return {"sum": Method.INTEGER_SUM, "gather": Method.GATHER,
+                "lanes": Method.LANES}[method]
+    candidates = [Method.INTEGER_SUM, Method.LANES, Method.GATHER]
+    return min(candidates, key=lambda m: _leader_inbound(m, numel, bits, fan_in))
 
 
 @dataclass(frozen=True)
@@ -268,7 +372,8 @@ class LayerWire:
     scale_nbytes : int
         Bytes every participant contributes to the scales' ``MAX`` allreduce (0 if exact).
     downlink_nbytes : int
-        Bytes of the new model the leader broadcasts back down.
+        Bytes the leader broadcasts back down when the layer tops an aggregation: the model,
+        or the level sum in lanes plus the scales (:func:`levels_downlink_nbytes`).
     accumulator_nbytes : int
         Element size of the leader's level accumulator, also the integer-sum path's container
         (0 if exact).
@@ -299,7 +404,7 @@ class LayerWire:
 
 def layer_wire(
     numel: int, bits: int, fan_in: int, bucket_size: int = 0, method: str = "auto",
-    itemsize: int = 4, secure: bool = False,
+    itemsize: int = 4, secure: bool = False, downlink: str = "float32",
 ) -> LayerWire:
     """Return the :class:`LayerWire` of one layer.
 
@@ -313,38 +418,48 @@ def layer_wire(
         Participants of the layer group (its leader included).
     bucket_size : int
         Entries per scale; 0 picks :func:`auto_bucket_size`.
-    method : {"auto", "sum", "gather"}
+    method : {"auto", "sum", "gather", "lanes"}
         The config's ``quantize.method`` (see :func:`choose_method`).
     itemsize : int
         Bytes of one model value (4 for float32, 8 for float64): the exact payload and the
-        downlink.
+        float32 downlink.
     secure : bool
         Masked levels (:mod:`hflmpi.core.secure`): the integer sum of residues in the
         :func:`masked_container_nbytes` container; needs ``method`` ``"auto"`` or ``"sum"``.
+    downlink : {"float32", "levels", "auto"}
+        What the leader broadcasts when this layer is the top of an aggregation
+        (:func:`choose_downlink`); sizes :attr:`LayerWire.downlink_nbytes`.
     """
     numel = _check_int("numel", numel, 0)
     fan_in = _check_int("fan_in", fan_in, 1)
     itemsize = _check_int("itemsize", itemsize, 1)
-    downlink = numel * itemsize
     if bits == 0:
-        return LayerWire(numel, 0, fan_in, 0, Method.NONE, downlink, 0, downlink, 0)
+        choose_downlink(numel, 0, fan_in, downlink=downlink)
+        model = numel * itemsize
+        return LayerWire(numel, 0, fan_in, 0, Method.NONE, model, 0, model, 0)
     bucket = resolve_bucket_size(bits, bucket_size)
+    down = numel * itemsize
+    if choose_downlink(numel, bits, fan_in, bucket, downlink, itemsize) == "levels":
+        down = levels_downlink_nbytes(numel, bits, fan_in, bucket)
     if secure:
-        if choose_method(numel, bits, fan_in, method) == Method.GATHER and method != "auto":
+        if method not in ("auto", "sum"):
+            choose_method(numel, bits, fan_in, method)  # an unknown name says so first
             raise ValueError("secure aggregation masks integer sums: it needs method='sum'")
         container = masked_container_nbytes(bits, fan_in)
         return LayerWire(numel, bits, fan_in, bucket, Method.INTEGER_SUM, numel * container,
-                         scale_nbytes(numel, bucket), downlink, container,
+                         scale_nbytes(numel, bucket), down, container,
                          masked_modulus_bits(bits, fan_in))
     chosen = choose_method(numel, bits, fan_in, method)
+    accumulator = container_nbytes(bits, fan_in)
     if chosen == Method.INTEGER_SUM:
-        accumulator = container_nbytes(bits, fan_in)
         payload = numel * accumulator
+    elif chosen == Method.LANES:
+        payload = 8 * lane_words(numel, bits, fan_in)
     else:
         accumulator = container_nbytes(bits, 2 * fan_in)  # codes reach 2s before the offsets go
         payload = packed_nbytes(numel, bits)
     return LayerWire(numel, bits, fan_in, bucket, chosen, payload, scale_nbytes(numel, bucket),
-                     downlink, accumulator)
+                     down, accumulator)
 
 
 def bytes_ratio(bits: int, bucket_size: int = 0) -> float:
@@ -353,8 +468,9 @@ def bytes_ratio(bits: int, bucket_size: int = 0) -> float:
     ``bits`` packed bits per entry plus one float32 scale per bucket of ``B`` entries (``B = 0``
     picks :func:`auto_bucket_size`); ``bits = 0`` (exact) gives 1. This is the large-``numel``
     limit of ``(payload_nbytes + scale_nbytes) / (4 numel)`` of :func:`layer_wire` on the gather
-    path, which ``"auto"`` takes whenever a group has more than one child; the tau planner and
-    the experiments scale float32 aggregation times by it.
+    path (``"auto"`` takes it for groups of two or three; lanes and integer sums move a few
+    bits more per entry); the tau planner and the experiments scale float32 aggregation times
+    by it.
     """
     if bits == 0:
         return 1.0

@@ -23,7 +23,8 @@ and then one of two algorithms sums the scaled models:
 Any other layer (quantized, robust, private: :mod:`hflmpi.mpi.layers`) needs the nested form:
 one up-loop in which each layer's object sends its participant's contribution to the leader
 (e.g. ``Q_n(a_c (x_c - x))``, :mod:`hflmpi.mpi.uplink`), layer by layer, then the top leader's
-model is broadcast down, layer by layer. The ``"tree"`` algorithm is that same up-loop over exact
+model is broadcast down, layer by layer (a bare quantized top layer sends its level sum and
+scales instead, :mod:`hflmpi.mpi.downlink`). The ``"tree"`` algorithm is that same up-loop over exact
 layers fed the pre-scaled model (``a_c = 1``: they only sum), and the same broadcast down. Each
 participant keeps the anchor ``x`` of every such layer it takes part in (the model at that
 layer's last aggregation).
@@ -40,7 +41,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -50,6 +50,8 @@ from hflmpi.core.server_opt import ServerOptimizer, ServerOptOptions
 from hflmpi.core.strategy import AggregationRule, rule_name
 from hflmpi.core.wire import METHOD_NAMES, Method
 from hflmpi.mpi.comm import LayerComms, cuda_aware_mpi
+from hflmpi.mpi.divergence import measure_divergences
+from hflmpi.mpi.downlink import Downlinks
 from hflmpi.mpi.guard import NonFiniteUpdateError, all_finite, handshake, handshake_key
 from hflmpi.mpi.layers import (
     Layer,
@@ -96,6 +98,9 @@ class AggregationStats:
         was not measured, not quantized, or this rank did not take part).
     methods : list of int
         Index into :data:`METHOD_NAMES` of how each layer's uplink travelled.
+    bytes_received : list of int
+        Downlink bytes this rank received from each layer's leader: the model, or the level sum
+        and scales (:mod:`hflmpi.mpi.downlink`); 0 where it leads or does not join the layer.
     """
 
     seconds: list[float] = field(default_factory=list)
@@ -103,11 +108,13 @@ class AggregationStats:
     quant_error: list[float] = field(default_factory=list)
     methods: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
+    bytes_received: list[int] = field(default_factory=list)
 
     @classmethod
     def empty(cls, layers: int) -> "AggregationStats":
         """Return zeroed stats for ``layers`` layers."""
-        return cls([0.0] * layers, [0] * layers, [math.nan] * layers, [0] * layers, [])
+        return cls([0.0] * layers, [0] * layers, [math.nan] * layers, [0] * layers, [],
+                   [0] * layers)
 
 
 class HierarchicalAggregator:
@@ -130,8 +137,11 @@ class HierarchicalAggregator:
         per layer.
     seed : int
         Run seed; quantization noise is keyed by (seed, rank, step, layer).
-    method : {"auto", "sum", "gather"}
+    method : {"auto", "sum", "gather", "lanes"}
         Transport of quantized levels (see :mod:`hflmpi.mpi.uplink`).
+    downlink : {"auto", "float32", "levels"}
+        What a quantized layer's leader broadcasts down: the float32 model, or the level sum
+        and scales every device rebuilds it from (:mod:`hflmpi.mpi.downlink`).
     robust : sequence of str or AggregationRule, optional
         Rule per layer from :data:`hflmpi.core.robust.RULES`, or a plug-in object
         (:class:`hflmpi.core.strategy.AggregationRule`); anything but ``"mean"`` gathers the
@@ -183,6 +193,7 @@ class HierarchicalAggregator:
         server_opt: Sequence[ServerOptOptions | None] | None = None,
         signature: int = 0,
         nonfinite: str = "raise",
+        downlink: str = "auto",
     ) -> None:
         if flat.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype={flat.dtype} is not supported; use torch.float32 or torch.float64")
@@ -228,6 +239,8 @@ class HierarchicalAggregator:
         }
         self._anchors = {n: layer.anchor for n, layer in self._layers.items()
                          if layer.anchor is not None}
+        self._downlinks = Downlinks(comms, flat, options, self._layers, downlink, cuda_aware)
+        self._anchors.update(self._downlinks.anchors())
 
     def _validate_layers(self, method: str) -> None:
         """Refuse bad per-layer options on every rank, in the configuration's words.
@@ -444,13 +457,20 @@ class HierarchicalAggregator:
         )
 
     def _down(self, layer: int, stats: AggregationStats) -> None:
-        """Broadcast the top leader's model down, layer by layer; reset the anchors."""
+        """Broadcast the top leader's model (or its levels) down, layer by layer; reset anchors."""
+        start = time.perf_counter()
+        if self._downlinks.down(layer, self.flat, stats.bytes_received):
+            stats.seconds[layer - 1] += time.perf_counter() - start
+            self.reset_anchors(layer)
+            return
         buf = self._mpi.outbound()
         for n in range(layer, 0, -1):
             if self.comms.joins(n):
                 start = time.perf_counter()
                 self.comms.layer(n).Bcast(buf, root=0)
                 stats.seconds[n - 1] += time.perf_counter() - start
+                if self.comms.layer(n).Get_rank() != 0:
+                    stats.bytes_received[n - 1] += self._mpi.nbytes
         self._mpi.inbound()
         self.reset_anchors(layer)
 
@@ -466,28 +486,3 @@ class HierarchicalAggregator:
         stats.seconds[layer - 1] = seconds
         stats.bytes_sent[layer - 1] = 0 if comm.Get_rank() == 0 else self._mpi.nbytes
         return stats
-
-
-def measure_divergences(comms: LayerComms, flat: torch.Tensor, weight: float) -> tuple[float, float]:
-    """Return H-SGD's (upward, downward) divergences of the current device models (all ranks).
-
-    With groups = layer-1 nodes, group model ``x_g`` and global model ``x`` (weighted averages),
-    upward ``= sum_g W_g ||x_g - x||^2 / W`` and downward ``= sum_i w_i ||x_i - x_g(i)||^2 / W``
-    (Wang et al., AAAI 2022, Sec. 4). Costs two full-model allreduces; leaves ``flat`` unchanged.
-    """
-    group_comm, world_comm = comms.subtree(1), comms.subtree(comms.depth)
-    group_weight = allreduce_float(group_comm, weight, MPI.SUM)
-    total_weight = allreduce_float(world_comm, weight, MPI.SUM)
-    if group_weight <= 0 or total_weight <= 0:
-        return math.nan, math.nan
-    host = flat.detach().to("cpu", torch.float64)
-    group_model = (host * (weight / group_weight)).numpy()
-    group_comm.Allreduce(MPI.IN_PLACE, group_model, op=MPI.SUM)
-    global_model = (host * (weight / total_weight)).numpy()
-    world_comm.Allreduce(MPI.IN_PLACE, global_model, op=MPI.SUM)
-    mine = host.numpy()
-    down = float(np.dot(mine - group_model, mine - group_model))
-    up = float(np.dot(group_model - global_model, group_model - global_model))
-    sums = np.array([weight * up, weight * down])
-    world_comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
-    return float(sums[0] / total_weight), float(sums[1] / total_weight)

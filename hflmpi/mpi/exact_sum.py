@@ -37,10 +37,11 @@ class InexactSumError(SetupError):
     """The MPI library's integer ``SUM`` gave a wrong result on in-range values."""
 
 
-def _pattern(size: int, low: int, high: int) -> np.ndarray:
-    """Return the ``(size, elements)`` int64 contributions: extremes, then uniform draws."""
+def _pattern(size: int, low: int, high: int, unsigned: bool = False) -> np.ndarray:
+    """Return the ``(size, elements)`` int64 (uint64) contributions: extremes, then uniform draws."""
     rng = np.random.default_rng(_PATTERN_SEED)
-    values = rng.integers(low, high, size=(size, _ELEMENTS), endpoint=True, dtype=np.int64)
+    values = rng.integers(low, high, size=(size, _ELEMENTS), endpoint=True,
+                          dtype=np.uint64 if unsigned else np.int64)
     ranks = np.arange(size)[:, None]
     values[:, 0:64] = high
     values[:, 64:128] = low
@@ -62,7 +63,8 @@ def check_integer_sum(
     comm : MPI.Comm
         The communicator the sums will run on.
     dtype : numpy dtype
-        The signed integer container (int8/16/32/64).
+        The signed integer container (int8/16/32/64), or uint64: the words of a lanes layer
+        (:mod:`hflmpi.core.lanes`), summed as ``MPI_UINT64_T``.
     low, high : int
         The smallest and largest value one rank contributes; ``size * low`` and
         ``size * high`` must fit ``dtype`` (the layer's sizing rule guarantees it).
@@ -81,25 +83,33 @@ def check_integer_sum(
     dtype = np.dtype(dtype)
     size = comm.Get_size()
     info = np.iinfo(dtype)
-    if dtype.kind != "i" or not (info.min <= size * low <= size * high <= info.max):
+    unsigned = dtype == np.dtype(np.uint64)
+    if dtype.kind != "i" and not unsigned or not (
+            info.min <= size * low <= size * high <= info.max):
         raise ValueError(f"sums of {size} values in [{low}, {high}] do not fit {dtype}; "
                          "the container must hold them without overflow")
     if size == 1:
         return
-    values = _pattern(size, low, high)
+    values = _pattern(size, low, high, unsigned)
     buf = values[comm.Get_rank()].astype(dtype)
-    verdict = np.full(3, -1, dtype=np.int64)  # first wrong element, MPI's value, exact value
+    mpi_buf = [buf, MPI.UINT64_T] if unsigned else buf
+    # first wrong element, MPI's value, exact value (uint64 bits where unsigned)
+    verdict = np.full(3, -1, dtype=np.int64)
     if comm.Get_rank() == 0:
-        comm.Reduce(MPI.IN_PLACE, buf, op=op, root=0)
-        exact = values.sum(axis=0)
-        wrong = np.flatnonzero(buf.astype(np.int64) != exact)
+        comm.Reduce(MPI.IN_PLACE, mpi_buf, op=op, root=0)
+        exact = values.sum(axis=0)  # no overflow: size * high fits the dtype
+        wrong = np.flatnonzero(buf.astype(exact.dtype) != exact)
         if wrong.size:
-            verdict[:] = (wrong[0], buf[wrong[0]], exact[wrong[0]])
+            found = np.array([buf[wrong[0]], exact[wrong[0]]], dtype=exact.dtype)
+            verdict[0] = wrong[0]
+            verdict[1:] = found.view(np.int64)
     else:
-        comm.Reduce(buf, None, op=op, root=0)
+        comm.Reduce(mpi_buf, None, op=op, root=0)
     comm.Bcast(verdict, root=0)
     if verdict[0] >= 0:
-        element, got, expected = (int(v) for v in verdict)
+        element = int(verdict[0])
+        pair = verdict[1:].view(np.uint64) if unsigned else verdict[1:]
+        got, expected = (int(v) for v in pair)
         raise InexactSumError(
             f"{library_name()} does not sum {dtype} integers exactly: a Reduce(SUM) over "
             f"{size} ranks of values in [{low}, {high}] gave {got} instead of {expected} "

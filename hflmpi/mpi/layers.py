@@ -407,6 +407,10 @@ def build_layer(
             check_integer_sum(comm, torch.empty(0, dtype=uplink.container).numpy().dtype, low, high,
                               op=uplink.sum_op, what=f"the {options.bits}-bit integer sum of "
                               f"layer {n}{' (secure)' if options.secure else ''}")
+        elif uplink.method == Method.LANES:  # words of lanes, summed as uint64
+            check_integer_sum(comm, np.uint64, 0, uplink.lanes.max_word, op=uplink.sum_op,
+                              what=f"the {options.bits}-bit lanes of layer {n} "
+                              f"({uplink.lanes.lanes} lanes of {uplink.lanes.width} bits a word)")
         layer = QuantizedLayer(n, uplink, flat, anchor, options.seed, rank)
     elif not _is_mean(options.rule):
         assert anchor is not None

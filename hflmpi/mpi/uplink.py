@@ -11,7 +11,9 @@ every child (a participant of the layer communicator) does:
 4. the levels travel either
    * ``"sum"``: as ``Reduce(SUM)`` of an integer container wide enough for ``fan_in * s``, or
    * ``"gather"``: bit-packed to ``bits`` bits and ``Gather``-ed as bytes to the leader, which
-     unpacks and sums them in the same integer container.
+     unpacks and sums them in the same integer container, or
+   * ``"lanes"``: offset codes ``level + s`` in lanes of 64-bit words sized from the fan-in
+     (:mod:`hflmpi.core.lanes`), ``Reduce(SUM)`` as ``MPI_UINT64_T``: no carry crosses a lane.
 
 Integer sums are associative, so the leader's ``sum_c l_c`` is the same for any reduction order,
 MPI algorithm, method or device, and the result ``x + (sum_c l_c) m_b / s`` is bitwise
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from mpi4py import MPI
 
+from hflmpi.core.lanes import LaneFormat, pack_lanes, unpack_lanes
 from hflmpi.core.packing import code_scratch, pack_levels, sum_packed_levels
 from hflmpi.core.quantize import (
     bucket_absmax,
@@ -72,8 +75,8 @@ class QuantizedUplink:
         Where the model lives.
     cuda_aware : bool
         Whether MPI may read CUDA memory directly.
-    method : {"auto", "sum", "gather"}
-        ``"auto"`` picks the method that moves fewer bytes
+    method : {"auto", "sum", "gather", "lanes"}
+        ``"auto"`` picks the method that brings the leader fewer bytes
         (:func:`hflmpi.core.wire.choose_method`).
     seeds : PairwiseSeeds, optional
         Pair keys for secure aggregation: the levels are masked pairwise (Bonawitz et al. 2017)
@@ -117,6 +120,11 @@ class QuantizedUplink:
         self._levels = torch.empty(numel, dtype=self.container, device=device)
         self._levels_mpi = MpiBuffer(self._levels, cuda_aware)
         self.payload_nbytes = self.wire.payload_nbytes
+        if self.method == Method.LANES:
+            self.lanes = LaneFormat(numel, bits, self.fan_in)
+            self._words = torch.empty(self.lanes.words, dtype=torch.int64, device=device)
+            self._words_mpi = MpiBuffer(self._words, cuda_aware)
+            self._scratch = torch.empty(self.lanes.words, dtype=torch.int64, device=device)
         if self.method == Method.GATHER:
             slots = self.fan_in if self.is_leader else 1
             self._packed = torch.zeros(slots, self.payload_nbytes, dtype=torch.uint8, device=device)
@@ -193,6 +201,9 @@ class QuantizedUplink:
                         self.wire.modulus_bits, step=step, layer=layer, out=levels)
         if self.method == Method.INTEGER_SUM:
             sent = self._reduce_sum()
+        elif self.method == Method.LANES:
+            assert levels is not None
+            sent = self._lanes_sum(levels)
         else:
             sent = self._gather_sum(levels)
         if self.is_leader:
@@ -200,6 +211,21 @@ class QuantizedUplink:
                                     bucket_size=self.bucket_size)
             torch.add(anchor, update.to(child.dtype), out=child)
         return UplinkResult(sent + self.wire.scale_nbytes, error)
+
+    @property
+    def level_sum(self) -> torch.Tensor:
+        """The group's level sum at the leader after :meth:`exchange` (integer container)."""
+        return self._levels
+
+    @property
+    def lane_sums(self) -> torch.Tensor:
+        """The summed lane words at the leader after a lanes :meth:`exchange`."""
+        return self._words
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """The shared float32 scales of the last :meth:`exchange` (every participant)."""
+        return self._scales
 
     def sum_range(self) -> tuple[int, int]:
         """Return the smallest and largest value one participant adds in the integer sum.
@@ -220,6 +246,18 @@ class QuantizedUplink:
         self._levels_mpi.inbound()
         if self.seeds is not None:  # the exact sum of the residues; the masks cancel modulo 2^w
             self._levels.copy_(unmask_sum(self._levels, self.wire.modulus_bits))
+        return 0
+
+    def _lanes_sum(self, levels: torch.Tensor) -> int:
+        pack_lanes(levels, self.lanes, self._words, offset=self.s, scratch=self._scratch)
+        buf = [self._words_mpi.outbound(), MPI.UINT64_T]
+        if not self.is_leader:
+            self.comm.Reduce(buf, None, op=self.sum_op, root=0)
+            return self.payload_nbytes
+        self.comm.Reduce(MPI.IN_PLACE, buf, op=self.sum_op, root=0)
+        self._words_mpi.inbound()
+        unpack_lanes(self._words, self.lanes, self._levels, offset=self.fan_in * self.s,
+                     scratch=self._scratch)
         return 0
 
     def _gather_sum(self, levels: torch.Tensor | None) -> int:

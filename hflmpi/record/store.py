@@ -56,7 +56,8 @@ FORMAT_VERSION = 1
 
 METHOD_CODES: Mapping[str, int] = {m.label: int(m) for m in Method}
 """Integer code of the aggregation method stored in ``/metrics/method`` (-1 = not recorded):
-:class:`hflmpi.core.wire.Method` by its label, ``{"none": 0, "integer-sum": 1, "gather": 2}``."""
+:class:`hflmpi.core.wire.Method` by its label,
+``{"none": 0, "integer-sum": 1, "gather": 2, "lanes": 3}``."""
 
 _METHOD_MISSING = -1
 
