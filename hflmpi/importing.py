@@ -37,10 +37,11 @@ def import_object(path: str, key: str) -> Any:
         obj: object = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"{key}={path!r}: cannot import module {module_name!r} ({exc}); "
-                         "check the name and that the package is on PYTHONPATH") from None
+                         "check the name and that the package is on PYTHONPATH on every node") from None
     for part in qualname.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"{key}={path!r}: {module_name!r} has no attribute {qualname!r}")
+            raise ValueError(f"{key}={path!r}: module {module_name!r} has no attribute "
+                             f"{qualname!r}; check the name after the colon")
         obj = getattr(obj, part)
     return obj
 

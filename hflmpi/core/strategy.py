@@ -20,11 +20,11 @@ only honoured when the user names it again (:func:`hflmpi.record.resume.check_un
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from hflmpi.errors import HflmpiError
+from hflmpi.importing import import_object
 
 if TYPE_CHECKING:  # the config checks plug-in names with this module and must load without torch
     import torch
@@ -68,17 +68,11 @@ def load_rule(path: str, key: str = "aggregation.robust") -> AggregationRule:
     if not is_import_path(path):
         raise PluginError(f"{key}={path!r} is not an import path; write it as "
                           "\"package.module:ClassName\"")
-    module_name, _, qualname = path.partition(":")
+    qualname = path.partition(":")[2]
     try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise PluginError(f"{key}={path!r}: cannot import module {module_name!r} ({exc}); check "
-                          "the name and that the package is on PYTHONPATH on every node") from None
-    for part in qualname.split("."):
-        if not hasattr(obj, part):
-            raise PluginError(f"{key}={path!r}: module {module_name!r} has no attribute "
-                              f"{qualname!r}; check the name after the colon")
-        obj = getattr(obj, part)
+        obj: Any = import_object(path, key)
+    except ValueError as exc:  # one import rule for every import path (hflmpi.importing)
+        raise PluginError(str(exc)) from None
     if isinstance(obj, type):
         try:
             obj = obj()
