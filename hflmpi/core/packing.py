@@ -38,6 +38,7 @@ import torch
 from hflmpi.core.wire import check_bits, levels_for_bits, packed_nbytes
 
 __all__ = [
+    "packed_buffer",
     "pack_codes",
     "unpack_codes",
     "pack_levels",
@@ -276,6 +277,16 @@ def _check_int_dtype(dtype: torch.dtype, largest: int, what: str) -> None:
         raise ValueError(f"dtype={dtype} cannot hold {what} (up to {largest}); use a wider dtype")
 
 
+def packed_buffer(out: torch.Tensor | None, nbytes: int, device: torch.device) -> torch.Tensor:
+    """Return ``out`` checked to be a ``uint8`` tensor of ``nbytes`` elements, or a new one."""
+    if out is None:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    if out.dtype != torch.uint8 or out.numel() != nbytes:
+        raise ValueError(f"out must be a uint8 tensor of {nbytes} elements, got {out.dtype} "
+                         f"with {out.numel()}")
+    return out
+
+
 def pack_levels(
     levels: torch.Tensor,
     bits: int,
@@ -328,12 +339,7 @@ def pack_levels(
             raise ValueError(
                 f"levels span [{low}, {high}] but {bits}-bit levels must lie in {grid}"
             )
-    nbytes = packed_nbytes(numel, bits)
-    if out is None:
-        out = torch.empty(nbytes, dtype=torch.uint8, device=levels.device)
-    if out.dtype != torch.uint8 or out.numel() != nbytes:
-        raise ValueError(f"out must be a uint8 tensor of {nbytes} elements, got {out.dtype} "
-                         f"with {out.numel()}")
+    out = packed_buffer(out, packed_nbytes(numel, bits), levels.device)
     if bits == 8:  # codes 0..254 are the bytes themselves
         torch.add(levels, s, out=out.view(-1))
         return out

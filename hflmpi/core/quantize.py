@@ -56,7 +56,7 @@ from hflmpi.core.fused import (
     reciprocal_steps,
     round_dithered,
 )
-from hflmpi.core.packing import code_scratch, code_scratch_shape
+from hflmpi.core.packing import code_scratch, code_scratch_shape, packed_buffer
 from hflmpi.core.wire import (
     check_bucket_size,
     container_nbytes,
@@ -417,12 +417,7 @@ def to_packed(
     bucket_size = check_bucket_size(bucket_size)
     x = _flat_float32(x)
     n = x.numel()
-    nbytes = packed_nbytes(n, bits)
-    if out is None:
-        out = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
-    if out.dtype != torch.uint8 or out.numel() != nbytes:
-        raise ValueError(f"out must be a uint8 tensor of {nbytes} elements, got {out.dtype} "
-                         f"with {out.numel()}")
+    out = packed_buffer(out, packed_nbytes(n, bits), x.device)
     grid = Grid(levels_for_bits(bits), bits == 1, codes=True)
     if bits == 8:  # the codes are the bytes
         return _round(x, scales, grid, generator, out, bucket_size, workspace)
