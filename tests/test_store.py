@@ -59,7 +59,7 @@ def test_create_writes_attrs_and_layout(run_path):
             ds = f["metrics"][name]
             assert ds.shape == (0, 2) and ds.maxshape == (None, 2) and ds.chunks is not None
         codes = json.loads(f["metrics/method"].attrs["codes"])
-        assert codes == {"0": "none", "1": "integer-sum", "2": "gather"}
+        assert codes == {"0": "none", "1": "integer-sum", "2": "gather", "3": "lanes"}
         assert "device models" in f["metrics/downward_divergence"].attrs["description"]
     assert read_config_toml(run_path) == CONFIG
     assert read_run_info(run_path)["tree"] == {"fanouts": [4, 2]}
