@@ -269,13 +269,19 @@ def test_mpiexec_inside_the_allocation(workdir):
     assert info["tree"]["groups_per_layer"] == [1], info["tree"]
 
 
+# Rank 0 prints every rank's line: two ranks writing to one job output interleave their bytes.
 GPU_PROBE = """
 import os
+import numpy as np
 from mpi4py import MPI
 from hflmpi.mpi.placement import cuda_device_index
 comm = MPI.COMM_WORLD
 index = cuda_device_index(comm, visible=comm.Get_size())
-print(f"rank {comm.Get_rank()} SLURM_LOCALID={os.environ.get('SLURM_LOCALID')} gpu={index}")
+mine = np.array([int(os.environ.get('SLURM_LOCALID', -1)), index], dtype=np.int64)
+every = np.empty((comm.Get_size(), 2), dtype=np.int64)
+comm.Allgather(mine, every)
+if comm.Get_rank() == 0:
+    print("\\n".join(f"rank {r} SLURM_LOCALID={l} gpu={g}" for r, (l, g) in enumerate(every)), flush=True)
 """
 
 
