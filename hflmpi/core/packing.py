@@ -39,6 +39,7 @@ from hflmpi.core.wire import check_bits, levels_for_bits, packed_nbytes
 
 __all__ = [
     "packed_buffer",
+    "code_buffer",
     "pack_codes",
     "unpack_codes",
     "pack_levels",
@@ -287,6 +288,18 @@ def packed_buffer(out: torch.Tensor | None, nbytes: int, device: torch.device) -
     return out
 
 
+def code_buffer(codes: torch.Tensor | None, numel: int, bits: int,
+                device: torch.device) -> torch.Tensor:
+    """Return ``codes`` checked to be the :func:`code_scratch` of ``numel`` codes, or a new one."""
+    if codes is None:
+        return code_scratch(numel, bits, device)
+    expected = code_scratch_shape(numel, bits)
+    if (codes.dtype, codes.numel()) != expected:
+        raise ValueError(f"codes must be a {expected[0]} tensor of {expected[1]} elements "
+                         f"(code_scratch), got {codes.dtype} with {codes.numel()}")
+    return codes
+
+
 def pack_levels(
     levels: torch.Tensor,
     bits: int,
@@ -343,12 +356,7 @@ def pack_levels(
     if bits == 8:  # codes 0..254 are the bytes themselves
         torch.add(levels, s, out=out.view(-1))
         return out
-    if codes is None:
-        codes = code_scratch(numel, bits, levels.device)
-    expected = code_scratch_shape(numel, bits)
-    if (codes.dtype, codes.numel()) != expected:
-        raise ValueError(f"codes must be a {expected[0]} tensor of {expected[1]} elements "
-                         f"(code_scratch), got {codes.dtype} with {codes.numel()}")
+    codes = code_buffer(codes, numel, bits, levels.device)
     if bits == 1:
         torch.add(levels, 1, out=codes[:numel]).bitwise_right_shift_(1)
     else:

@@ -56,7 +56,7 @@ from hflmpi.core.fused import (
     reciprocal_steps,
     round_dithered,
 )
-from hflmpi.core.packing import code_scratch, code_scratch_shape, packed_buffer
+from hflmpi.core.packing import code_buffer, packed_buffer
 from hflmpi.core.wire import (
     check_bucket_size,
     container_nbytes,
@@ -421,12 +421,7 @@ def to_packed(
     grid = Grid(levels_for_bits(bits), bits == 1, codes=True)
     if bits == 8:  # the codes are the bytes
         return _round(x, scales, grid, generator, out, bucket_size, workspace)
-    if codes is None:
-        codes = code_scratch(n, bits, x.device)
-    expected = code_scratch_shape(n, bits)
-    if (codes.dtype, codes.numel()) != expected:
-        raise ValueError(f"codes must be a {expected[0]} tensor of {expected[1]} elements "
-                         f"(code_scratch), got {codes.dtype} with {codes.numel()}")
+    codes = code_buffer(codes, n, bits, x.device)
     _round(x, scales, grid, generator, codes[:n], bucket_size, workspace)
     codes[n:].zero_()  # the padding of the last group of 8 must be zero codes
     return pack_into(codes, bits, n, out)
