@@ -317,6 +317,53 @@ def test_full_disk_fails_the_metrics_write_and_the_process_exits_cleanly(small_d
     assert "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
 
 
+FULL_CHECKPOINT = """
+import errno, os, sys
+import numpy as np
+from hflmpi.record.checkpoint import CheckpointError, load_latest_valid, save_checkpoint
+disk = sys.argv[1]
+run = os.path.join(disk, "run.h5")
+for room in (0, 4096, 8192, 16384, 32768):  # bytes left free: HDF5's writes fail part-way
+    for size in (100, 5000, 10000, 50000):
+        for name in os.listdir(disk):
+            os.unlink(os.path.join(disk, name))
+        save_checkpoint(run, round=1, model_flat=np.arange(1000, dtype=np.float32))
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        with open(os.path.join(disk, "filler"), "wb") as handle:
+            handle.write(bytes(max(0, free - room)))
+        try:
+            save_checkpoint(run, round=2, model_flat=np.ones(size, dtype=np.float32))
+            outcome = "written"
+        except CheckpointError as err:
+            outcome = "ENOSPC" if getattr(err.__cause__, "errno", None) == errno.ENOSPC else repr(err)
+        files = sorted(os.listdir(disk))
+        print(room, size, outcome, load_latest_valid(run).round, *files, flush=True)
+"""
+
+
+def test_full_disk_fails_the_checkpoint_write_and_the_process_exits_cleanly(small_disk):
+    """A checkpoint write that ran out of space part-way (inside HDF5's metadata or sieve-buffer
+    flush) raised ``Can't decrement id ref count`` from h5py finalisers and crashed at exit
+    (SIGSEGV in H5_term_library; exit 11 under mpiexec). Each such write must fail as
+    CheckpointError from ENOSPC, keep the previous checkpoint, leave no temporary file, and the
+    process must exit normally."""
+    script = small_disk.parent / "full_checkpoint.py"
+    script.write_text(FULL_CHECKPOINT)
+    proc = subprocess.run([sys.executable, str(script), str(small_disk)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}; stderr: {proc.stderr[-3000:]}"
+    assert "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert len(rows) == 20, proc.stdout
+    for room, size, outcome, kept, *files in rows:
+        if outcome == "written":
+            assert kept == "2" and files == ["filler", "run.ckpt.h5", "run.ckpt.prev.h5"], rows
+        else:
+            assert outcome == "ENOSPC" and kept == "1" and files == ["filler", "run.ckpt.h5"], rows
+    failed_part_way = [row for row in rows if row[2] == "ENOSPC" and row[0] != "0"]
+    assert len(failed_part_way) >= 5, proc.stdout
+
+
 @pytest.mark.parametrize("every, filled_after", [(1, 3), (200, 201)],
                          ids=["checkpoint-fails-first", "metrics-fail-first"])
 def test_full_disk_ends_the_run_with_exit_2_and_keeps_the_checkpoint(small_disk, every,

@@ -281,44 +281,53 @@ def _share_results(
 
 def _write_results(exp: Experiment, variants: Sequence[Variant], out: Path, numel: int,
                    world_size: int) -> None:
-    import h5py
+    from hflmpi.record.h5sink import create_h5
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.h5")
+    try:
+        with create_h5(tmp) as f:
+            _fill_results(f, exp, variants, out, numel, world_size)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written file behind
+        raise
+    os.replace(tmp, out)
+
+
+def _fill_results(f: Any, exp: Experiment, variants: Sequence[Variant], out: Path, numel: int,
+                  world_size: int) -> None:
     from hflmpi.config import to_toml_string
     from hflmpi.record.reading import read_metrics
     from hflmpi.record.run_config import read_run_config
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.h5")
-    with h5py.File(tmp, "w") as f:
-        f.attrs.update(experiment=exp.name, title=exp.title, description=exp.description,
-                       spec_toml=exp.text, small=exp.small, world_size=world_size,
-                       hflmpi_version=__version__, last_steps=exp.last_steps, numel=numel,
-                       timing=json.dumps(exp.timing.__dict__),
-                       figures=json.dumps(list(exp.figures)), checks=json.dumps(list(exp.checks)),
-                       order=json.dumps([v.name for v in variants]))
-        for v in variants:
-            config = v.run_config(exp.seeds[0], "x.h5", exp.eval_every_steps)
-            depth = len(v.tau)
-            bits = list(config.quantize.bits_for(depth))
-            period_time = exp.timing.round_time(v.tau, numel, bits, config.quantize.bucket_size)
-            g = f.create_group(f"runs/{v.name}")
-            g.attrs.update(label=v.label, tau=json.dumps(v.tau), tree=_describe_tree(config),
-                           bits=json.dumps(bits), x=v.x, steps=v.steps, round_time=period_time,
-                           alpha=config.data.alpha, partition=config.data.partition)
-            for seed in exp.seeds:
-                path = _run_file(out, v.name, seed)
-                m = read_metrics(path)
-                rounds = m["round"].astype(np.int64)
-                sg = g.create_group(f"seed_{seed}")
-                stored = to_toml_string(read_run_config(path))  # validated on the way
-                sg.attrs.update(config_toml=stored, run_file=str(path), seed=seed)
-                curves = {
-                    "round": rounds, "step": rounds * v.period,
-                    "bytes_cum": np.cumsum(np.nansum(m["bytes_sent"], axis=1)),
-                    "model_time": rounds * period_time,
-                }
-                for key in _CURVES:
-                    sg.create_dataset(key, data=curves[key] if key in curves else m[key])
-                for key in _LAYER_CURVES:
-                    sg.create_dataset(key, data=m[key])
-    os.replace(tmp, out)
+    f.attrs.update(experiment=exp.name, title=exp.title, description=exp.description,
+                   spec_toml=exp.text, small=exp.small, world_size=world_size,
+                   hflmpi_version=__version__, last_steps=exp.last_steps, numel=numel,
+                   timing=json.dumps(exp.timing.__dict__),
+                   figures=json.dumps(list(exp.figures)), checks=json.dumps(list(exp.checks)),
+                   order=json.dumps([v.name for v in variants]))
+    for v in variants:
+        config = v.run_config(exp.seeds[0], "x.h5", exp.eval_every_steps)
+        depth = len(v.tau)
+        bits = list(config.quantize.bits_for(depth))
+        period_time = exp.timing.round_time(v.tau, numel, bits, config.quantize.bucket_size)
+        g = f.create_group(f"runs/{v.name}")
+        g.attrs.update(label=v.label, tau=json.dumps(v.tau), tree=_describe_tree(config),
+                       bits=json.dumps(bits), x=v.x, steps=v.steps, round_time=period_time,
+                       alpha=config.data.alpha, partition=config.data.partition)
+        for seed in exp.seeds:
+            path = _run_file(out, v.name, seed)
+            m = read_metrics(path)
+            rounds = m["round"].astype(np.int64)
+            sg = g.create_group(f"seed_{seed}")
+            stored = to_toml_string(read_run_config(path))  # validated on the way
+            sg.attrs.update(config_toml=stored, run_file=str(path), seed=seed)
+            curves = {
+                "round": rounds, "step": rounds * v.period,
+                "bytes_cum": np.cumsum(np.nansum(m["bytes_sent"], axis=1)),
+                "model_time": rounds * period_time,
+            }
+            for key in _CURVES:
+                sg.create_dataset(key, data=curves[key] if key in curves else m[key])
+            for key in _LAYER_CURVES:
+                sg.create_dataset(key, data=m[key])

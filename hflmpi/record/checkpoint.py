@@ -4,7 +4,8 @@ Rank 0 writes; per-rank state (optimizer momentum, RNG/batch positions) arrives 
 caller as arrays stacked along a leading ``world_size`` axis. A run ``<run>.h5`` has its checkpoint
 in ``<run>.ckpt.h5`` and the generation before it in ``<run>.ckpt.prev.h5``. A save
 
-1. writes ``<run>.ckpt.h5.tmp`` (default HDF5 driver), flushes, closes and ``fsync``\ s it;
+1. writes ``<run>.ckpt.h5.tmp`` through :func:`hflmpi.record.h5sink.create_h5` (a full disk is a
+   plain ``OSError``, never a failed write inside HDF5), closes and ``fsync``\ s it;
 2. renames the current checkpoint to ``<run>.ckpt.prev.h5`` (only if it looks valid, so a bad
    newest file never pushes out a good previous one);
 3. renames the temporary file to ``<run>.ckpt.h5`` and ``fsync``\ s the directory.
@@ -38,6 +39,7 @@ import numpy as np
 
 from hflmpi import __version__
 from hflmpi.errors import HflmpiError
+from hflmpi.record.h5sink import create_h5
 
 __all__ = [
     "fsync_path",
@@ -208,7 +210,7 @@ def _write_file(
     arrays: list[tuple[str, np.ndarray]],
     torch_dtypes: Mapping[str, str],
 ) -> None:
-    with h5py.File(tmp, "w") as file:
+    with create_h5(tmp) as file:
         attrs = file.attrs
         attrs["format"] = _FORMAT
         attrs["format_version"] = _FORMAT_VERSION
@@ -224,8 +226,6 @@ def _write_file(
             )
             if name in torch_dtypes:
                 ds.attrs["torch_dtype"] = torch_dtypes[name]
-        file.flush()
-    fsync_path(tmp)
 
 
 def _looks_valid(path: Path) -> bool:
