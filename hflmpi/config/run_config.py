@@ -16,6 +16,7 @@ from hflmpi.config.checks import ConfigError, _fmt
 from hflmpi.config.sections import (
     _SECTIONS,
     AggregationConfig,
+    ClientsConfig,
     DataConfig,
     ModelConfig,
     OptimConfig,
@@ -46,6 +47,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
