@@ -204,7 +204,7 @@ def train(
         from hflmpi.population import train_population
 
         device = agree(comm, "choosing the device", lambda: _device(config, comm))
-        return train_population(config, comm, resume=resume, stream=stream,  # type: ignore[no-any-return]
+        return train_population(config, comm, resume=resume, stream=stream,
                                 allow_config_change=allow_config_change,
                                 replace_unfinished=replace_unfinished, dataset=dataset,
                                 overwrite=overwrite, device=device)

@@ -35,7 +35,12 @@ from hflmpi.config import ConfigError, RunConfig
 from hflmpi.core.population import PopulationPlan, place_clients, plan_population
 from hflmpi.core.rng import numpy_generator
 from hflmpi.core.schedule import steps_per_round
-from hflmpi.core.selection import Availability, SelectionOptions, select_cohort
+from hflmpi.core.selection import (
+    Availability,
+    SelectionOptions,
+    priority_utility,
+    select_cohort,
+)
 from hflmpi.core.topology import plan_fanouts, plan_groups
 from hflmpi.core.wire import Method
 from hflmpi.learn.clients import ClientTrainer
@@ -91,26 +96,6 @@ def plan_clients(config: RunConfig, ranks: int) -> PopulationPlan:
     return plan_population(tree, place_clients(count, ranks, config.clients.placement))
 
 
-def check_population_config(config: RunConfig) -> None:
-    """Refuse what a population does not run yet, naming the key (before any data is loaded)."""
-    agg, unsupported = config.aggregation, []
-    if any(rule != "mean" for rule in agg.robust):
-        unsupported.append("aggregation.robust")
-    if any(agg.secure):
-        unsupported.append("aggregation.secure")
-    if config.privacy.layer:
-        unsupported.append("privacy.layer")
-    if any(name != "none" for name in config.server_opt.optimizer):
-        unsupported.append("server_opt.optimizer")
-    if config.run.divergence:
-        unsupported.append("run.divergence")
-    if unsupported:
-        raise ConfigError(f"{', '.join(unsupported)} do not run with a population "
-                          f"(clients.count={config.clients.count}) yet: robust, secure, private "
-                          "and server-optimizer layers are per rank; remove them or set "
-                          "clients.count=0 (one client per rank)")
-
-
 @dataclass
 class _Population:
     """Everything set-up builds on one rank; the round loop only reads it."""
@@ -139,7 +124,6 @@ def train_population(
     from hflmpi.federation import TrainResult
 
     record_path = Path(resume) if resume is not None else Path(config.run.out)
-    agree(comm, "checking the population options", lambda: check_population_config(config))
     plan = agree(comm, "planning the tree of clients", lambda: plan_clients(config, comm.Get_size()))
     if resume is None and not (overwrite or replace_unfinished):
         check_fresh_start(comm, record_path)
@@ -266,10 +250,8 @@ def _run_rounds(
             with watchdog.guard(f"the metrics reduction of round {rnd}"):
                 metrics = trained.metrics(comm, config, pop, rnd, evaluation, round_losses,
                                           round_samples, cohort, started, round_started)
-            if metrics is not None and not math.isnan(metrics.test_accuracy):
-                accuracy, test_loss = metrics.test_accuracy, metrics.test_loss
-            if evaluation is not None:
-                accuracy, test_loss = trained.test
+            if evaluation is not None:  # every rank has the reduced evaluation
+                test_loss, accuracy = trained.test
             error = _record(record, progress, metrics, record_path, accuracy, cohort,
                             round_losses, scores, round_samples, pop.plan.clients)
             last_round = rnd
@@ -312,9 +294,7 @@ def _select(config: RunConfig, pop: _Population, rnd: int,
     cohort = select_cohort(options, rnd, online, sizes, losses, pop.speeds)
     scores = np.full(pop.plan.clients, np.nan)
     if opts.selection == "priority":
-        from hflmpi.core.selection import utilities
-
-        scores = utilities(options, online, sizes, losses, pop.speeds)
+        scores = priority_utility(options, online, sizes, losses, pop.speeds)
     return cohort, scores
 
 

@@ -57,12 +57,12 @@ def share_client_values(comm: MPI.Comm, clients: int, losses: dict[int, float],
     All ranks; one ``MAX`` allreduce of ``2 * clients`` float64.
     """
     values = np.full((2, clients), -np.inf)
-    for client, loss in losses.items():
-        values[0, client] = loss if np.isfinite(loss) else np.inf
+    for client, value in losses.items():
+        values[0, client] = value if np.isfinite(value) else np.inf
         values[1, client] = samples.get(client, 0)
     comm.Allreduce(MPI.IN_PLACE, values, op=MPI.MAX)
-    loss = np.where(np.isneginf(values[0]), np.nan, values[0])
-    return loss, np.where(np.isneginf(values[1]), 0, values[1]).astype(np.int64)
+    shared_losses = np.where(np.isneginf(values[0]), np.nan, values[0])
+    return shared_losses, np.where(np.isneginf(values[1]), 0, values[1]).astype(np.int64)
 
 
 def gather_client_state(comm: MPI.Comm, clients: int, trainer: ClientTrainer,
