@@ -15,7 +15,12 @@ import numpy as np
 
 from hflmpi.record.checkpoint import _FORMAT as _CHECKPOINT_FORMAT
 
-__all__ = ["read_metrics", "read_config_toml", "read_run_info", "read_partition", "read_provenance"]
+__all__ = ["read_metrics", "read_config_toml", "read_run_info", "read_partition", "read_provenance",
+           "read_clients", "read_participation"]
+
+# Rows of /clients/participated unpacked at a time by read_participation: 64 rows of a million
+# clients are 64 MB of bools.
+_PARTICIPATION_BLOCK_ROWS = 64
 
 
 def _open_read(path: str | os.PathLike[str]) -> h5py.File:
@@ -122,3 +127,61 @@ def read_partition(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray
             return None
         group = file["partition"]
         return group["sizes"][()], group["label_histograms"][()]
+
+
+
+def _client_rows(group: h5py.Group) -> int:
+    # A live writer stores the round last, so rows past it may still hold fill values.
+    return min(int(ds.shape[0]) for ds in group.values())
+
+
+def _unpack(packed: np.ndarray, clients: int, bitorder: Any) -> np.ndarray:
+    order = bitorder.decode() if isinstance(bitorder, bytes) else str(bitorder)
+    if order not in ("little", "big"):
+        raise ValueError(f"/clients has bitorder {order!r}; expected 'little' or 'big'")
+    bits = np.unpackbits(packed, axis=1, count=clients,
+                         bitorder="little" if order == "little" else "big")
+    return bits.view(np.bool_)
+
+
+def read_clients(path: str | os.PathLike[str]) -> dict[str, np.ndarray] | None:
+    """Return the per-client rows of a run file, or None if it has no ``/clients`` group.
+
+    Keys: ``round`` int64 [rows], ``participated`` bool [rows, clients] (unpacked from the
+    stored bits), ``loss`` and ``score`` float32 [rows, clients] (NaN: none), ``samples`` int32
+    [rows, clients]. Everything is read whole; :func:`read_participation` only counts.
+    """
+    with _open_read(path) as file:
+        if "clients" not in file:
+            return None
+        group = file["clients"]
+        rows = _client_rows(group)
+        out = {name: group[name][:rows] for name in ("round", "loss", "score", "samples")}
+        out["participated"] = _unpack(group["participated"][:rows], int(group.attrs["clients"]),
+                                      group.attrs.get("bitorder", "little"))
+    return out
+
+
+def read_participation(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Return ``(participants per round [rows], rounds taken part in per client [clients])``.
+
+    Both int64, counted from ``/clients/participated`` a block of rows at a time (so also for
+    populations whose per-client arrays would not fit in memory); None if the run has no
+    ``/clients`` group.
+    """
+    with _open_read(path) as file:
+        if "clients" not in file:
+            return None
+        group = file["clients"]
+        clients = int(group.attrs["clients"])
+        bitorder = group.attrs.get("bitorder", "little")
+        rows = _client_rows(group)
+        per_round = np.zeros(rows, dtype=np.int64)
+        per_client = np.zeros(clients, dtype=np.int64)
+        packed = group["participated"]
+        for start in range(0, rows, _PARTICIPATION_BLOCK_ROWS):
+            stop = min(rows, start + _PARTICIPATION_BLOCK_ROWS)
+            block = _unpack(packed[start:stop], clients, bitorder)
+            per_round[start:stop] = block.sum(axis=1)
+            per_client += block.sum(axis=0)
+    return per_round, per_client

@@ -2,7 +2,8 @@
 
 ``summarize`` gives a text table with one column per run (rounds, final and best test accuracy,
 final losses, wall time, throughput, total bytes per layer) followed by the config keys whose
-values differ between the runs. ``plot`` writes figures (PNG, PDF or SVG) with matplotlib's own
+values differ between the runs and, for runs that record a client population (``/clients``), how
+often its clients took part. ``plot`` writes figures (PNG, PDF or SVG) with matplotlib's own
 canvases (no pyplot, no global backend switch): accuracy vs round, accuracy vs wall time, loss vs
 round and the mean bytes sent per round for each layer, summed over all devices and per device.
 Series are labelled by the run's name (``run.name``, else the file's stem). Rounds without a value
@@ -21,7 +22,7 @@ import numpy as np
 
 from hflmpi.config import config_to_dict
 from hflmpi.record.provenance import describe_provenance
-from hflmpi.record.reading import read_metrics, read_run_info
+from hflmpi.record.reading import read_metrics, read_participation, read_run_info
 from hflmpi.record.run_config import read_run_config
 
 __all__ = ["RunSummary", "load_runs", "summarize", "plot", "check_formats", "PLOT_FORMATS", "PLOT_STEMS",
@@ -43,6 +44,8 @@ class RunSummary:
         self.config: dict[str, str] = _flatten_config(config_to_dict(read_run_config(path)))
         self.metrics: dict[str, np.ndarray] = read_metrics(path)
         self.info: dict[str, Any] = read_run_info(path)
+        # (participants per round, rounds per client), or None without a /clients group
+        self.participation: tuple[np.ndarray, np.ndarray] | None = read_participation(path)
 
     @property
     def rounds(self) -> np.ndarray:
@@ -191,12 +194,31 @@ def _config_differences(runs: Sequence[RunSummary]) -> list[list[str]]:
     return rows
 
 
+def _participation_lines(run: RunSummary) -> list[str]:
+    """Lines on a run's client population: size, participants per round, rounds per client."""
+    if run.participation is None:
+        return []
+    per_round, per_client = run.participation
+    clients = int(per_client.shape[0])
+    ever = int(np.count_nonzero(per_client))
+    mean = f"{float(per_round.mean()):.2f}" if per_round.size else "-"
+    lines = ["", f"clients of {run.label}",
+             f"  population: {clients}",
+             f"  mean participants per round: {mean} (over {per_round.size} rounds)",
+             f"  ever participated: {100.0 * ever / clients:.2f}% ({ever} of {clients})"]
+    lines.append(f"  rounds per client: min {int(per_client.min())}, "
+                 f"median {float(np.median(per_client)):g}, max {int(per_client.max())}")
+    return lines
+
+
 def summarize(paths: Sequence[str | os.PathLike[str]]) -> str:
     """Return a text table comparing the runs in ``paths`` (one column per run).
 
     Rows: rounds, world size, layers, final and best test accuracy (with their round), final
     train and test loss, wall time, mean throughput, total bytes sent per layer and overall; then,
     for two or more runs, every config key (and the world size/tree) whose value differs; then
+    for each run with a client population, its size, the mean participants per round, the
+    fraction of clients that ever took part and the min/median/max rounds per client; then
     each run's provenance, one block per start or resume (versions, MPI library, hosts, Slurm
     job, command line, git commit).
     """
@@ -215,6 +237,8 @@ def summarize(paths: Sequence[str | os.PathLike[str]]) -> str:
             lines.extend(_table(["  key", *(r.label for r in runs)], diffs)[1:])
         else:
             lines.append("config differences: none")
+    for run in runs:
+        lines += _participation_lines(run)
     for run in runs:
         legs = run.info.get("provenance") or []
         lines += ["", f"provenance of {run.label}" + ("" if legs else ": not recorded")]

@@ -13,6 +13,14 @@ File layout (``format_version`` 1)::
                                    (JSON list: config changes made on resume), any extra meta keys
     /metrics/<scalar>       float64 [rounds]          (``round`` is int64)
     /metrics/<per-layer>    float64 [rounds, layers]  (``method`` is int8)
+    /clients                attrs: clients (population size); written by append_clients
+    /clients/round          int64 [rows]            (strictly increasing, like /metrics/round)
+    /clients/participated   uint8 [rows, ceil(clients / 8)]: client c took part in the row's round
+                            iff bit c % 8 of byte c // 8 is set, least significant bit first
+                            (``np.packbits(..., bitorder="little")``; the padding bits are 0)
+    /clients/loss           float32 [rows, clients]   training loss (NaN: did not train)
+    /clients/score          float32 [rows, clients]   selection score (NaN: none)
+    /clients/samples        int32 [rows, clients]     samples trained on in the round (0: none)
     /partition/sizes              int64 [clients]
     /partition/label_histograms   int64 [clients, classes]
     /provenance/<leg>       attrs of one start or resume (leg 0, 1, ...; never overwritten):
@@ -35,7 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -119,6 +127,21 @@ _LAYER_CHUNK_ROWS = 256
 # (H5_term_library) crashes on them (SIGSEGV/SIGBUS, h5py 3.16 / HDF5 2.0). Without one, the
 # failed write raises OSError in append_round, where the caller can report it.
 _CHUNK_CACHE_BYTES = 0
+# /clients chunks: a row of a million float32 values is 4 MiB, so a chunk holds at most this many
+# bytes (one row split across chunks for wide rows, many rows per chunk for small populations).
+_CLIENT_CHUNK_BYTES = 1 << 20
+_CLIENT_BITORDER: Literal["little"] = "little"
+# name -> (dtype, fill, description) of the per-client datasets; "participated" is packed bits.
+_CLIENT_DATASETS: Mapping[str, tuple[str, float | int, str]] = {
+    "participated": (
+        "uint8", 0,
+        "client c took part in the round iff bit c % 8 (least significant first) of byte c // 8 is "
+        "set: np.unpackbits(row, count=clients, bitorder='little')",
+    ),
+    "loss": ("float32", np.nan, "training loss of the client in the round (NaN: did not train)"),
+    "score": ("float32", np.nan, "selection score of the client in the round (NaN: none)"),
+    "samples": ("int32", 0, "samples the client trained on in the round (0: none)"),
+}
 
 
 @dataclass(frozen=True)
@@ -157,6 +180,23 @@ def _attr_value(key: str, value: Any) -> Any:
         raise TypeError(f"run meta {key!r} must be a scalar or JSON-serialisable: {err}") from err
 
 
+def _client_chunks(columns: int, itemsize: int) -> tuple[int, int]:
+    """Return a chunk shape of at most ``_CLIENT_CHUNK_BYTES`` for a [rows, columns] dataset."""
+    row_bytes = max(1, columns * itemsize)
+    rows = max(1, min(_SCALAR_CHUNK, _CLIENT_CHUNK_BYTES // row_bytes))
+    return rows, max(1, min(columns, _CLIENT_CHUNK_BYTES // itemsize))
+
+
+def _client_vector(name: str, values: Any, clients: int, dtype: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.shape != (clients,):
+        raise ValueError(
+            f"append_clients: {name} has shape {arr.shape}; the population has {clients} clients "
+            f"(shape ({clients},))"
+        )
+    return arr.astype(dtype, copy=False)
+
+
 def _method_code(value: int | str, layer: int) -> int:
     if isinstance(value, str):
         if value not in METHOD_CODES:
@@ -181,6 +221,7 @@ class RunRecord:
     def __init__(self, file: h5py.File) -> None:
         self._file = file
         self._metrics = file["metrics"]
+        self._clients: h5py.Group | None = file["clients"] if "clients" in file else None
         self.layer_count = int(file.attrs["layer_count"])
 
     # -- opening ---------------------------------------------------------------------------------
@@ -360,8 +401,134 @@ class RunRecord:
         if flush:
             self.flush()
 
+    @property
+    def last_client_round(self) -> int | None:
+        """Round of the last ``/clients`` row, or None when there is none."""
+        if self._clients is None:
+            return None
+        rounds = self._clients["round"]
+        n = int(rounds.shape[0])
+        return None if n == 0 else int(rounds[n - 1])
+
+    def _create_clients(self, clients: int) -> h5py.Group:
+        group = self._file.create_group("clients")
+        group.attrs["clients"] = clients
+        group.attrs["bitorder"] = _CLIENT_BITORDER
+        ds = group.create_dataset(
+            "round", shape=(0,), maxshape=(None,), dtype="int64", chunks=(_SCALAR_CHUNK,),
+            fillvalue=-1,
+        )
+        ds.attrs["description"] = "global round of the row (strictly increasing)"
+        for name, (dtype, fill, text) in _CLIENT_DATASETS.items():
+            columns = (clients + 7) // 8 if name == "participated" else clients
+            ds = group.create_dataset(
+                name, shape=(0, columns), maxshape=(None, columns), dtype=dtype,
+                chunks=_client_chunks(columns, np.dtype(dtype).itemsize), fillvalue=fill,
+            )
+            ds.attrs["description"] = text
+        return group
+
+    def append_clients(
+        self,
+        round: int,
+        participated: np.ndarray,
+        losses: np.ndarray,
+        scores: np.ndarray,
+        samples: np.ndarray,
+        *,
+        flush: bool = True,
+    ) -> None:
+        """Append one ``/clients`` row: who took part in ``round``, their losses, scores, samples.
+
+        The group is created by the first call, with the population size taken from
+        ``participated``; ``participated`` is stored as bits (see the module docstring).
+
+        Parameters
+        ----------
+        round : int
+            The global round; greater than the last ``/clients`` round (independent of
+            :meth:`append_round`, which may come before or after).
+        participated : ndarray of bool, shape (clients,)
+            Whether each client trained in the round.
+        losses : ndarray of float, shape (clients,)
+            Training loss per client, NaN where not measured; stored as float32.
+        scores : ndarray of float, shape (clients,)
+            Selection score per client, NaN where none; stored as float32.
+        samples : ndarray of int, shape (clients,)
+            Samples each client trained on in the round, in ``[0, 2**31)``.
+        flush : bool
+            Flush the file afterwards.
+
+        Raises
+        ------
+        ValueError
+            If ``round`` is not after the last stored ``/clients`` round (call :meth:`truncate_to`
+            first when rerunning rounds), an array has the wrong shape or kind, the population
+            size differs from the run's, a sample count is out of range, or a client that did
+            not take part has samples or a finite loss.
+        """
+        last = self.last_client_round
+        if last is not None and round <= last:
+            raise ValueError(
+                f"append_clients: round {round} is not after the last stored clients round "
+                f"{last}; call truncate_to({round - 1}) when rerunning rounds after a resume"
+            )
+        mask = np.asarray(participated)
+        if mask.ndim != 1 or mask.dtype != np.bool_:
+            raise ValueError(
+                f"append_clients: participated must be a 1-D bool array (one flag per client); "
+                f"got dtype {mask.dtype} and shape {mask.shape}"
+            )
+        clients = int(mask.shape[0])
+        if self._clients is not None and clients != int(self._clients.attrs["clients"]):
+            raise ValueError(
+                f"append_clients: {clients} clients given; the run's /clients population has "
+                f"{int(self._clients.attrs['clients'])}"
+            )
+        if clients == 0:
+            raise ValueError("append_clients: the population is empty (participated has size 0)")
+        loss = _client_vector("losses", losses, clients, "float32")
+        score = _client_vector("scores", scores, clients, "float32")
+        count = np.asarray(samples)
+        if not np.issubdtype(count.dtype, np.integer):
+            raise ValueError(f"append_clients: samples must be integers; got dtype {count.dtype}")
+        if count.size and (count.min() < 0 or count.max() > np.iinfo(np.int32).max):
+            raise ValueError(
+                f"append_clients: samples must lie in [0, 2**31); got {count.min()}..{count.max()}"
+            )
+        count = _client_vector("samples", count, clients, "int32")
+        absent = ~mask
+        if (count[absent] != 0).any() or np.isfinite(loss[absent]).any():
+            bad = np.flatnonzero(absent & ((count != 0) | np.isfinite(loss)))
+            raise ValueError(
+                f"append_clients: clients {bad[:8].tolist()} did not take part in round {round} "
+                "but have samples or a finite loss"
+            )
+        rows = {
+            "participated": np.packbits(mask, bitorder=_CLIENT_BITORDER),
+            "loss": loss,
+            "score": score,
+            "samples": count,
+        }
+        group = self._clients if self._clients is not None else self._create_clients(clients)
+        self._clients = group
+        n = int(group["round"].shape[0])
+        # The round last: truncate_to and readers go by it, so a failed write (full disk) leaves
+        # at most a row that the next truncate_to drops.
+        for name, row in rows.items():
+            ds = group[name]
+            ds.resize((n + 1, row.shape[0]))
+            ds[n] = row
+        rounds = group["round"]
+        rounds.resize((n + 1,))
+        rounds[n] = int(round)
+        if flush:
+            self.flush()
+
     def truncate_to(self, round: int, note: str | None = None) -> int:
         """Drop every row whose round is after ``round`` (resume from a checkpoint of ``round``).
+
+        Rows of ``/clients`` (:meth:`append_clients`) past ``round`` are dropped too.
 
         Parameters
         ----------
@@ -373,7 +540,7 @@ class RunRecord:
         Returns
         -------
         int
-            The number of rows kept.
+            The number of ``/metrics`` rows kept.
         """
         rounds = self._metrics["round"][:]
         keep = int(np.searchsorted(rounds, round, side="right"))
@@ -383,6 +550,12 @@ class RunRecord:
         log = json.loads(self._file.attrs.get("resume_log", "[]"))
         entry: dict[str, Any] = {"time": _now_iso(time.time()), "round": int(round),
                                  "dropped_rows": dropped}
+        if self._clients is not None:
+            client_rounds = self._clients["round"][:]
+            keep_clients = int(np.searchsorted(client_rounds, round, side="right"))
+            for ds in self._clients.values():
+                ds.resize((keep_clients,) + ds.shape[1:])
+            entry["dropped_client_rows"] = client_rounds.shape[0] - keep_clients
         if note:
             entry["note"] = note
         log.append(entry)
