@@ -197,17 +197,13 @@ def train(
     if overwrite and resume is not None:
         raise ConfigError(f"overwrite starts afresh but resume={os.fspath(resume)!r} continues a "
                           "run; give one of them")
-    if config.clients.population:
-        if callbacks or config.run.callbacks:
-            raise ConfigError("callbacks do not run with a population (clients.count > 0) yet; "
-                              "remove run.callbacks or set clients.count=0")
+    if config.clients.population:  # many clients per rank: hflmpi.population runs the rounds
         from hflmpi.population import train_population
 
-        device = agree(comm, "choosing the device", lambda: _device(config, comm))
-        return train_population(config, comm, resume=resume, stream=stream,
-                                allow_config_change=allow_config_change,
-                                replace_unfinished=replace_unfinished, dataset=dataset,
-                                overwrite=overwrite, device=device)
+        return train_population(config, comm, resume=resume, stream=stream, dataset=dataset,
+                                allow_config_change=allow_config_change, overwrite=overwrite,
+                                replace_unfinished=replace_unfinished, callbacks=callbacks,
+                                device=agree(comm, "choosing the device", lambda: _device(config, comm)))
     record_path = Path(resume) if resume is not None else Path(config.run.out)
     # Resume checks come before any data or model code (all ranks; refusals raise everywhere).
     plan = agree(comm, "planning the tree", lambda: _checked_plan(config, comm))

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from hflmpi.config import ConfigError, RunConfig
+from hflmpi.core.availability import Availability
 from hflmpi.core.population import PopulationPlan, place_clients, plan_population
 from hflmpi.core.rng import numpy_generator
 from hflmpi.core.schedule import steps_per_round
 from hflmpi.core.selection import (
-    Availability,
     SelectionOptions,
     priority_utility,
     select_cohort,
@@ -118,10 +118,14 @@ def train_population(
     config: RunConfig, comm: Any, *, resume: str | os.PathLike[str] | None = None,
     stream: TextIO | None = None, allow_config_change: bool = False,
     replace_unfinished: bool = False, dataset: Callable[..., Any] | None = None,
-    overwrite: bool = False, device: torch.device | None = None,
+    overwrite: bool = False, callbacks: Sequence[Any] = (), device: torch.device | None = None,
 ) -> Any:
     """Train a population of clients over ``comm`` (see :func:`hflmpi.federation.train`)."""
     from hflmpi.federation import TrainResult
+
+    if callbacks or config.run.callbacks:
+        raise ConfigError("callbacks do not run with a population (clients.count > 0) yet; "
+                          "remove run.callbacks or set clients.count=0")
 
     record_path = Path(resume) if resume is not None else Path(config.run.out)
     plan = agree(comm, "planning the tree of clients", lambda: plan_clients(config, comm.Get_size()))

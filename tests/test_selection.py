@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
+from hflmpi.core.availability import Availability
 from hflmpi.core.selection import (
-    Availability,
     SelectionError,
     SelectionOptions,
     cohort_size,

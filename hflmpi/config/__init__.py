@@ -28,6 +28,7 @@ from hflmpi.config.checks import (
     ConfigError,
     format_value,
 )
+from hflmpi.config.clients import ClientsConfig
 from hflmpi.config.loading import (
     apply_overrides,
     config_from_dict,
@@ -62,6 +63,7 @@ __all__ = [
     "OptimConfig",
     "PrivacyConfig",
     "ServerOptConfig",
+    "ClientsConfig",
     "RunConfig",
     "BUILTIN_MODELS",
     "MAX_LR",

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hflmpi.config.checks import ConfigError, _fmt
+from hflmpi.config.clients import ClientsConfig
 from hflmpi.config.sections import (
     _SECTIONS,
     AggregationConfig,
-    ClientsConfig,
     DataConfig,
     ModelConfig,
     OptimConfig,

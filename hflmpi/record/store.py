@@ -13,14 +13,7 @@ File layout (``format_version`` 1)::
                                    (JSON list: config changes made on resume), any extra meta keys
     /metrics/<scalar>       float64 [rounds]          (``round`` is int64)
     /metrics/<per-layer>    float64 [rounds, layers]  (``method`` is int8)
-    /clients                attrs: clients (population size); written by append_clients
-    /clients/round          int64 [rows]            (strictly increasing, like /metrics/round)
-    /clients/participated   uint8 [rows, ceil(clients / 8)]: client c took part in the row's round
-                            iff bit c % 8 of byte c // 8 is set, least significant bit first
-                            (``np.packbits(..., bitorder="little")``; the padding bits are 0)
-    /clients/loss           float32 [rows, clients]   training loss (NaN: did not train)
-    /clients/score          float32 [rows, clients]   selection score (NaN: none)
-    /clients/samples        int32 [rows, clients]     samples trained on in the round (0: none)
+    /clients/...            who took part in each round (:mod:`hflmpi.record.client_rows`)
     /partition/sizes              int64 [clients]
     /partition/label_histograms   int64 [clients, classes]
     /provenance/<leg>       attrs of one start or resume (leg 0, 1, ...; never overwritten):
@@ -43,13 +36,19 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
 
 from hflmpi import __version__
-from hflmpi.core.wire import Method
+from hflmpi.record.client_rows import (
+    append_client_row,
+    checked_client_row,
+    create_client_group,
+    truncate_client_rows,
+)
+from hflmpi.record.schema import LAYER_METRICS, METHOD_CODES, METHOD_MISSING, SCALAR_METRICS
 
 __all__ = [
     "FORMAT_VERSION",
@@ -61,49 +60,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-
-METHOD_CODES: Mapping[str, int] = {m.label: int(m) for m in Method}
-"""Integer code of the aggregation method stored in ``/metrics/method`` (-1 = not recorded):
-:class:`hflmpi.core.wire.Method` by its label,
-``{"none": 0, "integer-sum": 1, "gather": 2, "lanes": 3}``."""
-
-_METHOD_MISSING = -1
-
-# name -> (dtype, units, description)
-SCALAR_METRICS: Mapping[str, tuple[str, str, str]] = {
-    "round": ("int64", "1", "global round that this row closes (strictly increasing)"),
-    "wall_time": ("float64", "s", "seconds since the run started, at the end of the round"),
-    "train_loss": ("float64", "1", "sample-weighted mean training loss over the round"),
-    "test_loss": ("float64", "1", "loss of the global model on the test set"),
-    "test_accuracy": ("float64", "1", "accuracy of the global model on the test set, in [0, 1]"),
-    "samples_per_second": ("float64", "1/s", "training samples processed per second, all ranks"),
-    "upward_divergence": (
-        "float64",
-        "1",
-        "H-SGD upward divergence: weighted mean of ||x_g - x||^2 over the group models x_g "
-        "around the global model x, just before the global aggregation (Wang et al., AAAI 2022); "
-        "measured on evaluated rounds when run.divergence is on",
-    ),
-    "downward_divergence": (
-        "float64",
-        "1",
-        "H-SGD downward divergence: weighted mean of ||x_i - x_g(i)||^2 over the device models "
-        "x_i around their group model x_g(i), just before the group aggregation",
-    ),
-}
-
-LAYER_METRICS: Mapping[str, tuple[str, str, str]] = {
-    "compute_seconds": ("float64", "s", "seconds of computation attributed to the layer"),
-    "comm_seconds": ("float64", "s", "seconds spent in the layer's collectives"),
-    "bytes_sent": ("float64", "B", "payload bytes sent up and down the layer in the round"),
-    "quant_error": (
-        "float64",
-        "1",
-        "relative squared quantization error ||Q(d) - d||^2 / ||d||^2 of the uplink differences "
-        "(worst participant; measured on evaluated rounds only, NaN otherwise)",
-    ),
-    "method": ("int8", "1", "aggregation method code, see attr 'codes' (-1: not recorded)"),
-}
 
 _RESERVED_ATTRS = frozenset(
     {
@@ -127,21 +83,6 @@ _LAYER_CHUNK_ROWS = 256
 # (H5_term_library) crashes on them (SIGSEGV/SIGBUS, h5py 3.16 / HDF5 2.0). Without one, the
 # failed write raises OSError in append_round, where the caller can report it.
 _CHUNK_CACHE_BYTES = 0
-# /clients chunks: a row of a million float32 values is 4 MiB, so a chunk holds at most this many
-# bytes (one row split across chunks for wide rows, many rows per chunk for small populations).
-_CLIENT_CHUNK_BYTES = 1 << 20
-_CLIENT_BITORDER: Literal["little"] = "little"
-# name -> (dtype, fill, description) of the per-client datasets; "participated" is packed bits.
-_CLIENT_DATASETS: Mapping[str, tuple[str, float | int, str]] = {
-    "participated": (
-        "uint8", 0,
-        "client c took part in the round iff bit c % 8 (least significant first) of byte c // 8 is "
-        "set: np.unpackbits(row, count=clients, bitorder='little')",
-    ),
-    "loss": ("float32", np.nan, "training loss of the client in the round (NaN: did not train)"),
-    "score": ("float32", np.nan, "selection score of the client in the round (NaN: none)"),
-    "samples": ("int32", 0, "samples the client trained on in the round (0: none)"),
-}
 
 
 @dataclass(frozen=True)
@@ -180,23 +121,6 @@ def _attr_value(key: str, value: Any) -> Any:
         raise TypeError(f"run meta {key!r} must be a scalar or JSON-serialisable: {err}") from err
 
 
-def _client_chunks(columns: int, itemsize: int) -> tuple[int, int]:
-    """Return a chunk shape of at most ``_CLIENT_CHUNK_BYTES`` for a [rows, columns] dataset."""
-    row_bytes = max(1, columns * itemsize)
-    rows = max(1, min(_SCALAR_CHUNK, _CLIENT_CHUNK_BYTES // row_bytes))
-    return rows, max(1, min(columns, _CLIENT_CHUNK_BYTES // itemsize))
-
-
-def _client_vector(name: str, values: Any, clients: int, dtype: str) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.shape != (clients,):
-        raise ValueError(
-            f"append_clients: {name} has shape {arr.shape}; the population has {clients} clients "
-            f"(shape ({clients},))"
-        )
-    return arr.astype(dtype, copy=False)
-
-
 def _method_code(value: int | str, layer: int) -> int:
     if isinstance(value, str):
         if value not in METHOD_CODES:
@@ -206,7 +130,7 @@ def _method_code(value: int | str, layer: int) -> int:
             )
         return METHOD_CODES[value]
     code = int(value)
-    if code != _METHOD_MISSING and code not in METHOD_CODES.values():
+    if code != METHOD_MISSING and code not in METHOD_CODES.values():
         raise ValueError(f"method[{layer}]={code} is not a code in {dict(METHOD_CODES)} or -1")
     return code
 
@@ -325,7 +249,7 @@ class RunRecord:
             )
             ds.attrs["units"], ds.attrs["description"] = units, text
         for name, (dtype, units, text) in LAYER_METRICS.items():
-            fill = _METHOD_MISSING if dtype == "int8" else np.nan
+            fill = METHOD_MISSING if dtype == "int8" else np.nan
             ds = group.create_dataset(
                 name, shape=(0, layers), maxshape=(None, layers), dtype=dtype,
                 chunks=(_LAYER_CHUNK_ROWS, layers), fillvalue=fill,
@@ -333,7 +257,7 @@ class RunRecord:
             ds.attrs["units"], ds.attrs["description"] = units, text
         method = group["method"]
         method.attrs["codes"] = json.dumps({str(v): k for k, v in METHOD_CODES.items()})
-        method.attrs["missing"] = _METHOD_MISSING
+        method.attrs["missing"] = METHOD_MISSING
 
     # -- writing ---------------------------------------------------------------------------------
     @property
@@ -355,7 +279,7 @@ class RunRecord:
     def _layer_row(self, name: str, values: Sequence[Any] | None) -> np.ndarray:
         dtype = LAYER_METRICS[name][0]
         if values is None:
-            fill = _METHOD_MISSING if dtype == "int8" else np.nan
+            fill = METHOD_MISSING if dtype == "int8" else np.nan
             return np.full(self.layer_count, fill, dtype=dtype)
         if len(values) != self.layer_count:
             raise ValueError(
@@ -410,24 +334,6 @@ class RunRecord:
         n = int(rounds.shape[0])
         return None if n == 0 else int(rounds[n - 1])
 
-    def _create_clients(self, clients: int) -> h5py.Group:
-        group = self._file.create_group("clients")
-        group.attrs["clients"] = clients
-        group.attrs["bitorder"] = _CLIENT_BITORDER
-        ds = group.create_dataset(
-            "round", shape=(0,), maxshape=(None,), dtype="int64", chunks=(_SCALAR_CHUNK,),
-            fillvalue=-1,
-        )
-        ds.attrs["description"] = "global round of the row (strictly increasing)"
-        for name, (dtype, fill, text) in _CLIENT_DATASETS.items():
-            columns = (clients + 7) // 8 if name == "participated" else clients
-            ds = group.create_dataset(
-                name, shape=(0, columns), maxshape=(None, columns), dtype=dtype,
-                chunks=_client_chunks(columns, np.dtype(dtype).itemsize), fillvalue=fill,
-            )
-            ds.attrs["description"] = text
-        return group
-
     def append_clients(
         self,
         round: int,
@@ -440,88 +346,24 @@ class RunRecord:
     ) -> None:
         """Append one ``/clients`` row: who took part in ``round``, their losses, scores, samples.
 
-        The group is created by the first call, with the population size taken from
-        ``participated``; ``participated`` is stored as bits (see the module docstring).
-
-        Parameters
-        ----------
-        round : int
-            The global round; greater than the last ``/clients`` round (independent of
-            :meth:`append_round`, which may come before or after).
-        participated : ndarray of bool, shape (clients,)
-            Whether each client trained in the round.
-        losses : ndarray of float, shape (clients,)
-            Training loss per client, NaN where not measured; stored as float32.
-        scores : ndarray of float, shape (clients,)
-            Selection score per client, NaN where none; stored as float32.
-        samples : ndarray of int, shape (clients,)
-            Samples each client trained on in the round, in ``[0, 2**31)``.
-        flush : bool
-            Flush the file afterwards.
+        ``participated`` (bool, one flag per client) is stored as bits; ``losses`` (NaN where not
+        measured) and ``scores`` (NaN where none) as float32; ``samples`` (the samples each
+        client trained on) as int32. The group is created by the first call. Rounds must
+        increase, independently of :meth:`append_round`.
 
         Raises
         ------
         ValueError
-            If ``round`` is not after the last stored ``/clients`` round (call :meth:`truncate_to`
-            first when rerunning rounds), an array has the wrong shape or kind, the population
-            size differs from the run's, a sample count is out of range, or a client that did
-            not take part has samples or a finite loss.
+            A round not after the last ``/clients`` round (call :meth:`truncate_to` first when
+            rerunning rounds), an array of the wrong shape or kind, another population size, a
+            sample count outside ``[0, 2**31)``, or a client that did not take part with samples
+            or a finite loss (:func:`hflmpi.record.client_rows.checked_client_row`).
         """
-        last = self.last_client_round
-        if last is not None and round <= last:
-            raise ValueError(
-                f"append_clients: round {round} is not after the last stored clients round "
-                f"{last}; call truncate_to({round - 1}) when rerunning rounds after a resume"
-            )
-        mask = np.asarray(participated)
-        if mask.ndim != 1 or mask.dtype != np.bool_:
-            raise ValueError(
-                f"append_clients: participated must be a 1-D bool array (one flag per client); "
-                f"got dtype {mask.dtype} and shape {mask.shape}"
-            )
-        clients = int(mask.shape[0])
-        if self._clients is not None and clients != int(self._clients.attrs["clients"]):
-            raise ValueError(
-                f"append_clients: {clients} clients given; the run's /clients population has "
-                f"{int(self._clients.attrs['clients'])}"
-            )
-        if clients == 0:
-            raise ValueError("append_clients: the population is empty (participated has size 0)")
-        loss = _client_vector("losses", losses, clients, "float32")
-        score = _client_vector("scores", scores, clients, "float32")
-        count = np.asarray(samples)
-        if not np.issubdtype(count.dtype, np.integer):
-            raise ValueError(f"append_clients: samples must be integers; got dtype {count.dtype}")
-        if count.size and (count.min() < 0 or count.max() > np.iinfo(np.int32).max):
-            raise ValueError(
-                f"append_clients: samples must lie in [0, 2**31); got {count.min()}..{count.max()}"
-            )
-        count = _client_vector("samples", count, clients, "int32")
-        absent = ~mask
-        if (count[absent] != 0).any() or np.isfinite(loss[absent]).any():
-            bad = np.flatnonzero(absent & ((count != 0) | np.isfinite(loss)))
-            raise ValueError(
-                f"append_clients: clients {bad[:8].tolist()} did not take part in round {round} "
-                "but have samples or a finite loss"
-            )
-        rows = {
-            "participated": np.packbits(mask, bitorder=_CLIENT_BITORDER),
-            "loss": loss,
-            "score": score,
-            "samples": count,
-        }
-        group = self._clients if self._clients is not None else self._create_clients(clients)
-        self._clients = group
-        n = int(group["round"].shape[0])
-        # The round last: truncate_to and readers go by it, so a failed write (full disk) leaves
-        # at most a row that the next truncate_to drops.
-        for name, row in rows.items():
-            ds = group[name]
-            ds.resize((n + 1, row.shape[0]))
-            ds[n] = row
-        rounds = group["round"]
-        rounds.resize((n + 1,))
-        rounds[n] = int(round)
+        mask, loss, score, count = checked_client_row(round, participated, losses, scores, samples,
+                                                      self._clients)
+        if self._clients is None:
+            self._clients = create_client_group(self._file, int(mask.shape[0]))
+        append_client_row(self._clients, round, mask, loss, score, count)
         if flush:
             self.flush()
 
@@ -551,11 +393,7 @@ class RunRecord:
         entry: dict[str, Any] = {"time": _now_iso(time.time()), "round": int(round),
                                  "dropped_rows": dropped}
         if self._clients is not None:
-            client_rounds = self._clients["round"][:]
-            keep_clients = int(np.searchsorted(client_rounds, round, side="right"))
-            for ds in self._clients.values():
-                ds.resize((keep_clients,) + ds.shape[1:])
-            entry["dropped_client_rows"] = client_rounds.shape[0] - keep_clients
+            entry["dropped_client_rows"] = truncate_client_rows(self._clients, round)
         if note:
             entry["note"] = note
         log.append(entry)

@@ -1,0 +1,52 @@
+"""The metric columns of a run file: names, dtypes, units and descriptions, and the method codes."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from hflmpi.core.wire import Method
+
+__all__ = ["METHOD_CODES", "METHOD_MISSING", "SCALAR_METRICS", "LAYER_METRICS"]
+
+METHOD_CODES: Mapping[str, int] = {m.label: int(m) for m in Method}
+"""Integer code of the aggregation method stored in ``/metrics/method`` (-1 = not recorded):
+:class:`hflmpi.core.wire.Method` by its label,
+``{"none": 0, "integer-sum": 1, "gather": 2, "lanes": 3}``."""
+
+METHOD_MISSING = -1
+
+# name -> (dtype, units, description)
+SCALAR_METRICS: Mapping[str, tuple[str, str, str]] = {
+    "round": ("int64", "1", "global round that this row closes (strictly increasing)"),
+    "wall_time": ("float64", "s", "seconds since the run started, at the end of the round"),
+    "train_loss": ("float64", "1", "sample-weighted mean training loss over the round"),
+    "test_loss": ("float64", "1", "loss of the global model on the test set"),
+    "test_accuracy": ("float64", "1", "accuracy of the global model on the test set, in [0, 1]"),
+    "samples_per_second": ("float64", "1/s", "training samples processed per second, all ranks"),
+    "upward_divergence": (
+        "float64",
+        "1",
+        "H-SGD upward divergence: weighted mean of ||x_g - x||^2 over the group models x_g "
+        "around the global model x, just before the global aggregation (Wang et al., AAAI 2022); "
+        "measured on evaluated rounds when run.divergence is on",
+    ),
+    "downward_divergence": (
+        "float64",
+        "1",
+        "H-SGD downward divergence: weighted mean of ||x_i - x_g(i)||^2 over the device models "
+        "x_i around their group model x_g(i), just before the group aggregation",
+    ),
+}
+
+LAYER_METRICS: Mapping[str, tuple[str, str, str]] = {
+    "compute_seconds": ("float64", "s", "seconds of computation attributed to the layer"),
+    "comm_seconds": ("float64", "s", "seconds spent in the layer's collectives"),
+    "bytes_sent": ("float64", "B", "payload bytes sent up and down the layer in the round"),
+    "quant_error": (
+        "float64",
+        "1",
+        "relative squared quantization error ||Q(d) - d||^2 / ||d||^2 of the uplink differences "
+        "(worst participant; measured on evaluated rounds only, NaN otherwise)",
+    ),
+    "method": ("int8", "1", "aggregation method code, see attr 'codes' (-1: not recorded)"),
+}
