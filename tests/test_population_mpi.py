@@ -215,3 +215,53 @@ def test_partial_participation_is_recorded_and_resume_is_bitwise():
         world.Barrier()
         if world.Get_rank() == 0:
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_bad_population_input_fails_on_every_rank_with_a_clear_message():
+    from hflmpi.config import ConfigError
+    from hflmpi.mpi.guard import SetupError
+
+    world = MPI.COMM_WORLD
+    base = _shared_dir(world)
+    try:
+        trace = os.path.join(base, "trace.csv")
+        if world.Get_rank() == 0:
+            with open(trace, "w") as handle:  # 3 clients' rows for a population of 16
+                handle.write("1,0\n1,1\n0,1\n")
+        world.Barrier()
+        with pytest.raises((ConfigError, SetupError), match="trace"):
+            train(_config(os.path.join(base, "t.h5"), [16], [2],
+                          clients={"count": 16, "trace": trace}), world)
+        with pytest.raises(ConfigError, match="holds 400 samples but clients.count=600, and each client needs at least one"):
+            train(_config(os.path.join(base, "s.h5"), [600], [2], clients={"count": 600},
+                          data={"synthetic_samples": 500}), world)
+    finally:
+        world.Barrier()
+        if world.Get_rank() == 0:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_group_whose_clients_are_all_offline_is_skipped_and_follows_its_parent():
+    world = MPI.COMM_WORLD
+    base = _shared_dir(world)
+    try:
+        trace = os.path.join(base, "trace.csv")
+        if world.Get_rank() == 0:
+            rows = ["0,0" if c < 4 else "1,1" for c in range(16)]  # edge group 0 never online
+            with open(trace, "w") as handle:
+                handle.write("# clients x rounds\n" + "\n".join(rows) + "\n")
+        world.Barrier()
+        out = os.path.join(base, "offline.h5")
+        result = train(_config(out, [4, 4], [2, 2], quantize={"bits": [8, 8]},
+                               clients={"count": 16, "trace": trace}), world)
+        assert np.isfinite(result.model.numpy()).all() and np.isfinite(result.test_accuracy)
+        if world.Get_rank() == 0:
+            record = read_clients(out)
+            assert not record["participated"][:, :4].any()
+            assert record["participated"][:, 4:].all()
+    finally:
+        world.Barrier()
+        if world.Get_rank() == 0:
+            shutil.rmtree(base, ignore_errors=True)
