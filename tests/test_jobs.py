@@ -243,3 +243,22 @@ def test_scripts_share_the_launch_logic():
         assert "${HFLMPI_ARGS" not in text, f"{script.name} expands HFLMPI_ARGS itself"
         assert '"${ARGS[@]}" "$@"' in text, script.name
         assert re.search(r"^\s*srun\b", text, re.M) is None, f"{script.name}: use \"${{SRUN[@]}}\""
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to this python")
+def test_population_job_gives_the_same_model_bits_on_2_and_4_ranks(tmp_path):
+    """jobs/population.toml: every layer quantized, so the placement of its 256 clients on the
+    ranks does not change a bit of the model (docs/population.md)."""
+    from hflmpi.record.checkpoint import load_checkpoint
+
+    models = {}
+    for ranks in (2, 4):
+        out = tmp_path / f"pop{ranks}.h5"
+        proc = subprocess.run(
+            [str(MPIEXEC), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "hflmpi", "run",
+             str(JOBS / "population.toml"), "--set", "run.rounds=2", "--set",
+             f'run.out="{out}"', "--set", 'run.progress="off"'],
+            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        models[ranks] = load_checkpoint(tmp_path / f"pop{ranks}.ckpt.h5").model
+    assert models[2].tobytes() == models[4].tobytes()
