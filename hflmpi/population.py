@@ -347,13 +347,12 @@ class _RoundWork:
         now = time.perf_counter()
         bits = config.quantize.bits_for(depth)
         methods = [int(Method.INTEGER_SUM) if b else int(Method.NONE) for b in bits]
-        self.mpi_bytes_total = sums[depth:]
         return RoundMetrics(
             round=rnd, wall_time=now - run_started, train_loss=train_loss,
             test_loss=self.test[0], test_accuracy=self.test[1],
             samples_per_second=float(samples.sum()) / max(now - round_started, 1e-9),
             compute_seconds=list(worst[:depth]), comm_seconds=list(worst[depth:2 * depth]),
-            bytes_sent=list(sums[:depth]), method=methods,
+            bytes_sent=list(sums[:depth]), mpi_bytes=list(sums[depth:]), method=methods,
             quant_error=[math.nan if e < 0 else e for e in worst[2 * depth:]],
         )
 

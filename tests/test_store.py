@@ -201,3 +201,19 @@ def test_read_config_toml_of_a_file_without_one(tmp_path):
         handle.attrs["something"] = 1
     with pytest.raises(ValueError, match="stores no config"):
         read_config_toml(path)
+
+
+def test_a_metric_column_added_later_is_created_on_resume_with_nan_before(run_path):
+    """A run file written before ``mpi_bytes`` existed: resuming it adds the column, NaN for the
+    rounds it did not measure."""
+    with RunRecord.create(run_path, "", {"world_size": 1, "tree": []}, layer_count=2) as record:
+        record.append_round(RoundMetrics(round=1, bytes_sent=[1.0, 2.0]))
+        record.append_round(RoundMetrics(round=2, bytes_sent=[3.0, 4.0]))
+    with h5py.File(run_path, "r+") as file:  # what an older hflmpi wrote
+        del file["metrics/mpi_bytes"]
+    with RunRecord.open_append(run_path) as record:
+        record.append_round(RoundMetrics(round=3, bytes_sent=[5.0, 6.0], mpi_bytes=[0.5, 0.25]))
+    metrics = read_metrics(run_path)
+    expected = np.array([[np.nan, np.nan], [np.nan, np.nan], [0.5, 0.25]])
+    np.testing.assert_array_equal(metrics["mpi_bytes"], expected)
+    np.testing.assert_array_equal(metrics["bytes_sent"], [[1, 2], [3, 4], [5, 6]])

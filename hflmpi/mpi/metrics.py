@@ -111,7 +111,7 @@ class RoundMeter:
             test_loss=test[0] if test else math.nan, test_accuracy=test[1] if test else math.nan,
             samples_per_second=samples_per_round / (now - self.started),
             compute_seconds=list(slowest[:depth]), comm_seconds=list(slowest[depth: 2 * depth]),
-            bytes_sent=list(totals), method=list(self.methods),
+            bytes_sent=list(totals), mpi_bytes=list(totals), method=list(self.methods),
             quant_error=[math.nan if e < 0 else e for e in slowest[2 * depth:]],
             upward_divergence=self.divergences[0], downward_divergence=self.divergences[1],
         )

@@ -42,6 +42,12 @@ LAYER_METRICS: Mapping[str, tuple[str, str, str]] = {
     "compute_seconds": ("float64", "s", "seconds of computation attributed to the layer"),
     "comm_seconds": ("float64", "s", "seconds spent in the layer's collectives"),
     "bytes_sent": ("float64", "B", "payload bytes sent up and down the layer in the round"),
+    "mpi_bytes": (
+        "float64", "B",
+        "bytes the ranks handed to MPI collectives for the layer in the round; with a population "
+        "(clients.count > 0) less than bytes_sent, which counts every client's uplink as its own "
+        "message (NaN in run files written before this column existed)",
+    ),
     "quant_error": (
         "float64",
         "1",

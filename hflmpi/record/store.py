@@ -102,6 +102,7 @@ class RoundMetrics:
     compute_seconds: Sequence[float] | None = None
     comm_seconds: Sequence[float] | None = None
     bytes_sent: Sequence[float] | None = None
+    mpi_bytes: Sequence[float] | None = None
     quant_error: Sequence[float] | None = None
     method: Sequence[int | str] | None = None
     upward_divergence: float = math.nan
@@ -236,6 +237,16 @@ class RunRecord:
         return cls(file)
 
     @staticmethod
+    def _create_layer_metric(group: h5py.Group, name: str, layers: int, rows: int = 0) -> None:
+        dtype, units, text = LAYER_METRICS[name]
+        fill = METHOD_MISSING if dtype == "int8" else np.nan
+        ds = group.create_dataset(
+            name, shape=(rows, layers), maxshape=(None, layers), dtype=dtype,
+            chunks=(_LAYER_CHUNK_ROWS, layers), fillvalue=fill,
+        )
+        ds.attrs["units"], ds.attrs["description"] = units, text
+
+    @staticmethod
     def _create_metrics(group: h5py.Group, layers: int) -> None:
         group.attrs["layer_axis"] = (
             "column j is tree layer j + 1 (1: first aggregation above the devices, "
@@ -248,13 +259,8 @@ class RunRecord:
                 chunks=(_SCALAR_CHUNK,), fillvalue=fill,
             )
             ds.attrs["units"], ds.attrs["description"] = units, text
-        for name, (dtype, units, text) in LAYER_METRICS.items():
-            fill = METHOD_MISSING if dtype == "int8" else np.nan
-            ds = group.create_dataset(
-                name, shape=(0, layers), maxshape=(None, layers), dtype=dtype,
-                chunks=(_LAYER_CHUNK_ROWS, layers), fillvalue=fill,
-            )
-            ds.attrs["units"], ds.attrs["description"] = units, text
+        for name in LAYER_METRICS:
+            RunRecord._create_layer_metric(group, name, layers)
         method = group["method"]
         method.attrs["codes"] = json.dumps({str(v): k for k, v in METHOD_CODES.items()})
         method.attrs["missing"] = METHOD_MISSING
@@ -319,6 +325,8 @@ class RunRecord:
             ds.resize((n + 1,))
             ds[n] = scalar
         for name, row in layer_rows.items():
+            if name not in self._metrics:  # a column added since the run file was written
+                self._create_layer_metric(self._metrics, name, self.layer_count, rows=n)
             ds = self._metrics[name]
             ds.resize((n + 1, self.layer_count))
             ds[n] = row
