@@ -40,6 +40,7 @@ USER_ERRORS = {
     "hflmpi.core.strategy.PluginError",
     "hflmpi.bench.memory.BenchMemoryError",
     "hflmpi.bench.netem.NetemError",
+    "hflmpi.core.selection.SelectionError",
 }
 # Exception classes that are not user errors, each with the reason.
 NOT_USER_ERRORS = {
@@ -68,6 +69,7 @@ KEPT_BASES = {
     "PluginError": ValueError,
     "BenchMemoryError": ValueError,
     "NetemError": RuntimeError,
+    "SelectionError": ValueError,
 }
 
 
