@@ -259,6 +259,8 @@ def _run_rounds(
             error = _record(record, progress, metrics, record_path, accuracy, cohort,
                             round_losses, scores, round_samples, pop.plan.clients)
             last_round = rnd
+            if rnd == start_round:
+                _report_state_memory(comm, pop)
             with watchdog.guard(f"the preemption poll after round {rnd}"):
                 stop = end_of_round(comm, preemption.received is not None, error, record_path,
                                     last_checkpoint) and rnd < rounds
@@ -285,6 +287,17 @@ def _run_rounds(
     if close_error is not None:
         raise SetupError(close_error)
     return last_round, accuracy, test_loss, stopped
+
+
+def _report_state_memory(comm: Any, pop: _Population) -> None:
+    """Log (rank 0) the most per-client state any rank holds, after the first round (all ranks)."""
+    from mpi4py import MPI
+
+    largest = comm.allreduce(pop.trainer.state_nbytes(), op=MPI.MAX)
+    if comm.Get_rank() == 0:
+        _log.info("hflmpi: population of %d clients on %d ranks: per-client state (momentum, "
+                  "sampler orders, batched buffers) up to %.1f MiB per rank", pop.plan.clients,
+                  comm.Get_size(), largest / 2**20)
 
 
 def _select(config: RunConfig, pop: _Population, rnd: int,

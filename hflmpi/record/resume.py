@@ -76,6 +76,7 @@ reported and what is measured, never what is computed (``run.rounds`` also stret
 FIXED_KEYS = (
     "model.",
     "topology.",
+    "clients.count",
     "data.name",
     "data.synthetic_features",
     "data.synthetic_classes",
