@@ -56,6 +56,8 @@ from hflmpi.mpi.population import PopulationAggregator, PopulationStats, node_we
 from hflmpi.mpi.population_state import (
     broadcast_resume,
     gather_client_state,
+    max_over_ranks,
+    reduce_round,
     share_client_values,
     write_population_checkpoint,
 )
@@ -291,9 +293,7 @@ def _run_rounds(
 
 def _report_state_memory(comm: Any, pop: _Population) -> None:
     """Log (rank 0) the most per-client state any rank holds, after the first round (all ranks)."""
-    from mpi4py import MPI
-
-    largest = comm.allreduce(pop.trainer.state_nbytes(), op=MPI.MAX)
+    largest = max_over_ranks(comm, pop.trainer.state_nbytes())
     if comm.Get_rank() == 0:
         _log.info("hflmpi: population of %d clients on %d ranks: per-client state (momentum, "
                   "sampler orders, batched buffers) up to %.1f MiB per rank", pop.plan.clients,
@@ -340,17 +340,13 @@ class _RoundWork:
                 evaluation: np.ndarray | None, losses: np.ndarray, samples: np.ndarray,
                 cohort: np.ndarray, run_started: float, round_started: float) -> RoundMetrics | None:
         """Combine every rank's measurements into the round's metrics on rank 0 (all ranks)."""
-        from mpi4py import MPI
-
-        if evaluation is not None:
-            comm.Allreduce(MPI.IN_PLACE, evaluation, op=MPI.SUM)
-            self.test = (float(evaluation[0] / evaluation[2]), float(evaluation[1] / evaluation[2]))
         depth = pop.plan.depth
         sums = np.concatenate([self.client_bytes, self.mpi_bytes])
-        comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
         worst = np.concatenate([self.compute, self.comm_seconds,
                                 np.nan_to_num(self.quant_error, nan=-1.0)])
-        comm.Allreduce(MPI.IN_PLACE, worst, op=MPI.MAX)
+        reduce_round(comm, evaluation, sums, worst)
+        if evaluation is not None:
+            self.test = (float(evaluation[0] / evaluation[2]), float(evaluation[1] / evaluation[2]))
         if comm.Get_rank() != 0:
             return None
         trained = ~np.isnan(losses)

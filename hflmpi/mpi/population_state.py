@@ -23,11 +23,13 @@ from hflmpi import __version__
 from hflmpi.config import RunConfig, to_toml_string
 from hflmpi.learn.clients import ClientTrainer
 from hflmpi.mpi.guard import SetupError, agree
+from hflmpi.mpi.messages import allreduce_int
 from hflmpi.record.checkpoint import Checkpoint, config_digest, save_checkpoint
 from hflmpi.record.marker import write_marker
 
 __all__ = ["ClientState", "ResumeState", "broadcast_resume", "gather_client_state",
-           "share_client_values", "write_population_checkpoint"]
+           "max_over_ranks", "reduce_round", "share_client_values",
+           "write_population_checkpoint"]
 
 
 @dataclass
@@ -63,6 +65,24 @@ def share_client_values(comm: MPI.Comm, clients: int, losses: dict[int, float],
     comm.Allreduce(MPI.IN_PLACE, values, op=MPI.MAX)
     shared_losses = np.where(np.isneginf(values[0]), np.nan, values[0])
     return shared_losses, np.where(np.isneginf(values[1]), 0, values[1]).astype(np.int64)
+
+
+def reduce_round(comm: MPI.Comm, evaluation: np.ndarray | None, sums: np.ndarray,
+                 worst: np.ndarray) -> None:
+    """Combine a round's measurements in place on every rank (all ranks, float64 buffers).
+
+    ``evaluation`` (``[loss * count, accuracy * count, count]``, on evaluated rounds) and
+    ``sums`` (bytes) are summed, ``worst`` (seconds, errors) takes the maximum.
+    """
+    if evaluation is not None:
+        comm.Allreduce(MPI.IN_PLACE, evaluation, op=MPI.SUM)
+    comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+    comm.Allreduce(MPI.IN_PLACE, worst, op=MPI.MAX)
+
+
+def max_over_ranks(comm: MPI.Comm, value: int) -> int:
+    """Return the largest ``value`` over the ranks (all ranks)."""
+    return allreduce_int(comm, value, MPI.MAX)
 
 
 def gather_client_state(comm: MPI.Comm, clients: int, trainer: ClientTrainer,
