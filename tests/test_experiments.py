@@ -204,3 +204,125 @@ def test_figures_in_pdf_and_svg_have_distinct_titles_and_say_what_bytes_sum(tmp_
     assert len(set(titles)) == 5, titles
     with pytest.raises(ValueError, match="not one of png, pdf, svg"):
         plot_results(path, tmp_path / "out", formats=["gif"])
+
+
+POPULATION = """
+[experiment]
+seeds = [0]
+steps = 20
+eval_every_steps = 10
+[base.run]
+divergence = false
+[base.clients]
+count = 4
+[base.data]
+name = "digits"
+[base.model]
+name = "logreg"
+[base.optim]
+batch_size = 8
+[[variant]]
+name = "flat"
+topology = {}
+schedule = { tau = [5] }
+[[variant]]
+name = "pairs"
+topology = { fanouts = [2, 2] }
+schedule = { tau = [5, 2] }
+clients = { selection = "uniform", cohort = 3 }
+[[variant]]
+name = "mixed"
+topology = { groups = [[0, 2], [1, 3]] }
+schedule = { tau = [5, 2] }
+"""
+
+
+def test_a_spec_with_clients_runs_its_variants_as_populations(tmp_path):
+    exp = load_experiment(_write(tmp_path, POPULATION))
+    configs = {v.name: v.run_config(0, f"{v.name}.h5", 10) for v in exp.variants}
+    assert {n: c.clients.count for n, c in configs.items()} == {"flat": 4, "pairs": 4, "mixed": 4}
+    # [clients] merges key by key: the variant's selection over the base's count
+    assert configs["pairs"].clients.selection == "uniform" and configs["pairs"].clients.cohort == 3
+    assert configs["flat"].clients.selection == "all"
+    assert configs["mixed"].topology.groups == ((0, 2), (1, 3))
+    assert [c.run.rounds for c in configs.values()] == [4, 2, 2]
+    bad = POPULATION.replace("count = 4", "count = 4\ncohort = 5")
+    with pytest.raises(ExperimentError, match=r"variant 'flat': clients.cohort"):
+        load_experiment(_write(tmp_path, bad))
+    with pytest.raises(ExperimentError, match=r"\[base\] has unknown key\(s\) \['client'\]"):
+        load_experiment(_write(tmp_path, POPULATION.replace("[base.clients]", "[base.client]")))
+
+
+def test_describe_tree_of_a_population():
+    from hflmpi.config import config_from_dict
+    from hflmpi.experiments.runner import _describe_tree
+
+    def describe(topology: dict, count: int = 0, depth: int = 1) -> str:
+        data = {"topology": topology, "clients": {"count": count},
+                "schedule": {"tau": [2] * depth}}
+        return _describe_tree(config_from_dict(data))
+
+    assert describe({"groups": [[0, 2], [1, 3]]}, 0, 2) == "groups [[0,2],[1,3]]"
+    assert describe({"groups": [[0, 2], [1, 3]]}, 4, 2) == "groups 2x2, 4 clients"
+    assert describe({"groups": [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]}, 8, 3) == \
+        "groups 2x2x2, 8 clients"
+    assert describe({"groups": [[0], [1, 2]]}, 3, 2) == "groups [1,2], 3 clients"
+    assert describe({"fanouts": [8, 8]}, 64, 2) == "fanouts [8, 8], 64 clients"
+    assert describe({}, 64) == "flat, 64 clients"
+
+
+def test_population_experiment_on_one_rank(tmp_path):
+    """The world-size check plans the tree of clients; the results say how many clients."""
+    pytest.importorskip("mpi4py")
+    import h5py
+    from mpi4py import MPI
+
+    from hflmpi.experiments import run_experiment
+    from hflmpi.record.reading import read_clients
+
+    spec = _write(tmp_path, POPULATION)
+    out = run_experiment(spec, tmp_path / "r.h5", MPI.COMM_SELF, stream=open("/dev/null", "w"))
+    with h5py.File(out, "r") as f:
+        assert f.attrs["world_size"] == 1
+        trees = {k: (g.attrs["tree"], int(g.attrs["clients"])) for k, g in f["runs"].items()}
+        assert trees == {"flat": ("flat, 4 clients", 4), "pairs": ("fanouts [2, 2], 4 clients", 4),
+                         "mixed": ("groups 2x2, 4 clients", 4)}
+        assert list(f["runs/pairs/seed_0/step"][:]) == [10, 20]
+    # the variant's cohort of 3 of 4 clients was used (a run with clients records participation)
+    pairs = read_clients(tmp_path / "r.runs" / "pairs__seed0.h5")
+    flat = read_clients(tmp_path / "r.runs" / "flat__seed0.h5")
+    assert pairs is not None and flat is not None
+    assert pairs["participated"].sum(axis=1).tolist() == [3, 3]
+    assert flat["participated"].sum(axis=1).tolist() == [4, 4, 4, 4]
+    # the placement is checked against the world size before anything trains
+    bad = POPULATION + "[variant.clients]\nplacement = [0, 0, 1, 1]\n"
+    with pytest.raises(ExperimentError, match=r"variant 'mixed': .*placement"):
+        run_experiment(_write(tmp_path, bad), tmp_path / "bad.h5", MPI.COMM_SELF)
+    assert not (tmp_path / "bad.runs").exists()
+
+
+def test_shifted_digits_adds_four_one_pixel_shifts():
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+
+    from hflmpi.experiments.data import shift_images, shifted_digits
+
+    x = np.arange(2 * 1 * 3 * 4, dtype=np.float32).reshape(2, 1, 3, 4) + 1
+    for rows, cols in ((-1, 0), (1, 0), (0, -1), (0, 1), (1, -2)):
+        expected = np.zeros_like(x)
+        for r in range(3):
+            for c in range(4):
+                if 0 <= r - rows < 3 and 0 <= c - cols < 4:
+                    expected[..., r, c] = x[..., r - rows, c - cols]
+        np.testing.assert_array_equal(shift_images(x, rows, cols), expected)
+    x_train, y_train, x_test, y_test, classes = shifted_digits(seed=3)
+    n = len(x_train) // 5
+    assert classes == 10 and len(x_train) == 5 * n and len(x_test) + n == 1797
+    np.testing.assert_array_equal(y_train, np.tile(y_train[:n], 5))
+    np.testing.assert_array_equal(x_train[n:2 * n, :, :-1], x_train[:n, :, 1:])  # shifted up
+    np.testing.assert_array_equal(x_train[n:2 * n, :, -1], 0)
+    # the untouched images are digits' own (pixel / 16), the test images are none of them
+    images = load_digits().images.astype(np.float32)[:, None] / 16
+    keys = {im.tobytes() for im in images}
+    assert all(im.tobytes() in keys for im in x_train[:n])
+    assert not {im.tobytes() for im in x_test} & {im.tobytes() for im in x_train[:n]}

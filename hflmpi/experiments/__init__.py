@@ -6,7 +6,9 @@ alpha-beta time model, the figures to draw and the papers' claims as machine-che
 ``[[check]]`` entries. ``run`` trains every (variant, seed) pair in ONE MPI job, one
 :func:`hflmpi.federation.train` call after the other over the same communicator, each into its own run
 file, and rank 0 collects the curves into one results HDF5. ``plot`` (serial) draws PNGs and
-writes a markdown table plus the verdict of every check::
+writes a markdown table plus the verdict of every check. A spec may carry ``[base.clients]``
+(or a variant ``clients = {...}``): its variants then run as populations of clients placed on
+the ranks (docs/population.md), and the trees are trees of clients::
 
     mpiexec -n 8 python -m mpi4py -m hflmpi experiments run experiments/sandwich.toml \
             --out results/sandwich.h5 [--small] [--reuse] [--only a,b] \
@@ -32,7 +34,8 @@ the root layer N. A round then takes ``T(tau) = t_cp prod(tau) + sum_n t_cm,n pr
 Results file layout::
 
     /                      attrs: experiment, title, spec_toml, small, world_size, hflmpi_version
-    /runs/<variant>        attrs: label, tau, tree, bits, x, round_time (modelled), numel
+    /runs/<variant>        attrs: label, tau, tree, bits, x, round_time (modelled), numel,
+                           clients (the population's clients.count, or the world size)
     /runs/<variant>/seed_<s>/<curve>   one row per global round: round, step, test_accuracy,
                            test_loss, train_loss, upward/downward_divergence, bytes_cum,
                            model_time, wall_time; [rounds, layers]: bytes_sent, quant_error,

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hflmpi import __version__
-from hflmpi.config import RunConfig, config_from_dict
+from hflmpi.config import ConfigError, RunConfig, config_from_dict
 from hflmpi.core.topology import TopologyError, TreePlan, plan_fanouts, plan_groups
 from hflmpi.experiments.spec import Experiment, ExperimentError, Variant, load_experiment, merge_sections
 from hflmpi.record.checkpoint import checkpoint_paths
@@ -29,24 +29,48 @@ __all__ = ["run_experiment"]
 
 
 def _tree(config: RunConfig, world_size: int) -> TreePlan:
+    """Return the variant's tree over ``world_size`` ranks, or over its clients (a population).
+
+    With ``clients.count > 0`` the tree is a tree of clients; planning it also places the
+    clients on the ranks and refuses a placement the ranks cannot hold.
+    """
     topo = config.topology
+    if topo.kind == "nodes":
+        raise ExperimentError("topology.nodes is not supported in experiments (the tree must be "
+                              "known up front); give topology.fanouts or topology.groups")
+    if config.clients.population:
+        from hflmpi.population import plan_clients
+
+        return plan_clients(config, world_size).tree
     if topo.kind == "fanouts":
         return plan_fanouts(list(topo.fanouts or ()), world_size)
     if topo.kind == "groups":
         return plan_groups(topo.groups, world_size)
-    if topo.kind == "flat":
-        return plan_fanouts([world_size], world_size)
-    raise ExperimentError("topology.nodes is not supported in experiments (the tree must be "
-                          "known up front); give topology.fanouts or topology.groups")
+    return plan_fanouts([world_size], world_size)
 
 
 def _describe_tree(config: RunConfig) -> str:
+    """Describe the tree in a table cell; a population's groups by their shape (``8x8``)."""
     topo = config.topology
+    count = config.clients.count
     if topo.kind == "fanouts":
-        return f"fanouts {list(topo.fanouts or ())}"
-    if topo.kind == "groups":
-        return "groups " + json.dumps(topo.groups).replace(" ", "")
-    return "flat"
+        text = f"fanouts {list(topo.fanouts or ())}"
+    elif topo.kind == "groups":
+        text = ("groups " + _group_shape(topo.groups) if count
+                else "groups " + json.dumps(topo.groups).replace(" ", ""))
+    else:
+        text = "flat"
+    return f"{text}, {count} clients" if count else text
+
+
+def _group_shape(groups: Any) -> str:
+    """Return the shape of nested groups: ``8x8`` for 8 groups of 8, ``[2,3]`` when uneven."""
+    if all(isinstance(g, int) for g in groups):
+        return str(len(groups))
+    shapes = [_group_shape(g) for g in groups]
+    if len(set(shapes)) == 1:
+        return f"{len(groups)}x{shapes[0]}"
+    return "[" + ",".join(shapes) + "]"
 
 
 def _model_numel(config: RunConfig) -> int:
@@ -213,7 +237,7 @@ def _variants(exp: Experiment, comm: Any, only: Sequence[str] | None) -> tuple[l
     for v in variants:
         try:
             _tree(v.run_config(exp.seeds[0], "check.h5", exp.eval_every_steps), size)
-        except TopologyError as exc:
+        except (TopologyError, ConfigError) as exc:
             raise ExperimentError(f"variant {v.name!r}: {exc}") from None
     return variants, numel
 
@@ -314,7 +338,8 @@ def _fill_results(f: Any, exp: Experiment, variants: Sequence[Variant], out: Pat
         g = f.create_group(f"runs/{v.name}")
         g.attrs.update(label=v.label, tau=json.dumps(v.tau), tree=_describe_tree(config),
                        bits=json.dumps(bits), x=v.x, steps=v.steps, round_time=period_time,
-                       alpha=config.data.alpha, partition=config.data.partition)
+                       alpha=config.data.alpha, partition=config.data.partition,
+                       clients=config.clients.count or world_size)
         for seed in exp.seeds:
             path = _run_file(out, v.name, seed)
             m = read_metrics(path)

@@ -30,7 +30,7 @@ _EXPERIMENT_KEYS = {"name", "title", "description", "seeds", "steps", "eval_ever
 _SMALL_KEYS = {"seeds", "steps", "eval_every_steps", "last_steps", "variants", "base", "plan"}
 _VARIANT_KEYS = {"name", "label", "x", "steps", "eval_every_steps"}
 _SECTIONS = ("run", "topology", "schedule", "aggregation", "quantize", "data", "model", "optim",
-             "privacy", "server_opt")
+             "privacy", "server_opt", "clients")
 _FIGURE_KINDS = ("accuracy_vs_steps", "accuracy_vs_bytes", "accuracy_vs_time", "divergence",
                  "quant_vs_bits", "metric_vs_x")
 _CHECK_KINDS = ("order", "close", "finite", "at_least", "above_median")
