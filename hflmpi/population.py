@@ -95,6 +95,7 @@ def plan_clients(config: RunConfig, ranks: int) -> PopulationPlan:
         raise ConfigError(f"schedule.tau={list(config.schedule.tau)} has "
                           f"{len(config.schedule.tau)} entries but the tree of clients has "
                           f"{tree.depth} layers; give one tau per layer")
+    config.check_layer_options(tree.depth, [[len(kids) for kids in layer] for layer in tree.children])
     return plan_population(tree, place_clients(count, ranks, config.clients.placement))
 
 
@@ -204,7 +205,7 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
     params.flat.copy_(torch.from_numpy(host))
     mine = plan.placement.clients_on(rank)
     aggregator = PopulationAggregator(comm, plan, params.flat, config.quantize.bits_for(plan.depth),
-                                      config.quantize.bucket_size, seed)
+                                      config.quantize.bucket_size, seed, config.aggregation.secure)
     opts = config.clients
     trainer = agree(comm, "setting up the clients' training", lambda: ClientTrainer(
         model, params, config.optim, train_set, parts, mine, seed, mode=opts.training,

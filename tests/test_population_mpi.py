@@ -265,3 +265,18 @@ def test_a_group_whose_clients_are_all_offline_is_skipped_and_follows_its_parent
         world.Barrier()
         if world.Get_rank() == 0:
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_secure_population_masks_cancel_to_the_same_bits_on_any_rank_count():
+    """Pairwise masks among each node's participants (partial participation) cancel: the model
+    is the bits of the unmasked run, on every rank count."""
+    def config_of(secure: bool):
+        return lambda out: _config(out, [4, 4], [2, 2], quantize={"bits": [8, 8]},
+                                   aggregation={"secure": [secure, secure]},
+                                   run={"divergence": False},
+                                   clients={"count": 16, "selection": "uniform", "cohort": 10})
+    plain = _final_models_by_size(config_of(False), [1])[1]
+    masked = _final_models_by_size(config_of(True), _sizes())
+    for size, model in masked.items():
+        assert _digest(model) == _digest(plain), f"{size} ranks"

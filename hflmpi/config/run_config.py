@@ -113,8 +113,6 @@ class RunConfig:
         agg, unsupported = self.aggregation, []
         if any(rule != "mean" for rule in agg.robust):
             unsupported.append("aggregation.robust")
-        if any(agg.secure):
-            unsupported.append("aggregation.secure")
         if self.privacy.layer:
             unsupported.append("privacy.layer")
         if any(name != "none" for name in self.server_opt.optimizer):
@@ -122,7 +120,7 @@ class RunConfig:
         if unsupported:
             raise ConfigError(
                 f"{', '.join(unsupported)} do not run with a population (clients.count="
-                f"{self.clients.count}) yet: robust, secure, private and server-optimizer "
+                f"{self.clients.count}) yet: robust, private and server-optimizer "
                 "layers aggregate one model per rank; remove them or set clients.count=0 "
                 "(one client per rank)")
 

@@ -33,10 +33,12 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hflmpi.core.client_keys import PUBLIC_KEY_BYTES, ClientKeys, new_private_keys
 from hflmpi.core.packing import packed_nbytes
 from hflmpi.core.population import PopulationPlan
 from hflmpi.core.quantize import bucket_absmax, from_level_sum, new_workspace, num_buckets, to_levels
 from hflmpi.core.rng import torch_generator
+from hflmpi.core.secure import PairwiseSeeds, mask_levels, required_modulus_bits, unmask_sum
 from hflmpi.core.wire import SCALE_NBYTES, auto_bucket_size, levels_for_bits
 
 __all__ = ["PopulationAggregator", "PopulationStats", "node_weights"]
@@ -98,10 +100,15 @@ class PopulationAggregator:
         Elements per shared scale (0: :func:`hflmpi.core.wire.auto_bucket_size` per layer).
     seed : int
         Run seed (keys the quantizer streams).
+    secure : sequence of bool, optional
+        Per layer: mask each participant's levels pairwise among the participants of its node
+        (Bonawitz et al. 2017), with keys agreed between clients (:mod:`hflmpi.core.client_keys`);
+        the masks cancel in the node's sum, which is the same bits as without them.
     """
 
     def __init__(self, comm: MPI.Comm, plan: PopulationPlan, model: torch.Tensor,
-                 bits: Sequence[int], bucket_size: int, seed: int) -> None:
+                 bits: Sequence[int], bucket_size: int, seed: int,
+                 secure: Sequence[bool] = ()) -> None:
         self.comm = comm
         self.plan = plan
         self.rank = comm.Get_rank()
@@ -121,6 +128,8 @@ class PopulationAggregator:
             self.comms.append(None if sub == MPI.COMM_NULL else sub)
         self._workspace = new_workspace(self.numel, self.device)
         self._levels = torch.empty(self.numel, dtype=torch.int32, device=self.device)
+        self.secure = [bool(on) for on in secure] or [False] * plan.depth
+        self.keys = _agree_client_keys(comm, plan, self.rank) if any(self.secure) else None
 
     @property
     def global_model(self) -> torch.Tensor:
@@ -205,11 +214,20 @@ class PopulationAggregator:
             self.models[n][k].copy_(total)
             stats.client_bytes[n - 1] += len(children) * self.numel * 4
             return
-        self._aggregate_quantized(n, k, children, sub, step, measure_error, stats)
+        self._aggregate_quantized(n, k, children, sub, step, measure_error, stats, weights)
+
+    def _masking(self, n: int, k: int,
+                 weights: list[np.ndarray]) -> tuple[list[int], int, PairwiseSeeds]:
+        """Return node ``k``'s participants (lowest clients), the modulus bits and pair keys."""
+        plan, keys = self.plan, self.keys
+        assert keys is not None
+        ids = [plan.members(n - 1, c)[0] for c in plan.children(n, k) if weights[n - 1][c] > 0]
+        width = required_modulus_bits(len(ids) * levels_for_bits(self.bits[n - 1]))
+        return ids, width, keys.among(ids)
 
     def _aggregate_quantized(self, n: int, k: int, children: list[tuple[int, float, torch.Tensor]],
                              sub: MPI.Comm | None, step: int, measure_error: bool,
-                             stats: PopulationStats) -> None:
+                             stats: PopulationStats, weights: list[np.ndarray]) -> None:
         bits, bucket = self.bits[n - 1], self.bucket_sizes[n - 1]
         s = levels_for_bits(bits)
         anchor = self.models[n][k]
@@ -227,12 +245,18 @@ class PopulationAggregator:
                 f"a model update below layer-{n} group {k} holds NaN or Inf; check the learning "
                 "rate and the data of its clients")
         level_sum = torch.zeros(self.numel, dtype=torch.int64, device=self.device)
+        masking = self._masking(n, k, weights) if self.secure[n - 1] else None
         for (client, _, _), d in zip(children, diffs):
             generator = torch_generator(self.seed, purpose="quantize", rank=client, round=step,
                                         layer=n, device=self.device)
             levels = to_levels(d, scales, s, generator, bucket_size=bucket, sign=bits == 1,
                                out=self._levels, workspace=self._workspace)
-            level_sum.add_(levels)
+            if masking is not None:  # residues mod 2^w, masked among the node's participants
+                ids, width, seeds = masking
+                level_sum.add_(mask_levels(levels.to(torch.int64), ids.index(client), len(ids),
+                                           seeds, width, step=step, layer=n, group=k))
+            else:
+                level_sum.add_(levels)
             if measure_error:
                 decoded = from_level_sum(levels, scales, s, bucket_size=bucket)
                 norm = float(torch.dot(d, d))
@@ -241,6 +265,8 @@ class PopulationAggregator:
                 stats.quant_error[n - 1] = error if math.isnan(worst) else max(worst, error)
         if sub is not None:
             self._allreduce(sub, level_sum, MPI.SUM, stats, n)
+        if masking is not None:  # the masks cancel modulo 2^w
+            level_sum = unmask_sum(level_sum, masking[1])
         update = from_level_sum(level_sum, scales, s, bucket_size=bucket)
         self.models[n][k].copy_(anchor + update.to(self.dtype))
         per_child = packed_nbytes(self.numel, bits) + scales.numel() * SCALE_NBYTES
@@ -253,3 +279,14 @@ class PopulationAggregator:
         if host is not tensor:
             tensor.copy_(host)
         stats.mpi_bytes[n - 1] += tensor.numel() * tensor.element_size()
+
+
+def _agree_client_keys(comm: MPI.Comm, plan: PopulationPlan, rank: int) -> ClientKeys:
+    """Make key pairs for this rank's clients and publish the public keys (all ranks, once)."""
+    pairs = new_private_keys(plan.placement.clients_on(rank))
+    table = np.zeros((plan.clients, PUBLIC_KEY_BYTES), dtype=np.uint8)
+    for client, (_, public) in pairs.items():
+        table[client] = np.frombuffer(public.to_bytes(PUBLIC_KEY_BYTES, "big"), dtype=np.uint8)
+    comm.Allreduce(MPI.IN_PLACE, table, op=MPI.MAX)  # every row is one rank's, zeros elsewhere
+    publics = [int.from_bytes(row.tobytes(), "big") for row in table]
+    return ClientKeys({c: private for c, (private, _) in pairs.items()}, publics)
