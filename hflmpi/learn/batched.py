@@ -252,7 +252,9 @@ class BatchedSolver:
                      mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """Return one client's mean cross-entropy over its valid rows (vmapped over clients)."""
         logits = functional_call(self.model, params, (x,))
-        per_row = F.cross_entropy(logits, y, reduction="none")
+        # log_softmax + gather is cross_entropy's own arithmetic; vmap batches it natively, where
+        # cross_entropy goes through a Python decomposition on every call.
+        per_row = -F.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
         return torch.where(mask, per_row, torch.zeros_like(per_row)).sum() / count
 
     def _views(self, buffer: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
