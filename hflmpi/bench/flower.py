@@ -14,6 +14,15 @@ aggregation and the runtime differ:
   (``ClientApp``/``ServerApp``, ``flwr.serverapp.strategy.FedAvg``) on the Ray backend, the
   clients as Ray actors sharing the machine's cores.
 
+With ``population`` (``hflmpi bench flower --clients 256 --cohort 0.1``) the job is a population:
+``clients`` clients, of which a uniformly drawn cohort trains ``local_steps`` steps per round
+(FedAvg over the cohort). hflmpi runs them as ``[clients] count`` on however many ranks there are
+(``clients.training`` as given); Flower simulates ``clients`` supernodes, samples the same number
+per round (``fraction_train``, ``min_train_nodes``) and runs them on ``actors`` Ray actors (default:
+as many as MPI ranks), so both sides train with the same parallelism. The cohorts differ (each
+side draws its own), the data, partition, model and solver are the same; the bundled digits
+(``data = "digits"``) suit a population (1,437 training images).
+
 Per-round time is the median over rounds 2..R (round 1 holds start-up: MPI/Ray actor warm-up).
 On hflmpi the last round (evaluation + checkpoint) is left out as well; on Flower each round is
 the time between two calls of the strategy's ``evaluate_fn`` (called before round 1 and after
@@ -50,11 +59,25 @@ class Job:
     hidden: tuple[int, ...] = (1024, 256)
     lr: float = 0.05
     seed: int = 0
+    population: bool = False
+    cohort: float = 1.0
+    data: str = "synthetic"
+    local_steps: int = 0
+    training: str = "sequential"
 
     @property
     def steps_per_epoch(self) -> int:
-        """Local SGD steps in one epoch over a client's samples."""
-        return -(-self.samples_per_client // self.batch)
+        """Local SGD steps per round: ``local_steps``, else one epoch over a client's samples."""
+        return self.local_steps or -(-self.samples_per_client // self.batch)
+
+    @property
+    def cohort_size(self) -> int:
+        """Clients trained per round: ``cohort`` is a fraction in (0, 1] or a count > 1."""
+        if not self.population or self.cohort == 1.0:
+            return self.clients
+        from hflmpi.core.selection import SelectionOptions, cohort_size
+
+        return int(cohort_size(SelectionOptions("uniform", self.cohort), self.clients))
 
     @property
     def numel(self) -> int:
@@ -68,17 +91,26 @@ def job_config(job: Job, out: str) -> Any:
     from hflmpi.config import config_from_dict
 
     test_fraction = 0.2
-    return config_from_dict({
+    data: dict[str, Any] = (
+        {"name": "digits", "partition": "iid"} if job.data == "digits" else
+        {"name": "synthetic", "partition": "iid", "test_fraction": test_fraction,
+         "synthetic_samples": math.ceil(job.samples_per_client * job.clients / (1 - test_fraction)),
+         "synthetic_features": job.features, "synthetic_classes": 10})
+    sections: dict[str, Any] = {
         "run": {"seed": job.seed, "rounds": job.rounds, "out": out, "progress": "off",
                 "eval_every": 0, "checkpoint_every": 0, "divergence": False},
         "topology": {"fanouts": [job.clients]},
         "schedule": {"tau": [job.steps_per_epoch]},
-        "data": {"name": "synthetic", "partition": "iid", "test_fraction": test_fraction,
-                 "synthetic_samples": math.ceil(job.samples_per_client * job.clients / (1 - test_fraction)),
-                 "synthetic_features": job.features, "synthetic_classes": 10},
+        "data": data,
         "model": {"name": "mlp", "hidden": list(job.hidden)},
         "optim": {"lr": job.lr, "batch_size": job.batch},
-    })
+    }
+    if job.population:
+        every = job.cohort_size == job.clients
+        sections["clients"] = {"count": job.clients, "training": job.training,
+                               "selection": "all" if every else "uniform",
+                               "cohort": float(job.cohort_size)}
+    return config_from_dict(sections)
 
 
 def flower_available() -> tuple[bool, str]:
@@ -114,7 +146,7 @@ def run_hflmpi(comm: Any, job: Job) -> dict[str, Any]:
     from hflmpi.mpi.messages import bcast_array, bcast_text
     from hflmpi.record.reading import read_metrics
 
-    if comm.Get_size() != job.clients:
+    if not job.population and comm.Get_size() != job.clients:
         raise ValueError(f"the hflmpi side needs one rank per client: run under mpiexec -n "
                          f"{job.clients} (got {comm.Get_size()} ranks), or pass --clients "
                          f"{comm.Get_size()}")
@@ -132,7 +164,9 @@ def run_hflmpi(comm: Any, job: Job) -> dict[str, Any]:
                            shape=(None,), what="sharing rank 0's round times")  # all ranks
         rounds = np.diff(np.concatenate([[0.0], wall])).tolist()
         timed = _inner(rounds, drop_last=True)
-        return {"framework": "hflmpi (MPI)", "round_seconds": rounds,
+        name = (f"hflmpi (MPI, {comm.Get_size()} ranks, {job.training})" if job.population
+                else "hflmpi (MPI)")
+        return {"framework": name, "round_seconds": rounds,
                 "median_round_seconds": statistics.median(timed), "rounds_timed": len(timed),
                 "test_accuracy": result.test_accuracy}  # identical on every rank
     finally:
@@ -150,16 +184,12 @@ _SERVER_LOCK = threading.Lock()
 
 
 def _job_from(config: Any) -> Job:
-    return Job(clients=int(config["clients"]), rounds=int(config["rounds"]),
-               samples_per_client=int(config["samples_per_client"]), batch=int(config["batch"]),
-               features=int(config["features"]), hidden=tuple(json.loads(str(config["hidden"]))),
-               lr=float(config["lr"]), seed=int(config["seed"]))
+    fields = json.loads(str(config["job"]))
+    return Job(**{**fields, "hidden": tuple(fields["hidden"])})
 
 
 def _job_record(job: Job) -> dict[str, Any]:
-    return {"clients": job.clients, "rounds": job.rounds, "samples_per_client": job.samples_per_client,
-            "batch": job.batch, "features": job.features, "hidden": json.dumps(list(job.hidden)),
-            "lr": job.lr, "seed": job.seed}
+    return {"job": json.dumps(asdict(job))}
 
 
 def _client_state(job: Job) -> dict[str, Any]:
@@ -199,12 +229,12 @@ def _flower_train(msg: Any, context: Any) -> Any:
     sampler = BatchSampler(state["parts"][client], job.batch, seed=job.seed, client=client)
     sampler.load_state_dict({"epoch": int(config["server-round"]) - 1, "offset": 0})
     loss = 0.0
-    for _ in range(len(sampler)):
+    for _ in range(job.steps_per_epoch):
         batch = next(sampler)
         loss += float(solver.step(train_set.features[batch], train_set.labels[batch]))
     content = RecordDict({
         "arrays": ArrayRecord(model.state_dict()),
-        "metrics": MetricRecord({"train_loss": loss / len(sampler),
+        "metrics": MetricRecord({"train_loss": loss / max(job.steps_per_epoch, 1),
                                  "num-examples": len(state["parts"][client])}),
     })
     return Message(content=content, reply_to=msg)
@@ -222,7 +252,7 @@ def _flower_server(grid: Any, context: Any) -> None:
     job: Job = _SERVER_LOG["job"]
     config = job_config(job, "unused.h5")
     _, test_set = load_dataset(config.data, job.seed)
-    model = build_model(config.model, (job.features,), 10, seed=job.seed)
+    model = build_model(config.model, test_set.input_shape, test_set.num_classes, seed=job.seed)
     stamps: list[float] = []
 
     def timer(server_round: int, arrays: Any) -> Any:
@@ -232,22 +262,24 @@ def _flower_server(grid: Any, context: Any) -> None:
             _SERVER_LOG["test_accuracy"] = evaluate(model, test_set)[1]
         return MetricRecord({"round": server_round})
 
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=job.clients,
-                      min_available_nodes=job.clients)
+    strategy = FedAvg(fraction_train=job.cohort_size / job.clients, fraction_evaluate=0.0,
+                      min_train_nodes=job.cohort_size, min_available_nodes=job.clients)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=job.rounds,
                    train_config=ConfigRecord(_job_record(job)), evaluate_fn=timer)
     _SERVER_LOG["stamps"] = stamps
 
 
-def run_flower(job: Job, cpus: float | None = None) -> dict[str, Any]:
+def run_flower(job: Job, cpus: float | None = None, actors: int | None = None) -> dict[str, Any]:
     """Run ``job`` in Flower's simulation (Ray backend) in this process and time its rounds.
 
     Parameters
     ----------
     job : Job
     cpus : float, optional
-        CPUs given to Ray (default: all cores); each client actor gets ``cpus / clients``, so all
-        clients of a round run at once, like the MPI ranks.
+        CPUs given to Ray (default: all cores); each client actor gets ``cpus / actors``.
+    actors : int, optional
+        Client actors running at once (default ``clients``: all clients of a round at once, like
+        one MPI rank per client).
     """
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
@@ -264,7 +296,8 @@ def run_flower(job: Job, cpus: float | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         run_simulation(
             server_app=server_app, client_app=client_app, num_supernodes=job.clients,
-            backend_config={"client_resources": {"num_cpus": cpus / job.clients, "num_gpus": 0.0},
+            backend_config={"client_resources": {"num_cpus": cpus / (actors or job.clients),
+                                                 "num_gpus": 0.0},
                             "init_args": {"num_cpus": cpus, "include_dashboard": False}},
         )
         total = time.perf_counter() - started

@@ -1,8 +1,9 @@
-"""``hflmpi bench aggregate|scaling|flower``: benchmarks run under ``mpiexec -n P``.
+"""``hflmpi bench aggregate|scaling|flower|population``: benchmarks run under ``mpiexec -n P``.
 
 ``aggregate`` times the hierarchical aggregation against a raw mpi4py ``Allreduce`` (and gloo) of
 the same buffer in the same run; ``scaling`` writes strong/weak scaling rows (and ``scaling plot``
-adds cost-model predictions); ``flower`` compares a FedAvg round with Flower's simulation.
+adds cost-model predictions); ``flower`` compares a FedAvg round with Flower's simulation;
+``population`` compares batched with sequential training of a population of clients.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any, Sequence
 import torch
 from mpi4py import MPI
 
-from hflmpi.bench.aggregate import bench_aggregate, default_fanouts
+from hflmpi.bench.aggregate import bench_aggregate
+from hflmpi.bench.aggregate import default_fanouts as default_rank_fanouts
 from hflmpi.bench.flower import Job, flower_available, run_flower, run_hflmpi, wait_sleeping
 from hflmpi.bench.memory import (
     SAFETY,
@@ -28,6 +30,14 @@ from hflmpi.bench.memory import (
     copies_per_rank,
     default_sizes,
     max_params,
+)
+from hflmpi.bench.population import (
+    MODES,
+    PopulationJob,
+    default_fanouts,
+    default_tau,
+    format_report,
+    run_population,
 )
 from hflmpi.bench.scaling import PREDICT_WORLDS, measure, plot
 from hflmpi.core.topology import plan_fanouts
@@ -114,7 +124,11 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     sub.add_parser("scaling", add_help=False,
                    help="strong/weak scaling rows to HDF5; 'scaling plot' adds cost-model predictions")
     sub.add_parser("flower", add_help=False, help="FedAvg round time: hflmpi vs Flower's simulation")
+    sub.add_parser("population", add_help=False,
+                   help="client-steps/s of a population: batched vs sequential training")
     raw = list(sys.argv[1:] if argv is None else argv)
+    if raw and raw[0] == "population":
+        return _population(raw[1:], comm)
     if raw and raw[0] == "scaling":  # their own parsers
         return _scaling(raw[1:], comm)
     if raw and raw[0] == "flower":
@@ -127,7 +141,7 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     comm = MPI.COMM_WORLD if comm is None else comm
     torch.set_num_threads(1)
     try:  # the same options (and the agreed memory budget) on every rank: each raises alike
-        fanouts = [int(f) for f in args.fanouts.split(",") if f] or default_fanouts(comm.Get_size())
+        fanouts = [int(f) for f in args.fanouts.split(",") if f] or default_rank_fanouts(comm.Get_size())
         plan = plan_fanouts(fanouts, comm.Get_size())
         bits = [int(b) for b in args.bits.split(",") if b]
         sizes, note = _sizes(comm, args.sizes, plan.depth, bits, not args.no_gloo)
@@ -226,13 +240,21 @@ def _scaling(argv: Sequence[str] | None = None, comm: Any = None) -> int:
 
 
 def _report(job: Job, results: list[dict[str, Any]]) -> str:
-    lines = [f"# FedAvg, {job.clients} clients, MLP {job.features}-{'-'.join(map(str, job.hidden))}-10 "
-             f"({job.numel:,} parameters), {job.samples_per_client} samples and "
-             f"{job.steps_per_epoch} SGD steps (1 epoch, batch {job.batch}) per client per round, "
-             f"{job.rounds} rounds, {os.cpu_count()} cores",
-             f"{'framework':<40} {'s/round (median)':>17} {'rounds timed':>13} {'test acc':>9}"]
+    what = (f"FedAvg over a population of {job.clients} clients, {job.cohort_size} per round"
+            if job.population else f"FedAvg, {job.clients} clients")
+    data = ("digits" if job.data == "digits" else f"{job.samples_per_client} synthetic samples "
+            "per client")
+    steps = (f"{job.steps_per_epoch} SGD steps" if job.local_steps else
+             f"{job.steps_per_epoch} SGD steps (1 epoch)")
+    features = 64 if job.data == "digits" else job.features
+    widths = [features, *job.hidden, 10]
+    numel = sum(a * b + b for a, b in zip(widths, widths[1:]))
+    lines = [f"# {what}, MLP {'-'.join(map(str, widths))} ({numel:,} parameters), {data}, "
+             f"{steps} of batch {job.batch} per client per round, {job.rounds} rounds, "
+             f"{os.cpu_count()} cores",
+             f"{'framework':<48} {'s/round (median)':>17} {'rounds timed':>13} {'test acc':>9}"]
     for r in results:
-        lines.append(f"{r['framework']:<40} {r['median_round_seconds']:>17.4f} {r['rounds_timed']:>13} "
+        lines.append(f"{r['framework']:<48} {r['median_round_seconds']:>17.4f} {r['rounds_timed']:>13} "
                      f"{r['test_accuracy']:>9.4f}")
     if len(results) == 2:
         lines.append(f"Flower / hflmpi time per round: "
@@ -240,19 +262,44 @@ def _report(job: Job, results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _flower(argv: Sequence[str] | None = None, comm: Any = None) -> int:
-    """Entry point of ``hflmpi bench flower`` (under ``mpiexec -n CLIENTS``)."""
+def flower_parser() -> argparse.ArgumentParser:
+    """Return the parser of ``hflmpi bench flower``."""
     parser = argparse.ArgumentParser(prog="hflmpi bench flower", description="FedAvg round time: hflmpi vs Flower's simulation of the same job.")
-    parser.add_argument("--clients", type=int, default=0, help="default: the MPI world size (8 intended)")
+    parser.add_argument("--clients", type=int, default=0, help="default: the MPI world size (8 "
+                        "intended); more clients than ranks (or --cohort) makes a population")
+    parser.add_argument("--cohort", type=float, default=1.0, help="population: clients per round, "
+                        "a fraction in (0, 1] or a count > 1 (default: all)")
     parser.add_argument("--rounds", type=int, default=Job.rounds)
     parser.add_argument("--samples-per-client", type=int, default=Job.samples_per_client)
     parser.add_argument("--batch", type=int, default=Job.batch)
     parser.add_argument("--hidden", default=",".join(map(str, Job.hidden)))
+    parser.add_argument("--data", choices=("synthetic", "digits"), default="synthetic")
+    parser.add_argument("--local-steps", type=int, default=0,
+                        help="SGD steps per client per round (default: one epoch)")
+    parser.add_argument("--training", choices=("sequential", "batched"), default="sequential",
+                        help="population: how hflmpi trains a rank's clients")
+    parser.add_argument("--actors", type=int, default=0, help="Flower client actors at once "
+                        "(default: the clients, or the MPI ranks for a population)")
     parser.add_argument("--side", choices=("both", "hflmpi", "flower"), default="both",
                         help="flower alone needs no mpiexec")
     parser.add_argument("--cpus", type=float, default=0, help="CPUs for Ray (default: all cores)")
     parser.add_argument("--json", default="", help="also write the results here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def flower_job(args: argparse.Namespace, ranks: int) -> Job:
+    """Return the :class:`Job` of parsed ``bench flower`` options on ``ranks`` MPI ranks."""
+    clients = args.clients or (ranks if args.side != "flower" else Job.clients)
+    population = args.cohort != 1.0 or clients != ranks and args.side != "flower"
+    return Job(clients=clients, rounds=args.rounds, samples_per_client=args.samples_per_client,
+               batch=args.batch, hidden=tuple(int(h) for h in args.hidden.split(",") if h),
+               population=population, cohort=args.cohort, data=args.data,
+               local_steps=args.local_steps, training=args.training)
+
+
+def _flower(argv: Sequence[str] | None = None, comm: Any = None) -> int:
+    """Entry point of ``hflmpi bench flower`` (``mpiexec -n CLIENTS``; fewer for a population)."""
+    args = flower_parser().parse_args(argv)
     if args.side == "flower":
         comm = None
     else:
@@ -261,9 +308,8 @@ def _flower(argv: Sequence[str] | None = None, comm: Any = None) -> int:
         comm = MPI.COMM_WORLD if comm is None else comm
     size = comm.Get_size() if comm is not None else 1
     rank = comm.Get_rank() if comm is not None else 0
-    job = Job(clients=args.clients or (size if args.side != "flower" else Job.clients), rounds=args.rounds,
-              samples_per_client=args.samples_per_client, batch=args.batch,
-              hidden=tuple(int(h) for h in args.hidden.split(",") if h))
+    job = flower_job(args, size)
+    actors = args.actors or (size if job.population else job.clients)
     results: list[dict[str, Any]] = []
     if args.side in ("both", "hflmpi"):
         import torch
@@ -279,7 +325,7 @@ def _flower(argv: Sequence[str] | None = None, comm: Any = None) -> int:
         if not available:
             message = f"Flower comparison skipped: flwr is not usable here ({why})"
         elif rank == 0:
-            results.append(run_flower(job, args.cpus or None))
+            results.append(run_flower(job, args.cpus or None, actors))
         if comm is not None and available:
             wait_sleeping(comm)  # all ranks; rank 0 arrives after Flower finished
     if rank == 0:
@@ -293,3 +339,75 @@ def _flower(argv: Sequence[str] | None = None, comm: Any = None) -> int:
                                                    "results": results, "note": message}, indent=2))
     return 0
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def population_job(args: argparse.Namespace) -> PopulationJob:
+    """Return the :class:`PopulationJob` of parsed ``bench population`` options.
+
+    ``--cohort 1`` means every client (a fraction), not one client as in ``[clients] cohort``.
+    """
+    fanouts = _ints(args.fanouts) or default_fanouts(args.clients)
+    tau = _ints(args.tau) or default_tau(len(fanouts))
+    cohort = float(args.clients) if args.cohort == 1.0 else args.cohort
+    return PopulationJob(clients=args.clients, cohort=cohort, rounds=args.rounds, fanouts=fanouts,
+                         tau=tau, hidden=_ints(args.hidden), bits=_ints(args.bits),
+                         batch=args.batch, lr=args.lr, batch_clients=args.batch_clients)
+
+
+def population_parser() -> argparse.ArgumentParser:
+    """Return the parser of ``hflmpi bench population``."""
+    parser = argparse.ArgumentParser(
+        prog="hflmpi bench population",
+        description="Client-steps/s of a population trained batched vs sequentially (same job, "
+                    "same run; under mpiexec -n P).")
+    parser.add_argument("--clients", type=int, default=PopulationJob.clients)
+    parser.add_argument("--cohort", type=float, default=PopulationJob.cohort,
+                        help="fraction of the clients per round, in (0, 1] (1: all), or a count > 1")
+    parser.add_argument("--rounds", type=int, default=PopulationJob.rounds,
+                        help="rounds per mode (the first and last are not timed)")
+    parser.add_argument("--fanouts", default="", help="tree of clients, e.g. 16,4,4 (default: "
+                        "16,4,4 for 256 clients, else one layer)")
+    parser.add_argument("--tau", default="", help="local steps per layer period, e.g. 5,2,2 "
+                        "(default: 5 then 2 per layer)")
+    parser.add_argument("--hidden", default=",".join(map(str, PopulationJob.hidden)),
+                        help="MLP hidden widths")
+    parser.add_argument("--bits", default="", help="quantizer bits per layer (default: exact)")
+    parser.add_argument("--batch", type=int, default=PopulationJob.batch)
+    parser.add_argument("--lr", type=float, default=PopulationJob.lr)
+    parser.add_argument("--batch-clients", type=int, default=PopulationJob.batch_clients)
+    parser.add_argument("--mode", choices=("both", *MODES), default="both")
+    parser.add_argument("--compile", action="store_true", help="batched: torch.compile the "
+                        "vectorised step (sets HFLMPI_COMPILE_BATCHED=1 for that run)")
+    parser.add_argument("--repeats", type=int, default=1, help="train each mode this many times, "
+                        "alternating, and keep each mode's fastest run (load noise)")
+    parser.add_argument("--json", default="", help="also write the results here")
+    return parser
+
+
+def _population(argv: Sequence[str], comm: Any = None) -> int:
+    """Entry point of ``hflmpi bench population`` (under ``mpiexec -n P``)."""
+    args = population_parser().parse_args(argv)
+    comm = MPI.COMM_WORLD if comm is None else comm
+    torch.set_num_threads(1)
+    rank0 = comm.Get_rank() == 0
+    best: dict[str, dict[str, Any]] = {}
+    try:
+        job = population_job(args)
+        for _ in range(max(args.repeats, 1)):
+            for mode in MODES if args.mode == "both" else (args.mode,):
+                run = run_population(comm, job, mode, compile=args.compile and mode == "batched")
+                if mode not in best or (run["client_steps_per_second"]
+                                        > best[mode]["client_steps_per_second"]):
+                    best[mode] = run
+    except (HflmpiError, ValueError) as exc:
+        return report_user_error("bench population", exc, show=rank0)
+    results = list(best.values())
+    if rank0:
+        print(format_report(job, comm.Get_size(), results), flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"job": asdict(job), "ranks": comm.Get_size(),
+                                                   "results": results}, indent=2))
+    return 0
