@@ -11,9 +11,8 @@ The measure is ``participants x local steps per round / median round time``: the
 come from the run record's ``wall_time``; round 1 (start-up, first batches) and the last round
 (evaluation and checkpoint) are left out. Both runs report their final test accuracy, which agree
 up to float rounding; and the bytes: the record's ``bytes_sent`` per layer counts every
-participating client's uplink as its own message, whereas the buffers really handed to MPI
-(one partial sum per rank and spanning node) are counted by wrapping the aggregator's
-``aggregate`` for the duration of the run.
+participating client's uplink as its own message, its ``mpi_bytes`` the buffers really handed
+to MPI (one partial sum per rank and spanning node).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import os
 import shutil
 import statistics
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -96,39 +95,6 @@ def population_config(job: PopulationJob, training: str, out: str) -> Any:
     return config_from_dict(sections)
 
 
-@dataclass
-class _MpiBytes:
-    """Per-layer bytes this rank handed to MPI reductions (filled by :func:`_counting_mpi_bytes`)."""
-
-    layers: list[float] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def _counting_mpi_bytes() -> Iterator[_MpiBytes]:
-    """Count ``PopulationStats.mpi_bytes`` of every aggregation while the block runs.
-
-    The round loop adds these up but does not record them; wrapping the method (and restoring it
-    afterwards) measures them without touching the engine.
-    """
-    from hflmpi.mpi.population import PopulationAggregator
-
-    counted = _MpiBytes()
-    original = PopulationAggregator.aggregate
-
-    def aggregate(self: Any, *args: Any, **kwargs: Any) -> Any:
-        stats = original(self, *args, **kwargs)
-        if not counted.layers:
-            counted.layers = [0.0] * len(stats.mpi_bytes)
-        counted.layers = [a + b for a, b in zip(counted.layers, stats.mpi_bytes)]
-        return stats
-
-    PopulationAggregator.aggregate = aggregate  # type: ignore[method-assign]
-    try:
-        yield counted
-    finally:
-        PopulationAggregator.aggregate = original  # type: ignore[method-assign]
-
-
 @contextlib.contextmanager
 def _environment(name: str, value: str | None) -> Iterator[None]:
     """Set (or, with None, leave) the environment variable ``name`` while the block runs."""
@@ -164,8 +130,6 @@ def run_population(comm: Any, job: PopulationJob, training: str,
     ``test_accuracy``, ``client_bytes`` and ``mpi_bytes`` (per layer, summed over the ranks and
     divided by the rounds).
     """
-    from mpi4py import MPI
-
     from hflmpi.federation import train
     from hflmpi.learn.batched import COMPILE_ENV
     from hflmpi.mpi.messages import bcast_array, bcast_text
@@ -180,11 +144,8 @@ def run_population(comm: Any, job: PopulationJob, training: str,
     depth = len(job.fanouts)
     try:
         path = os.path.join(workdir, f"{training}.h5")
-        with open(os.devnull, "w") as quiet, _counting_mpi_bytes() as counted, \
-                _environment(COMPILE_ENV, "1" if compile else None):
+        with open(os.devnull, "w") as quiet, _environment(COMPILE_ENV, "1" if compile else None):
             result = train(population_config(job, training, path), comm, stream=quiet)
-        mpi = np.zeros(depth) if not counted.layers else np.asarray(counted.layers, np.float64)
-        comm.Allreduce(MPI.IN_PLACE, mpi, op=MPI.SUM)
         table = None
         if rank == 0:
             metrics = read_metrics(path)
@@ -194,15 +155,17 @@ def run_population(comm: Any, job: PopulationJob, training: str,
                 np.asarray(metrics["wall_time"], np.float64),
                 clients["participated"].sum(axis=1).astype(np.float64),
                 np.asarray(metrics["bytes_sent"], np.float64).sum(axis=0),
+                np.asarray(metrics["mpi_bytes"], np.float64).sum(axis=0),
             ])
-        table = bcast_array(comm, table, root=0, max_elements=2 * job.rounds + depth,
+        table = bcast_array(comm, table, root=0, max_elements=2 * job.rounds + 2 * depth,
                             dtypes=(np.float64,), shape=(None,), what="sharing the run's rows")
     finally:
         comm.Barrier()
         if rank == 0:
             shutil.rmtree(workdir, ignore_errors=True)
     rounds = job.rounds
-    wall, participants, client_bytes = table[:rounds], table[rounds:2 * rounds], table[2 * rounds:]
+    wall, participants = table[:rounds], table[rounds:2 * rounds]
+    client_bytes, mpi = table[2 * rounds:2 * rounds + depth], table[2 * rounds + depth:]
     timed = timed_rounds(wall.tolist())
     median = statistics.median(timed)
     per_round = float(np.median(participants)) * job.steps
