@@ -50,6 +50,7 @@ from hflmpi.learn.local import evaluate, lr_at
 from hflmpi.learn.models import build_model
 from hflmpi.learn.partition import make_partition
 from hflmpi.mpi.checkpointing import check_fresh_start, check_resume
+from hflmpi.mpi.comm import mpi_provenance
 from hflmpi.mpi.guard import SetupError, Watchdog, agree
 from hflmpi.mpi.metrics import end_of_round
 from hflmpi.mpi.population import PopulationAggregator, PopulationStats, node_weights
@@ -64,6 +65,7 @@ from hflmpi.mpi.population_state import (
 from hflmpi.mpi.preempt import PreemptionFlag
 from hflmpi.record.checkpoint import describe_os_error
 from hflmpi.record.progress import Progress
+from hflmpi.record.provenance import provenance
 from hflmpi.record.replace import drop_replaced
 from hflmpi.record.runfile import check_model_size, open_record
 from hflmpi.record.store import RoundMetrics, RunRecord
@@ -157,9 +159,6 @@ def train_population(
                 for c in pop.mine:
                     pop.trainer.momentum[c] = torch.from_numpy(state.momentum[c]).to(
                         pop.aggregator.dtype).clone()
-        from hflmpi.mpi.comm import mpi_provenance
-        from hflmpi.record.provenance import provenance
-
         with watchdog.guard("opening the run record"):
             facts = mpi_provenance(comm)
             record: RunRecord | None = agree(comm, "opening the run record", lambda: open_record(
