@@ -254,7 +254,8 @@ class BatchedSolver:
         logits = functional_call(self.model, params, (x,))
         # log_softmax + gather is cross_entropy's own arithmetic; vmap batches it natively, where
         # cross_entropy goes through a Python decomposition on every call.
-        per_row = -F.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        log_probs = F.log_softmax(logits, dim=-1)
+        per_row = -log_probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
         return torch.where(mask, per_row, torch.zeros_like(per_row)).sum() / count
 
     def _views(self, buffer: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
