@@ -49,5 +49,5 @@ def test_a_wrong_published_key_is_refused():
     with pytest.raises(ValueError, match="client 1 is not its own"):
         ClientKeys({1: pairs[1][0]}, [pairs[0][1], pairs[0][1]])
     keys = ClientKeys({0: pairs[0][0]}, [pairs[0][1], 1])
-    with pytest.raises(ValueError, match="public key of client 1 is not a valid element"):
+    with pytest.raises(ValueError, match="public key of client 1 is not a valid group element"):
         keys.key(0, 1, step=0, layer=1, group=0)

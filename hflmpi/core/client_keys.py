@@ -3,9 +3,9 @@
 Every client has a key pair (:func:`hflmpi.core.secure.dh_keypair`, private exponent from the OS
 CSPRNG); the public keys are published once at set-up. The rank that holds a client holds its
 private key, so it can derive the key of every pair that client is in, and of no other pair:
-``master(a, b) = BLAKE2b(g^(x_a x_b) mod p)`` (computed on first use, then cached), and the key of
-one release ``BLAKE2b(key=master, data=(step, layer, group, a, b))``, the same derivation as
-:class:`hflmpi.core.secure.DiffieHellmanSeeds` with client ids instead of ranks.
+``master(a, b)`` (:func:`hflmpi.core.secure.dh_master_key`, computed on first use, then cached)
+and the key of one release (:func:`hflmpi.core.secure.release_key`): the derivation of
+:class:`hflmpi.core.secure.DiffieHellmanSeeds`, with client ids instead of ranks.
 
 :meth:`ClientKeys.among` gives the :class:`hflmpi.core.secure.PairwiseSeeds` of the participants
 of one node in one round (participant ``i`` is client ``ids[i]``), so the masks of
@@ -15,16 +15,19 @@ in their sum. Pure: no MPI.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Mapping, Sequence
 
-from hflmpi.core.secure import MODP_2048_G, MODP_2048_P, dh_keypair
+from hflmpi.core.pair_keys import (
+    MODP_2048_G,
+    MODP_2048_P,
+    dh_keypair,
+    dh_master_key,
+    release_key,
+)
 
 __all__ = ["ClientKeys", "PUBLIC_KEY_BYTES", "new_private_keys"]
 
 PUBLIC_KEY_BYTES = (MODP_2048_P.bit_length() + 7) // 8
-_PERSON = b"hflmpi-secagg"  # as hflmpi.core.secure: the same key derivation
-_MODP_Q = (MODP_2048_P - 1) // 2
 
 
 def new_private_keys(clients: Sequence[int]) -> dict[int, tuple[int, int]]:
@@ -51,7 +54,6 @@ class ClientKeys:
         self._public = list(public)
         self._session = bytes(session)
         self._masters: dict[tuple[int, int], bytes] = {}
-        self._checked: set[int] = set()
         for client, exponent in self._private.items():
             if pow(MODP_2048_G, exponent, MODP_2048_P) != self._public[client]:
                 raise ValueError(f"the published key of client {client} is not its own")
@@ -70,18 +72,10 @@ class ClientKeys:
             mine, peer = (low, high) if low in self._private else (high, low)
             if mine not in self._private:
                 raise PermissionError(f"this rank holds neither client {a} nor {b}: no key")
-            public = self._public[peer]
-            if peer not in self._checked:
-                if not 1 < public < MODP_2048_P - 1 or pow(public, _MODP_Q, MODP_2048_P) != 1:
-                    raise ValueError(f"the public key of client {peer} is not a valid element of "
-                                     "the RFC 3526 group")
-                self._checked.add(peer)
-            shared = pow(public, self._private[mine], MODP_2048_P).to_bytes(256, "big")
-            master = hashlib.blake2b(shared + self._session, digest_size=32,
-                                     person=b"hflmpi-dh").digest()
+            master = dh_master_key(self._private[mine], self._public[peer],
+                                   session=self._session, peer=f"client {peer}")
             self._masters[(low, high)] = master
-        context = b"".join(v.to_bytes(8, "little") for v in (step, layer, group, low, high))
-        return hashlib.blake2b(context, digest_size=32, key=master, person=_PERSON).digest()
+        return release_key(master, low, high, step=step, layer=layer, group=group)
 
 
 class _Participants:
