@@ -54,7 +54,7 @@ from hflmpi.record.checkpoint import describe_os_error
 from hflmpi.record.progress import Progress
 from hflmpi.record.provenance import provenance
 from hflmpi.record.replace import drop_replaced
-from hflmpi.record.runfile import ConfigUpdate, check_model_size, open_record
+from hflmpi.record.runfile import ConfigUpdate, check_model_size, close_record, open_record
 from hflmpi.record.store import RunRecord
 
 __all__ = ["SetupError", "TrainResult", "plan_for", "train"]
@@ -353,7 +353,7 @@ def _run_rounds(
         if progress is not None:  # rank 0
             progress.close()
         # Never raises: on the way out of an error it must not replace that error.
-        close_error = _close_record(record, record_path)
+        close_error = close_record(record, record_path)
     if close_error is not None:  # rank 0; the others are done and wait to leave together
         raise SetupError(close_error)
     summary = _privacy_summary(config, fed.bits, last_round) if config.privacy.layer else None
@@ -433,17 +433,6 @@ def _record_round(
     except (OSError, RuntimeError) as exc:  # e.g. the disk is full
         return (f"writing round {metrics.round} to the run record {record_path} failed: "
                 f"{describe_os_error(exc)}")
-    return None
-
-
-def _close_record(record: RunRecord | None, record_path: Path) -> str | None:
-    """Close the run file (rank 0); return what went wrong instead of raising (e.g. a full disk)."""
-    if record is None:
-        return None
-    try:
-        record.close()
-    except (OSError, RuntimeError) as exc:
-        return f"closing the run record {record_path} failed: {describe_os_error(exc)}"
     return None
 
 

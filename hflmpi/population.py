@@ -35,7 +35,7 @@ from hflmpi.config import ConfigError, RunConfig
 from hflmpi.core.availability import Availability
 from hflmpi.core.population import PopulationPlan, place_clients, plan_population
 from hflmpi.core.rng import numpy_generator
-from hflmpi.core.schedule import steps_per_round
+from hflmpi.core.schedule import aggregation_layer, steps_per_round
 from hflmpi.core.selection import (
     SelectionOptions,
     priority_utility,
@@ -67,7 +67,7 @@ from hflmpi.record.checkpoint import describe_os_error
 from hflmpi.record.progress import Progress
 from hflmpi.record.provenance import provenance
 from hflmpi.record.replace import drop_replaced
-from hflmpi.record.runfile import check_model_size, open_record
+from hflmpi.record.runfile import check_model_size, close_record, open_record
 from hflmpi.record.store import RoundMetrics, RunRecord
 
 __all__ = ["plan_clients", "train_population"]
@@ -110,6 +110,7 @@ class _Population:
     train_set: TensorDataset
     my_test: TensorDataset
     parts: list[np.ndarray]
+    sizes: np.ndarray
     client_weights: np.ndarray
     model: torch.nn.Module
     aggregator: PopulationAggregator
@@ -193,8 +194,9 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
                                 lambda: load_dataset(config.data, seed, dataset))
     parts = agree(comm, "partitioning the data over the clients",
                   lambda: _partition(config, train_set, clients))
-    sizes = np.array([len(p) for p in parts], dtype=np.float64)
-    client_weights = sizes if config.aggregation.weighting == "samples" else np.ones(clients)
+    sizes = np.array([len(p) for p in parts], dtype=np.int64)
+    client_weights = (sizes.astype(np.float64) if config.aggregation.weighting == "samples"
+                      else np.ones(clients))
     train_set, test_set = train_set.to(device, dtype), test_set.to(device, dtype)
     model = agree(comm, "building the model", lambda: build_model(
         config.model, train_set.input_shape, train_set.num_classes, seed=seed))
@@ -216,8 +218,8 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
     speeds = (numpy_generator(seed, purpose="speeds").lognormal(0.0, opts.speed_spread, clients)
               if opts.speed_spread > 0 else np.ones(clients))
     my_test = test_set.subset(np.arange(rank, len(test_set), size))
-    return _Population(plan, device, train_set, my_test, parts, client_weights, model, aggregator,
-                       trainer, mine, availability, speeds)
+    return _Population(plan, device, train_set, my_test, parts, sizes, client_weights, model,
+                       aggregator, trainer, mine, availability, speeds)
 
 
 def _partition(config: RunConfig, train_set: TensorDataset, clients: int) -> list[np.ndarray]:
@@ -285,7 +287,7 @@ def _run_rounds(
         preemption.restore()
         if progress is not None:
             progress.close()
-        close_error = _close(record, record_path)
+        close_error = close_record(record, record_path)
     if close_error is not None:
         raise SetupError(close_error)
     return last_round, accuracy, test_loss, stopped
@@ -307,11 +309,10 @@ def _select(config: RunConfig, pop: _Population, rnd: int,
     online = pop.availability.online(rnd)
     options = SelectionOptions(opts.selection, opts.cohort, opts.exploration, opts.speed_weight,
                                config.run.seed)
-    sizes = np.array([len(p) for p in pop.parts], dtype=np.int64)
-    cohort = select_cohort(options, rnd, online, sizes, losses, pop.speeds)
+    cohort = select_cohort(options, rnd, online, pop.sizes, losses, pop.speeds)
     scores = np.full(pop.plan.clients, np.nan)
     if opts.selection == "priority":
-        scores = priority_utility(options, online, sizes, losses, pop.speeds)
+        scores = priority_utility(options, online, pop.sizes, losses, pop.speeds)
     return cohort, scores
 
 
@@ -379,7 +380,7 @@ def _round(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchdog, r
     work = _RoundWork(plan.depth)
     for period in range(steps // tau[0]):
         step = (period + 1) * tau[0]
-        top = _closing_layer(tau, step)
+        top = aggregation_layer(step, tau)
         began = time.perf_counter()
         result = pop.trainer.train(mine, pop.aggregator.start_of, tau[0])
         compute = time.perf_counter() - began
@@ -394,16 +395,6 @@ def _round(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchdog, r
     periods = steps // tau[0]
     work.losses = {c: loss / periods for c, loss in work.losses.items()}
     return work
-
-
-def _closing_layer(tau: Sequence[int], step: int) -> int:
-    """Return the highest layer whose period ends at local step ``step`` (>= 1 here)."""
-    top, period = 0, 1
-    for n, t in enumerate(tau, start=1):
-        period *= t
-        if step % period == 0:
-            top = n
-    return top
 
 
 def _evaluate(pop: _Population) -> np.ndarray:
@@ -431,14 +422,3 @@ def _record(record: RunRecord | None, progress: Progress | None, metrics: RoundM
         return (f"writing round {metrics.round} to the run record {record_path} failed: "
                 f"{describe_os_error(exc)}")
     return None
-
-
-def _close(record: RunRecord | None, record_path: Path) -> str | None:
-    if record is None:
-        return None
-    try:
-        record.close()
-    except (OSError, RuntimeError) as exc:
-        return f"closing the run record {record_path} failed: {describe_os_error(exc)}"
-    return None
-

@@ -56,6 +56,7 @@ __all__ = [
     "load_checked",
     "check_model_size",
     "open_record",
+    "close_record",
     "has_checkpoint",
     "config_from_run",
 ]
@@ -160,6 +161,17 @@ def open_record(
             record.close()
             raise
     return record
+
+
+def close_record(record: RunRecord | None, record_path: Path) -> str | None:
+    """Close the run file (rank 0); return what went wrong instead of raising (e.g. a full disk)."""
+    if record is None:
+        return None
+    try:
+        record.close()
+    except (OSError, RuntimeError) as exc:
+        return f"closing the run record {record_path} failed: {describe_os_error(exc)}"
+    return None
 
 
 def _reopen(
