@@ -50,11 +50,16 @@ from hflmpi.mpi.metrics import RoundMeter, end_of_round
 from hflmpi.mpi.placement import cuda_device_index
 from hflmpi.mpi.preempt import PreemptionFlag
 from hflmpi.mpi.server_state import gather_server_state, restore_server_state
-from hflmpi.record.checkpoint import describe_os_error
 from hflmpi.record.progress import Progress
 from hflmpi.record.provenance import provenance
 from hflmpi.record.replace import drop_replaced
-from hflmpi.record.runfile import ConfigUpdate, check_model_size, close_record, open_record
+from hflmpi.record.runfile import (
+    ConfigUpdate,
+    check_model_size,
+    close_record,
+    open_record,
+    record_error,
+)
 from hflmpi.record.store import RunRecord
 
 __all__ = ["SetupError", "TrainResult", "plan_for", "train"]
@@ -431,8 +436,7 @@ def _record_round(
     try:
         record.append_round(metrics)
     except (OSError, RuntimeError) as exc:  # e.g. the disk is full
-        return (f"writing round {metrics.round} to the run record {record_path} failed: "
-                f"{describe_os_error(exc)}")
+        return record_error(f"writing round {metrics.round} to", record_path, exc)
     return None
 
 

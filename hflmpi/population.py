@@ -63,11 +63,10 @@ from hflmpi.mpi.population_state import (
     write_population_checkpoint,
 )
 from hflmpi.mpi.preempt import PreemptionFlag
-from hflmpi.record.checkpoint import describe_os_error
 from hflmpi.record.progress import Progress
 from hflmpi.record.provenance import provenance
 from hflmpi.record.replace import drop_replaced
-from hflmpi.record.runfile import check_model_size, close_record, open_record
+from hflmpi.record.runfile import check_model_size, close_record, open_record, record_error
 from hflmpi.record.store import RoundMetrics, RunRecord
 
 __all__ = ["plan_clients", "train_population"]
@@ -419,6 +418,5 @@ def _record(record: RunRecord | None, progress: Progress | None, metrics: RoundM
         record.append_round(metrics)
         record.append_clients(metrics.round, participated, losses, scores, samples)
     except (OSError, RuntimeError) as exc:
-        return (f"writing round {metrics.round} to the run record {record_path} failed: "
-                f"{describe_os_error(exc)}")
+        return record_error(f"writing round {metrics.round} to", record_path, exc)
     return None

@@ -57,6 +57,7 @@ __all__ = [
     "check_model_size",
     "open_record",
     "close_record",
+    "record_error",
     "has_checkpoint",
     "config_from_run",
 ]
@@ -163,6 +164,11 @@ def open_record(
     return record
 
 
+def record_error(doing: str, record_path: Path, exc: BaseException) -> str:
+    """Return the one-line error of a failed write to the run file, e.g. ``doing="closing"``."""
+    return f"{doing} the run record {record_path} failed: {describe_os_error(exc)}"
+
+
 def close_record(record: RunRecord | None, record_path: Path) -> str | None:
     """Close the run file (rank 0); return what went wrong instead of raising (e.g. a full disk)."""
     if record is None:
@@ -170,7 +176,7 @@ def close_record(record: RunRecord | None, record_path: Path) -> str | None:
     try:
         record.close()
     except (OSError, RuntimeError) as exc:
-        return f"closing the run record {record_path} failed: {describe_os_error(exc)}"
+        return record_error("closing", record_path, exc)
     return None
 
 
