@@ -12,11 +12,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -56,17 +57,24 @@ def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().contiguous().numpy().tobytes()).hexdigest()
 
 
-def _shared_dir(comm: MPI.Comm) -> str:
-    path = tempfile.mkdtemp(prefix="hflmpi-pop-") if comm.Get_rank() == 0 else None
-    return comm.bcast(path, root=0)
+@contextlib.contextmanager
+def _shared_dir(comm: MPI.Comm) -> Iterator[str]:
+    """Rank 0's temporary directory, on every rank; removed when every rank is done."""
+    path = comm.bcast(tempfile.mkdtemp(prefix="hflmpi-pop-") if comm.Get_rank() == 0 else None,
+                      root=0)
+    try:
+        yield path
+    finally:
+        comm.Barrier()
+        if comm.Get_rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _final_models_by_size(config_of, sizes: list[int]) -> dict[int, torch.Tensor]:
     """Train on sub-communicators of each size; return each size's final model (on every rank)."""
     world = MPI.COMM_WORLD
-    base = _shared_dir(world)
     models = {}
-    try:
+    with _shared_dir(world) as base:
         for size in sizes:
             color = 0 if world.Get_rank() < size else MPI.UNDEFINED
             sub = world.Split(color, world.Get_rank())
@@ -76,10 +84,6 @@ def _final_models_by_size(config_of, sizes: list[int]) -> dict[int, torch.Tensor
                 model = result.model.numpy()
                 sub.Free()
             models[size] = torch.from_numpy(world.bcast(model, root=0))
-    finally:
-        world.Barrier()
-        if world.Get_rank() == 0:
-            shutil.rmtree(base, ignore_errors=True)
     return models
 
 
@@ -118,8 +122,7 @@ def test_one_client_per_rank_reproduces_the_rank_engine_bit_for_bit():
     fanouts = [2, 2] if size == 4 else [2, 1]
     color = 0 if world.Get_rank() < size else MPI.UNDEFINED
     sub = world.Split(color, world.Get_rank())
-    base = _shared_dir(world)
-    try:
+    with _shared_dir(world) as base:
         if sub != MPI.COMM_NULL:
             common = {"quantize": {"bits": [8, 4], "method": "sum", "downlink": "float32"},
                       "aggregation": {"algorithm": "subtree"}}
@@ -128,10 +131,6 @@ def test_one_client_per_rank_reproduces_the_rank_engine_bit_for_bit():
                                 clients={"count": size}, **common), sub)
             assert _digest(pop.model) == _digest(ranks.model)
             sub.Free()
-    finally:
-        world.Barrier()
-        if world.Get_rank() == 0:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def _serial_fedavg(config) -> torch.Tensor:
@@ -173,23 +172,17 @@ def _serial_fedavg(config) -> torch.Tensor:
 @pytest.mark.mpi(min_size=1)
 def test_population_fedavg_matches_a_serial_reference():
     world = MPI.COMM_WORLD
-    base = _shared_dir(world)
-    try:
+    with _shared_dir(world) as base:
         config = _config(os.path.join(base, "fedavg.h5"), [12], [3], clients={"count": 12})
         result = train(config, world)
         expected = _serial_fedavg(config)
         np.testing.assert_allclose(result.model.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
-    finally:
-        world.Barrier()
-        if world.Get_rank() == 0:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.mpi(min_size=1)
 def test_partial_participation_is_recorded_and_resume_is_bitwise():
     world = MPI.COMM_WORLD
-    base = _shared_dir(world)
-    try:
+    with _shared_dir(world) as base:
         def config(out: str, rounds: int):
             return _config(out, [4, 4], [2, 2], run={"rounds": rounds, "checkpoint_every": 1},
                            quantize={"bits": [8, 8]}, optim={"momentum": 0.9,
@@ -211,10 +204,6 @@ def test_partial_participation_is_recorded_and_resume_is_bitwise():
             again = read_clients(part)
             for key in ("participated", "loss", "samples"):
                 np.testing.assert_array_equal(again[key], record[key], err_msg=key)
-    finally:
-        world.Barrier()
-        if world.Get_rank() == 0:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -223,8 +212,7 @@ def test_bad_population_input_fails_on_every_rank_with_a_clear_message():
     from hflmpi.mpi.guard import SetupError
 
     world = MPI.COMM_WORLD
-    base = _shared_dir(world)
-    try:
+    with _shared_dir(world) as base:
         trace = os.path.join(base, "trace.csv")
         if world.Get_rank() == 0:
             with open(trace, "w") as handle:  # 3 clients' rows for a population of 16
@@ -236,17 +224,12 @@ def test_bad_population_input_fails_on_every_rank_with_a_clear_message():
         with pytest.raises(ConfigError, match="holds 400 samples but clients.count=600, and each client needs at least one"):
             train(_config(os.path.join(base, "s.h5"), [600], [2], clients={"count": 600},
                           data={"synthetic_samples": 500}), world)
-    finally:
-        world.Barrier()
-        if world.Get_rank() == 0:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.mpi(min_size=1)
 def test_a_group_whose_clients_are_all_offline_is_skipped_and_follows_its_parent():
     world = MPI.COMM_WORLD
-    base = _shared_dir(world)
-    try:
+    with _shared_dir(world) as base:
         trace = os.path.join(base, "trace.csv")
         if world.Get_rank() == 0:
             rows = ["0,0" if c < 4 else "1,1" for c in range(16)]  # edge group 0 never online
@@ -261,10 +244,6 @@ def test_a_group_whose_clients_are_all_offline_is_skipped_and_follows_its_parent
             record = read_clients(out)
             assert not record["participated"][:, :4].any()
             assert record["participated"][:, 4:].all()
-    finally:
-        world.Barrier()
-        if world.Get_rank() == 0:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.mpi(min_size=1)

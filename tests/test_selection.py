@@ -427,6 +427,16 @@ def test_bad_bernoulli(p):
         Availability.bernoulli(4, p, seed=0)
 
 
+def _assert_trace_refused(path, words):
+    """Reading the 3-client trace at ``path`` fails naming the file and every one of ``words``."""
+    with pytest.raises(SelectionError) as info:
+        Availability.from_trace(path, 3)
+    message = str(info.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message, (word, message)
+
+
 @pytest.mark.parametrize("text, words", [
     ("1,0\n0,1\n", ["2 client rows", "population has 3 clients", "one row per client"]),
     ("1,0\n0,2\n1,1\n", ["line 2, column 2", "'2' is not 0 or 1"]),
@@ -438,12 +448,7 @@ def test_bad_bernoulli(p):
 def test_bad_csv_trace(tmp_path, text, words):
     path = tmp_path / "bad.csv"
     path.write_text(text)
-    with pytest.raises(SelectionError) as info:
-        Availability.from_trace(path, 3)
-    message = str(info.value)
-    assert str(path) in message
-    for word in words:
-        assert word in message, (word, message)
+    _assert_trace_refused(path, words)
 
 
 def test_unreadable_traces(tmp_path):
@@ -475,9 +480,4 @@ def test_bad_hdf5_trace(tmp_path, content, words):
     with h5py.File(path, "w") as file:
         for name, value in content.items():
             file[name] = value
-    with pytest.raises(SelectionError) as info:
-        Availability.from_trace(path, 3)
-    message = str(info.value)
-    assert str(path) in message
-    for word in words:
-        assert word in message, (word, message)
+    _assert_trace_refused(path, words)
