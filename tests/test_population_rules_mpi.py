@@ -48,8 +48,10 @@ def _placement(size: int) -> list[int]:
         return [0] * CLIENTS
     if size == 2:  # layer-1 group 1 (clients 5..9) and layer-2 group 0 span ranks 0 and 1
         return [0 if c < 8 else 1 for c in range(CLIENTS)]
-    # groups 1 and 5 of layer 1, both groups of layer 2 and the root span ranks
-    return [0 if c < 8 else 1 if c < 20 else 2 if c < 28 else 3 for c in range(CLIENTS)]
+    # groups 1 and 5 of layer 1, both groups of layer 2 and the root span ranks; group 1's
+    # lower clients 5, 6 sit on the higher rank (the rows arrive out of child order)
+    return [1 if c in (5, 6) else 0 if c < 10 else 1 if c < 20 else 2 if c < 28 else 3
+            for c in range(CLIENTS)]
 
 
 def _sizes() -> list[int]:
