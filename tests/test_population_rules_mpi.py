@@ -273,7 +273,7 @@ def test_a_quantized_private_layer_gives_the_same_bits_on_any_rank_count(mode):
 @pytest.mark.mpi(min_size=2)
 def test_csprng_noise_leaves_one_model_on_every_rank_of_a_spanning_node():
     world = MPI.COMM_WORLD
-    privacy = PrivacyOptions(2, 1.0, 1.0, "central", False)  # layer-2 group 0 spans ranks 0, 1
+    privacy = PrivacyOptions(3, 1.0, 1.0, "central", False)  # the root spans every rank
     size = 4 if world.Get_size() >= 4 else 2
     sub = world.Split(0 if world.Get_rank() < size else MPI.UNDEFINED, world.Get_rank())
     digest = noised = None
