@@ -356,3 +356,42 @@ def test_a_private_population_run_states_its_releases(comm, shared_dir):
     parallel_assert(comm, comm.Get_rank() != 0 or (line is not None and "after 2 releases" in line
                                                    and "sampling of the cohort" in line),
                     f"got {line!r}")
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_one_client_per_rank_reproduces_the_rank_engines_private_layer(comm, shared_dir, mode):
+    size = 4 if comm.Get_size() >= 4 else 2
+    fanouts = [2, 2] if size == 4 else [2, 1]
+    sub = comm.Split(0 if comm.Get_rank() < size else MPI.UNDEFINED, comm.Get_rank())
+    same = True
+    if sub != MPI.COMM_NULL:
+        common = {"topology": {"fanouts": fanouts}, "schedule": {"tau": [2, 2]},
+                  "quantize": {"bits": [8, 4], "method": "sum", "downlink": "float32"},
+                  "aggregation": {"algorithm": "subtree"}, "run": {"divergence": False},
+                  "privacy": {"layer": 1, "mode": mode, "clip": 0.5,
+                              "insecure_reproducible_noise": True}}
+        ranks = train(_config(os.path.join(shared_dir, f"ranks-{mode}.h5"), **common,
+                              clients={"count": 0}), sub)
+        pop = train(_config(os.path.join(shared_dir, f"pop-{mode}.h5"), **common,
+                            clients={"count": size}), sub)
+        same = torch.equal(pop.model, ranks.model)
+        sub.Free()
+    parallel_assert(comm, same, "the population and the rank engine differ")
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_one_client_per_rank_reproduces_the_rank_engines_robust_layer(comm, shared_dir, rule):
+    sub = comm.Split(0 if comm.Get_rank() < 4 else MPI.UNDEFINED, comm.Get_rank())
+    same = True
+    if sub != MPI.COMM_NULL:
+        common = {"topology": {"fanouts": [4]}, "schedule": {"tau": [3]},
+                  "aggregation": {"robust": [rule], "trim": 0.25}}
+        ranks = train(_config(os.path.join(shared_dir, f"ranks-{rule}.h5"), **common,
+                              clients={"count": 0}), sub)
+        pop = train(_config(os.path.join(shared_dir, f"pop-{rule}.h5"), **common,
+                            clients={"count": 4}), sub)
+        same = torch.equal(pop.model, ranks.model)
+        sub.Free()
+    parallel_assert(comm, same, "the population and the rank engine differ")
