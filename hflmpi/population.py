@@ -53,8 +53,8 @@ from hflmpi.learn.partition import make_partition
 from hflmpi.mpi.checkpointing import check_fresh_start, check_resume
 from hflmpi.mpi.comm import mpi_provenance
 from hflmpi.mpi.guard import SetupError, Watchdog, agree
-from hflmpi.mpi.metrics import end_of_round
 from hflmpi.mpi.layers import PrivacyOptions
+from hflmpi.mpi.metrics import end_of_round
 from hflmpi.mpi.population import PopulationAggregator, PopulationStats, node_weights
 from hflmpi.mpi.population_rules import PopulationRules
 from hflmpi.mpi.population_state import (

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 pytest.importorskip("mpi4py")
+from conftest import parallel_assert  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from conftest import parallel_assert  # noqa: E402
 from hflmpi.config import config_from_dict  # noqa: E402
 from hflmpi.core.population import place_clients, plan_population  # noqa: E402
 from hflmpi.core.rng import torch_generator  # noqa: E402

@@ -10,7 +10,10 @@ over the children that took part (weight ``W_c > 0``, the participating samples 
 * a quantized layer: ``x_node = x + sum_c Q_n(a_c (x_c - x))``: the scale of each bucket is the
   MAX over all children (locally, then ``Allreduce(MAX)``), each child is rounded with its own
   stream keyed by (seed, its lowest client, step, layer), and the integer levels are added in
-  int64 (locally, then ``Allreduce(SUM)``).
+  int64 (locally, then ``Allreduce(SUM)``);
+* a robust layer, or the private layer: :mod:`hflmpi.mpi.population_rules` (a robust rule over
+  the participants' rows, shared with ``Allgatherv`` on a spanning node; clipping and noise
+  around the exact or quantized sum).
 
 Integer sums are associative, so a quantized layer's result is the same bits whichever rank holds
 which client; an exact layer differs between placements only by the order of a float64 sum,
