@@ -217,12 +217,10 @@ class PopulationAggregator:
         rules = self.rules
         if rules is not None:  # the private layer clips (and noises) the children first
             children = rules.privatize(n, k, children, self.models[n][k], weights, step)
-            if rules.robust_at(n):
-                stats.mpi_bytes[n - 1] += rules.combine(n, k, children, self.models[n][k],
-                                                        weights, sub)
-                stats.client_bytes[n - 1] += len(children) * self.numel * 4
-                return
-        if self.bits[n - 1] == 0:
+        if rules is not None and rules.robust_at(n):
+            stats.mpi_bytes[n - 1] += rules.combine(n, k, children, self.models[n][k], weights, sub)
+            stats.client_bytes[n - 1] += len(children) * self.numel * 4
+        elif self.bits[n - 1] == 0:
             total = torch.zeros(self.numel, dtype=torch.float64, device=self.device)
             for _, share, model in children:
                 total.add_(model.to(torch.float64), alpha=share)
