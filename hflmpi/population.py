@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from hflmpi.config import ConfigError, RunConfig
+from hflmpi.config.strategy import load_rules
 from hflmpi.core.availability import Availability
 from hflmpi.core.population import PopulationPlan, place_clients, plan_population
 from hflmpi.core.rng import numpy_generator
@@ -52,8 +53,10 @@ from hflmpi.learn.partition import make_partition
 from hflmpi.mpi.checkpointing import check_fresh_start, check_resume
 from hflmpi.mpi.comm import mpi_provenance
 from hflmpi.mpi.guard import SetupError, Watchdog, agree
+from hflmpi.mpi.layers import PrivacyOptions
 from hflmpi.mpi.metrics import end_of_round
 from hflmpi.mpi.population import PopulationAggregator, PopulationStats, node_weights
+from hflmpi.mpi.population_rules import PopulationRules
 from hflmpi.mpi.population_state import (
     broadcast_resume,
     gather_client_state,
@@ -181,7 +184,19 @@ def train_population(
     final = pop.aggregator.global_model
     pop.trainer.params.flat.copy_(final)
     return TrainResult(last, accuracy, test_loss, final.detach().cpu().clone(), record_path,
-                       detached_copy(pop.model), preempted=preempted)
+                       detached_copy(pop.model), preempted=preempted,
+                       privacy=_privacy_line(config, plan, last) if config.privacy.layer else None)
+
+
+def _privacy_line(config: RunConfig, plan: PopulationPlan, last_round: int) -> str:
+    """Return the run's (epsilon, delta) line: every release of the layer counted, sampled or not."""
+    from hflmpi.federation import _privacy_summary
+
+    line = _privacy_summary(config, config.quantize.bits_for(plan.depth), last_round)
+    if config.privacy.insecure_reproducible_noise:
+        return line
+    return (f"{line}; population: every release of a participant's node is counted whether it "
+            "took part or not (no amplification by the sampling of the cohort)")
 
 
 def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
@@ -205,7 +220,8 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
     params.flat.copy_(torch.from_numpy(host))
     mine = plan.placement.clients_on(rank)
     aggregator = PopulationAggregator(comm, plan, params.flat, config.quantize.bits_for(plan.depth),
-                                      config.quantize.bucket_size, seed, config.aggregation.secure)
+                                      config.quantize.bucket_size, seed, config.aggregation.secure,
+                                      rules=_rules(config, comm, plan))
     opts = config.clients
     trainer = agree(comm, "setting up the clients' training", lambda: ClientTrainer(
         model, params, config.optim, train_set, parts, mine, seed, mode=opts.training,
@@ -219,6 +235,22 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
     my_test = test_set.subset(np.arange(rank, len(test_set), size))
     return _Population(plan, device, train_set, my_test, parts, sizes, client_weights, model,
                        aggregator, trainer, mine, availability, speeds)
+
+
+def _rules(config: RunConfig, comm: Any, plan: PopulationPlan) -> PopulationRules | None:
+    """Return the robust layers and the private layer (None without either); all ranks."""
+    agg, privacy = config.aggregation, config.privacy
+    if all(rule == "mean" for rule in agg.robust) and not privacy.layer:
+        return None
+    from hflmpi.federation import _INSECURE_NOISE_WARNING
+
+    if privacy.layer and privacy.insecure_reproducible_noise and comm.Get_rank() == 0:
+        _log.warning(_INSECURE_NOISE_WARNING)
+    rules = agree(comm, "loading the robust rules", lambda: load_rules(agg.robust))  # plug-ins
+    options = (PrivacyOptions(privacy.layer, privacy.clip, privacy.noise_multiplier, privacy.mode,
+                              privacy.insecure_reproducible_noise) if privacy.layer else None)
+    return PopulationRules(plan, comm.Get_rank(), rules, {"trim": agg.trim, "f": agg.krum_f},
+                           options, config.run.seed)
 
 
 def _partition(config: RunConfig, train_set: TensorDataset, clients: int) -> list[np.ndarray]:

@@ -110,17 +110,13 @@ class RunConfig:
         """Refuse the layer rules a population does not run yet (they are per rank)."""
         if not self.clients.population:
             return
-        agg, unsupported = self.aggregation, []
-        if any(rule != "mean" for rule in agg.robust):
-            unsupported.append("aggregation.robust")
-        if self.privacy.layer:
-            unsupported.append("privacy.layer")
+        unsupported = []
         if any(name != "none" for name in self.server_opt.optimizer):
             unsupported.append("server_opt.optimizer")
         if unsupported:
             raise ConfigError(
                 f"{', '.join(unsupported)} do not run with a population (clients.count="
-                f"{self.clients.count}) yet: robust, private and server-optimizer "
+                f"{self.clients.count}) yet: server-optimizer "
                 "layers aggregate one model per rank; remove them or set clients.count=0 "
                 "(one client per rank)")
 
@@ -152,7 +148,7 @@ class RunConfig:
         if not protected:
             return
         what = " and ".join(protected)
-        if self.run.divergence:
+        if self.run.divergence and not self.clients.population:  # populations do not measure it
             raise ConfigError(
                 f"run.divergence=true with {what}: measuring the divergences allreduces every "
                 "device's raw model (and gives every rank the un-noised average), which the "

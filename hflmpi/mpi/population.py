@@ -10,7 +10,10 @@ over the children that took part (weight ``W_c > 0``, the participating samples 
 * a quantized layer: ``x_node = x + sum_c Q_n(a_c (x_c - x))``: the scale of each bucket is the
   MAX over all children (locally, then ``Allreduce(MAX)``), each child is rounded with its own
   stream keyed by (seed, its lowest client, step, layer), and the integer levels are added in
-  int64 (locally, then ``Allreduce(SUM)``).
+  int64 (locally, then ``Allreduce(SUM)``);
+* a robust layer, or the private layer: :mod:`hflmpi.mpi.population_rules` (a robust rule over
+  the participants' rows, shared with ``Allgatherv`` on a spanning node; clipping and noise
+  around the exact or quantized sum).
 
 Integer sums are associative, so a quantized layer's result is the same bits whichever rank holds
 which client; an exact layer differs between placements only by the order of a float64 sum,
@@ -40,6 +43,7 @@ from hflmpi.core.quantize import bucket_absmax, from_level_sum, new_workspace, n
 from hflmpi.core.rng import torch_generator
 from hflmpi.core.secure import PairwiseSeeds, mask_levels, required_modulus_bits, unmask_sum
 from hflmpi.core.wire import SCALE_NBYTES, auto_bucket_size, levels_for_bits
+from hflmpi.mpi.population_rules import PopulationRules
 
 __all__ = ["PopulationAggregator", "PopulationStats", "node_weights"]
 
@@ -104,11 +108,13 @@ class PopulationAggregator:
         Per layer: mask each participant's levels pairwise among the participants of its node
         (Bonawitz et al. 2017), with keys agreed between clients (:mod:`hflmpi.core.client_keys`);
         the masks cancel in the node's sum, which is the same bits as without them.
+    rules : PopulationRules, optional
+        Robust layers and the private layer (:mod:`hflmpi.mpi.population_rules`).
     """
 
     def __init__(self, comm: MPI.Comm, plan: PopulationPlan, model: torch.Tensor,
                  bits: Sequence[int], bucket_size: int, seed: int,
-                 secure: Sequence[bool] = ()) -> None:
+                 secure: Sequence[bool] = (), rules: PopulationRules | None = None) -> None:
         self.comm = comm
         self.plan = plan
         self.rank = comm.Get_rank()
@@ -130,6 +136,7 @@ class PopulationAggregator:
         self._levels = torch.empty(self.numel, dtype=torch.int32, device=self.device)
         self.secure = [bool(on) for on in secure] or [False] * plan.depth
         self.keys = _agree_client_keys(comm, plan, self.rank) if any(self.secure) else None
+        self.rules = rules
 
     @property
     def global_model(self) -> torch.Tensor:
@@ -182,6 +189,8 @@ class PopulationAggregator:
             for k in self.nodes[n]:
                 if weights[n][k] > 0:
                     self._aggregate_node(n, k, trained, weights, step, measure_error, stats)
+        if self.rules is not None:  # all ranks: a node's failure stops every rank together
+            self.rules.raise_failures(self.comm, top, step)
         for n in range(top - 1, 0, -1):
             for k in self.nodes[n]:
                 self.models[n][k].copy_(self.models[n + 1][self.plan.parent(n, k)])
@@ -205,7 +214,13 @@ class PopulationAggregator:
                         stats: PopulationStats) -> None:
         children = self._children(n, k, trained, weights)
         sub = self.comms[n] if self.plan.spans(n, k) else None
-        if self.bits[n - 1] == 0:
+        rules = self.rules
+        if rules is not None:  # the private layer clips (and noises) the children first
+            children = rules.privatize(n, k, children, self.models[n][k], weights, step)
+        if rules is not None and rules.robust_at(n):
+            stats.mpi_bytes[n - 1] += rules.combine(n, k, children, self.models[n][k], weights, sub)
+            stats.client_bytes[n - 1] += len(children) * self.numel * 4
+        elif self.bits[n - 1] == 0:
             total = torch.zeros(self.numel, dtype=torch.float64, device=self.device)
             for _, share, model in children:
                 total.add_(model.to(torch.float64), alpha=share)
@@ -213,8 +228,11 @@ class PopulationAggregator:
                 self._allreduce(sub, total, MPI.SUM, stats, n)
             self.models[n][k].copy_(total)
             stats.client_bytes[n - 1] += len(children) * self.numel * 4
-            return
-        self._aggregate_quantized(n, k, children, sub, step, measure_error, stats, weights)
+        else:
+            self._aggregate_quantized(n, k, children, sub, step, measure_error, stats, weights)
+        if rules is not None:
+            stats.mpi_bytes[n - 1] += rules.add_central_noise(n, k, self.models[n][k], weights,
+                                                              step, sub)
 
     def _masking(self, n: int, k: int,
                  weights: list[np.ndarray]) -> tuple[list[int], int, PairwiseSeeds]:
