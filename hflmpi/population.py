@@ -53,8 +53,10 @@ from hflmpi.learn.partition import make_partition
 from hflmpi.mpi.checkpointing import check_fresh_start, check_resume
 from hflmpi.mpi.comm import mpi_provenance
 from hflmpi.mpi.guard import SetupError, Watchdog, agree
+from hflmpi.mpi.hooks import Hooks
 from hflmpi.mpi.layers import PrivacyOptions
 from hflmpi.mpi.metrics import end_of_round
+from hflmpi.mpi.model_check import check_same_bits
 from hflmpi.mpi.population import PopulationAggregator, PopulationStats, node_weights
 from hflmpi.mpi.population_rules import PopulationRules
 from hflmpi.mpi.population_state import (
@@ -66,6 +68,7 @@ from hflmpi.mpi.population_state import (
     write_population_checkpoint,
 )
 from hflmpi.mpi.preempt import PreemptionFlag
+from hflmpi.population_callbacks import aggregation_info, round_info, weighted_loss
 from hflmpi.record.progress import Progress
 from hflmpi.record.provenance import provenance
 from hflmpi.record.replace import drop_replaced
@@ -120,6 +123,7 @@ class _Population:
     mine: tuple[int, ...]
     availability: Availability
     speeds: np.ndarray
+    hooks: Hooks
 
 
 def train_population(
@@ -131,23 +135,21 @@ def train_population(
     """Train a population of clients over ``comm`` (see :func:`hflmpi.federation.train`)."""
     from hflmpi.federation import TrainResult
 
-    if callbacks or config.run.callbacks:
-        raise ConfigError("callbacks do not run with a population (clients.count > 0) yet; "
-                          "remove run.callbacks or set clients.count=0")
-
     record_path = Path(resume) if resume is not None else Path(config.run.out)
     plan = agree(comm, "planning the tree of clients", lambda: plan_clients(config, comm.Get_size()))
     if resume is None and not (overwrite or replace_unfinished):
         check_fresh_start(comm, record_path)
     checkpoint, update = check_resume(comm, Path(resume) if resume is not None else None, config,
                                       plan.depth, allow_config_change)
-    pop = _set_up(config, comm, plan, dataset, device or torch.device("cpu"))
+    pop = _set_up(config, comm, plan, dataset, device or torch.device("cpu"), callbacks)
     state = None
     if resume is not None:
         agree(comm, "checking the checkpoint against the model",
               lambda: check_model_size(checkpoint, pop.aggregator.numel, config))
         state = broadcast_resume(comm, checkpoint, plan.clients, pop.aggregator.numel,
                                  pop.trainer.keeps_momentum)
+        pop.aggregator.optimizers.restore(comm, checkpoint.extra_arrays if checkpoint else None,
+                                          allow_fresh=allow_config_change)
     watchdog = Watchdog(comm, config.run.watchdog_seconds)
     try:
         rank = comm.Get_rank()
@@ -179,6 +181,7 @@ def train_population(
     finally:
         watchdog.close()
         pop.aggregator.free()
+        pop.hooks.close()
     if rank == 0 and not preempted:
         drop_replaced(record_path)
     final = pop.aggregator.global_model
@@ -200,9 +203,11 @@ def _privacy_line(config: RunConfig, plan: PopulationPlan, last_round: int) -> s
 
 
 def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
-            dataset: Callable[..., Any] | None, device: torch.device) -> _Population:
+            dataset: Callable[..., Any] | None, device: torch.device,
+            callbacks: Sequence[Any]) -> _Population:
     """Load the data, partition it over the clients, build the model and the aggregator."""
     rank, size, seed, clients = comm.Get_rank(), comm.Get_size(), config.run.seed, plan.clients
+    hooks = Hooks.build(comm, config.run.callbacks, callbacks)
     dtype = torch.float64 if config.run.dtype == "float64" else torch.float32
     train_set, test_set = agree(comm, "loading data",
                                 lambda: load_dataset(config.data, seed, dataset))
@@ -221,7 +226,8 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
     mine = plan.placement.clients_on(rank)
     aggregator = PopulationAggregator(comm, plan, params.flat, config.quantize.bits_for(plan.depth),
                                       config.quantize.bucket_size, seed, config.aggregation.secure,
-                                      rules=_rules(config, comm, plan))
+                                      rules=_rules(config, comm, plan),
+                                      server_opt=config.server_opt.options_for(plan.depth))
     opts = config.clients
     trainer = agree(comm, "setting up the clients' training", lambda: ClientTrainer(
         model, params, config.optim, train_set, parts, mine, seed, mode=opts.training,
@@ -234,7 +240,7 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
               if opts.speed_spread > 0 else np.ones(clients))
     my_test = test_set.subset(np.arange(rank, len(test_set), size))
     return _Population(plan, device, train_set, my_test, parts, sizes, client_weights, model,
-                       aggregator, trainer, mine, availability, speeds)
+                       aggregator, trainer, mine, availability, speeds, hooks)
 
 
 def _rules(config: RunConfig, comm: Any, plan: PopulationPlan) -> PopulationRules | None:
@@ -281,6 +287,9 @@ def _run_rounds(
             round_started = time.perf_counter()
             cohort, scores = _select(config, pop, rnd, losses)
             trained = _round(config, comm, pop, watchdog, rnd, cohort, evaluate_now)
+            with watchdog.guard(f"checking the global model of round {rnd}"):
+                check_same_bits(comm, pop.aggregator.global_model,
+                                f"the global model after round {rnd}")
             with watchdog.guard(f"sharing the client losses of round {rnd}"):
                 round_losses, round_samples = share_client_values(comm, pop.plan.clients,
                                                                    trained.losses, trained.samples)
@@ -296,6 +305,12 @@ def _run_rounds(
             last_round = rnd
             if rnd == start_round:
                 _report_state_memory(comm, pop)
+            if pop.hooks.round_end:
+                pop.hooks.call(comm, watchdog, "on_round_end", round_info(
+                    pop.model, pop.trainer.params, pop.aggregator.global_model, rnd, rounds, rank,
+                    comm.Get_size(), weighted_loss(round_losses, pop.client_weights),
+                    trained.test if evaluation is not None else None, metrics, record_path),
+                    f"the callbacks after round {rnd}")
             with watchdog.guard(f"the preemption poll after round {rnd}"):
                 stop = end_of_round(comm, preemption.received is not None, error, record_path,
                                     last_checkpoint) and rnd < rounds
@@ -305,8 +320,9 @@ def _run_rounds(
                 with watchdog.guard(f"the round-{rnd} checkpoint"):
                     client_state = gather_client_state(comm, pop.plan.clients, pop.trainer,
                                                        losses)
-                    write_population_checkpoint(comm, record_path, rnd, pop.aggregator.global_model,
-                                                client_state, config, preempted_by=why)
+                    write_population_checkpoint(
+                        comm, record_path, rnd, pop.aggregator.global_model, client_state, config,
+                        preempted_by=why, server_state=pop.aggregator.optimizers.gather(comm))
                 last_checkpoint = rnd
             if stop:
                 stopped = True
@@ -381,10 +397,7 @@ class _RoundWork:
             self.test = (float(evaluation[0] / evaluation[2]), float(evaluation[1] / evaluation[2]))
         if comm.Get_rank() != 0:
             return None
-        trained = ~np.isnan(losses)
-        weights = pop.client_weights[trained]
-        train_loss = (float(np.dot(losses[trained], weights) / weights.sum())
-                      if weights.sum() > 0 else math.nan)
+        train_loss = weighted_loss(losses, pop.client_weights)
         now = time.perf_counter()
         bits = config.quantize.bits_for(depth)
         methods = [int(Method.INTEGER_SUM) if b else int(Method.NONE) for b in bits]
@@ -423,6 +436,11 @@ def _round(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchdog, r
                                              step=(rnd - 1) * steps + step,
                                              measure_error=evaluate_now)
         work.add(top, compute, stats)
+        if pop.hooks.aggregation:
+            pop.hooks.call(comm, watchdog, "on_aggregation", aggregation_info(
+                pop.model, pop.trainer.params, pop.aggregator.start_of(pop.mine[0]), rnd, step,
+                steps, top, plan.depth, comm.Get_rank(), comm.Get_size()),
+                f"the callbacks after the layer-{top} aggregation of round {rnd} (step {step})")
     periods = steps // tau[0]
     work.losses = {c: loss / periods for c, loss in work.losses.items()}
     return work

@@ -104,21 +104,6 @@ class RunConfig:
         self.server_opt.options_for(depth)  # per-layer lengths
         self._check_side_channels()
         self._check_server_state()
-        self._check_population()
-
-    def _check_population(self) -> None:
-        """Refuse the layer rules a population does not run yet (they are per rank)."""
-        if not self.clients.population:
-            return
-        unsupported = []
-        if any(name != "none" for name in self.server_opt.optimizer):
-            unsupported.append("server_opt.optimizer")
-        if unsupported:
-            raise ConfigError(
-                f"{', '.join(unsupported)} do not run with a population (clients.count="
-                f"{self.clients.count}) yet: server-optimizer "
-                "layers aggregate one model per rank; remove them or set clients.count=0 "
-                "(one client per rank)")
 
     def _check_server_state(self) -> None:
         """Refuse server optimizer state below a protected layer (checkpoints gather it)."""

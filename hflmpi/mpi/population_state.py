@@ -107,8 +107,13 @@ def gather_client_state(comm: MPI.Comm, clients: int, trainer: ClientTrainer,
 
 def write_population_checkpoint(comm: MPI.Comm, path: Path, rnd: int, model: torch.Tensor,
                                 state: ClientState, config: RunConfig,
-                                preempted_by: str | None = None) -> None:
-    """Write the round's checkpoint on rank 0; every rank learns whether it worked."""
+                                preempted_by: str | None = None,
+                                server_state: dict[str, np.ndarray] | None = None) -> None:
+    """Write the round's checkpoint on rank 0; every rank learns whether it worked.
+
+    ``server_state`` (rank 0) holds the nodes' server optimizer arrays
+    (:meth:`hflmpi.mpi.population_opt.NodeOptimizers.gather`).
+    """
     text = to_toml_string(config)
 
     def write() -> None:
@@ -117,6 +122,7 @@ def write_population_checkpoint(comm: MPI.Comm, path: Path, rnd: int, model: tor
         extra: dict[str, Any] = {"client_sampler": state.positions, "client_loss": state.losses}
         if state.momentum is not None:
             extra["client_momentum"] = state.momentum
+        extra.update(server_state or {})
         written = save_checkpoint(
             path, round=rnd, model_flat=model.detach().cpu(), extra_arrays=extra,
             state={"round": rnd, "config_sha256": config_digest(text), "config_toml": text,
