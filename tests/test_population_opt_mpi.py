@@ -258,3 +258,30 @@ def test_a_flipped_bit_in_one_rank_global_model_stops_every_rank(monkeypatch):
                            match=rf"the global model after round 1 differs .*rank\(s\) \[{last}\] "
                                  "diverged"):
             train(_opt_config(os.path.join(base, "flip.h5")), world)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_population_quant_error_is_the_rank_engines_with_one_client_per_rank():
+    """The run files' quant_error columns agree: the same metric (worst participant per layer)."""
+    from hflmpi.record.reading import read_metrics
+
+    world = MPI.COMM_WORLD
+    size = 4 if world.Get_size() >= 4 else 2
+    fanouts = [2, 2] if size == 4 else [2, 1]
+    sub = world.Split(0 if world.Get_rank() < size else MPI.UNDEFINED, world.Get_rank())
+    problem = ""
+    with _shared_dir(world) as base:
+        if sub != MPI.COMM_NULL:
+            common = {"quantize": {"bits": [8, 4], "method": "sum", "downlink": "float32"},
+                      "aggregation": {"algorithm": "subtree"}, "run": {"rounds": 3}}
+            ranks, pop = os.path.join(base, "ranks.h5"), os.path.join(base, "pop.h5")
+            train(_config(ranks, fanouts, [2, 2], **common), sub)
+            train(_config(pop, fanouts, [2, 2], clients={"count": size}, **common), sub)
+            if sub.Get_rank() == 0:
+                want = read_metrics(ranks)["quant_error"]
+                got = read_metrics(pop)["quant_error"]
+                if want.shape != (3, 2) or not np.isfinite(want).all() or not np.allclose(
+                        got, want, rtol=1e-6, atol=0):
+                    problem = f"population {got.tolist()} vs engine {want.tolist()}"
+            sub.Free()
+    parallel_assert(world, not problem, problem)
