@@ -317,12 +317,7 @@ def _run_rounds(
             why = (preemption.received.name if preemption.received else "signal") if stop else None
             every = config.run.checkpoint_every
             if stop or rnd == rounds or (every > 0 and rnd % every == 0):
-                with watchdog.guard(f"the round-{rnd} checkpoint"):
-                    client_state = gather_client_state(comm, pop.plan.clients, pop.trainer,
-                                                       losses)
-                    write_population_checkpoint(
-                        comm, record_path, rnd, pop.aggregator.global_model, client_state, config,
-                        preempted_by=why, server_state=pop.aggregator.optimizers.gather(comm))
+                _checkpoint(config, comm, pop, watchdog, rnd, losses, record_path, why)
                 last_checkpoint = rnd
             if stop:
                 stopped = True
@@ -338,6 +333,16 @@ def _run_rounds(
     if close_error is not None:
         raise SetupError(close_error)
     return last_round, accuracy, test_loss, stopped
+
+
+def _checkpoint(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchdog, rnd: int,
+                losses: np.ndarray, record_path: Path, why: str | None) -> None:
+    """Write round ``rnd``'s checkpoint: model, clients and server optimizers (all ranks)."""
+    with watchdog.guard(f"the round-{rnd} checkpoint"):
+        client_state = gather_client_state(comm, pop.plan.clients, pop.trainer, losses)
+        write_population_checkpoint(
+            comm, record_path, rnd, pop.aggregator.global_model, client_state, config,
+            preempted_by=why, server_state=pop.aggregator.optimizers.collect_state(comm))
 
 
 def _report_state_memory(comm: Any, pop: _Population) -> None:

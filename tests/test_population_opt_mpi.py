@@ -193,7 +193,7 @@ def test_population_server_state_resumes_bitwise_and_is_required(monkeypatch):
         resumed = train(_opt_config(part, 4), world, resume=part)
         parallel_assert(world, _digest(resumed.model) == _digest(whole.model), "resume bits")
         bare = os.path.join(base, "bare.h5")
-        monkeypatch.setattr(NodeOptimizers, "gather", lambda self, comm: {})
+        monkeypatch.setattr(NodeOptimizers, "collect_state", lambda self, comm: {})
         train(_opt_config(bare, 2), world)
         monkeypatch.undo()
         with pytest.raises(SetupError, match="server_opt_layer1 of shape None"):

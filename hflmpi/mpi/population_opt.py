@@ -83,7 +83,7 @@ class NodeOptimizers:
         assert self._anchor is not None
         optimizer.step(model, self._anchor)
 
-    def gather(self, comm: MPI.Comm) -> dict[str, np.ndarray]:
+    def collect_state(self, comm: MPI.Comm) -> dict[str, np.ndarray]:
         """Collect every node's state at rank 0 (all ranks); ``{}`` on the other ranks.
 
         Point to point: each node's owner sends its ``[slots, numel]`` float64 state to rank 0,

@@ -112,7 +112,7 @@ def write_population_checkpoint(comm: MPI.Comm, path: Path, rnd: int, model: tor
     """Write the round's checkpoint on rank 0; every rank learns whether it worked.
 
     ``server_state`` (rank 0) holds the nodes' server optimizer arrays
-    (:meth:`hflmpi.mpi.population_opt.NodeOptimizers.gather`).
+    (:meth:`hflmpi.mpi.population_opt.NodeOptimizers.collect_state`).
     """
     text = to_toml_string(config)
 
