@@ -148,8 +148,9 @@ def train_population(
               lambda: check_model_size(checkpoint, pop.aggregator.numel, config))
         state = broadcast_resume(comm, checkpoint, plan.clients, pop.aggregator.numel,
                                  pop.trainer.keeps_momentum)
-        pop.aggregator.optimizers.restore(comm, checkpoint.extra_arrays if checkpoint else None,
-                                          allow_fresh=allow_config_change)
+        pop.aggregator.optimizers.restore(
+            comm, checkpoint.extra_arrays if checkpoint is not None else None,
+            allow_fresh=allow_config_change)
     watchdog = Watchdog(comm, config.run.watchdog_seconds)
     try:
         rank = comm.Get_rank()
