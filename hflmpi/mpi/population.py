@@ -44,8 +44,8 @@ from hflmpi.core.rng import torch_generator
 from hflmpi.core.secure import PairwiseSeeds, mask_levels, required_modulus_bits, unmask_sum
 from hflmpi.core.server_opt import ServerOptOptions
 from hflmpi.core.wire import SCALE_NBYTES, auto_bucket_size, levels_for_bits
-from hflmpi.mpi.population_rules import PopulationRules
 from hflmpi.mpi.population_opt import NodeOptimizers
+from hflmpi.mpi.population_rules import PopulationRules
 
 __all__ = ["PopulationAggregator", "PopulationStats", "node_weights"]
 
