@@ -390,11 +390,11 @@ def _round(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchdog, r
         for client in mine:
             work.losses[client] = work.losses.get(client, 0.0) + result.losses[client]
             work.samples[client] = work.samples.get(client, 0) + result.samples[client]
-        arrived = pop.clock.period(top, weights)  # the simulated clock: who was in time
+        carried = pop.clock.period(top, weights)  # the simulated clock: who was in time
         with watchdog.guard(f"the layer-{top} aggregation of round {rnd} (step {step})"):
             stats = pop.aggregator.aggregate(top, result.models, weights,
                                              step=(rnd - 1) * steps + step,
-                                             measure_error=evaluate_now, arrived=arrived)
+                                             measure_error=evaluate_now, carried=carried)
         work.add(top, compute, stats)
     periods = steps // tau[0]
     work.losses = {c: loss / periods for c, loss in work.losses.items()}

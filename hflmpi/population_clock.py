@@ -80,11 +80,15 @@ class RoundClock:
         return self.clock.time
 
     def period(self, top: int, weights: Sequence[np.ndarray]) -> list[np.ndarray] | None:
-        """Advance over one layer-1 period; return who arrived per layer (None: all did)."""
+        """Advance over one layer-1 period; return the weights the updates carry (None: all sync).
+
+        With every layer ``"sync"`` every update arrives with its node weight, so the
+        aggregation takes ``weights`` as they are (the synchronous bits).
+        """
         events = self.clock.period(top, weights)
         self.late += events.late
         self.late_clients |= events.late_clients
-        return events.arrived if self.asynchronous else None
+        return events.carried if self.asynchronous else None
 
     def close_round(self, metrics: RoundMetrics | None) -> tuple[RoundMetrics | None, np.ndarray]:
         """Add the round's simulated time and late counts to ``metrics``; start the next round.

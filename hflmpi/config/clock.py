@@ -121,7 +121,7 @@ class ClockConfig(_Section):
 
     def links_for(self, depth: int) -> tuple[list[float], list[float]]:
         """Return ``(node_uplink, node_latency)`` with one entry per layer 1..depth-1."""
-        return [self._one_per(name, depth) for name in ("node_uplink", "node_latency")]  # type: ignore[return-value]
+        return self._one_per("node_uplink", depth), self._one_per("node_latency", depth)
 
     def _one_per(self, name: str, depth: int) -> list[float]:
         values = list(getattr(self, name))

@@ -5,8 +5,8 @@ cohort and the schedule, so the order of arrivals, and with it the result, is re
 for bit on any machine (the FedScale idea). Times are simulated seconds; nothing here is measured.
 
 A node's model is *ready* at some time (the run starts with every model ready at 0). For a
-layer-1 period of the nodes of layer 1, participant ``c`` of node ``k`` (ready at ``R_k``)
-downloads the model, trains ``tau_1`` steps and uploads its update, which arrives at::
+layer-1 period, participant ``c`` of layer-1 node ``k`` (ready at ``R_k``) downloads the model,
+trains ``tau_1`` steps and uploads its update, which arrives at::
 
     A_c = R_k + L_c + tau_1 * step_seconds_c + L_c,     L_c = bytes_1 / uplink_c + latency_c
 
@@ -16,13 +16,16 @@ downloads the model, trains ``tau_1`` steps and uploads its update, which arrive
 * ``"sync"`` closes at the latest arrival among its taking-part children;
 * ``"deadline"`` closes at ``min(latest arrival, R_k + deadline_n)``.
 
-A child arriving after the close is *late*: the node aggregates without it (its weight is left
-out of the normalisation), and a node where nothing arrived keeps its model. A layer-``n`` node
-takes part in its parent's aggregation when it has participants and aggregated at least one
-arrived child since its parent's last aggregation; its aggregate arrives at the parent at
-``close + bytes_{n+1} / node_uplink_n + node_latency_n``. When layers ``1..top`` have closed,
-the top nodes' models go back down, each hop taking as long as its uplink; a late client or node
-abandons its work when the new model reaches it. A global round ends when the root closes.
+A child arriving after the close is *late*: its update is dropped, the node renormalises over
+the children that arrived, and a node where nothing arrived keeps its model. Each update carries
+a weight: a client its own (samples or 1); a node the sum of the weights of the children that
+arrived at it at least once since its model last came from above (so the nested mean over the
+arrived updates is the flat weighted mean over the clients behind them). A node carrying weight
+0 takes no part in its parent's aggregation. A layer-``n`` node's aggregate arrives at its
+parent at ``close + bytes_{n+1} / node_uplink_n + node_latency_n``. When layers ``1..top``
+have closed, the top nodes' models go back down, each hop taking as long as its uplink; a late
+client or node abandons its work when the new model reaches it. A round ends when the root
+closes.
 
 Pure: numpy only (no torch, so the config can import :data:`MODES`).
 """
@@ -41,7 +44,7 @@ if TYPE_CHECKING:  # the config imports MODES; keep it free of torch
     from hflmpi.core.devices import DeviceProfiles
     from hflmpi.core.population import PopulationPlan
 
-__all__ = ["MODES", "PeriodEvents", "SimulatedClock", "arrived_weights", "message_bytes"]
+__all__ = ["MODES", "PeriodEvents", "SimulatedClock", "carried_weights", "message_bytes"]
 
 MODES = ("sync", "deadline")
 """Per-layer aggregation modes the clock knows (``"buffered"`` is planned, issue 15)."""
@@ -57,15 +60,15 @@ def message_bytes(numel: int, bits: Sequence[int], bucket_sizes: Sequence[int]) 
             else float(numel * 4) for b, size in zip(bits, bucket_sizes)]
 
 
-def arrived_weights(plan: PopulationPlan, weights: list[np.ndarray],
-                    arrived: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
+def carried_weights(plan: PopulationPlan, weights: list[np.ndarray],
+                    carried: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
     """Return ``weights`` as layer ``n``'s aggregation sees them when some children were late.
 
-    A late child's weight (layer ``n - 1``) becomes 0 and each layer-``n`` node's weight the sum
-    over its children that arrived (the same sum as :func:`node_weights`, so all-arrived gives
-    the same bits); the late child still aggregated its own children with its full weight.
+    Layer ``n - 1`` takes ``carried[n - 1]`` (0 for a late child) and each layer-``n`` node the
+    sum over its children (the expression of :func:`hflmpi.mpi.population.node_weights`); a
+    late child still aggregated its own children with its own weight.
     """
-    below = np.where(arrived[n - 1], weights[n - 1], 0.0)
+    below = np.asarray(carried[n - 1], dtype=np.float64)
     layer = list(weights)
     layer[n - 1] = below
     layer[n] = np.array([below[list(plan.children(n, k))].sum()
@@ -79,9 +82,9 @@ class PeriodEvents:
 
     Attributes
     ----------
-    arrived : list of ndarray
-        Per layer ``0..N-1``, for every node of that layer: whether it took part in its parent's
-        aggregation and arrived before the parent closed (all True above the top layer).
+    carried : list of ndarray
+        Per layer ``0..N-1``, the weight each node's update carried into its parent's
+        aggregation in this period (0: late, or nothing to send; unchanged above the top).
     late : ndarray
         Per layer ``1..N``, the number of children that arrived after their node closed.
     late_clients : ndarray
@@ -90,7 +93,7 @@ class PeriodEvents:
         The simulated time at which the top closing layer's models are ready.
     """
 
-    arrived: list[np.ndarray]
+    carried: list[np.ndarray]
     late: np.ndarray
     late_clients: np.ndarray
     time: float
@@ -153,7 +156,10 @@ class SimulatedClock:
                                                         for n in range(1, depth + 1)]
         self.closed: list[np.ndarray] = [np.zeros(0)] + [np.zeros(self.counts[n])
                                                          for n in range(1, depth + 1)]
-        self.fresh = [np.zeros(self.counts[n], dtype=bool) for n in range(depth + 1)]
+        # carried[n]: the weight a layer-n node would carry up now; sent[n]: the weight each
+        # layer-n node delivered to its parent since the parent's model last came from above
+        self.carried = [np.zeros(self.counts[n]) for n in range(depth + 1)]
+        self.sent = [np.zeros(self.counts[n]) for n in range(depth + 1)]
         self.reset(start)
 
     @property
@@ -166,8 +172,9 @@ class SimulatedClock:
         self.ready[self.depth][:] = time
         self.closed[self.depth][:] = time
         self._send_down(self.depth)
-        for fresh in self.fresh:
-            fresh[:] = False
+        for n in range(self.depth + 1):
+            self.carried[n][:] = 0.0
+            self.sent[n][:] = 0.0
 
     def period(self, top: int, weights: Sequence[np.ndarray]) -> PeriodEvents:
         """Advance over one layer-1 period whose aggregation closes layers ``1..top``.
@@ -178,31 +185,35 @@ class SimulatedClock:
             The highest layer that closes at the end of the period.
         weights : sequence of ndarray
             Per layer ``0..N``, every node's weight this round
-            (:func:`hflmpi.mpi.population.node_weights`; 0: no participant below it).
+            (:func:`hflmpi.mpi.population.node_weights`); only the clients' (layer 0) are read.
         """
         depth = self.depth
-        arrived = [np.ones(self.counts[n], dtype=bool) for n in range(depth)]
+        carried = [np.zeros(self.counts[n]) for n in range(depth)]
         late = np.zeros(depth, dtype=np.int64)
-        taking = np.asarray(weights[0]) > 0
-        prof = self.profiles
-        ready_of_client = self.ready[1][self.parents[0]]
-        arrival = ready_of_client + 2 * self.client_link + self.tau1 * prof.step_seconds
+        self.carried[0] = np.asarray(weights[0], dtype=np.float64)
+        arrival = (self.ready[1][self.parents[0]] + 2 * self.client_link
+                   + self.tau1 * self.profiles.step_seconds)
+        late_clients = np.zeros(self.counts[0], dtype=bool)
         for n in range(1, top + 1):
             if n > 1:
-                taking = (np.asarray(weights[n - 1]) > 0) & self.fresh[n - 1]
                 arrival = self.closed[n - 1] + self.node_link[n - 1]
+            taking = self.carried[n - 1] > 0
             on_time = self._close(n, taking, arrival)
-            arrived[n - 1] = on_time
+            carried[n - 1] = np.where(on_time, self.carried[n - 1], 0.0)
             late[n - 1] = int(np.count_nonzero(taking & ~on_time))
             if n == 1:
                 late_clients = taking & ~on_time
-            got = np.zeros(self.counts[n], dtype=bool)
-            got[self.parents[n - 1][on_time]] = True
-            self.fresh[n - 1][:] = False
-            self.fresh[n] |= got
+            self.sent[n - 1] = np.where(on_time, self.carried[n - 1], self.sent[n - 1])
+            sums = np.zeros(self.counts[n])
+            np.add.at(sums, self.parents[n - 1], self.sent[n - 1])
+            self.carried[n] = sums
+        # the nodes below the top now take their model from above (at a round's end, all)
+        for n in range(1, top + 1 if top == depth else top):
+            self.sent[n - 1][:] = 0.0
+            self.carried[n][:] = 0.0
         self.ready[top][:] = self.closed[top]
         self._send_down(top)
-        return PeriodEvents(arrived, late, late_clients, float(self.ready[top].max()))
+        return PeriodEvents(carried, late, late_clients, float(self.ready[top].max()))
 
     def _close(self, n: int, taking: np.ndarray, arrival: np.ndarray) -> np.ndarray:
         """Close every layer-``n`` node; return which children arrived in time."""

@@ -153,7 +153,7 @@ def read_profiles(path: str | os.PathLike[str], clients: int) -> DeviceProfiles:
             client = int(np.flatnonzero(bad)[0])
             bound = "> 0" if low is not None else ">= 0"
             raise ProfileError(f"device profile {path}: client {client} has {name}="
-                               f"{data[client]!r}; it must be a finite number {bound}")
+                               f"{float(data[client])!r}; it must be a finite number {bound}")
     step = values["step_seconds"]
     return DeviceProfiles(step, values["uplink"], values["latency"], float(np.median(step)) / step)
 
