@@ -57,6 +57,12 @@ def test_a_deadline_edge_drops_its_straggler_and_the_root_waits_for_both_edges()
     third = clock.period(1, _weights([0, 1, 1, 1]))
     np.testing.assert_array_equal(clock.closed[1], [26.0, 27.0])
     np.testing.assert_array_equal(third.carried[0], [0, 1, 1, 0])
+    # 26+3+4=33 | 27+4+2=33, 27+4+20=51 (deadline 35); the root opened at 18, the edges reach
+    # it at 34 and 36 and carry only this round's arrivals (client 0's weight is gone)
+    fourth = clock.period(2, _weights([0, 1, 1, 1]))
+    np.testing.assert_array_equal(clock.closed[1], [33.0, 35.0])
+    np.testing.assert_array_equal(fourth.carried[1], [1, 1])
+    assert fourth.time == 36.0
 
 
 def test_sync_everywhere_waits_for_the_slowest_client():

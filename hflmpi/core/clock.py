@@ -207,8 +207,8 @@ class SimulatedClock:
             sums = np.zeros(self.counts[n])
             np.add.at(sums, self.parents[n - 1], self.sent[n - 1])
             self.carried[n] = sums
-        # the nodes below the top now take their model from above (at a round's end, all)
-        for n in range(1, top + 1 if top == depth else top):
+        # the nodes below the top now take their model from above
+        for n in range(1, top):
             self.sent[n - 1][:] = 0.0
             self.carried[n][:] = 0.0
         self.ready[top][:] = self.closed[top]
