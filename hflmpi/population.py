@@ -8,7 +8,8 @@ With ``clients.count > 0`` the tree is a tree of clients placed on the ranks
 2. for each layer-1 period, the participants on each rank train ``tau_1`` steps from their
    layer-1 node's model (:class:`hflmpi.learn.clients.ClientTrainer`), then the layers that close
    aggregate bottom-up, in rank memory or over the spanning nodes' communicators, with weights
-   renormalised over the participants (:class:`hflmpi.mpi.population.PopulationAggregator`);
+   renormalised over the participants (:class:`hflmpi.mpi.population.PopulationAggregator`)
+   whose updates arrived in time on the simulated clock (:mod:`hflmpi.population_clock`);
 3. the global model is evaluated, the round's metrics and per-client records are written by rank 0,
    and a checkpoint holds the model and every client's sampler position, last loss and (where
    the solver keeps it) momentum.
@@ -153,7 +154,7 @@ def train_population(
         losses = np.full(plan.clients, np.nan)
         if state is not None:
             pop.aggregator.set_all(torch.from_numpy(state.model).to(pop.aggregator.dtype))
-            pop.clock.clock.reset(state.sim_time)
+            pop.clock.restart(state.sim_time)
             losses = state.losses
             pop.trainer.load_positions({c: state.positions[c] for c in pop.mine
                                         if state.positions[c][0] >= 0})

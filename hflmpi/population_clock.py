@@ -79,6 +79,10 @@ class RoundClock:
         """Return the simulated time at the end of the last global round (seconds)."""
         return self.clock.time
 
+    def restart(self, time: float) -> None:
+        """Continue from a checkpoint whose round ended at simulated ``time``."""
+        self.clock.reset(time)
+
     def period(self, top: int, weights: Sequence[np.ndarray]) -> list[np.ndarray] | None:
         """Advance over one layer-1 period; return the weights the updates carry (None: all sync).
 
