@@ -8,7 +8,8 @@ With ``clients.count > 0`` the tree is a tree of clients placed on the ranks
 2. for each layer-1 period, the participants on each rank train ``tau_1`` steps from their
    layer-1 node's model (:class:`hflmpi.learn.clients.ClientTrainer`), then the layers that close
    aggregate bottom-up, in rank memory or over the spanning nodes' communicators, with weights
-   renormalised over the participants (:class:`hflmpi.mpi.population.PopulationAggregator`);
+   renormalised over the participants (:class:`hflmpi.mpi.population.PopulationAggregator`)
+   whose updates arrived in time on the simulated clock (:mod:`hflmpi.population_clock`);
 3. the global model is evaluated, the round's metrics and per-client records are written by rank 0,
    and a checkpoint holds the model and every client's sampler position, last loss and (where
    the solver keeps it) momentum.
@@ -35,7 +36,6 @@ from hflmpi.config import ConfigError, RunConfig
 from hflmpi.config.strategy import load_rules
 from hflmpi.core.availability import Availability
 from hflmpi.core.population import PopulationPlan, place_clients, plan_population
-from hflmpi.core.rng import numpy_generator
 from hflmpi.core.schedule import aggregation_layer, steps_per_round
 from hflmpi.core.selection import (
     SelectionOptions,
@@ -66,6 +66,7 @@ from hflmpi.mpi.population_state import (
     write_population_checkpoint,
 )
 from hflmpi.mpi.preempt import PreemptionFlag
+from hflmpi.population_clock import RoundClock
 from hflmpi.record.progress import Progress
 from hflmpi.record.provenance import provenance
 from hflmpi.record.replace import drop_replaced
@@ -120,6 +121,7 @@ class _Population:
     mine: tuple[int, ...]
     availability: Availability
     speeds: np.ndarray
+    clock: RoundClock
 
 
 def train_population(
@@ -155,6 +157,7 @@ def train_population(
         losses = np.full(plan.clients, np.nan)
         if state is not None:
             pop.aggregator.set_all(torch.from_numpy(state.model).to(pop.aggregator.dtype))
+            pop.clock.restart(state.sim_time)
             losses = state.losses
             pop.trainer.load_positions({c: state.positions[c] for c in pop.mine
                                         if state.positions[c][0] >= 0})
@@ -230,11 +233,11 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
         Availability.from_trace(opts.trace, clients) if opts.trace else
         Availability.always(clients) if opts.online == 1.0 else
         Availability.bernoulli(clients, opts.online, seed)))
-    speeds = (numpy_generator(seed, purpose="speeds").lognormal(0.0, opts.speed_spread, clients)
-              if opts.speed_spread > 0 else np.ones(clients))
+    clock = agree(comm, "setting up the simulated clock (device profiles)", lambda: RoundClock(
+        config, plan, aggregator.numel, aggregator.bits, aggregator.bucket_sizes))
     my_test = test_set.subset(np.arange(rank, len(test_set), size))
     return _Population(plan, device, train_set, my_test, parts, sizes, client_weights, model,
-                       aggregator, trainer, mine, availability, speeds)
+                       aggregator, trainer, mine, availability, clock.profiles.speeds, clock)
 
 
 def _rules(config: RunConfig, comm: Any, plan: PopulationPlan) -> PopulationRules | None:
@@ -291,8 +294,9 @@ def _run_rounds(
                                           round_samples, cohort, started, round_started)
             if evaluation is not None:  # every rank has the reduced evaluation
                 test_loss, accuracy = trained.test
+            metrics, late = pop.clock.close_round(metrics)
             error = _record(record, progress, metrics, record_path, accuracy, cohort,
-                            round_losses, scores, round_samples, pop.plan.clients)
+                            round_losses, scores, round_samples, pop.plan.clients, late)
             last_round = rnd
             if rnd == start_round:
                 _report_state_memory(comm, pop)
@@ -306,7 +310,8 @@ def _run_rounds(
                     client_state = gather_client_state(comm, pop.plan.clients, pop.trainer,
                                                        losses)
                     write_population_checkpoint(comm, record_path, rnd, pop.aggregator.global_model,
-                                                client_state, config, preempted_by=why)
+                                                client_state, config, preempted_by=why,
+                                                sim_time=pop.clock.time)
                 last_checkpoint = rnd
             if stop:
                 stopped = True
@@ -418,10 +423,11 @@ def _round(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchdog, r
         for client in mine:
             work.losses[client] = work.losses.get(client, 0.0) + result.losses[client]
             work.samples[client] = work.samples.get(client, 0) + result.samples[client]
+        carried = pop.clock.period(top, weights)  # the simulated clock: who was in time
         with watchdog.guard(f"the layer-{top} aggregation of round {rnd} (step {step})"):
             stats = pop.aggregator.aggregate(top, result.models, weights,
                                              step=(rnd - 1) * steps + step,
-                                             measure_error=evaluate_now)
+                                             measure_error=evaluate_now, carried=carried)
         work.add(top, compute, stats)
     periods = steps // tau[0]
     work.losses = {c: loss / periods for c, loss in work.losses.items()}
@@ -438,7 +444,8 @@ def _evaluate(pop: _Population) -> np.ndarray:
 
 def _record(record: RunRecord | None, progress: Progress | None, metrics: RoundMetrics | None,
             record_path: Path, accuracy: float, cohort: np.ndarray, losses: np.ndarray,
-            scores: np.ndarray, samples: np.ndarray, clients: int) -> str | None:
+            scores: np.ndarray, samples: np.ndarray, clients: int,
+            late: np.ndarray) -> str | None:
     """Append the round and its clients to the run file (rank 0); return a write error."""
     if record is None or progress is None or metrics is None:
         return None
@@ -448,7 +455,7 @@ def _record(record: RunRecord | None, progress: Progress | None, metrics: RoundM
     participated[cohort] = True
     try:
         record.append_round(metrics)
-        record.append_clients(metrics.round, participated, losses, scores, samples)
+        record.append_clients(metrics.round, participated, losses, scores, samples, late=late)
     except (OSError, RuntimeError) as exc:
         return record_error(f"writing round {metrics.round} to", record_path, exc)
     return None

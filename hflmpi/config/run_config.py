@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from hflmpi.config.checks import ConfigError, _fmt
 from hflmpi.config.clients import ClientsConfig
+from hflmpi.config.clock import ClockConfig
 from hflmpi.config.sections import (
     _SECTIONS,
     AggregationConfig,
@@ -48,6 +49,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
+    clock: ClockConfig = field(default_factory=ClockConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -105,10 +107,16 @@ class RunConfig:
         self._check_side_channels()
         self._check_server_state()
         self._check_population()
+        self.clock.check_layers(depth)
 
     def _check_population(self) -> None:
         """Refuse the layer rules a population does not run yet (they are per rank)."""
         if not self.clients.population:
+            if self.clock.asynchronous or self.clock.profile:
+                raise ConfigError(
+                    f"clock.mode={_fmt(self.clock.mode)} / clock.profile simulate the devices "
+                    "of a population, but clients.count=0 (one client per rank); set "
+                    "clients.count (e.g. 64) or remove them")
             return
         unsupported = []
         if any(name != "none" for name in self.server_opt.optimizer):
