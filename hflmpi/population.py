@@ -8,7 +8,8 @@ With ``clients.count > 0`` the tree is a tree of clients placed on the ranks
 2. for each layer-1 period, the participants on each rank train ``tau_1`` steps from their
    layer-1 node's model (:class:`hflmpi.learn.clients.ClientTrainer`), then the layers that close
    aggregate bottom-up, in rank memory or over the spanning nodes' communicators, with weights
-   renormalised over the participants (:class:`hflmpi.mpi.population.PopulationAggregator`);
+   renormalised over the participants (:class:`hflmpi.mpi.population.PopulationAggregator`)
+   whose updates arrived in time on the simulated clock (:mod:`hflmpi.population_clock`);
 3. the global model is evaluated, the round's metrics and per-client records are written by rank 0,
    and a checkpoint holds the model and every client's sampler position, last loss and (where
    the solver keeps it) momentum.
@@ -32,10 +33,8 @@ import numpy as np
 import torch
 
 from hflmpi.config import ConfigError, RunConfig
-from hflmpi.config.strategy import load_rules
 from hflmpi.core.availability import Availability
 from hflmpi.core.population import PopulationPlan, place_clients, plan_population
-from hflmpi.core.rng import numpy_generator
 from hflmpi.core.schedule import aggregation_layer, steps_per_round
 from hflmpi.core.selection import (
     SelectionOptions,
@@ -54,11 +53,10 @@ from hflmpi.mpi.checkpointing import check_fresh_start, check_resume
 from hflmpi.mpi.comm import mpi_provenance
 from hflmpi.mpi.guard import SetupError, Watchdog, agree
 from hflmpi.mpi.hooks import Hooks
-from hflmpi.mpi.layers import PrivacyOptions
 from hflmpi.mpi.metrics import end_of_round
 from hflmpi.mpi.model_check import check_same_bits
 from hflmpi.mpi.population import PopulationAggregator, PopulationStats, node_weights
-from hflmpi.mpi.population_rules import PopulationRules
+from hflmpi.mpi.population_rules import rules_from_config
 from hflmpi.mpi.population_state import (
     broadcast_resume,
     gather_client_state,
@@ -69,6 +67,7 @@ from hflmpi.mpi.population_state import (
 )
 from hflmpi.mpi.preempt import PreemptionFlag
 from hflmpi.population_callbacks import aggregation_info, round_info, weighted_loss
+from hflmpi.population_clock import RoundClock
 from hflmpi.record.progress import Progress
 from hflmpi.record.provenance import provenance
 from hflmpi.record.replace import drop_replaced
@@ -123,6 +122,7 @@ class _Population:
     mine: tuple[int, ...]
     availability: Availability
     speeds: np.ndarray
+    clock: RoundClock
     hooks: Hooks
 
 
@@ -158,6 +158,7 @@ def train_population(
         losses = np.full(plan.clients, np.nan)
         if state is not None:
             pop.aggregator.set_all(torch.from_numpy(state.model).to(pop.aggregator.dtype))
+            pop.clock.restart(state.sim_time)
             losses = state.losses
             pop.trainer.load_positions({c: state.positions[c] for c in pop.mine
                                         if state.positions[c][0] >= 0})
@@ -227,7 +228,7 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
     mine = plan.placement.clients_on(rank)
     aggregator = PopulationAggregator(comm, plan, params.flat, config.quantize.bits_for(plan.depth),
                                       config.quantize.bucket_size, seed, config.aggregation.secure,
-                                      rules=_rules(config, comm, plan),
+                                      rules=rules_from_config(config, comm, plan),
                                       server_opt=config.server_opt.options_for(plan.depth))
     opts = config.clients
     trainer = agree(comm, "setting up the clients' training", lambda: ClientTrainer(
@@ -237,27 +238,12 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
         Availability.from_trace(opts.trace, clients) if opts.trace else
         Availability.always(clients) if opts.online == 1.0 else
         Availability.bernoulli(clients, opts.online, seed)))
-    speeds = (numpy_generator(seed, purpose="speeds").lognormal(0.0, opts.speed_spread, clients)
-              if opts.speed_spread > 0 else np.ones(clients))
+    clock = agree(comm, "setting up the simulated clock (device profiles)", lambda: RoundClock(
+        config, plan, aggregator.numel, aggregator.bits, aggregator.bucket_sizes))
     my_test = test_set.subset(np.arange(rank, len(test_set), size))
     return _Population(plan, device, train_set, my_test, parts, sizes, client_weights, model,
-                       aggregator, trainer, mine, availability, speeds, hooks)
-
-
-def _rules(config: RunConfig, comm: Any, plan: PopulationPlan) -> PopulationRules | None:
-    """Return the robust layers and the private layer (None without either); all ranks."""
-    agg, privacy = config.aggregation, config.privacy
-    if all(rule == "mean" for rule in agg.robust) and not privacy.layer:
-        return None
-    from hflmpi.federation import _INSECURE_NOISE_WARNING
-
-    if privacy.layer and privacy.insecure_reproducible_noise and comm.Get_rank() == 0:
-        _log.warning(_INSECURE_NOISE_WARNING)
-    rules = agree(comm, "loading the robust rules", lambda: load_rules(agg.robust))  # plug-ins
-    options = (PrivacyOptions(privacy.layer, privacy.clip, privacy.noise_multiplier, privacy.mode,
-                              privacy.insecure_reproducible_noise) if privacy.layer else None)
-    return PopulationRules(plan, comm.Get_rank(), rules, {"trim": agg.trim, "f": agg.krum_f},
-                           options, config.run.seed)
+                       aggregator, trainer, mine, availability, clock.profiles.speeds, clock,
+                       hooks)
 
 
 def _partition(config: RunConfig, train_set: TensorDataset, clients: int) -> list[np.ndarray]:
@@ -301,8 +287,9 @@ def _run_rounds(
                                           round_samples, cohort, started, round_started)
             if evaluation is not None:  # every rank has the reduced evaluation
                 test_loss, accuracy = trained.test
+            metrics, late = pop.clock.close_round(metrics)
             error = _record(record, progress, metrics, record_path, accuracy, cohort,
-                            round_losses, scores, round_samples, pop.plan.clients)
+                            round_losses, scores, round_samples, pop.plan.clients, late)
             last_round = rnd
             if rnd == start_round:
                 _report_state_memory(comm, pop)
@@ -343,7 +330,8 @@ def _checkpoint(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchd
         client_state = gather_client_state(comm, pop.plan.clients, pop.trainer, losses)
         write_population_checkpoint(
             comm, record_path, rnd, pop.aggregator.global_model, client_state, config,
-            preempted_by=why, server_state=pop.aggregator.optimizers.collect_state(comm))
+            preempted_by=why, sim_time=pop.clock.time,
+            server_state=pop.aggregator.optimizers.collect_state(comm))
 
 
 def _report_state_memory(comm: Any, pop: _Population) -> None:
@@ -437,10 +425,11 @@ def _round(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchdog, r
         for client in mine:
             work.losses[client] = work.losses.get(client, 0.0) + result.losses[client]
             work.samples[client] = work.samples.get(client, 0) + result.samples[client]
+        carried = pop.clock.period(top, weights)  # the simulated clock: who was in time
         with watchdog.guard(f"the layer-{top} aggregation of round {rnd} (step {step})"):
             stats = pop.aggregator.aggregate(top, result.models, weights,
                                              step=(rnd - 1) * steps + step,
-                                             measure_error=evaluate_now)
+                                             measure_error=evaluate_now, carried=carried)
         work.add(top, compute, stats)
         if pop.hooks.aggregation:
             pop.hooks.call(comm, watchdog, "on_aggregation", aggregation_info(
@@ -462,7 +451,8 @@ def _evaluate(pop: _Population) -> np.ndarray:
 
 def _record(record: RunRecord | None, progress: Progress | None, metrics: RoundMetrics | None,
             record_path: Path, accuracy: float, cohort: np.ndarray, losses: np.ndarray,
-            scores: np.ndarray, samples: np.ndarray, clients: int) -> str | None:
+            scores: np.ndarray, samples: np.ndarray, clients: int,
+            late: np.ndarray) -> str | None:
     """Append the round and its clients to the run file (rank 0); return a write error."""
     if record is None or progress is None or metrics is None:
         return None
@@ -472,7 +462,7 @@ def _record(record: RunRecord | None, progress: Progress | None, metrics: RoundM
     participated[cohort] = True
     try:
         record.append_round(metrics)
-        record.append_clients(metrics.round, participated, losses, scores, samples)
+        record.append_clients(metrics.round, participated, losses, scores, samples, late=late)
     except (OSError, RuntimeError) as exc:
         return record_error(f"writing round {metrics.round} to", record_path, exc)
     return None

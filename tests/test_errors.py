@@ -42,6 +42,7 @@ USER_ERRORS = {
     "hflmpi.bench.memory.BenchMemoryError",
     "hflmpi.bench.netem.NetemError",
     "hflmpi.core.selection.SelectionError",
+    "hflmpi.core.devices.ProfileError",
 }
 # Exception classes that are not user errors, each with the reason.
 NOT_USER_ERRORS = {
@@ -72,6 +73,7 @@ KEPT_BASES = {
     "BenchMemoryError": ValueError,
     "NetemError": RuntimeError,
     "SelectionError": ValueError,
+    "ProfileError": ValueError,
 }
 
 

@@ -29,6 +29,7 @@ from hflmpi.config.checks import (
     format_value,
 )
 from hflmpi.config.clients import ClientsConfig
+from hflmpi.config.clock import ClockConfig
 from hflmpi.config.loading import (
     apply_overrides,
     config_from_dict,
@@ -64,6 +65,7 @@ __all__ = [
     "PrivacyConfig",
     "ServerOptConfig",
     "ClientsConfig",
+    "ClockConfig",
     "RunConfig",
     "BUILTIN_MODELS",
     "MAX_LR",

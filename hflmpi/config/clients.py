@@ -42,7 +42,8 @@ class ClientsConfig(_Section):
         ``priority``: exponent of the penalty for clients slower than the median.
     speed_spread : float
         Simulated client speeds: log-normal with this sigma (0: all equally fast), keyed by the
-        run seed; only the priority selection reads them.
+        run seed; they set the device profiles' step times (``[clock]``, docs/async.md) and the
+        priority selection reads them.
     online : float
         Probability that a client is online in a round (1: always). Offline clients are not
         selected.

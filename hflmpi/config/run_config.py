@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from hflmpi.config.checks import ConfigError, _fmt
 from hflmpi.config.clients import ClientsConfig
+from hflmpi.config.clock import ClockConfig
 from hflmpi.config.sections import (
     _SECTIONS,
     AggregationConfig,
@@ -48,6 +49,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
+    clock: ClockConfig = field(default_factory=ClockConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -104,6 +106,16 @@ class RunConfig:
         self.server_opt.options_for(depth)  # per-layer lengths
         self._check_side_channels()
         self._check_server_state()
+        self._check_population()
+        self.clock.check_layers(depth)
+
+    def _check_population(self) -> None:
+        """Refuse the clock's device simulation without a population."""
+        if not self.clients.population and (self.clock.asynchronous or self.clock.profile):
+            raise ConfigError(
+                f"clock.mode={_fmt(self.clock.mode)} / clock.profile simulate the devices "
+                "of a population, but clients.count=0 (one client per rank); set "
+                "clients.count (e.g. 64) or remove them")
 
     def _check_server_state(self) -> None:
         """Refuse server optimizer state below a protected layer (checkpoints gather it)."""

@@ -36,6 +36,7 @@ from hflmpi.config.checks import (
     _table,
 )
 from hflmpi.config.clients import ClientsConfig
+from hflmpi.config.clock import ClockConfig
 from hflmpi.config.strategy import ServerOptConfig
 
 __all__ = [
@@ -483,5 +484,6 @@ _SECTIONS: dict[str, type[_Section]] = {
     "privacy": PrivacyConfig,
     "server_opt": ServerOptConfig,
     "clients": ClientsConfig,
+    "clock": ClockConfig,
 }
 """The sections of a run config, in TOML order: table name to dataclass."""

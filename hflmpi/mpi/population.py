@@ -37,6 +37,7 @@ import torch
 from mpi4py import MPI
 
 from hflmpi.core.client_keys import PUBLIC_KEY_BYTES, ClientKeys, new_private_keys
+from hflmpi.core.clock import carried_weights
 from hflmpi.core.packing import packed_nbytes
 from hflmpi.core.population import PopulationPlan
 from hflmpi.core.quantize import bucket_absmax, from_level_sum, new_workspace, num_buckets, to_levels
@@ -168,7 +169,8 @@ class PopulationAggregator:
         self.comms = [None] * len(self.comms)
 
     def aggregate(self, top: int, trained: dict[int, torch.Tensor], weights: list[np.ndarray],
-                  step: int, measure_error: bool = False) -> PopulationStats:
+                  step: int, measure_error: bool = False,
+                  carried: Sequence[np.ndarray] | None = None) -> PopulationStats:
         """Aggregate layers ``1..top`` bottom-up, then send the new models down.
 
         Collective over the communicators of the spanning nodes of layers ``1..top`` this rank
@@ -186,6 +188,10 @@ class PopulationAggregator:
             Global step (keys the quantizer streams).
         measure_error : bool
             Measure the quantization error of this rank's children.
+        carried : sequence of arrays, optional
+            Per layer ``0..top-1``, the weight each node's update carries into its parent
+            (:class:`hflmpi.core.clock.SimulatedClock`; 0: late, dropped); a node aggregates
+            its children by these weights, renormalised over them. ``None``: ``weights``.
         """
         import time
 
@@ -193,10 +199,11 @@ class PopulationAggregator:
         stats = PopulationStats([0.0] * self.plan.depth, [0.0] * self.plan.depth,
                                 [math.nan] * self.plan.depth)
         for n in range(1, top + 1):
+            layer = weights if carried is None else carried_weights(self.plan, weights, carried, n)
             for k in self.nodes[n]:
-                if weights[n][k] > 0:
+                if layer[n][k] > 0:
                     self.optimizers.before(n, k, self.models[n][k])
-                    self._aggregate_node(n, k, trained, weights, step, measure_error, stats)
+                    self._aggregate_node(n, k, trained, layer, step, measure_error, stats)
                     self.optimizers.after(n, k, self.models[n][k])
         if self.rules is not None:  # all ranks: a node's failure stops every rank together
             self.rules.raise_failures(self.comm, top, step)

@@ -50,6 +50,7 @@ class ResumeState:
     positions: np.ndarray
     losses: np.ndarray
     momentum: np.ndarray | None
+    sim_time: float = 0.0
 
 
 def share_client_values(comm: MPI.Comm, clients: int, losses: dict[int, float],
@@ -107,10 +108,11 @@ def gather_client_state(comm: MPI.Comm, clients: int, trainer: ClientTrainer,
 
 def write_population_checkpoint(comm: MPI.Comm, path: Path, rnd: int, model: torch.Tensor,
                                 state: ClientState, config: RunConfig,
-                                preempted_by: str | None = None,
+                                preempted_by: str | None = None, sim_time: float = 0.0,
                                 server_state: dict[str, np.ndarray] | None = None) -> None:
     """Write the round's checkpoint on rank 0; every rank learns whether it worked.
 
+    ``sim_time`` is the simulated clock at the end of the round (:mod:`hflmpi.core.clock`);
     ``server_state`` (rank 0) holds the nodes' server optimizer arrays
     (:meth:`hflmpi.mpi.population_opt.NodeOptimizers.collect_state`).
     """
@@ -119,7 +121,8 @@ def write_population_checkpoint(comm: MPI.Comm, path: Path, rnd: int, model: tor
     def write() -> None:
         if comm.Get_rank() != 0:
             return
-        extra: dict[str, Any] = {"client_sampler": state.positions, "client_loss": state.losses}
+        extra: dict[str, Any] = {"client_sampler": state.positions, "client_loss": state.losses,
+                                 "sim_time": np.array([sim_time], dtype=np.float64)}
         if state.momentum is not None:
             extra["client_momentum"] = state.momentum
         extra.update(server_state or {})
@@ -162,9 +165,11 @@ def broadcast_resume(comm: MPI.Comm, checkpoint: Checkpoint | None, clients: int
     losses = _bcast(comm, extra.get("client_loss"), (clients,), np.float64)
     rows = _bcast(comm, extra.get("client_momentum"), (clients, numel), np.float64) \
         if momentum else None
+    # a checkpoint written before the simulated clock existed resumes the clock at 0
+    clock = _bcast(comm, extra.get("sim_time", [0.0]), (1,), np.float64)
     if model is None or positions is None or losses is None:
         raise SetupError("the checkpoint's client state did not reach every rank")
-    return ResumeState(int(rnd[0]), model, positions, losses, rows)
+    return ResumeState(int(rnd[0]), model, positions, losses, rows, float(clock[0]))
 
 
 def _bcast(comm: MPI.Comm, array: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:

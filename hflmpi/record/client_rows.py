@@ -11,6 +11,9 @@ Written by :meth:`hflmpi.record.store.RunRecord.append_clients`; read by
     /clients/loss           float32 [rows, clients]   training loss (NaN: did not train)
     /clients/score          float32 [rows, clients]   selection score (NaN: none)
     /clients/samples        int32 [rows, clients]     samples trained on in the round (0: none)
+    /clients/late           uint8 [rows, ceil(clients / 8)]: bits as ``participated``; the
+                            client's update missed its layer-1 node's deadline in the round
+                            (docs/async.md; absent in run files written before it existed)
 """
 
 from __future__ import annotations
@@ -38,7 +41,13 @@ _CLIENT_DATASETS: Mapping[str, tuple[str, float | int, str]] = {
     "loss": ("float32", np.nan, "training loss of the client in the round (NaN: did not train)"),
     "score": ("float32", np.nan, "selection score of the client in the round (NaN: none)"),
     "samples": ("int32", 0, "samples the client trained on in the round (0: none)"),
+    "late": (
+        "uint8", 0,
+        "the client's update reached its layer-1 node after the node closed (clock.mode "
+        "\"deadline\") and was dropped; bits as in 'participated'",
+    ),
 }
+_PACKED = ("participated", "late")
 
 
 def _client_chunks(columns: int, itemsize: int) -> tuple[int, int]:
@@ -68,14 +77,19 @@ def create_client_group(file: h5py.File, clients: int) -> h5py.Group:
         fillvalue=-1,
     )
     ds.attrs["description"] = "global round of the row (strictly increasing)"
-    for name, (dtype, fill, text) in _CLIENT_DATASETS.items():
-        columns = (clients + 7) // 8 if name == "participated" else clients
-        ds = group.create_dataset(
-            name, shape=(0, columns), maxshape=(None, columns), dtype=dtype,
-            chunks=_client_chunks(columns, np.dtype(dtype).itemsize), fillvalue=fill,
-        )
-        ds.attrs["description"] = text
+    for name in _CLIENT_DATASETS:
+        _create_client_dataset(group, name, clients)
     return group
+
+
+def _create_client_dataset(group: h5py.Group, name: str, clients: int, rows: int = 0) -> None:
+    dtype, fill, text = _CLIENT_DATASETS[name]
+    columns = (clients + 7) // 8 if name in _PACKED else clients
+    ds = group.create_dataset(
+        name, shape=(rows, columns), maxshape=(None, columns), dtype=dtype,
+        chunks=_client_chunks(columns, np.dtype(dtype).itemsize), fillvalue=fill,
+    )
+    ds.attrs["description"] = text
 
 
 def checked_client_row(round: int, participated: Any, losses: Any, scores: Any, samples: Any,
@@ -125,15 +139,25 @@ def checked_client_row(round: int, participated: Any, losses: Any, scores: Any, 
 
 
 def append_client_row(group: h5py.Group, round: int, mask: np.ndarray, loss: np.ndarray,
-                      score: np.ndarray, count: np.ndarray) -> None:
-    """Append a checked row (:func:`checked_client_row`) to ``/clients``."""
+                      score: np.ndarray, count: np.ndarray, late: Any = None) -> None:
+    """Append a checked row (:func:`checked_client_row`) to ``/clients``.
+
+    ``late`` (bool per client, None: nobody) flags the participants whose update was dropped.
+    """
+    late_mask = np.zeros_like(mask) if late is None else np.asarray(late, dtype=np.bool_)
+    if late_mask.shape != mask.shape or (late_mask & ~mask).any():
+        raise ValueError(f"append_clients: late must be a bool flag per client ({mask.shape}), "
+                         "set only for clients that took part")
     rows = {
         "participated": np.packbits(mask, bitorder=CLIENT_BITORDER),
         "loss": loss,
         "score": score,
         "samples": count,
+        "late": np.packbits(late_mask, bitorder=CLIENT_BITORDER),
     }
     n = int(group["round"].shape[0])
+    if "late" not in group:  # a run file written before the column existed
+        _create_client_dataset(group, "late", int(mask.shape[0]), rows=n)
     # The round last: truncate_to and readers go by it, so a failed write (full disk) leaves
     # at most a row that the next truncate_to drops.
     for name, row in rows.items():

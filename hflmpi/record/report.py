@@ -5,7 +5,10 @@ final losses, wall time, throughput, total bytes per layer) followed by the conf
 values differ between the runs and, for runs that record a client population (``/clients``), how
 often its clients took part. ``plot`` writes figures (PNG, PDF or SVG) with matplotlib's own
 canvases (no pyplot, no global backend switch): accuracy vs round, accuracy vs wall time, loss vs
-round and the mean bytes sent per round for each layer, summed over all devices and per device.
+round and the mean bytes sent per round for each layer, summed over all devices and per device;
+and, when a run records the simulated clock of a population (docs/async.md), accuracy vs
+simulated time (``accuracy_vs_sim_time``), with the simulated time and the dropped (late)
+updates in the table.
 Series are labelled by the run's name (``run.name``, else the file's stem). Rounds without a value
 (NaN, e.g. rounds between evaluations) are left out of the lines rather than breaking them.
 """
@@ -26,11 +29,12 @@ from hflmpi.record.reading import read_metrics, read_participation, read_run_inf
 from hflmpi.record.run_config import read_run_config
 
 __all__ = ["RunSummary", "load_runs", "summarize", "plot", "check_formats", "PLOT_FORMATS", "PLOT_STEMS",
-           "PLOT_NAMES"]
+           "PLOT_NAMES", "SIM_TIME_STEM"]
 
 PLOT_STEMS = ("accuracy_vs_round", "accuracy_vs_time", "loss_vs_round", "bytes_per_layer")
 PLOT_FORMATS = ("png", "pdf", "svg")
 PLOT_NAMES = tuple(f"{stem}.png" for stem in PLOT_STEMS)  # the default format's file names
+SIM_TIME_STEM = "accuracy_vs_sim_time"  # written when some run records the simulated clock
 _UNSET = "(unset)"
 
 
@@ -154,6 +158,8 @@ def _run_rows(run: RunSummary, layers: int) -> list[tuple[str, str]]:
         ("final train loss", _fmt(train, ".4f")),
         ("final test loss", _fmt(test, ".4f")),
         ("wall time", _fmt(wall, ".1f", " s")),
+        ("simulated time", _fmt(run.last_finite("sim_time")[0], ".1f", " s")
+         if "sim_time" in run.metrics else "-"),
         ("mean samples/s", _fmt(mean_sps, ",.0f")),
     ]
     sent = run.metrics["bytes_sent"]
@@ -164,6 +170,11 @@ def _run_rows(run: RunSummary, layers: int) -> list[tuple[str, str]]:
         rows.append((f"bytes sent, layer {j + 1}", total))
     finite = [t for t in totals if math.isfinite(t)]
     rows.append(("bytes sent, total", _fmt_bytes(sum(finite)) if finite else "-"))
+    late = run.metrics.get("late")
+    for j in range(layers):
+        known = late is not None and j < late.shape[1] and np.isfinite(late[:, j]).any()
+        rows.append((f"late updates, layer {j + 1}",
+                     f"{np.nansum(late[:, j]):.0f}" if known and late is not None else "-"))
     return rows
 
 
@@ -313,6 +324,22 @@ def _accuracy_figures(runs: Sequence[RunSummary], out: Path, formats: Sequence[s
     return written
 
 
+def _sim_time_figure(runs: Sequence[RunSummary], out: Path,
+                     formats: Sequence[str]) -> list[Path]:
+    """Accuracy vs the simulated clock, for the runs that record it (none: no figure)."""
+    timed = [(i, run) for i, run in enumerate(runs)
+             if np.isfinite(run.metrics.get("sim_time", np.array([np.nan]))).any()]
+    if not timed:
+        return []
+    fig, ax = _new_figure("Test accuracy vs simulated time", "simulated time [s]",
+                          "test accuracy [%]")
+    drew = False
+    for i, run in timed:
+        drew |= _line(ax, run.metrics["sim_time"], 100.0 * run.metrics["test_accuracy"],
+                      color=f"C{i}", label=run.label)
+    return _finish(fig, ax, drew, out, SIM_TIME_STEM, formats)
+
+
 def _loss_figure(runs: Sequence[RunSummary], out: Path, formats: Sequence[str]) -> list[Path]:
     fig, ax = _new_figure("Training and test loss vs global round (solid: train, dashed: test)",
                           "global round", "loss")
@@ -370,7 +397,8 @@ def plot(
     list of Path
         For each figure in :data:`PLOT_STEMS` order, one file per format: ``accuracy_vs_round``,
         ``accuracy_vs_time``, ``loss_vs_round`` and ``bytes_per_layer`` (grouped bars: mean bytes
-        sent per round, per layer and run; summed over all devices and per device).
+        sent per round, per layer and run; summed over all devices and per device); then
+        :data:`SIM_TIME_STEM` when some run records the simulated clock.
 
     Raises
     ------
@@ -382,4 +410,4 @@ def plot(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [*_accuracy_figures(runs, out, chosen), *_loss_figure(runs, out, chosen),
-            *_bytes_figure(runs, out, chosen)]
+            *_bytes_figure(runs, out, chosen), *_sim_time_figure(runs, out, chosen)]

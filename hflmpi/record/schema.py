@@ -23,6 +23,12 @@ SCALAR_METRICS: Mapping[str, tuple[str, str, str]] = {
     "test_loss": ("float64", "1", "loss of the global model on the test set"),
     "test_accuracy": ("float64", "1", "accuracy of the global model on the test set, in [0, 1]"),
     "samples_per_second": ("float64", "1/s", "training samples processed per second, all ranks"),
+    "sim_time": (
+        "float64", "s",
+        "simulated seconds since the run started, at the end of the round (the clock of the "
+        "device profiles, docs/async.md; populations only, NaN otherwise and in run files "
+        "written before this column existed)",
+    ),
     "upward_divergence": (
         "float64",
         "1",
@@ -55,4 +61,9 @@ LAYER_METRICS: Mapping[str, tuple[str, str, str]] = {
         "(worst participant; measured on evaluated rounds only, NaN otherwise)",
     ),
     "method": ("int8", "1", "aggregation method code, see attr 'codes' (-1: not recorded)"),
+    "late": (
+        "float64", "1",
+        "updates that reached the layer after their node closed and were dropped, summed over "
+        "the round's aggregations (clock.mode \"deadline\"; populations only, NaN otherwise)",
+    ),
 }

@@ -107,6 +107,8 @@ class RoundMetrics:
     method: Sequence[int | str] | None = None
     upward_divergence: float = math.nan
     downward_divergence: float = math.nan
+    sim_time: float = math.nan
+    late: Sequence[float] | None = None
 
 
 def _now_iso(unix: float) -> str:
@@ -247,18 +249,20 @@ class RunRecord:
         ds.attrs["units"], ds.attrs["description"] = units, text
 
     @staticmethod
+    def _create_scalar_metric(group: h5py.Group, name: str, rows: int = 0) -> None:
+        dtype, units, text = SCALAR_METRICS[name]
+        ds = group.create_dataset(name, shape=(rows,), maxshape=(None,), dtype=dtype,
+                                  chunks=(_SCALAR_CHUNK,), fillvalue=-1 if dtype == "int64" else np.nan)
+        ds.attrs["units"], ds.attrs["description"] = units, text
+
+    @staticmethod
     def _create_metrics(group: h5py.Group, layers: int) -> None:
         group.attrs["layer_axis"] = (
             "column j is tree layer j + 1 (1: first aggregation above the devices, "
             f"{layers}: root)"
         )
-        for name, (dtype, units, text) in SCALAR_METRICS.items():
-            fill = -1 if dtype == "int64" else np.nan
-            ds = group.create_dataset(
-                name, shape=(0,), maxshape=(None,), dtype=dtype,
-                chunks=(_SCALAR_CHUNK,), fillvalue=fill,
-            )
-            ds.attrs["units"], ds.attrs["description"] = units, text
+        for name in SCALAR_METRICS:
+            RunRecord._create_scalar_metric(group, name)
         for name in LAYER_METRICS:
             RunRecord._create_layer_metric(group, name, layers)
         method = group["method"]
@@ -321,6 +325,8 @@ class RunRecord:
         layer_rows = {name: self._layer_row(name, getattr(metrics, name)) for name in LAYER_METRICS}
         n = self.row_count
         for name, scalar in scalars.items():
+            if name not in self._metrics:  # a column added since the run file was written
+                self._create_scalar_metric(self._metrics, name, rows=n)
             ds = self._metrics[name]
             ds.resize((n + 1,))
             ds[n] = scalar
@@ -350,13 +356,15 @@ class RunRecord:
         scores: np.ndarray,
         samples: np.ndarray,
         *,
+        late: np.ndarray | None = None,
         flush: bool = True,
     ) -> None:
         """Append one ``/clients`` row: who took part in ``round``, their losses, scores, samples.
 
         ``participated`` (bool, one flag per client) is stored as bits; ``losses`` (NaN where not
         measured) and ``scores`` (NaN where none) as float32; ``samples`` (the samples each
-        client trained on) as int32. The group is created by the first call. Rounds must
+        client trained on) as int32; ``late`` (bool, None: nobody) as bits. The group is
+        created by the first call. Rounds must
         increase, independently of :meth:`append_round`.
 
         Raises
@@ -371,7 +379,7 @@ class RunRecord:
                                                       self._clients)
         if self._clients is None:
             self._clients = create_client_group(self._file, int(mask.shape[0]))
-        append_client_row(self._clients, round, mask, loss, score, count)
+        append_client_row(self._clients, round, mask, loss, score, count, late)
         if flush:
             self.flush()
 

@@ -1,0 +1,129 @@
+"""The simulated clock of a population run: device profiles, arrivals per period, records per round.
+
+Built from the ``[clock]`` and ``[clients]`` sections by :func:`hflmpi.population.train_population`
+on every rank (the same numbers everywhere, no communication): :mod:`hflmpi.core.devices` gives
+each client's profile, :class:`hflmpi.core.clock.SimulatedClock` says per layer-1 period which
+children arrived before their node closed. With every layer ``"sync"`` nothing is dropped and the
+aggregation is the synchronous one bit for bit; the clock then only records the simulated time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Sequence
+
+import numpy as np
+
+from hflmpi.config import ConfigError, RunConfig
+from hflmpi.core.clock import SimulatedClock, message_bytes
+from hflmpi.core.devices import DeviceProfiles, draw_profiles, read_profiles
+from hflmpi.core.population import PopulationPlan
+from hflmpi.record.store import RoundMetrics
+
+__all__ = ["RoundClock", "device_profiles"]
+
+_log = logging.getLogger(__name__)
+
+
+def device_profiles(config: RunConfig, clients: int) -> DeviceProfiles:
+    """Return every client's profile: read from ``clock.profile`` or drawn from the run seed."""
+    opts = config.clock
+    if opts.profile:
+        return read_profiles(opts.profile, clients)
+    return draw_profiles(clients, config.run.seed, step_seconds=opts.step_seconds,
+                         uplink=opts.uplink, latency=opts.latency,
+                         slow_fraction=opts.slow_fraction, slow_factor=opts.slow_factor,
+                         spread=config.clients.speed_spread)
+
+
+class RoundClock:
+    """A population's simulated clock and what it recorded in the current round.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run's config (``[clock]``, ``clients.speed_spread``, ``schedule.tau``).
+    plan : PopulationPlan
+        The tree of clients.
+    numel : int
+        Model parameters (the message sizes follow from it and the quantizers).
+    bits, bucket_sizes : sequence of int
+        Per layer, the quantizer width (0: exact) and bucket size.
+
+    Raises
+    ------
+    ConfigError
+        A layer-1 deadline shorter than one local step of the fastest client.
+    ProfileError
+        A profile file that does not describe the population.
+    """
+
+    def __init__(self, config: RunConfig, plan: PopulationPlan, numel: int,
+                 bits: Sequence[int], bucket_sizes: Sequence[int]) -> None:
+        depth, opts = plan.depth, config.clock
+        self.profiles = device_profiles(config, plan.clients)
+        deadlines = opts.deadlines_for(depth)
+        _check_deadline(deadlines[0], config.schedule.tau[0], self.profiles,
+                        message_bytes(numel, bits, bucket_sizes)[0])
+        uplinks, latencies = opts.links_for(depth)
+        self.clock = SimulatedClock(plan, config.schedule.tau[0], self.profiles,
+                                    opts.modes_for(depth), deadlines,
+                                    message_bytes(numel, bits, bucket_sizes), uplinks, latencies)
+        self.asynchronous = opts.asynchronous
+        self.late = np.zeros(depth)
+        self.late_clients = np.zeros(plan.clients, dtype=bool)
+
+    @property
+    def time(self) -> float:
+        """Return the simulated time at the end of the last global round (seconds)."""
+        return self.clock.time
+
+    def restart(self, time: float) -> None:
+        """Continue from a checkpoint whose round ended at simulated ``time``."""
+        self.clock.reset(time)
+
+    def period(self, top: int, weights: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+        """Advance over one layer-1 period; return the weights the updates carry (None: all sync).
+
+        With every layer ``"sync"`` every update arrives with its node weight, so the
+        aggregation takes ``weights`` as they are (the synchronous bits).
+        """
+        events = self.clock.period(top, weights)
+        self.late += events.late
+        self.late_clients |= events.late_clients
+        return events.carried if self.asynchronous else None
+
+    def close_round(self, metrics: RoundMetrics | None) -> tuple[RoundMetrics | None, np.ndarray]:
+        """Add the round's simulated time and late counts to ``metrics``; start the next round.
+
+        Returns the metrics (None stays None) and which clients were late in the round.
+        """
+        late_clients = self.late_clients.copy()
+        out = None if metrics is None else replace(metrics, sim_time=self.time,
+                                                   late=list(self.late))
+        self.late[:] = 0.0
+        self.late_clients[:] = False
+        return out, late_clients
+
+
+def _check_deadline(deadline: float, tau1: int, profiles: DeviceProfiles, nbytes: float) -> None:
+    """Refuse a layer-1 deadline below one step of the fastest client; warn if none can make it."""
+    fastest = float(profiles.step_seconds.min())
+    if deadline < fastest:
+        raise ConfigError(
+            f"clock.deadline[0]={deadline:g} s is shorter than one local step of the fastest "
+            f"client ({fastest:g} s): no update could ever arrive; give a layer-1 deadline of at "
+            f"least {tau1} steps plus the upload, e.g. clock.deadline[0]="
+            f"{_suggest(tau1, profiles, nbytes):.3g}")
+    best = float((tau1 * profiles.step_seconds + 2 * profiles.link_seconds(nbytes)).min())
+    if deadline < best:
+        _log.warning("hflmpi: clock.deadline[0]=%g s is shorter than the fastest client's period "
+                     "(%g s for %d steps, download and upload): every layer-1 update will be "
+                     "late", deadline, best, tau1)
+
+
+def _suggest(tau1: int, profiles: DeviceProfiles, nbytes: float) -> float:
+    """Return a deadline the median client makes (its steps, download and upload)."""
+    period = tau1 * profiles.step_seconds + 2 * profiles.link_seconds(nbytes)
+    return float(np.median(period))
