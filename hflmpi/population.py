@@ -56,6 +56,7 @@ from hflmpi.mpi.hooks import Hooks
 from hflmpi.mpi.metrics import end_of_round
 from hflmpi.mpi.model_check import check_same_bits
 from hflmpi.mpi.population import PopulationAggregator, PopulationStats, node_weights
+from hflmpi.mpi.population_divergence import population_divergences
 from hflmpi.mpi.population_rules import rules_from_config
 from hflmpi.mpi.population_state import (
     broadcast_resume,
@@ -369,6 +370,7 @@ class _RoundWork:
         self.mpi_bytes = np.zeros(depth)
         self.quant_error = np.full(depth, np.nan)
         self.test: tuple[float, float] = (math.nan, math.nan)
+        self.divergences: tuple[float, float] = (math.nan, math.nan)
 
     def add(self, top: int, compute: float, stats: PopulationStats) -> None:
         self.compute[top - 1] += compute
@@ -402,6 +404,7 @@ class _RoundWork:
             compute_seconds=list(worst[:depth]), comm_seconds=list(worst[depth:2 * depth]),
             bytes_sent=list(sums[:depth]), mpi_bytes=list(sums[depth:]), method=methods,
             quant_error=[math.nan if e < 0 else e for e in worst[2 * depth:]],
+            upward_divergence=self.divergences[0], downward_divergence=self.divergences[1],
         )
 
 
@@ -425,6 +428,11 @@ def _round(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchdog, r
         for client in mine:
             work.losses[client] = work.losses.get(client, 0.0) + result.losses[client]
             work.samples[client] = work.samples.get(client, 0) + result.samples[client]
+        if top == plan.depth and evaluate_now and config.run.divergence:
+            with watchdog.guard(f"the divergence measurement of round {rnd}"):
+                work.divergences = population_divergences(
+                    comm, pop.aggregator.comms[1], plan, result.models, weights[0],
+                    pop.aggregator.numel)
         carried = pop.clock.period(top, weights)  # the simulated clock: who was in time
         with watchdog.guard(f"the layer-{top} aggregation of round {rnd} (step {step})"):
             stats = pop.aggregator.aggregate(top, result.models, weights,

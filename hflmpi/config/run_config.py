@@ -145,7 +145,7 @@ class RunConfig:
         if not protected:
             return
         what = " and ".join(protected)
-        if self.run.divergence and not self.clients.population:  # populations do not measure it
+        if self.run.divergence:
             raise ConfigError(
                 f"run.divergence=true with {what}: measuring the divergences allreduces every "
                 "device's raw model (and gives every rank the un-noised average), which the "
