@@ -70,6 +70,8 @@ def _ops(module: nn.Module, prefix: str) -> list[StackedOp] | None:
     """Return the ops of ``module`` (named ``prefix``), or ``None`` if one is not supported."""
     kind = type(module)
     if kind is nn.Sequential:
+        if len(list(module.named_children())) != len(module):
+            return None  # a layer used twice (named_children lists it once)
         ops: list[StackedOp] = []
         for name, child in module.named_children():
             child_ops = _ops(child, f"{prefix}{name}.")
