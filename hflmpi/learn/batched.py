@@ -2,8 +2,8 @@
 
 :class:`BatchedSolver` holds the parameters of ``K`` clients (one architecture, different values)
 as rows of one ``[K, numel]`` buffer in the flat layout of :mod:`hflmpi.learn.flat`, and takes a
-step for all of them with :func:`torch.func.vmap` over :func:`torch.func.functional_call` and
-:func:`torch.func.grad`. The update is that of :class:`hflmpi.learn.local.LocalSolver`::
+step for all of them at once, the update as one operation over the stacked rows. The update is
+that of :class:`hflmpi.learn.local.LocalSolver`::
 
     d = g + weight_decay * w + mu * (w - w_anchor)
     b = momentum * b + d
@@ -17,15 +17,25 @@ Only models without state shared across the samples of a batch can be vectorised
 norm mixes samples and updates running statistics, and dropout would draw the same mask stream for
 every client. :func:`check_batchable` rejects them; train those in the sequential mode.
 
-The gradient is taken in one of two equivalent ways (equal up to float rounding). Eagerly, only the
-forward pass is vectorised and one ``torch.autograd.grad`` of the summed client losses gives every
-client's gradient (clients share no parameter, so the sum's gradient with respect to client ``k``'s
-parameters is client ``k``'s own); this costs about half the Python dispatch of
-``vmap(grad(...))``. With ``compile=True`` (or the environment variable
-``HFLMPI_COMPILE_BATCHED=1``), ``vmap(grad_and_value(...))`` is compiled by :func:`torch.compile`
-with dynamic shapes on first use: about ten times less per-step time for small models, after a
-compilation of tens of seconds to minutes per process (cached on disk by inductor). If compiling
-or running the compiled step fails, a warning is logged and the step runs eagerly from then on.
+The gradient is taken in one of these ways, equal up to float rounding, the first that applies:
+
+1. ``compile=True`` (or the environment variable ``HFLMPI_COMPILE_BATCHED=1``):
+   ``vmap(grad_and_value(functional_call(...)))`` compiled by :func:`torch.compile` with dynamic
+   shapes on first use, after a compilation of tens of seconds to minutes per process and per new
+   shape (cached on disk by inductor). If compiling or running it fails, a warning is logged and
+   the eager paths below run from then on.
+2. Dense models (linear layers with ReLU, tanh, sigmoid or nothing between; hflmpi's MLP and
+   logistic regression): :func:`hflmpi.learn.stacked.dense_gradients`, a batched forward pass
+   and its backward pass written out, about 25 tensor operations per step whatever ``K``.
+3. Other models of standard layers (convolutions, pooling, other activations; hflmpi's CNN):
+   :func:`hflmpi.learn.stacked.stacked_forward` and one ``torch.autograd.grad`` of the summed
+   client losses (clients share no parameter, so the sum's gradient with respect to client ``k``'s
+   parameters is client ``k``'s own).
+4. Anything else (custom ``forward``, normalisation layers): the forward pass vectorised with
+   :func:`torch.func.vmap` over :func:`torch.func.functional_call`, then one
+   ``torch.autograd.grad`` of the summed losses as in 3.
+
+:attr:`BatchedSolver.dense` and :attr:`BatchedSolver.stacked` say which eager path a model takes.
 """
 
 from __future__ import annotations
@@ -164,6 +174,12 @@ class BatchedSolver:
         Steps taken since the last :meth:`load`.
     clients : int
         Clients loaded by the last :meth:`load` (0 before).
+    plan : tuple of StackedOp or None
+        The model's layers for :func:`hflmpi.learn.stacked.stacked_forward`, or ``None`` where
+        the eager step vectorises it with ``vmap`` (see the module docstring).
+    dense : bool
+        Whether the eager step differentiates ``plan`` by hand
+        (:func:`hflmpi.learn.stacked.dense_gradients`).
 
     Notes
     -----

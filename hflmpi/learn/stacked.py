@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ def _ops(module: nn.Module, prefix: str) -> list[StackedOp] | None:
     """Return the ops of ``module`` (named ``prefix``), or ``None`` if one is not supported."""
     kind = type(module)
     if kind is nn.Sequential:
-        if len(list(module.named_children())) != len(module):
+        if len(list(module.named_children())) != len(cast(nn.Sequential, module)):
             return None  # a layer used twice (named_children lists it once)
         ops: list[StackedOp] = []
         for name, child in module.named_children():
