@@ -71,7 +71,10 @@ def main() -> None:
     rank, size = comm.Get_rank(), comm.Get_size()
     job = PopulationJob(cohort=args.cohort if args.cohort < 1 else 256.0, rounds=args.rounds)
     timed = _Timed()
-    client_training.ClientTrainer.train = timed  # type: ignore[method-assign, assignment]
+    def train_timed(trainer: Any, clients: Any, start_of: Any, steps: int) -> Any:
+        return timed(trainer, clients, start_of, steps)
+
+    client_training.ClientTrainer.train = train_timed  # type: ignore[method-assign, assignment]
     workdir = bcast_text(comm, tempfile.mkdtemp() if rank == 0 else None, max_bytes=4096,
                          what="sharing rank 0's work directory")
     assert workdir is not None
