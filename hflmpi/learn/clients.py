@@ -179,13 +179,13 @@ class ClientTrainer:
                     if self.keeps_momentum else None)
         batched.load(starts, momentum)
         total = torch.zeros(len(clients), dtype=torch.float64)
-        samples = torch.zeros(len(clients), dtype=torch.int64)
+        samples = np.zeros(len(clients), dtype=np.int64)
         data, samplers = self.train_set, [self.sampler(c) for c in clients]
         for _ in range(steps):
-            features, labels, counts = stack_batches(data.features, data.labels,
-                                                     [next(s) for s in samplers])
+            batches = [next(s) for s in samplers]
+            features, labels, counts = stack_batches(data.features, data.labels, batches)
             total.add_(batched.step(features, labels, counts).cpu())
-            samples.add_(counts.cpu())
+            samples += [b.numel() for b in batches]  # host sizes: no device sync on a GPU
         trained = batched.flat()
         kept = batched.momentum() if self.keeps_momentum else None
         for i, client in enumerate(clients):
