@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +116,11 @@ def test_accuracy_vs_sim_time_figure(tmp_path):
     pytest.importorskip("matplotlib")
     figures = plot_results(_results(tmp_path / "r.h5", []), tmp_path / "out", formats=["svg"])
     assert [p.name for p in figures] == ["clk_sim.svg"]
-    text = figures[0].read_text()
-    assert "simulated time [s]" in text and "Clock: test accuracy vs simulated time" in text
+    comments = re.findall(r"<!-- (.*?) -->", figures[0].read_text())
+    xlabel = "simulated time [s] (device profiles, mean over seeds)"
+    assert "Clock: test accuracy vs simulated time" in comments
+    # the x ticks span the simulated times (1 ... 8 s), not the modelled ones (0.1 ... 0.4 s)
+    assert comments[:comments.index(xlabel)] == [str(t) for t in range(1, 9)]
 
 
 SPEC = """
