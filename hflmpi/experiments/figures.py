@@ -226,7 +226,7 @@ def _clock_table(variants: Sequence[VariantResult], summary: dict[str, dict[str,
         ref = str(v.attrs.get("reference", ""))
         has_target = any(math.isfinite(x) for x in s["target_accuracy"][2])
         row = [f"{v.name}: {v.label}", str(v.attrs.get("clock", "")) or "-",
-               str(v.attrs.get("steps", "")), _pm(*s["final_accuracy"][:2], 100.0),
+               str(v.attrs.get("steps", "")), _pm(s["final_accuracy"][0], s["final_accuracy"][1], 100.0),
                _seeds_pm(s["target_accuracy"][2], 100.0, ".1f", "-"),
                _seeds_pm(s["sim_time"][2], missing="-"),
                _seeds_pm(s["time_to_target"][2]) if has_target else "-",
