@@ -46,8 +46,8 @@ if TYPE_CHECKING:  # the config imports MODES; keep it free of torch
 
 __all__ = ["MODES", "PeriodEvents", "SimulatedClock", "carried_weights", "message_bytes"]
 
-MODES = ("sync", "deadline")
-"""Per-layer aggregation modes the clock knows (``"buffered"`` is planned, issue 15)."""
+MODES = ("sync", "deadline", "buffered")
+"""Per-layer aggregation modes the clock knows (``"buffered"``: :mod:`hflmpi.core.buffered`)."""
 
 
 def message_bytes(numel: int, bits: Sequence[int], bucket_sizes: Sequence[int]) -> list[float]:
