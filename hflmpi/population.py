@@ -66,6 +66,7 @@ from hflmpi.mpi.population_state import (
     write_population_checkpoint,
 )
 from hflmpi.mpi.preempt import PreemptionFlag
+from hflmpi.population_buffered import buffered_nodes, buffered_round
 from hflmpi.population_clock import RoundClock
 from hflmpi.record.progress import Progress
 from hflmpi.record.provenance import provenance
@@ -122,6 +123,7 @@ class _Population:
     availability: Availability
     speeds: np.ndarray
     clock: RoundClock
+    buffered: Any = None  # hflmpi.mpi.buffered.BufferedNodes when layer 1 is buffered
 
 
 def train_population(
@@ -235,9 +237,12 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
         Availability.bernoulli(clients, opts.online, seed)))
     clock = agree(comm, "setting up the simulated clock (device profiles)", lambda: RoundClock(
         config, plan, aggregator.numel, aggregator.bits, aggregator.bucket_sizes))
+    buffered = agree(comm, "setting up the buffered layer",
+                     lambda: buffered_nodes(config, aggregator, trainer))
     my_test = test_set.subset(np.arange(rank, len(test_set), size))
     return _Population(plan, device, train_set, my_test, parts, sizes, client_weights, model,
-                       aggregator, trainer, mine, availability, clock.profiles.speeds, clock)
+                       aggregator, trainer, mine, availability, clock.profiles.speeds, clock,
+                       buffered)
 
 
 def _rules(config: RunConfig, comm: Any, plan: PopulationPlan) -> PopulationRules | None:
@@ -414,6 +419,9 @@ def _round(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchdog, r
     mine = [c for c in pop.mine if participating[c]]
     pop.trainer.lr = lr_at(rnd - 1, config.optim, config.run.rounds)
     work = _RoundWork(plan.depth)
+    if pop.buffered is not None:
+        buffered_round(config, pop, watchdog, rnd, participating, weights, work, evaluate_now)
+        return work
     for period in range(steps // tau[0]):
         step = (period + 1) * tau[0]
         top = aggregation_layer(step, tau)

@@ -109,6 +109,10 @@ class RoundMetrics:
     downward_divergence: float = math.nan
     sim_time: float = math.nan
     late: Sequence[float] | None = None
+    flushes: Sequence[float] | None = None
+    staleness_count: Sequence[float] | None = None
+    staleness_mean: Sequence[float] | None = None
+    staleness_max: Sequence[float] | None = None
 
 
 def _now_iso(unix: float) -> str:

@@ -1,0 +1,100 @@
+"""A population round whose layer-1 nodes are buffered (FedBuff) on the simulated clock.
+
+Each period of layer 2 (``tau_2`` flushes of every layer-1 node) runs in three steps, on every
+rank with the same numbers:
+
+1. :func:`hflmpi.core.buffered.node_schedule` plans every layer-1 node from its ready time on
+   the clock and its participants' profiles (no communication);
+2. :class:`hflmpi.mpi.buffered.BufferedNodes` trains each dispatch and applies each flush on the
+   ranks that hold the node's clients (ascending node order, so the collectives of spanning
+   nodes match);
+3. the clock closes layers ``2..top`` from the nodes' last flushes (:meth:`hflmpi.population_clock.
+   RoundClock.buffered_period`) and :meth:`hflmpi.mpi.population.PopulationAggregator.aggregate`
+   aggregates them as usual; the new models come down and the updates still in flight are
+   dropped (counted as late at layer 1), so nothing is in flight between rounds and a
+   checkpoint holds no pending update.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from hflmpi.config import ConfigError, RunConfig
+from hflmpi.core.buffered import node_schedule
+from hflmpi.core.schedule import aggregation_layer, steps_per_round
+from hflmpi.mpi.buffered import BufferedNodes, NodeWork, empty_stats
+
+__all__ = ["buffered_nodes", "buffered_round"]
+
+
+def buffered_nodes(config: RunConfig, aggregator: Any, trainer: Any) -> BufferedNodes | None:
+    """Return the buffered layer-1 nodes of this rank (None when layer 1 is not buffered).
+
+    Raises
+    ------
+    ConfigError
+        A secure, robust or private layer 1 (not built for buffered nodes).
+    """
+    depth = aggregator.plan.depth
+    if config.clock.modes_for(depth)[0] != "buffered":
+        return None
+    agg = config.aggregation
+    refused = [name for name, on in (
+        ("aggregation.secure", bool(agg.secure) and agg.secure[0]),
+        ("aggregation.robust", bool(agg.robust) and agg.robust[0] != "mean"),
+        ("privacy.layer", config.privacy.layer == 1)) if on]
+    if refused:
+        raise ConfigError(f"clock.mode[0]=\"buffered\" applies each client's update on its own, "
+                          f"but {', '.join(refused)} asks layer 1 for a joint sum or rule; "
+                          "use them on a layer above, or clock.mode[0]=\"sync\"")
+    tau1 = config.schedule.tau[0]
+
+    def train(client: int, start: Any) -> tuple[Any, float, int]:
+        result = trainer.train([client], lambda _: start, tau1)
+        return result.models[client], result.losses[client], result.samples[client]
+
+    return BufferedNodes(aggregator, train, config.clock.exponents_for(depth)[0],
+                         config.clock.server_lr)
+
+
+def buffered_round(config: RunConfig, pop: Any, watchdog: Any, rnd: int,
+                   participating: np.ndarray, weights: list[np.ndarray], work: Any,
+                   evaluate_now: bool) -> None:
+    """Run one global round of buffered layer-1 nodes and the layers above (all ranks)."""
+    tau, plan, clock = list(config.schedule.tau), pop.plan, pop.clock
+    steps = steps_per_round(tau)
+    periods = steps // (tau[0] * tau[1])
+    durations = 2 * clock.clock.client_link + tau[0] * clock.profiles.step_seconds
+    client_weights = weights[0]
+    done = NodeWork()
+    for p in range(1, periods + 1):
+        step = p * tau[0] * tau[1]
+        top = aggregation_layer(step, tau)
+        ready = clock.clock.ready[1]
+        schedules = []
+        for k in range(plan.node_count(1)):
+            members = [c for c in plan.children(1, k) if participating[c]]
+            schedules.append(node_schedule(float(ready[k]), members, durations[members],
+                                           config.clock.buffer[0], tau[1]))
+        stats = empty_stats(plan.depth)
+        began = time.perf_counter()
+        with watchdog.guard(f"the buffered layer-1 flushes of round {rnd} (layer-2 period {p})"):
+            for k in pop.aggregator.nodes[1]:
+                pop.buffered.run(k, schedules[k], client_weights, (rnd - 1) * periods + p, done,
+                                 stats)
+        work.add(1, time.perf_counter() - began, stats)
+        carried = clock.buffered_period(
+            top, np.array([s.close for s in schedules]),
+            np.array([client_weights[s.applied_clients()].sum() for s in schedules]),
+            sum(s.dropped for s in schedules), sum(len(s.flushes) for s in schedules),
+            [x for s in schedules for f in s.flushes for x in f.staleness])
+        with watchdog.guard(f"the layer-{top} aggregation of round {rnd} (step {step})"):
+            above = pop.aggregator.aggregate(top, {}, weights, step=(rnd - 1) * steps + step,
+                                             measure_error=evaluate_now, carried=carried,
+                                             bottom=2)
+        work.add(top, 0.0, above)
+    work.losses = {c: loss / done.trainings[c] for c, loss in done.losses.items()}
+    work.samples = dict(done.samples)
