@@ -80,3 +80,14 @@ def test_buffered_without_a_population_and_at_the_root_is_refused():
         config_from_dict({"run": {"rounds": 1}, "clients": {"count": 4}, "schedule": {"tau": [2]},
                           "clock": {"mode": ["buffered"], "buffer": [2]}})
     plan_clients(_config(mode=["buffered", "sync"], buffer=[4, 0]), 2)  # the largest K is fine
+
+
+def test_buffer_is_checked_against_the_smallest_group_of_an_uneven_tree():
+    from hflmpi.population import plan_clients
+
+    config = config_from_dict({
+        "run": {"rounds": 1}, "clients": {"count": 8},
+        "topology": {"groups": [[0, 1, 2], [3, 4, 5, 6, 7]]}, "schedule": {"tau": [2, 3]},
+        "clock": {"mode": ["buffered", "sync"], "buffer": [4, 0]}})
+    with pytest.raises(ConfigError, match=r"larger than layer-1 group 0, which has 3 clients"):
+        plan_clients(config, 2)
