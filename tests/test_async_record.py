@@ -76,3 +76,29 @@ def test_report_shows_the_simulated_time_and_plots_accuracy_against_it(tmp_path)
     written = plot([old, timed], tmp_path / "plots")
     assert [p.name for p in written] == [*PLOT_NAMES, f"{SIM_TIME_STEM}.png"]
     assert [p.name for p in plot([old], tmp_path / "old-plots")] == list(PLOT_NAMES)
+
+
+def test_buffered_columns_in_an_old_file_and_in_the_report(tmp_path):
+    old = _old_file(tmp_path / "old.h5")
+    with h5py.File(old, "a") as file:
+        for name in ("flushes", "staleness_count", "staleness_mean", "staleness_max"):
+            del file[f"metrics/{name}"]
+    assert "flushes" not in read_metrics(old)
+    buffered = tmp_path / "buffered.h5"
+    with RunRecord.create(buffered, CONFIG, META, layer_count=2) as record:
+        for r, (count, mean, top) in enumerate([(4, 0.5, 1), (6, 2.0, 5)], start=1):
+            record.append_round(RoundMetrics(
+                round=r, test_accuracy=0.5, sim_time=float(r), late=[1, 0],
+                flushes=[2, math.nan], staleness_count=[count, math.nan],
+                staleness_mean=[mean, math.nan], staleness_max=[top, math.nan]))
+    metrics = read_metrics(buffered)
+    np.testing.assert_array_equal(metrics["staleness_mean"], [[0.5, np.nan], [2.0, np.nan]])
+    with RunRecord.open_append(old) as record:  # a resume adds the columns, NaN before
+        record.append_round(_round(2, sim_time=5.0, late=[0, 0]))
+    np.testing.assert_array_equal(read_metrics(old)["flushes"], np.full((2, 2), np.nan))
+    # old run first: the buffered rows still line up, "-" where a run has no buffered layer
+    lines = {line.split("  ")[0]: line for line in summarize([old, buffered]).splitlines()}
+    assert lines["flushes, layer 1"].split()[-2:] == ["-", "4"]
+    # mean over the 10 applied updates: (4 * 0.5 + 6 * 2.0) / 10 = 1.4; max 5
+    assert lines["staleness mean/max, layer 1"].split()[-4:] == ["-", "1.40", "/", "5"]
+    assert "flushes, layer 2" not in lines

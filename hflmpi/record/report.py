@@ -257,7 +257,9 @@ def summarize(paths: Sequence[str | os.PathLike[str]]) -> str:
         raise ValueError("summarize needs at least one run file")
     layers = max(int(r.metrics["bytes_sent"].shape[1]) for r in runs)
     per_run = [_run_rows(run, layers) for run in runs]
-    rows = [[name, *(rr[i][1] for rr in per_run)] for i, (name, _) in enumerate(per_run[0])]
+    names = list(dict.fromkeys(name for rr in per_run for name, _ in rr))  # buffered rows: some
+    values = [dict(rr) for rr in per_run]
+    rows = [[name, *(v.get(name, "-") for v in values)] for name in names]
     lines = _table(["run", *(r.label for r in runs)], rows)
     if len(runs) > 1:
         diffs = _config_differences(runs)
