@@ -17,6 +17,7 @@ rank with the same numbers:
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -28,6 +29,8 @@ from hflmpi.core.schedule import aggregation_layer, steps_per_round
 from hflmpi.mpi.buffered import BufferedNodes, NodeWork, empty_stats
 
 __all__ = ["buffered_nodes", "buffered_round"]
+
+_log = logging.getLogger(__name__)
 
 
 def buffered_nodes(config: RunConfig, aggregator: Any, trainer: Any) -> BufferedNodes | None:
@@ -96,5 +99,9 @@ def buffered_round(config: RunConfig, pop: Any, watchdog: Any, rnd: int,
                                              measure_error=evaluate_now, carried=carried,
                                              bottom=2)
         work.add(top, 0.0, above)
+    _log.debug("hflmpi: round %d: this rank held up to %d updates in flight (%.1f MiB)", rnd,
+               done.in_flight, done.in_flight * pop.aggregator.numel
+               * pop.aggregator.models[1][pop.aggregator.nodes[1][0]].element_size() / 2**20
+               if done.in_flight else 0.0)
     work.losses = {c: loss / done.trainings[c] for c, loss in done.losses.items()}
     work.samples = dict(done.samples)
