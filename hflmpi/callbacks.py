@@ -22,6 +22,12 @@ Errors
     line exits 2), never a hang: the outcome is shared through
     :func:`hflmpi.mpi.guard.agree` before any rank goes on to the next collective.
 
+With a population (``clients.count > 0``)
+    The same hooks, on every rank, at the same points; a rank holds many clients, so the model
+    after an aggregation is the one this rank's lowest client starts its next period from, the
+    round's ``train_loss`` is the participants' weighted mean, and ``dropped`` is empty (see
+    :mod:`hflmpi.population_callbacks`).
+
 The model
     ``info.model()`` and ``info.parameters()`` return copies on the CPU (made only when called),
     so a callback cannot change the run. After a layer-``n`` aggregation a rank holds its

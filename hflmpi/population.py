@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from hflmpi.config import ConfigError, RunConfig
-from hflmpi.config.strategy import load_rules
 from hflmpi.core.availability import Availability
 from hflmpi.core.population import PopulationPlan, place_clients, plan_population
 from hflmpi.core.schedule import aggregation_layer, steps_per_round
@@ -53,10 +52,12 @@ from hflmpi.learn.partition import make_partition
 from hflmpi.mpi.checkpointing import check_fresh_start, check_resume
 from hflmpi.mpi.comm import mpi_provenance
 from hflmpi.mpi.guard import SetupError, Watchdog, agree
-from hflmpi.mpi.layers import PrivacyOptions
+from hflmpi.mpi.hooks import Hooks
 from hflmpi.mpi.metrics import end_of_round
+from hflmpi.mpi.model_check import check_same_bits
 from hflmpi.mpi.population import PopulationAggregator, PopulationStats, node_weights
-from hflmpi.mpi.population_rules import PopulationRules
+from hflmpi.mpi.population_divergence import population_divergences
+from hflmpi.mpi.population_rules import rules_from_config
 from hflmpi.mpi.population_state import (
     broadcast_resume,
     gather_client_state,
@@ -67,6 +68,7 @@ from hflmpi.mpi.population_state import (
 )
 from hflmpi.mpi.preempt import PreemptionFlag
 from hflmpi.population_buffered import buffered_nodes, buffered_round
+from hflmpi.population_callbacks import aggregation_info, round_info, weighted_loss
 from hflmpi.population_clock import RoundClock
 from hflmpi.record.progress import Progress
 from hflmpi.record.provenance import provenance
@@ -123,6 +125,7 @@ class _Population:
     availability: Availability
     speeds: np.ndarray
     clock: RoundClock
+    hooks: Hooks
     buffered: Any = None  # hflmpi.mpi.buffered.BufferedNodes when layer 1 is buffered
 
 
@@ -135,23 +138,22 @@ def train_population(
     """Train a population of clients over ``comm`` (see :func:`hflmpi.federation.train`)."""
     from hflmpi.federation import TrainResult
 
-    if callbacks or config.run.callbacks:
-        raise ConfigError("callbacks do not run with a population (clients.count > 0) yet; "
-                          "remove run.callbacks or set clients.count=0")
-
     record_path = Path(resume) if resume is not None else Path(config.run.out)
     plan = agree(comm, "planning the tree of clients", lambda: plan_clients(config, comm.Get_size()))
     if resume is None and not (overwrite or replace_unfinished):
         check_fresh_start(comm, record_path)
     checkpoint, update = check_resume(comm, Path(resume) if resume is not None else None, config,
                                       plan.depth, allow_config_change)
-    pop = _set_up(config, comm, plan, dataset, device or torch.device("cpu"))
+    pop = _set_up(config, comm, plan, dataset, device or torch.device("cpu"), callbacks)
     state = None
     if resume is not None:
         agree(comm, "checking the checkpoint against the model",
               lambda: check_model_size(checkpoint, pop.aggregator.numel, config))
         state = broadcast_resume(comm, checkpoint, plan.clients, pop.aggregator.numel,
                                  pop.trainer.keeps_momentum)
+        pop.aggregator.optimizers.restore(
+            comm, checkpoint.extra_arrays if checkpoint is not None else None,
+            allow_fresh=allow_config_change)
     watchdog = Watchdog(comm, config.run.watchdog_seconds)
     try:
         rank = comm.Get_rank()
@@ -184,6 +186,7 @@ def train_population(
     finally:
         watchdog.close()
         pop.aggregator.free()
+        pop.hooks.close()
     if rank == 0 and not preempted:
         drop_replaced(record_path)
     final = pop.aggregator.global_model
@@ -205,9 +208,11 @@ def _privacy_line(config: RunConfig, plan: PopulationPlan, last_round: int) -> s
 
 
 def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
-            dataset: Callable[..., Any] | None, device: torch.device) -> _Population:
+            dataset: Callable[..., Any] | None, device: torch.device,
+            callbacks: Sequence[Any]) -> _Population:
     """Load the data, partition it over the clients, build the model and the aggregator."""
     rank, size, seed, clients = comm.Get_rank(), comm.Get_size(), config.run.seed, plan.clients
+    hooks = Hooks.build(comm, config.run.callbacks, callbacks)
     dtype = torch.float64 if config.run.dtype == "float64" else torch.float32
     train_set, test_set = agree(comm, "loading data",
                                 lambda: load_dataset(config.data, seed, dataset))
@@ -226,7 +231,8 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
     mine = plan.placement.clients_on(rank)
     aggregator = PopulationAggregator(comm, plan, params.flat, config.quantize.bits_for(plan.depth),
                                       config.quantize.bucket_size, seed, config.aggregation.secure,
-                                      rules=_rules(config, comm, plan))
+                                      rules=rules_from_config(config, comm, plan),
+                                      server_opt=config.server_opt.options_for(plan.depth))
     opts = config.clients
     trainer = agree(comm, "setting up the clients' training", lambda: ClientTrainer(
         model, params, config.optim, train_set, parts, mine, seed, mode=opts.training,
@@ -242,23 +248,7 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
     my_test = test_set.subset(np.arange(rank, len(test_set), size))
     return _Population(plan, device, train_set, my_test, parts, sizes, client_weights, model,
                        aggregator, trainer, mine, availability, clock.profiles.speeds, clock,
-                       buffered)
-
-
-def _rules(config: RunConfig, comm: Any, plan: PopulationPlan) -> PopulationRules | None:
-    """Return the robust layers and the private layer (None without either); all ranks."""
-    agg, privacy = config.aggregation, config.privacy
-    if all(rule == "mean" for rule in agg.robust) and not privacy.layer:
-        return None
-    from hflmpi.federation import _INSECURE_NOISE_WARNING
-
-    if privacy.layer and privacy.insecure_reproducible_noise and comm.Get_rank() == 0:
-        _log.warning(_INSECURE_NOISE_WARNING)
-    rules = agree(comm, "loading the robust rules", lambda: load_rules(agg.robust))  # plug-ins
-    options = (PrivacyOptions(privacy.layer, privacy.clip, privacy.noise_multiplier, privacy.mode,
-                              privacy.insecure_reproducible_noise) if privacy.layer else None)
-    return PopulationRules(plan, comm.Get_rank(), rules, {"trim": agg.trim, "f": agg.krum_f},
-                           options, config.run.seed)
+                       hooks, buffered)
 
 
 def _partition(config: RunConfig, train_set: TensorDataset, clients: int) -> list[np.ndarray]:
@@ -289,6 +279,9 @@ def _run_rounds(
             round_started = time.perf_counter()
             cohort, scores = _select(config, pop, rnd, losses)
             trained = _round(config, comm, pop, watchdog, rnd, cohort, evaluate_now)
+            with watchdog.guard(f"checking the global model of round {rnd}"):
+                check_same_bits(comm, pop.aggregator.global_model,
+                                f"the global model after round {rnd}")
             with watchdog.guard(f"sharing the client losses of round {rnd}"):
                 round_losses, round_samples = share_client_values(comm, pop.plan.clients,
                                                                    trained.losses, trained.samples)
@@ -305,18 +298,19 @@ def _run_rounds(
             last_round = rnd
             if rnd == start_round:
                 _report_state_memory(comm, pop)
+            if pop.hooks.round_end:
+                pop.hooks.call(comm, watchdog, "on_round_end", round_info(
+                    pop.model, pop.trainer.params, pop.aggregator.global_model, rnd, rounds, rank,
+                    comm.Get_size(), weighted_loss(round_losses, pop.client_weights),
+                    trained.test if evaluation is not None else None, metrics, record_path),
+                    f"the callbacks after round {rnd}")
             with watchdog.guard(f"the preemption poll after round {rnd}"):
                 stop = end_of_round(comm, preemption.received is not None, error, record_path,
                                     last_checkpoint) and rnd < rounds
             why = (preemption.received.name if preemption.received else "signal") if stop else None
             every = config.run.checkpoint_every
             if stop or rnd == rounds or (every > 0 and rnd % every == 0):
-                with watchdog.guard(f"the round-{rnd} checkpoint"):
-                    client_state = gather_client_state(comm, pop.plan.clients, pop.trainer,
-                                                       losses)
-                    write_population_checkpoint(comm, record_path, rnd, pop.aggregator.global_model,
-                                                client_state, config, preempted_by=why,
-                                                sim_time=pop.clock.time)
+                _checkpoint(config, comm, pop, watchdog, rnd, losses, record_path, why)
                 last_checkpoint = rnd
             if stop:
                 stopped = True
@@ -332,6 +326,17 @@ def _run_rounds(
     if close_error is not None:
         raise SetupError(close_error)
     return last_round, accuracy, test_loss, stopped
+
+
+def _checkpoint(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchdog, rnd: int,
+                losses: np.ndarray, record_path: Path, why: str | None) -> None:
+    """Write round ``rnd``'s checkpoint: model, clients and server optimizers (all ranks)."""
+    with watchdog.guard(f"the round-{rnd} checkpoint"):
+        client_state = gather_client_state(comm, pop.plan.clients, pop.trainer, losses)
+        write_population_checkpoint(
+            comm, record_path, rnd, pop.aggregator.global_model, client_state, config,
+            preempted_by=why, sim_time=pop.clock.time,
+            server_state=pop.aggregator.optimizers.collect_state(comm))
 
 
 def _report_state_memory(comm: Any, pop: _Population) -> None:
@@ -369,6 +374,7 @@ class _RoundWork:
         self.mpi_bytes = np.zeros(depth)
         self.quant_error = np.full(depth, np.nan)
         self.test: tuple[float, float] = (math.nan, math.nan)
+        self.divergences: tuple[float, float] = (math.nan, math.nan)
 
     def add(self, top: int, compute: float, stats: PopulationStats) -> None:
         self.compute[top - 1] += compute
@@ -391,10 +397,7 @@ class _RoundWork:
             self.test = (float(evaluation[0] / evaluation[2]), float(evaluation[1] / evaluation[2]))
         if comm.Get_rank() != 0:
             return None
-        trained = ~np.isnan(losses)
-        weights = pop.client_weights[trained]
-        train_loss = (float(np.dot(losses[trained], weights) / weights.sum())
-                      if weights.sum() > 0 else math.nan)
+        train_loss = weighted_loss(losses, pop.client_weights)
         now = time.perf_counter()
         bits = config.quantize.bits_for(depth)
         methods = [int(Method.INTEGER_SUM) if b else int(Method.NONE) for b in bits]
@@ -405,6 +408,7 @@ class _RoundWork:
             compute_seconds=list(worst[:depth]), comm_seconds=list(worst[depth:2 * depth]),
             bytes_sent=list(sums[:depth]), mpi_bytes=list(sums[depth:]), method=methods,
             quant_error=[math.nan if e < 0 else e for e in worst[2 * depth:]],
+            upward_divergence=self.divergences[0], downward_divergence=self.divergences[1],
         )
 
 
@@ -431,12 +435,22 @@ def _round(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchdog, r
         for client in mine:
             work.losses[client] = work.losses.get(client, 0.0) + result.losses[client]
             work.samples[client] = work.samples.get(client, 0) + result.samples[client]
+        if top == plan.depth and evaluate_now and config.run.divergence:
+            with watchdog.guard(f"the divergence measurement of round {rnd}"):
+                work.divergences = population_divergences(
+                    comm, pop.aggregator.comms[1], plan, result.models, weights[0],
+                    pop.aggregator.numel)
         carried = pop.clock.period(top, weights)  # the simulated clock: who was in time
         with watchdog.guard(f"the layer-{top} aggregation of round {rnd} (step {step})"):
             stats = pop.aggregator.aggregate(top, result.models, weights,
                                              step=(rnd - 1) * steps + step,
                                              measure_error=evaluate_now, carried=carried)
         work.add(top, compute, stats)
+        if pop.hooks.aggregation:
+            pop.hooks.call(comm, watchdog, "on_aggregation", aggregation_info(
+                pop.model, pop.trainer.params, pop.aggregator.start_of(pop.mine[0]), rnd, step,
+                steps, top, plan.depth, comm.Get_rank(), comm.Get_size()),
+                f"the callbacks after the layer-{top} aggregation of round {rnd} (step {step})")
     periods = steps // tau[0]
     work.losses = {c: loss / periods for c, loss in work.losses.items()}
     return work

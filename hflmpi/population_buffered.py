@@ -27,6 +27,7 @@ from hflmpi.config import ConfigError, RunConfig
 from hflmpi.core.buffered import node_schedule
 from hflmpi.core.schedule import aggregation_layer, steps_per_round
 from hflmpi.mpi.buffered import BufferedNodes, NodeWork, empty_stats
+from hflmpi.population_callbacks import aggregation_info
 
 __all__ = ["buffered_nodes", "buffered_round"]
 
@@ -48,10 +49,11 @@ def buffered_nodes(config: RunConfig, aggregator: Any, trainer: Any) -> Buffered
     refused = [name for name, on in (
         ("aggregation.secure", bool(agg.secure) and agg.secure[0]),
         ("aggregation.robust", bool(agg.robust) and agg.robust[0] != "mean"),
-        ("privacy.layer", config.privacy.layer == 1)) if on]
+        ("privacy.layer", config.privacy.layer == 1),
+        ("server_opt.optimizer", config.server_opt.options_for(depth)[0] is not None)) if on]
     if refused:
         raise ConfigError(f"clock.mode[0]=\"buffered\" applies each client's update on its own, "
-                          f"but {', '.join(refused)} asks layer 1 for a joint sum or rule; "
+                          f"but {', '.join(refused)} asks layer 1 for a joint sum, rule or step; "
                           "use them on a layer above, or clock.mode[0]=\"sync\"")
     tau1 = config.schedule.tau[0]
 
@@ -99,6 +101,12 @@ def buffered_round(config: RunConfig, pop: Any, watchdog: Any, rnd: int,
                                              measure_error=evaluate_now, carried=carried,
                                              bottom=2)
         work.add(top, 0.0, above)
+        if pop.hooks.aggregation:  # after each aggregation above the buffered layer
+            comm = pop.aggregator.comm
+            pop.hooks.call(comm, watchdog, "on_aggregation", aggregation_info(
+                pop.model, pop.trainer.params, pop.aggregator.start_of(pop.mine[0]), rnd, step,
+                steps, top, plan.depth, comm.Get_rank(), comm.Get_size()),
+                f"the callbacks after the layer-{top} aggregation of round {rnd} (step {step})")
     _log.debug("hflmpi: round %d: this rank held up to %d updates in flight (%.1f MiB)", rnd,
                done.in_flight, done.in_flight * pop.aggregator.numel
                * pop.aggregator.models[1][pop.aggregator.nodes[1][0]].element_size() / 2**20

@@ -31,6 +31,7 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("core/robust.py", "values", "gather"): "torch.Tensor.gather(dim, index) on the sorted updates",
     ("core/robust.py", "cumulative", "gather"): "torch.Tensor.gather(dim, index) on cumulative weights",
     ("learn/batched.py", "log_probs", "gather"): "torch.Tensor.gather(dim, index): the label's log-probability",
+    ("learn/stacked.py", "log_probs", "gather"): "torch.Tensor.gather(dim, index): the label's log-probability",
 }
 
 

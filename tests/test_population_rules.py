@@ -98,10 +98,12 @@ def _population(**sections):
 
 
 def test_a_population_accepts_robust_rules_and_privacy():
-    config = _population(aggregation={"robust": ["krum", "mean"]}, privacy={"layer": 2})
+    config = _population(aggregation={"robust": ["krum", "mean"]}, privacy={"layer": 2},
+                         run={"divergence": False})
     assert config.aggregation.robust == ("krum", "mean") and config.privacy.layer == 2
-    # the population measures no divergences, so run.divergence (default on) is no side channel
-    assert config.run.divergence
+    # the population measures the divergences from the raw client models, as the rank engine does
+    with pytest.raises(ConfigError, match="run.divergence=true with privacy.layer=2"):
+        _population(privacy={"layer": 2})
     plan_clients(config, ranks=2)
     # the layer rules still hold once the tree is planned: krum with f = 1 needs groups of 5
     with pytest.raises(ConfigError, match="krum_f=1 with a layer-2 group of 2"):

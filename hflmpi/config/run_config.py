@@ -110,23 +110,12 @@ class RunConfig:
         self.clock.check_layers(depth, group_sizes)
 
     def _check_population(self) -> None:
-        """Refuse the layer rules a population does not run yet (they are per rank)."""
-        if not self.clients.population:
-            if self.clock.asynchronous or self.clock.profile:
-                raise ConfigError(
-                    f"clock.mode={_fmt(self.clock.mode)} / clock.profile simulate the devices "
-                    "of a population, but clients.count=0 (one client per rank); set "
-                    "clients.count (e.g. 64) or remove them")
-            return
-        unsupported = []
-        if any(name != "none" for name in self.server_opt.optimizer):
-            unsupported.append("server_opt.optimizer")
-        if unsupported:
+        """Refuse the clock's device simulation without a population."""
+        if not self.clients.population and (self.clock.asynchronous or self.clock.profile):
             raise ConfigError(
-                f"{', '.join(unsupported)} do not run with a population (clients.count="
-                f"{self.clients.count}) yet: server-optimizer "
-                "layers aggregate one model per rank; remove them or set clients.count=0 "
-                "(one client per rank)")
+                f"clock.mode={_fmt(self.clock.mode)} / clock.profile simulate the devices "
+                "of a population, but clients.count=0 (one client per rank); set "
+                "clients.count (e.g. 64) or remove them")
 
     def _check_server_state(self) -> None:
         """Refuse server optimizer state below a protected layer (checkpoints gather it)."""
@@ -156,7 +145,7 @@ class RunConfig:
         if not protected:
             return
         what = " and ".join(protected)
-        if self.run.divergence and not self.clients.population:  # populations do not measure it
+        if self.run.divergence:
             raise ConfigError(
                 f"run.divergence=true with {what}: measuring the divergences allreduces every "
                 "device's raw model (and gives every rank the un-noised average), which the "

@@ -8,7 +8,12 @@ alpha-beta time model, the figures to draw and the papers' claims as machine-che
 file, and rank 0 collects the curves into one results HDF5. ``plot`` (serial) draws PNGs and
 writes a markdown table plus the verdict of every check. A spec may carry ``[base.clients]``
 (or a variant ``clients = {...}``): its variants then run as populations of clients placed on
-the ranks (docs/population.md), and the trees are trees of clients::
+the ranks (docs/population.md), and the trees are trees of clients; ``[base.clock]`` (or a
+variant's ``clock = {...}``) sets their device profiles and per-layer aggregation modes on the
+simulated clock (docs/async.md). A variant's ``reference`` (or ``[experiment] reference``) names
+the variant whose final accuracy, seed by seed, is its target (``[experiment]
+target_accuracy`` fixes one instead): the results then give its time to target (simulated
+clock, else modelled) and the ratio to the reference's, checked with ``kind = "at_most"``::
 
     mpiexec -n 8 python -m mpi4py -m hflmpi experiments run experiments/sandwich.toml \
             --out results/sandwich.h5 [--small] [--reuse] [--only a,b] \
@@ -33,13 +38,16 @@ the root layer N. A round then takes ``T(tau) = t_cp prod(tau) + sum_n t_cm,n pr
 
 Results file layout::
 
-    /                      attrs: experiment, title, spec_toml, small, world_size, hflmpi_version
+    /                      attrs: experiment, title, spec_toml, small, world_size, hflmpi_version,
+                           target_accuracy (NaN: each variant's reference)
     /runs/<variant>        attrs: label, tau, tree, bits, x, round_time (modelled), numel,
-                           clients (the population's clients.count, or the world size)
+                           clients (the population's clients.count, or the world size),
+                           reference ("" if none), clock (the per-layer modes of a population)
     /runs/<variant>/seed_<s>/<curve>   one row per global round: round, step, test_accuracy,
                            test_loss, train_loss, upward/downward_divergence, bytes_cum,
-                           model_time, wall_time; [rounds, layers]: bytes_sent, quant_error,
-                           compute_seconds, comm_seconds; attrs: config_toml, run_file
+                           model_time, wall_time, sim_time (NaN without a population);
+                           [rounds, layers]: bytes_sent, quant_error, compute_seconds,
+                           comm_seconds, late; attrs: config_toml, run_file
 """
 
 from hflmpi.experiments.figures import plot_results, results_markdown

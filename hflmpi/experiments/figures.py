@@ -58,12 +58,15 @@ def _curves(ax: Any, variants: Sequence[VariantResult], xkey: str, ykey: str, sc
 _ACCURACY_AXES = {"accuracy_vs_steps": ("step", "SGD steps per device"),
                   "accuracy_vs_bytes": ("bytes_cum", "cumulative bytes sent, summed over all devices "
                                         "and layers"),
-                  "accuracy_vs_time": ("model_time", "modelled wall time [s]")}
+                  "accuracy_vs_time": ("model_time", "modelled wall time [s]"),
+                  "accuracy_vs_sim_time": ("sim_time", "simulated time [s] (device profiles, "
+                                           "mean over seeds)")}
 
 
 _SUBTITLES = {"accuracy_vs_steps": "test accuracy vs SGD steps",
               "accuracy_vs_bytes": "test accuracy vs bytes sent",
               "accuracy_vs_time": "test accuracy vs modelled time",
+              "accuracy_vs_sim_time": "test accuracy vs simulated time",
               "divergence": "H-SGD divergences", "quant_vs_bits": "quantization error and accuracy vs bits"}
 
 
@@ -200,6 +203,42 @@ def _pm(mean: float, std: float, scale: float = 1.0, spec: str = ".1f") -> str:
     return f"{mean * scale:{spec}} ± {std * scale:{spec}}" if std else f"{mean * scale:{spec}}"
 
 
+def _seeds_pm(values: Sequence[float], scale: float = 1.0, spec: str = ".2f",
+              missing: str = "never on {n}/{of} seeds") -> str:
+    """Return mean ± std over seeds, or ``missing`` where some seed has no value."""
+    arr = np.asarray(values, dtype=np.float64)
+    n = int(np.count_nonzero(~np.isfinite(arr)))
+    if n:
+        return missing.format(n=n, of=arr.size)
+    return _pm(float(arr.mean()), float(arr.std()) if arr.size > 1 else 0.0, scale, spec)
+
+
+def _clock_table(variants: Sequence[VariantResult], summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Return the time-to-target table (simulated clock), or nothing when no run has a target."""
+    if not any(math.isfinite(x) for v in variants
+               for x in summary[v.name]["target_accuracy"][2] + summary[v.name]["sim_time"][2]):
+        return []
+    header = ["variant", "clock", "steps", "final acc [%]", "target acc [%]", "sim time [s]",
+              "time to target [s]", "ratio to reference", "late updates"]
+    lines = ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for v in variants:
+        s = summary[v.name]
+        ref = str(v.attrs.get("reference", ""))
+        has_target = any(math.isfinite(x) for x in s["target_accuracy"][2])
+        row = [f"{v.name}: {v.label}", str(v.attrs.get("clock", "")) or "-",
+               str(v.attrs.get("steps", "")), _pm(s["final_accuracy"][0], s["final_accuracy"][1], 100.0),
+               _seeds_pm(s["target_accuracy"][2], 100.0, ".1f", "-"),
+               _seeds_pm(s["sim_time"][2], missing="-"),
+               _seeds_pm(s["time_to_target"][2]) if has_target else "-",
+               (_seeds_pm(s["time_ratio"][2]) + f" (of {ref})") if ref and has_target else "-",
+               _seeds_pm(s["late_total"][2], spec=".1f", missing="-")]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + ["", "Time: the simulated clock where the runs record one (docs/async.md), "
+                    "else the modelled time; target: the spec's target_accuracy, else the final "
+                    "accuracy of the reference variant on the same seed; ratio: time to target "
+                    "over the reference's time to the same target, seed by seed."]
+
+
 def results_markdown(path: str | os.PathLike[str], figures: Sequence[Path] = ()) -> str:
     """Return the markdown table of a results file, with the checks' verdicts and figure links."""
     attrs, variants = load_results(path)
@@ -225,6 +264,7 @@ def results_markdown(path: str | os.PathLike[str], figures: Sequence[Path] = ())
                _pm(*s["downward_divergence"][:2], spec=".3g"),
                _pm(*s["quant_error_max"][:2], spec=".3g")]
         lines.append("| " + " | ".join(row) + " |")
+    lines += _clock_table(variants, summary)
     checks = evaluate_checks(path)
     if checks:
         lines += ["", "| claim | verdict | values |", "|---|---|---|"]

@@ -19,8 +19,8 @@ from hflmpi.experiments.spec import Experiment, ExperimentError, Variant, load_e
 from hflmpi.record.checkpoint import checkpoint_paths
 
 _CURVES = ("round", "step", "test_accuracy", "test_loss", "train_loss", "upward_divergence",
-           "downward_divergence", "bytes_cum", "model_time", "wall_time")
-_LAYER_CURVES = ("bytes_sent", "quant_error", "compute_seconds", "comm_seconds")
+           "downward_divergence", "bytes_cum", "model_time", "wall_time", "sim_time")
+_LAYER_CURVES = ("bytes_sent", "quant_error", "compute_seconds", "comm_seconds", "late")
 
 __all__ = ["run_experiment"]
 
@@ -61,6 +61,17 @@ def _describe_tree(config: RunConfig) -> str:
     else:
         text = "flat"
     return f"{text}, {count} clients" if count else text
+
+
+def _describe_clock(config: RunConfig) -> str:
+    """Describe the per-layer clock modes in a table cell, ``deadline 0.4 s / sync``."""
+    if not config.clients.population:
+        return ""
+    depth = len(config.schedule.tau)
+    modes = config.clock.modes_for(depth)
+    deadlines = config.clock.deadlines_for(depth)
+    return " / ".join(f"deadline {d:g} s" if m == "deadline" else m
+                      for m, d in zip(modes, deadlines))
 
 
 def _group_shape(groups: Any) -> str:
@@ -329,7 +340,8 @@ def _fill_results(f: Any, exp: Experiment, variants: Sequence[Variant], out: Pat
                    hflmpi_version=__version__, last_steps=exp.last_steps, numel=numel,
                    timing=json.dumps(exp.timing.__dict__),
                    figures=json.dumps(list(exp.figures)), checks=json.dumps(list(exp.checks)),
-                   order=json.dumps([v.name for v in variants]))
+                   order=json.dumps([v.name for v in variants]),
+                   target_accuracy=exp.target_accuracy)
     for v in variants:
         config = v.run_config(exp.seeds[0], "x.h5", exp.eval_every_steps)
         depth = len(v.tau)
@@ -339,7 +351,8 @@ def _fill_results(f: Any, exp: Experiment, variants: Sequence[Variant], out: Pat
         g.attrs.update(label=v.label, tau=json.dumps(v.tau), tree=_describe_tree(config),
                        bits=json.dumps(bits), x=v.x, steps=v.steps, round_time=period_time,
                        alpha=config.data.alpha, partition=config.data.partition,
-                       clients=config.clients.count or world_size)
+                       clients=config.clients.count or world_size, reference=v.reference or "",
+                       clock=_describe_clock(config))
         for seed in exp.seeds:
             path = _run_file(out, v.name, seed)
             m = read_metrics(path)
@@ -352,7 +365,8 @@ def _fill_results(f: Any, exp: Experiment, variants: Sequence[Variant], out: Pat
                 "bytes_cum": np.cumsum(np.nansum(m["bytes_sent"], axis=1)),
                 "model_time": rounds * period_time,
             }
-            for key in _CURVES:
-                sg.create_dataset(key, data=curves[key] if key in curves else m[key])
+            for key in _CURVES:  # sim_time and late: absent from run files of older versions
+                sg.create_dataset(key, data=curves[key] if key in curves
+                                  else m.get(key, np.full(len(rounds), np.nan)))
             for key in _LAYER_CURVES:
-                sg.create_dataset(key, data=m[key])
+                sg.create_dataset(key, data=m.get(key, np.full((len(rounds), depth), np.nan)))

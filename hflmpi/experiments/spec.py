@@ -26,14 +26,14 @@ else:  # pragma: no cover
 __all__ = ["ExperimentError", "merge_sections", "Timing", "Variant", "Experiment", "load_experiment"]
 
 _EXPERIMENT_KEYS = {"name", "title", "description", "seeds", "steps", "eval_every_steps",
-                    "last_steps", "small"}
+                    "last_steps", "small", "reference", "target_accuracy"}
 _SMALL_KEYS = {"seeds", "steps", "eval_every_steps", "last_steps", "variants", "base", "plan"}
-_VARIANT_KEYS = {"name", "label", "x", "steps", "eval_every_steps"}
+_VARIANT_KEYS = {"name", "label", "x", "steps", "eval_every_steps", "reference"}
 _SECTIONS = ("run", "topology", "schedule", "aggregation", "quantize", "data", "model", "optim",
-             "privacy", "server_opt", "clients")
-_FIGURE_KINDS = ("accuracy_vs_steps", "accuracy_vs_bytes", "accuracy_vs_time", "divergence",
-                 "quant_vs_bits", "metric_vs_x")
-_CHECK_KINDS = ("order", "close", "finite", "at_least", "above_median")
+             "privacy", "server_opt", "clients", "clock")
+_FIGURE_KINDS = ("accuracy_vs_steps", "accuracy_vs_bytes", "accuracy_vs_time",
+                 "accuracy_vs_sim_time", "divergence", "quant_vs_bits", "metric_vs_x")
+_CHECK_KINDS = ("order", "close", "finite", "at_least", "at_most", "above_median")
 
 
 class ExperimentError(HflmpiError, ValueError):
@@ -83,6 +83,7 @@ class Variant:
     steps: int
     x: float = math.nan
     eval_every_steps: int | None = None
+    reference: str | None = None
 
     @property
     def tau(self) -> list[int]:
@@ -127,6 +128,7 @@ class Experiment:
     checks: tuple[dict[str, Any], ...]
     small: bool
     text: str = field(repr=False, default="")
+    target_accuracy: float = math.nan
 
     def variant(self, name: str) -> Variant:
         """Return the variant called ``name`` (an error names the ones there are)."""
@@ -186,7 +188,8 @@ def load_experiment(
     eval_steps = _positive_int(exp.get("eval_every_steps", steps), "experiment.eval_every_steps")
     last_steps = _positive_int(exp.get("last_steps", eval_steps), "experiment.last_steps")
     timing = _timing(doc)
-    variants = _variants(doc, base, steps, only)
+    target = _target_accuracy(exp.get("target_accuracy"))
+    variants = _variants(doc, base, steps, only, exp.get("reference"))
     if not variants and plan is None:
         raise ExperimentError(f"{path} defines no [[variant]] and no [plan]")
     for v in variants:
@@ -199,7 +202,7 @@ def load_experiment(
     figures, checks = _figures_and_checks(doc)
     return Experiment(name, str(exp.get("title", name)), str(exp.get("description", "")).strip(),
                       seeds, steps, eval_steps, last_steps, base, tuple(variants), timing, plan,
-                      figures, checks, small, text)
+                      figures, checks, small, text, target)
 
 
 def _read_spec(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
@@ -267,8 +270,18 @@ def _timing(doc: dict[str, Any]) -> Timing:
                   float(root.get("bandwidth", defaults.root_bandwidth)))
 
 
+def _target_accuracy(value: Any) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ExperimentError(f"experiment.target_accuracy={value!r} must be a test accuracy in "
+                              "(0, 1], e.g. 0.9; leave it out to use each variant's reference")
+    return float(value)
+
+
 def _variants(
-    doc: dict[str, Any], base: dict[str, Any], steps: int, only: list[str] | None
+    doc: dict[str, Any], base: dict[str, Any], steps: int, only: list[str] | None,
+    reference: Any = None,
 ) -> list[Variant]:
     variants = []
     for i, raw in enumerate(doc.get("variant", [])):
@@ -285,10 +298,15 @@ def _variants(
             x=float(raw.get("x", math.nan)),
             eval_every_steps=(_positive_int(raw["eval_every_steps"], f"variant {vname!r} "
                               "eval_every_steps") if "eval_every_steps" in raw else None),
+            reference=raw.get("reference", reference),
         ))
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ExperimentError(f"variant names must be unique: {names}")
+    for v in variants:
+        if v.reference is not None and v.reference not in names:
+            raise ExperimentError(f"variant {v.name!r}: reference={v.reference!r} names no "
+                                  f"variant; variants: {', '.join(names)}")
     if only is not None:
         missing = sorted(set(only) - set(names))
         if missing:

@@ -2,8 +2,8 @@
 
 :class:`BatchedSolver` holds the parameters of ``K`` clients (one architecture, different values)
 as rows of one ``[K, numel]`` buffer in the flat layout of :mod:`hflmpi.learn.flat`, and takes a
-step for all of them with :func:`torch.func.vmap` over :func:`torch.func.functional_call` and
-:func:`torch.func.grad`. The update is that of :class:`hflmpi.learn.local.LocalSolver`::
+step for all of them at once, the update as one operation over the stacked rows. The update is
+that of :class:`hflmpi.learn.local.LocalSolver`::
 
     d = g + weight_decay * w + mu * (w - w_anchor)
     b = momentum * b + d
@@ -17,15 +17,25 @@ Only models without state shared across the samples of a batch can be vectorised
 norm mixes samples and updates running statistics, and dropout would draw the same mask stream for
 every client. :func:`check_batchable` rejects them; train those in the sequential mode.
 
-The gradient is taken in one of two equivalent ways (equal up to float rounding). Eagerly, only the
-forward pass is vectorised and one ``torch.autograd.grad`` of the summed client losses gives every
-client's gradient (clients share no parameter, so the sum's gradient with respect to client ``k``'s
-parameters is client ``k``'s own); this costs about half the Python dispatch of
-``vmap(grad(...))``. With ``compile=True`` (or the environment variable
-``HFLMPI_COMPILE_BATCHED=1``), ``vmap(grad_and_value(...))`` is compiled by :func:`torch.compile`
-with dynamic shapes on first use: about ten times less per-step time for small models, after a
-compilation of tens of seconds to minutes per process (cached on disk by inductor). If compiling
-or running the compiled step fails, a warning is logged and the step runs eagerly from then on.
+The gradient is taken in one of these ways, equal up to float rounding, the first that applies:
+
+1. ``compile=True`` (or the environment variable ``HFLMPI_COMPILE_BATCHED=1``):
+   ``vmap(grad_and_value(functional_call(...)))`` compiled by :func:`torch.compile` with dynamic
+   shapes on first use, after a compilation of tens of seconds to minutes per process and per new
+   shape (cached on disk by inductor). If compiling or running it fails, a warning is logged and
+   the eager paths below run from then on.
+2. Dense models (linear layers with ReLU, tanh, sigmoid or nothing between; hflmpi's MLP and
+   logistic regression): :func:`hflmpi.learn.stacked.dense_gradients`, a batched forward pass
+   and its backward pass written out, about 25 tensor operations per step whatever ``K``.
+3. Other models of standard layers (convolutions, pooling, other activations; hflmpi's CNN):
+   :func:`hflmpi.learn.stacked.stacked_forward` and one ``torch.autograd.grad`` of the summed
+   client losses (clients share no parameter, so the sum's gradient with respect to client ``k``'s
+   parameters is client ``k``'s own).
+4. Anything else (custom ``forward``, normalisation layers): the forward pass vectorised with
+   :func:`torch.func.vmap` over :func:`torch.func.functional_call`, then one
+   ``torch.autograd.grad`` of the summed losses as in 3.
+
+:attr:`BatchedSolver.dense` and :attr:`BatchedSolver.stacked` say which eager path a model takes.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from hflmpi.config import OptimConfig
+from hflmpi.learn.stacked import dense_gradients, is_dense, stacked_forward, stacked_plan
 
 __all__ = ["BatchedSolver", "stack_batches", "check_batchable", "COMPILE_ENV"]
 
@@ -125,17 +136,18 @@ def stack_batches(
     if b_max < max(lengths):
         raise ValueError(f"width={width} is shorter than the longest batch ({max(lengths)})")
     device = dataset_features.device
-    index = torch.empty((len(batches), b_max), dtype=torch.int64, device=device)
-    for k, batch in enumerate(batches):
-        batch = batch.reshape(-1).to(device=device, dtype=torch.int64)
-        index[k, :lengths[k]] = batch
-        index[k, lengths[k]:] = batch[0]
-    flat_index = index.reshape(-1)
+    # One gather for all clients from the concatenated batches: row j of client k is its j-th
+    # sample, or its first on padding rows.
+    joined = torch.cat([b.reshape(-1) for b in batches]).to(device=device, dtype=torch.int64)
+    sizes = torch.tensor(lengths, dtype=torch.int64, device=device)
+    column = torch.arange(b_max, dtype=torch.int64, device=device)
+    starts = (sizes.cumsum(0) - sizes).unsqueeze(1)
+    inside = column < sizes.unsqueeze(1)
+    flat_index = joined[(starts + torch.where(inside, column, 0)).reshape(-1)]
     features = dataset_features[flat_index].reshape(len(batches), b_max,
                                                     *dataset_features.shape[1:])
     labels = dataset_labels[flat_index.to(dataset_labels.device)].reshape(len(batches), b_max)
-    counts = torch.tensor(lengths, dtype=torch.int64, device=device)
-    return features, labels, counts
+    return features, labels, sizes
 
 
 class BatchedSolver:
@@ -162,6 +174,12 @@ class BatchedSolver:
         Steps taken since the last :meth:`load`.
     clients : int
         Clients loaded by the last :meth:`load` (0 before).
+    plan : tuple of StackedOp or None
+        The model's layers for :func:`hflmpi.learn.stacked.stacked_forward`, or ``None`` where
+        the eager step vectorises it with ``vmap`` (see the module docstring).
+    dense : bool
+        Whether the eager step differentiates ``plan`` by hand
+        (:func:`hflmpi.learn.stacked.dense_gradients`).
 
     Notes
     -----
@@ -223,6 +241,14 @@ class BatchedSolver:
         self._compiled: Callable[..., Any] | None = (
             torch.compile(vmap(grad_and_value(self._client_loss)), dynamic=True)
             if compile else None)
+        self.plan = stacked_plan(model, self.names)
+        self.dense = self.plan is not None and is_dense(self.plan)
+        self._leaves: dict[str, torch.Tensor] = {}
+
+    @property
+    def stacked(self) -> bool:
+        """Whether eager steps use :func:`hflmpi.learn.stacked.stacked_forward` (not ``vmap``)."""
+        return self.plan is not None and self._compiled is None
 
     @property
     def compiled(self) -> bool:
@@ -248,14 +274,21 @@ class BatchedSolver:
         return {name: torch.zeros_like(leaf) if g is None else g  # unused: a zero gradient
                 for (name, leaf), g in zip(leaves.items(), grads)}, losses
 
+    def _stacked_gradients(self, x: torch.Tensor, y: torch.Tensor, pad: torch.Tensor,
+                           counts: torch.Tensor) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        """Return every client's gradients (``[k, *shape]``, names order) and losses ``[k]``."""
+        assert self.plan is not None
+        with torch.enable_grad():
+            logits = stacked_forward(self.plan, self._leaves, x)
+            losses = _row_losses(logits, y).masked_fill(pad, 0).sum(dim=1) / counts
+            grads = torch.autograd.grad(losses.sum(), list(self._leaves.values()),
+                                        allow_unused=True)
+        return list(grads), losses
+
     def _client_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                      mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """Return one client's mean cross-entropy over its valid rows (vmapped over clients)."""
-        logits = functional_call(self.model, params, (x,))
-        # log_softmax + gather is cross_entropy's own arithmetic; vmap batches it natively, where
-        # cross_entropy goes through a Python decomposition on every call.
-        log_probs = F.log_softmax(logits, dim=-1)
-        per_row = -log_probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        per_row = _row_losses(functional_call(self.model, params, (x,)), y)
         return torch.where(mask, per_row, torch.zeros_like(per_row)).sum() / count
 
     def _views(self, buffer: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
@@ -295,6 +328,11 @@ class BatchedSolver:
                 self._momentum[:k].zero_()
         self.clients = k
         self.steps = 0
+        if self.plan is not None:
+            # Leaves aliasing the parameter rows: the in-place update of a step is what the
+            # next step's forward pass reads.
+            self._leaves = {name: view.detach().requires_grad_()
+                            for name, view in self._views(self._params, k).items()}
 
     def step(self, features: torch.Tensor, labels: torch.Tensor,
              counts: torch.Tensor) -> torch.Tensor:
@@ -329,18 +367,29 @@ class BatchedSolver:
         if counts.device.type == "cpu" and not bool(((counts >= 1) & (counts <= width)).all()):
             raise ValueError(f"counts must lie in [1, {width}], got {counts.tolist()}")
         counts = counts.to(device=self.device)
-        mask = torch.arange(width, device=self.device).unsqueeze(0) < counts.unsqueeze(1)
+        pad = torch.arange(width, device=self.device).unsqueeze(0) >= counts.unsqueeze(1)
         # Zeroing padding rows (not just masking their loss) keeps non-finite garbage out of
         # the backward pass, where 0 * inf would still give NaN.
         x = features.to(device=self.device, dtype=self.dtype)
-        x = x.masked_fill(~mask.view(k, width, *([1] * (x.dim() - 2))), 0)
-        y = labels.to(self.device).masked_fill(~mask, 0)
-        grads, losses = self._gradients(self._views(self._params, k), x, y, mask,
-                                        counts.to(self.dtype))
+        x = x.masked_fill(pad.view(k, width, *([1] * (x.dim() - 2))), 0)
+        y = labels.to(self.device).masked_fill(pad, 0)
+        if self.stacked and self.dense:
+            assert self.plan is not None
+            by_name, losses = dense_gradients(self.plan, self._leaves, x, y, pad,
+                                              counts.to(self.dtype))
+            listed = [by_name.get(name) for name in self.names]
+        elif self.stacked:
+            listed, losses = self._stacked_gradients(x, y, pad, counts.to(self.dtype))
+        else:
+            grads, losses = self._gradients(self._views(self._params, k), x, y, ~pad,
+                                            counts.to(self.dtype))
+            listed = [grads[name] for name in self.names]
         cfg = self.config
         with torch.no_grad():
             d = self._grad[:k]
-            torch.cat([grads[name].reshape(k, -1) for name in self.names], dim=1, out=d)
+            torch.cat([torch.zeros((k, _prod(shape)), dtype=self.dtype, device=self.device)
+                       if g is None else g.reshape(k, -1) for g, shape in zip(listed, self.shapes)],
+                      dim=1, out=d)
             w = self._params[:k]
             if cfg.weight_decay != 0.0:
                 d.add_(w, alpha=cfg.weight_decay)
@@ -368,6 +417,14 @@ class BatchedSolver:
         """
         buffers: list[Any] = [self._params, self._grad, self._momentum, self._anchor]
         return sum(b.numel() * b.element_size() for b in buffers if b is not None)
+
+
+def _row_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Return the cross-entropy of every row of ``logits [..., classes]`` at labels ``y [...]``."""
+    # log_softmax + gather is cross_entropy's own arithmetic; vmap batches it natively, where
+    # cross_entropy goes through a Python decomposition on every call.
+    log_probs = F.log_softmax(logits, dim=-1)
+    return -log_probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
 def _prod(shape: tuple[int, ...]) -> int:

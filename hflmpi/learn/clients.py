@@ -180,12 +180,12 @@ class ClientTrainer:
         batched.load(starts, momentum)
         total = torch.zeros(len(clients), dtype=torch.float64)
         samples = np.zeros(len(clients), dtype=np.int64)
-        data = self.train_set
+        data, samplers = self.train_set, [self.sampler(c) for c in clients]
         for _ in range(steps):
-            batches = [next(self.sampler(c)) for c in clients]
+            batches = [next(s) for s in samplers]
             features, labels, counts = stack_batches(data.features, data.labels, batches)
-            total += batched.step(features, labels, counts).double().cpu()
-            samples += [b.numel() for b in batches]
+            total.add_(batched.step(features, labels, counts).cpu())
+            samples += [b.numel() for b in batches]  # host sizes: no device sync on a GPU
         trained = batched.flat()
         kept = batched.momentum() if self.keeps_momentum else None
         for i, client in enumerate(clients):

@@ -43,7 +43,9 @@ from hflmpi.core.population import PopulationPlan
 from hflmpi.core.quantize import bucket_absmax, from_level_sum, new_workspace, num_buckets, to_levels
 from hflmpi.core.rng import torch_generator
 from hflmpi.core.secure import PairwiseSeeds, mask_levels, required_modulus_bits, unmask_sum
+from hflmpi.core.server_opt import ServerOptOptions
 from hflmpi.core.wire import SCALE_NBYTES, auto_bucket_size, levels_for_bits
+from hflmpi.mpi.population_opt import NodeOptimizers
 from hflmpi.mpi.population_rules import PopulationRules
 
 __all__ = ["PopulationAggregator", "PopulationStats", "node_weights"]
@@ -111,11 +113,15 @@ class PopulationAggregator:
         the masks cancel in the node's sum, which is the same bits as without them.
     rules : PopulationRules, optional
         Robust layers and the private layer (:mod:`hflmpi.mpi.population_rules`).
+    server_opt : sequence of ServerOptOptions or None, optional
+        Per layer: each node of the layer steps its own server optimizer from its aggregate
+        (:mod:`hflmpi.mpi.population_opt`).
     """
 
     def __init__(self, comm: MPI.Comm, plan: PopulationPlan, model: torch.Tensor,
                  bits: Sequence[int], bucket_size: int, seed: int,
-                 secure: Sequence[bool] = (), rules: PopulationRules | None = None) -> None:
+                 secure: Sequence[bool] = (), rules: PopulationRules | None = None,
+                 server_opt: Sequence[ServerOptOptions | None] = ()) -> None:
         self.comm = comm
         self.plan = plan
         self.rank = comm.Get_rank()
@@ -138,6 +144,7 @@ class PopulationAggregator:
         self.secure = [bool(on) for on in secure] or [False] * plan.depth
         self.keys = _agree_client_keys(comm, plan, self.rank) if any(self.secure) else None
         self.rules = rules
+        self.optimizers = NodeOptimizers(plan, self.rank, server_opt, self.numel, self.device)
 
     @property
     def global_model(self) -> torch.Tensor:
@@ -197,7 +204,9 @@ class PopulationAggregator:
             layer = weights if carried is None else carried_weights(self.plan, weights, carried, n)
             for k in self.nodes[n]:
                 if layer[n][k] > 0:
+                    self.optimizers.before(n, k, self.models[n][k])
                     self._aggregate_node(n, k, trained, layer, step, measure_error, stats)
+                    self.optimizers.after(n, k, self.models[n][k])
         if self.rules is not None:  # all ranks: a node's failure stops every rank together
             self.rules.raise_failures(self.comm, top, step)
         for n in range(top - 1, 0, -1):

@@ -31,21 +31,27 @@ failure in one small ``Allreduce`` (and a ``Bcast`` of its text) and raises the 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+from hflmpi.config import RunConfig
+from hflmpi.config.strategy import load_rules
 from hflmpi.core.population import PopulationPlan
 from hflmpi.core.privacy import clip_update, gaussian_noise, noise_std
 from hflmpi.core.rng import torch_generator
 from hflmpi.core.robust import robust_update
 from hflmpi.core.strategy import apply_rule, rule_name
+from hflmpi.mpi.guard import agree
 from hflmpi.mpi.layers import LayerFailedError, PrivacyOptions, rule_params
 from hflmpi.mpi.messages import allreduce_int, bcast_text
 
-__all__ = ["PopulationRules", "participants"]
+__all__ = ["PopulationRules", "participants", "rules_from_config"]
+
+_log = logging.getLogger(__name__)
 
 _FAILURE_BYTES = 8192  # a node's failure text, shared with every rank
 
@@ -239,3 +245,20 @@ class PopulationRules:
             f"the aggregation of layers 1..{top} at step {step} failed on rank {first}: {text}; "
             "every rank stops here (check the robust rule's parameters against the participants "
             "a group can have in a round: clients.cohort, clients.online)")
+
+
+def rules_from_config(config: RunConfig, comm: MPI.Comm,
+                      plan: PopulationPlan) -> PopulationRules | None:
+    """Return the config's robust layers and private layer (None without either); all ranks."""
+    agg, privacy = config.aggregation, config.privacy
+    if all(rule == "mean" for rule in agg.robust) and not privacy.layer:
+        return None
+    from hflmpi.federation import _INSECURE_NOISE_WARNING
+
+    if privacy.layer and privacy.insecure_reproducible_noise and comm.Get_rank() == 0:
+        _log.warning(_INSECURE_NOISE_WARNING)
+    rules = agree(comm, "loading the robust rules", lambda: load_rules(agg.robust))  # plug-ins
+    options = (PrivacyOptions(privacy.layer, privacy.clip, privacy.noise_multiplier, privacy.mode,
+                              privacy.insecure_reproducible_noise) if privacy.layer else None)
+    return PopulationRules(plan, comm.Get_rank(), rules, {"trim": agg.trim, "f": agg.krum_f},
+                           options, config.run.seed)

@@ -108,10 +108,13 @@ def gather_client_state(comm: MPI.Comm, clients: int, trainer: ClientTrainer,
 
 def write_population_checkpoint(comm: MPI.Comm, path: Path, rnd: int, model: torch.Tensor,
                                 state: ClientState, config: RunConfig,
-                                preempted_by: str | None = None, sim_time: float = 0.0) -> None:
+                                preempted_by: str | None = None, sim_time: float = 0.0,
+                                server_state: dict[str, np.ndarray] | None = None) -> None:
     """Write the round's checkpoint on rank 0; every rank learns whether it worked.
 
-    ``sim_time`` is the simulated clock at the end of the round (:mod:`hflmpi.core.clock`).
+    ``sim_time`` is the simulated clock at the end of the round (:mod:`hflmpi.core.clock`);
+    ``server_state`` (rank 0) holds the nodes' server optimizer arrays
+    (:meth:`hflmpi.mpi.population_opt.NodeOptimizers.collect_state`).
     """
     text = to_toml_string(config)
 
@@ -122,6 +125,7 @@ def write_population_checkpoint(comm: MPI.Comm, path: Path, rnd: int, model: tor
                                  "sim_time": np.array([sim_time], dtype=np.float64)}
         if state.momentum is not None:
             extra["client_momentum"] = state.momentum
+        extra.update(server_state or {})
         written = save_checkpoint(
             path, round=rnd, model_flat=model.detach().cpu(), extra_arrays=extra,
             state={"round": rnd, "config_sha256": config_digest(text), "config_toml": text,
