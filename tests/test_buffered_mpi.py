@@ -165,8 +165,15 @@ def test_buffered_edges_match_a_serial_fedbuff_reference():
         _write_profile(world, profile)
         out = os.path.join(base, "buffered.h5")
         config = _exact_config(out, profile)
-        result = train(config, world)
+        seen: list[tuple[int, int, int]] = []
+
+        class Spy:
+            def on_aggregation(self, info) -> None:
+                seen.append((info.round, info.step, info.layer))
+
+        result = train(config, world, callbacks=[Spy()])
         expected, staleness, flushes = _serial_buffered_reference(config)
+        assert seen == [(1, 6, 2), (2, 6, 2)]  # after each cloud aggregation (tau = [2, 3])
         assert max(staleness) >= 2  # the example exercises the discount
         np.testing.assert_allclose(result.model.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
         if world.Get_rank() == 0:
