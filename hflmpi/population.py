@@ -292,9 +292,9 @@ def _run_rounds(
                                           round_samples, cohort, started, round_started)
             if evaluation is not None:  # every rank has the reduced evaluation
                 test_loss, accuracy = trained.test
-            metrics, late = pop.clock.close_round(metrics)
+            metrics, late, stale = pop.clock.close_round(metrics)
             error = _record(record, progress, metrics, record_path, accuracy, cohort,
-                            round_losses, scores, round_samples, pop.plan.clients, late)
+                            round_losses, scores, round_samples, pop.plan.clients, late, stale)
             last_round = rnd
             if rnd == start_round:
                 _report_state_memory(comm, pop)
@@ -467,7 +467,7 @@ def _evaluate(pop: _Population) -> np.ndarray:
 def _record(record: RunRecord | None, progress: Progress | None, metrics: RoundMetrics | None,
             record_path: Path, accuracy: float, cohort: np.ndarray, losses: np.ndarray,
             scores: np.ndarray, samples: np.ndarray, clients: int,
-            late: np.ndarray) -> str | None:
+            late: np.ndarray, staleness: np.ndarray | None = None) -> str | None:
     """Append the round and its clients to the run file (rank 0); return a write error."""
     if record is None or progress is None or metrics is None:
         return None
@@ -477,7 +477,8 @@ def _record(record: RunRecord | None, progress: Progress | None, metrics: RoundM
     participated[cohort] = True
     try:
         record.append_round(metrics)
-        record.append_clients(metrics.round, participated, losses, scores, samples, late=late)
+        record.append_clients(metrics.round, participated, losses, scores, samples, late=late,
+                              staleness=staleness)
     except (OSError, RuntimeError) as exc:
         return record_error(f"writing round {metrics.round} to", record_path, exc)
     return None

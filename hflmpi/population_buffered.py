@@ -95,7 +95,8 @@ def buffered_round(config: RunConfig, pop: Any, watchdog: Any, rnd: int,
             top, np.array([s.close for s in schedules]),
             np.array([client_weights[s.applied_clients()].sum() for s in schedules]),
             sum(s.dropped for s in schedules), sum(len(s.flushes) for s in schedules),
-            [x for s in schedules for f in s.flushes for x in f.staleness])
+            [(s.uploads[u].client, x) for s in schedules for f in s.flushes
+             for u, x in zip(f.uploads, f.staleness)])
         with watchdog.guard(f"the layer-{top} aggregation of round {rnd} (step {step})"):
             above = pop.aggregator.aggregate(top, {}, weights, step=(rnd - 1) * steps + step,
                                              measure_error=evaluate_now, carried=carried,

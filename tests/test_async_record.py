@@ -36,7 +36,7 @@ def _old_file(path: Path) -> Path:
         record.append_round(_round(1))
         _clients(record, 1)
     with h5py.File(path, "a") as file:
-        for name in ("metrics/sim_time", "metrics/late", "clients/late"):
+        for name in ("metrics/sim_time", "metrics/late", "clients/late", "clients/staleness"):
             del file[name]
     return path
 
@@ -44,14 +44,21 @@ def _old_file(path: Path) -> Path:
 def test_an_old_run_file_takes_the_new_columns_on_resume(tmp_path):
     path = _old_file(tmp_path / "old.h5")
     assert "sim_time" not in read_metrics(path) and "late" not in read_clients(path)
+    assert "staleness" not in read_clients(path)
     with RunRecord.open_append(path) as record:
         record.append_round(_round(2, sim_time=5.0, late=[3, 0]))
         _clients(record, 2, late=np.array([False, True, False, False]))
+        record.append_round(_round(3))
+        record.append_clients(3, np.ones(4, dtype=bool), np.full(4, 0.5), np.full(4, np.nan),
+                              np.ones(4, dtype=np.int64), staleness=np.array([0, 2, np.nan, 1]))
     metrics = read_metrics(path)
-    np.testing.assert_array_equal(metrics["sim_time"], [np.nan, 5.0])
-    np.testing.assert_array_equal(metrics["late"], [[np.nan, np.nan], [3, 0]])
+    np.testing.assert_array_equal(metrics["sim_time"], [np.nan, 5.0, np.nan])
+    np.testing.assert_array_equal(metrics["late"], [[np.nan, np.nan], [3, 0], [np.nan] * 2])
     clients = read_clients(path)
-    np.testing.assert_array_equal(clients["late"], [[False] * 4, [False, True, False, False]])
+    np.testing.assert_array_equal(clients["late"], [[False] * 4, [False, True, False, False],
+                                                    [False] * 4])
+    np.testing.assert_array_equal(clients["staleness"], [[np.nan] * 4, [np.nan] * 4,
+                                                         [0, 2, np.nan, 1]])
     with RunRecord.open_append(path) as record:  # the new columns truncate like the others
         record.truncate_to(1)
     assert read_metrics(path)["sim_time"].shape == (1,)

@@ -36,7 +36,7 @@ from hflmpi.learn.data import load_dataset  # noqa: E402
 from hflmpi.learn.models import build_model  # noqa: E402
 from hflmpi.learn.partition import make_partition  # noqa: E402
 from hflmpi.mpi.guard import SetupError  # noqa: E402
-from hflmpi.record.reading import read_metrics  # noqa: E402
+from hflmpi.record.reading import read_clients, read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -89,7 +89,8 @@ def _write_profile(comm: MPI.Comm, path: str) -> None:
 def _serial_buffered_reference(config) -> tuple[torch.Tensor, list[int], list[int]]:
     """Two edges of 4 clients run FedBuff for tau_2 flushes; the cloud averages the edges.
 
-    Returns the final model, every applied update's staleness, and the flushes per round.
+    Returns the final model, every applied update's staleness, the flushes per round and each
+    round's per-client staleness of the last applied update (NaN: none).
     """
     train_set, _ = load_dataset(config.data, config.run.seed)
     tau1, flushes = config.schedule.tau
@@ -122,7 +123,8 @@ def _serial_buffered_reference(config) -> tuple[torch.Tensor, list[int], list[in
     root = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
     staleness: list[int] = []
     counts: list[int] = []
-    for _ in range(config.run.rounds):
+    last = np.full((config.run.rounds, 8), np.nan)
+    for rnd in range(config.run.rounds):
         edges, weight = [], []
         for e in range(2):
             x, version, applied = root.clone(), 0, set()
@@ -141,6 +143,7 @@ def _serial_buffered_reference(config) -> tuple[torch.Tensor, list[int], list[in
                     total = torch.zeros_like(x, dtype=torch.float64)
                     for (m, vm, dm), wm in zip(buffer, w):
                         staleness.append(version - vm)
+                        last[rnd, m] = version - vm
                         total += dm.double() * (SERVER_LR * wm * (1 + version - vm) ** -EXPONENT
                                                 / w.sum())
                         applied.add(m)
@@ -154,7 +157,7 @@ def _serial_buffered_reference(config) -> tuple[torch.Tensor, list[int], list[in
             weight.append(sum(len(parts[m]) for m in applied))
         counts.append(2 * flushes)
         root = sum(edges[e].double() * (weight[e] / sum(weight)) for e in range(2)).float()
-    return root, staleness, counts
+    return root, staleness, counts, last
 
 
 @pytest.mark.mpi(min_size=1)
@@ -172,7 +175,7 @@ def test_buffered_edges_match_a_serial_fedbuff_reference():
                 seen.append((info.round, info.step, info.layer))
 
         result = train(config, world, callbacks=[Spy()])
-        expected, staleness, flushes = _serial_buffered_reference(config)
+        expected, staleness, flushes, last = _serial_buffered_reference(config)
         assert seen == [(1, 6, 2), (2, 6, 2)]  # after each cloud aggregation (tau = [2, 3])
         assert max(staleness) >= 2  # the example exercises the discount
         np.testing.assert_allclose(result.model.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
@@ -189,6 +192,7 @@ def test_buffered_edges_match_a_serial_fedbuff_reference():
                                            max(staleness[per_round:])])
             assert np.isnan(metrics["flushes"][:, 1]).all()
             assert (metrics["late"][:, 0] > 0).all()  # in-flight work dropped at the cloud
+            np.testing.assert_array_equal(read_clients(out)["staleness"], last)
 
 
 def _job(out: str, rounds: int):
