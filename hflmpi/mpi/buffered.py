@@ -6,7 +6,7 @@ module carries it out on the ranks that hold the node's clients:
 
 * at a ``train`` event the rank owning the client trains it ``tau_1`` steps from the node's model
   of that moment and keeps its update ``d = x_trained - x_downloaded`` until the flush that
-  applies it (one update per in-flight client);
+  applies it (one update per busy client, plus the K - 1 waiting in an unfilled buffer);
 * at a ``flush`` event the node applies ``x <- x + sum_i a_i d_i``, ``a_i = lr w_i (1 + s_i)^-a /
   sum_j w_j`` over the buffer (FedBuff divides by the undiscounted total, so stale updates make
   the step smaller, not just re-mixed). An exact layer sums ``a_i d_i`` in float64 (locally, then
