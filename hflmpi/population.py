@@ -67,6 +67,7 @@ from hflmpi.mpi.population_state import (
     write_population_checkpoint,
 )
 from hflmpi.mpi.preempt import PreemptionFlag
+from hflmpi.population_buffered import buffered_nodes, buffered_round
 from hflmpi.population_callbacks import aggregation_info, round_info, weighted_loss
 from hflmpi.population_clock import RoundClock
 from hflmpi.record.progress import Progress
@@ -125,6 +126,7 @@ class _Population:
     speeds: np.ndarray
     clock: RoundClock
     hooks: Hooks
+    buffered: Any = None  # hflmpi.mpi.buffered.BufferedNodes when layer 1 is buffered
 
 
 def train_population(
@@ -241,10 +243,12 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
         Availability.bernoulli(clients, opts.online, seed)))
     clock = agree(comm, "setting up the simulated clock (device profiles)", lambda: RoundClock(
         config, plan, aggregator.numel, aggregator.bits, aggregator.bucket_sizes))
+    buffered = agree(comm, "setting up the buffered layer",
+                     lambda: buffered_nodes(config, aggregator, trainer))
     my_test = test_set.subset(np.arange(rank, len(test_set), size))
     return _Population(plan, device, train_set, my_test, parts, sizes, client_weights, model,
                        aggregator, trainer, mine, availability, clock.profiles.speeds, clock,
-                       hooks)
+                       hooks, buffered)
 
 
 def _partition(config: RunConfig, train_set: TensorDataset, clients: int) -> list[np.ndarray]:
@@ -288,9 +292,9 @@ def _run_rounds(
                                           round_samples, cohort, started, round_started)
             if evaluation is not None:  # every rank has the reduced evaluation
                 test_loss, accuracy = trained.test
-            metrics, late = pop.clock.close_round(metrics)
+            metrics, late, stale = pop.clock.close_round(metrics)
             error = _record(record, progress, metrics, record_path, accuracy, cohort,
-                            round_losses, scores, round_samples, pop.plan.clients, late)
+                            round_losses, scores, round_samples, pop.plan.clients, late, stale)
             last_round = rnd
             if rnd == start_round:
                 _report_state_memory(comm, pop)
@@ -419,6 +423,9 @@ def _round(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchdog, r
     mine = [c for c in pop.mine if participating[c]]
     pop.trainer.lr = lr_at(rnd - 1, config.optim, config.run.rounds)
     work = _RoundWork(plan.depth)
+    if pop.buffered is not None:
+        buffered_round(config, pop, watchdog, rnd, participating, weights, work, evaluate_now)
+        return work
     for period in range(steps // tau[0]):
         step = (period + 1) * tau[0]
         top = aggregation_layer(step, tau)
@@ -460,7 +467,7 @@ def _evaluate(pop: _Population) -> np.ndarray:
 def _record(record: RunRecord | None, progress: Progress | None, metrics: RoundMetrics | None,
             record_path: Path, accuracy: float, cohort: np.ndarray, losses: np.ndarray,
             scores: np.ndarray, samples: np.ndarray, clients: int,
-            late: np.ndarray) -> str | None:
+            late: np.ndarray, staleness: np.ndarray | None = None) -> str | None:
     """Append the round and its clients to the run file (rank 0); return a write error."""
     if record is None or progress is None or metrics is None:
         return None
@@ -470,7 +477,8 @@ def _record(record: RunRecord | None, progress: Progress | None, metrics: RoundM
     participated[cohort] = True
     try:
         record.append_round(metrics)
-        record.append_clients(metrics.round, participated, losses, scores, samples, late=late)
+        record.append_clients(metrics.round, participated, losses, scores, samples, late=late,
+                              staleness=staleness)
     except (OSError, RuntimeError) as exc:
         return record_error(f"writing round {metrics.round} to", record_path, exc)
     return None

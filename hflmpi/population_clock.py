@@ -10,8 +10,9 @@ aggregation is the synchronous one bit for bit; the clock then only records the 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -73,6 +74,10 @@ class RoundClock:
         self.asynchronous = opts.asynchronous
         self.late = np.zeros(depth)
         self.late_clients = np.zeros(plan.clients, dtype=bool)
+        self.buffered = opts.modes_for(depth)[0] == "buffered"
+        self.flushes = 0
+        self.staleness: list[int] = []
+        self.client_staleness = np.full(plan.clients, np.nan)
 
     @property
     def time(self) -> float:
@@ -94,17 +99,49 @@ class RoundClock:
         self.late_clients |= events.late_clients
         return events.carried if self.asynchronous else None
 
-    def close_round(self, metrics: RoundMetrics | None) -> tuple[RoundMetrics | None, np.ndarray]:
+    def buffered_period(self, top: int, closed: np.ndarray, weights: np.ndarray, dropped: int,
+                        flushes: int, applied: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Advance over one layer-2 period of buffered layer-1 nodes; return the carried weights.
+
+        ``closed`` and ``weights``: per layer-1 node, its last flush and the weight of its
+        clients with an applied update; ``applied``: every applied update's (client, staleness),
+        in the order each node applied them.
+        """
+        events = self.clock.buffered_period(top, closed, weights, dropped)
+        self.late += events.late
+        self.flushes += flushes
+        for client, stale in applied:
+            self.staleness.append(int(stale))
+            self.client_staleness[client] = stale
+        return events.carried
+
+    def close_round(self, metrics: RoundMetrics | None
+                    ) -> tuple[RoundMetrics | None, np.ndarray, np.ndarray | None]:
         """Add the round's simulated time and late counts to ``metrics``; start the next round.
 
-        Returns the metrics (None stays None) and which clients were late in the round.
+        Returns the metrics (None stays None), which clients were late in the round and, with a
+        buffered layer 1, each client's last applied staleness (NaN: none; else None).
         """
         late_clients = self.late_clients.copy()
+        last = self.client_staleness.copy() if self.buffered else None
+        self.client_staleness[:] = np.nan
         out = None if metrics is None else replace(metrics, sim_time=self.time,
-                                                   late=list(self.late))
+                                                   late=list(self.late), **self._staleness())
         self.late[:] = 0.0
         self.late_clients[:] = False
-        return out, late_clients
+        self.flushes, self.staleness = 0, []
+        return out, late_clients, last
+
+    def _staleness(self) -> dict[str, Any]:
+        """Return the round's flush and staleness columns (layer 1; NaN above, or empty)."""
+        if not self.buffered:
+            return {}
+        pad = [math.nan] * (len(self.late) - 1)
+        stale = np.asarray(self.staleness, dtype=np.float64)
+        return {"flushes": [float(self.flushes), *pad],
+                "staleness_count": [float(stale.size), *pad],
+                "staleness_mean": [float(stale.mean()) if stale.size else math.nan, *pad],
+                "staleness_max": [float(stale.max()) if stale.size else math.nan, *pad]}
 
 
 def _check_deadline(deadline: float, tau1: int, profiles: DeviceProfiles, nbytes: float) -> None:

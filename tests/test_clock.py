@@ -129,5 +129,5 @@ def test_bad_clock_arguments_are_refused():
     with pytest.raises(ValueError, match="modes, deadlines and payload"):
         SimulatedClock(PLAN, 2, PROFILES, ["sync"], [0.0], [1.0], [1.0], [0.0])
     with pytest.raises(ValueError, match="unknown clock mode"):
-        SimulatedClock(PLAN, 2, PROFILES, ["sync", "buffered"], [0.0, 0.0], [1.0, 1.0],
+        SimulatedClock(PLAN, 2, PROFILES, ["sync", "bogus"], [0.0, 0.0], [1.0, 1.0],
                        [1.0], [0.0])

@@ -126,7 +126,7 @@ def test_the_clock_section_is_checked_against_the_tree():
                                           r"clock.deadline=\[2.0, 0\]"):
         _config(mode=["deadline", "sync"])
     with pytest.raises(ConfigError, match="must be one of"):
-        _config(mode=["buffered", "sync"])
+        _config(mode=["fedasync", "sync"])
     with pytest.raises(ConfigError, match="node_latency=.* has 3 entries"):
         _config(node_latency=[0.1, 0.1, 0.1])
     with pytest.raises(ConfigError, match="clients.count=0"):

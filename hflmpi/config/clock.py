@@ -16,6 +16,7 @@ from hflmpi.config.checks import (
     _choice_list,
     _float,
     _fmt,
+    _int_list,
     _Invalid,
     _opt,
     _Section,
@@ -56,12 +57,21 @@ class ClockConfig(_Section):
     Attributes
     ----------
     mode : list of str
-        Per layer, ``"sync"`` (wait for every participant, the default) or ``"deadline"``
+        Per layer, ``"sync"`` (wait for every participant, the default), ``"deadline"``
         (close at ``deadline`` seconds after the node's model was ready; late updates are
-        dropped). Empty (default): sync everywhere.
+        dropped) or ``"buffered"`` (FedBuff: apply every ``buffer`` arrivals with a staleness
+        discount; layer 1 only, under a layer above). Empty (default): sync everywhere.
     deadline : list of float
         Per layer, the deadline in simulated seconds (used where ``mode`` is ``"deadline"``,
         where it must be > 0; give 0 for sync layers).
+    buffer : list of int
+        Per layer, ``K``: the updates a ``"buffered"`` node applies at once (>= 1 and at most
+        the smallest group of the layer; give 0 for other layers).
+    staleness_exponent : list of float
+        Per layer, ``a >= 0`` of the staleness discount ``(1 + s) ** -a`` of a buffered layer
+        (empty: 0.5 everywhere, FedBuff's ``1 / sqrt(1 + s)``).
+    server_lr : float
+        Step size of a buffered node's update (FedBuff's server learning rate). Default 1.
     step_seconds : float
         Base simulated seconds per local SGD step. Default 0.01.
     uplink : float
@@ -86,6 +96,9 @@ class ClockConfig(_Section):
     section: ClassVar[str] = "clock"
     mode: tuple[str, ...] = _opt((), _choice_list(*MODES), '["deadline", "sync"]')
     deadline: tuple[float, ...] = _opt((), _float_list(0.0, lo_open=False), "[2.0, 0]")
+    buffer: tuple[int, ...] = _opt((), _int_list(0, allow_empty=True), "[4, 0]")
+    staleness_exponent: tuple[float, ...] = _opt((), _float_list(0.0, lo_open=False), "[0.5, 0]")
+    server_lr: float = _opt(1.0, _float(0.0, lo_open=True), "1.0")
     step_seconds: float = _opt(0.01, _float(0.0, lo_open=True), "0.01")
     uplink: float = _opt(1.25e6, _float(0.0, lo_open=True), "1.25e6")
     latency: float = _opt(0.05, _float(0.0), "0.05")
@@ -127,9 +140,13 @@ class ClockConfig(_Section):
         values = list(getattr(self, name))
         return values * (depth - 1) if len(values) == 1 else values
 
-    def check_layers(self, depth: int) -> None:
-        """Check the per-layer lists against a ``depth``-layer tree."""
-        for name in ("mode", "deadline"):
+    def exponents_for(self, depth: int) -> list[float]:
+        """Return one staleness exponent per layer (empty: 0.5 everywhere)."""
+        return list(self.staleness_exponent) or [0.5] * depth
+
+    def check_layers(self, depth: int, group_sizes: Any = None) -> None:
+        """Check the per-layer lists against a ``depth``-layer tree (and its fan-ins)."""
+        for name in ("mode", "deadline", "buffer", "staleness_exponent"):
             values = getattr(self, name)
             if values and len(values) != depth:
                 raise ConfigError(f"clock.{name}={_fmt(values)} has {len(values)} entries but "
@@ -146,3 +163,28 @@ class ClockConfig(_Section):
                 raise ConfigError(f"clock.deadline={_fmt(self.deadline)} gives layer {n} no "
                                   "deadline (> 0 simulated seconds), but clock.mode makes it "
                                   f"\"deadline\"; e.g. clock.deadline={_fmt(example)}")
+        _check_buffered(self.modes_for(depth), self.buffer, group_sizes)
+
+
+def _check_buffered(modes: list[str], buffer: tuple[int, ...], group_sizes: Any) -> None:
+    """Refuse a buffered layer other than layer 1 under a layer above, or a bad ``K``."""
+    for n, mode in enumerate(modes, start=1):
+        if mode != "buffered":
+            continue
+        if n != 1 or len(modes) < 2:
+            raise ConfigError(
+                f"clock.mode={_fmt(modes)} makes layer {n} \"buffered\", but only layer 1 "
+                "under a layer above can be buffered (the flushes of a layer-1 node make one "
+                "period of the layer above); e.g. clock.mode=[\"buffered\", \"sync\"] with "
+                "topology.fanouts=[clients per node, nodes] (one node: [count, 1])")
+        k = buffer[0] if buffer else 0
+        if k < 1:
+            raise ConfigError(f"clock.buffer={_fmt(buffer)} gives the buffered layer 1 no buffer "
+                              "size K >= 1; e.g. clock.buffer=[4" + ", 0" * (len(modes) - 1) + "]")
+        if group_sizes is not None:
+            sizes = list(group_sizes[0])
+            if k > min(sizes):
+                raise ConfigError(
+                    f"clock.buffer[0]={k} is larger than layer-1 group {sizes.index(min(sizes))}, "
+                    f"which has {min(sizes)} clients: that node could never fill its buffer; give "
+                    f"clock.buffer[0] <= {min(sizes)}")

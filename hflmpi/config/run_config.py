@@ -107,7 +107,7 @@ class RunConfig:
         self._check_side_channels()
         self._check_server_state()
         self._check_population()
-        self.clock.check_layers(depth)
+        self.clock.check_layers(depth, group_sizes)
 
     def _check_population(self) -> None:
         """Refuse the clock's device simulation without a population."""

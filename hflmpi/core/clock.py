@@ -46,8 +46,8 @@ if TYPE_CHECKING:  # the config imports MODES; keep it free of torch
 
 __all__ = ["MODES", "PeriodEvents", "SimulatedClock", "carried_weights", "message_bytes"]
 
-MODES = ("sync", "deadline")
-"""Per-layer aggregation modes the clock knows (``"buffered"`` is planned, issue 15)."""
+MODES = ("sync", "deadline", "buffered")
+"""Per-layer aggregation modes the clock knows (``"buffered"``: :mod:`hflmpi.core.buffered`)."""
 
 
 def message_bytes(numel: int, bits: Sequence[int], bucket_sizes: Sequence[int]) -> list[float]:
@@ -193,8 +193,39 @@ class SimulatedClock:
         self.carried[0] = np.asarray(weights[0], dtype=np.float64)
         arrival = (self.ready[1][self.parents[0]] + 2 * self.client_link
                    + self.tau1 * self.profiles.step_seconds)
+        late_clients = self._close_layers(1, top, arrival, carried, late)
+        return PeriodEvents(carried, late, late_clients, self._open_below(top))
+
+    def buffered_period(self, top: int, closed: np.ndarray, weights: np.ndarray,
+                        dropped: int) -> PeriodEvents:
+        """Advance over one layer-2 period whose layer-1 nodes are buffered.
+
+        Parameters
+        ----------
+        top : int
+            The highest layer that closes at the end of the period (>= 2).
+        closed : ndarray
+            Per layer-1 node, the time of its last flush (its ready time without a flush).
+        weights : ndarray
+            Per layer-1 node, the weight it carries up: its clients with an applied update.
+        dropped : int
+            Updates still in flight at the nodes' last flushes (counted as late at layer 1).
+        """
+        depth = self.depth
+        carried = [np.zeros(self.counts[n]) for n in range(depth)]
+        late = np.zeros(depth, dtype=np.int64)
+        late[0] = dropped
+        self.closed[1][:] = closed
+        self.carried[1] = np.asarray(weights, dtype=np.float64)
+        self._close_layers(2, top, np.zeros(0), carried, late)
+        return PeriodEvents(carried, late, np.zeros(self.counts[0], dtype=bool),
+                            self._open_below(top))
+
+    def _close_layers(self, first: int, top: int, arrival: np.ndarray, carried: list[np.ndarray],
+                      late: np.ndarray) -> np.ndarray:
+        """Close layers ``first..top``; fill ``carried`` and ``late``; return the late clients."""
         late_clients = np.zeros(self.counts[0], dtype=bool)
-        for n in range(1, top + 1):
+        for n in range(first, top + 1):
             if n > 1:
                 arrival = self.closed[n - 1] + self.node_link[n - 1]
             taking = self.carried[n - 1] > 0
@@ -207,13 +238,17 @@ class SimulatedClock:
             sums = np.zeros(self.counts[n])
             np.add.at(sums, self.parents[n - 1], self.sent[n - 1])
             self.carried[n] = sums
+        return late_clients
+
+    def _open_below(self, top: int) -> float:
+        """Send the models of layer ``top`` down; return when the top's models were ready."""
         # the nodes below the top now take their model from above
         for n in range(1, top):
             self.sent[n - 1][:] = 0.0
             self.carried[n][:] = 0.0
         self.ready[top][:] = self.closed[top]
         self._send_down(top)
-        return PeriodEvents(carried, late, late_clients, float(self.ready[top].max()))
+        return float(self.ready[top].max())
 
     def _close(self, n: int, taking: np.ndarray, arrival: np.ndarray) -> np.ndarray:
         """Close every layer-``n`` node; return which children arrived in time."""

@@ -170,7 +170,7 @@ class PopulationAggregator:
 
     def aggregate(self, top: int, trained: dict[int, torch.Tensor], weights: list[np.ndarray],
                   step: int, measure_error: bool = False,
-                  carried: Sequence[np.ndarray] | None = None) -> PopulationStats:
+                  carried: Sequence[np.ndarray] | None = None, bottom: int = 1) -> PopulationStats:
         """Aggregate layers ``1..top`` bottom-up, then send the new models down.
 
         Collective over the communicators of the spanning nodes of layers ``1..top`` this rank
@@ -192,13 +192,15 @@ class PopulationAggregator:
             Per layer ``0..top-1``, the weight each node's update carries into its parent
             (:class:`hflmpi.core.clock.SimulatedClock`; 0: late, dropped); a node aggregates
             its children by these weights, renormalised over them. ``None``: ``weights``.
+        bottom : int
+            The lowest layer to aggregate (2: layer 1 was applied by buffered nodes).
         """
         import time
 
         started = time.perf_counter()
         stats = PopulationStats([0.0] * self.plan.depth, [0.0] * self.plan.depth,
                                 [math.nan] * self.plan.depth)
-        for n in range(1, top + 1):
+        for n in range(bottom, top + 1):
             layer = weights if carried is None else carried_weights(self.plan, weights, carried, n)
             for k in self.nodes[n]:
                 if layer[n][k] > 0:

@@ -14,6 +14,9 @@ Written by :meth:`hflmpi.record.store.RunRecord.append_clients`; read by
     /clients/late           uint8 [rows, ceil(clients / 8)]: bits as ``participated``; the
                             client's update missed its layer-1 node's deadline in the round
                             (docs/async.md; absent in run files written before it existed)
+    /clients/staleness      float32 [rows, clients]   staleness of the client's last update that
+                            a buffered layer-1 node applied in the round (NaN: none; absent in
+                            run files written before it existed)
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ _CLIENT_DATASETS: Mapping[str, tuple[str, float | int, str]] = {
         "uint8", 0,
         "the client's update reached its layer-1 node after the node closed (clock.mode "
         "\"deadline\") and was dropped; bits as in 'participated'",
+    ),
+    "staleness": (
+        "float32", np.nan,
+        "staleness (node versions applied since its download) of the client's last update that a "
+        "buffered layer-1 node applied in the round (clock.mode \"buffered\"; NaN: none)",
     ),
 }
 _PACKED = ("participated", "late")
@@ -139,10 +147,12 @@ def checked_client_row(round: int, participated: Any, losses: Any, scores: Any, 
 
 
 def append_client_row(group: h5py.Group, round: int, mask: np.ndarray, loss: np.ndarray,
-                      score: np.ndarray, count: np.ndarray, late: Any = None) -> None:
+                      score: np.ndarray, count: np.ndarray, late: Any = None,
+                      staleness: Any = None) -> None:
     """Append a checked row (:func:`checked_client_row`) to ``/clients``.
 
-    ``late`` (bool per client, None: nobody) flags the participants whose update was dropped.
+    ``late`` (bool per client, None: nobody) flags the participants whose update was dropped;
+    ``staleness`` (per client, None: NaN) is that of the last applied buffered update.
     """
     late_mask = np.zeros_like(mask) if late is None else np.asarray(late, dtype=np.bool_)
     if late_mask.shape != mask.shape or (late_mask & ~mask).any():
@@ -154,10 +164,13 @@ def append_client_row(group: h5py.Group, round: int, mask: np.ndarray, loss: np.
         "score": score,
         "samples": count,
         "late": np.packbits(late_mask, bitorder=CLIENT_BITORDER),
+        "staleness": (np.full(mask.shape, np.nan, dtype=np.float32) if staleness is None else
+                      _client_vector("staleness", staleness, int(mask.shape[0]), "float32")),
     }
     n = int(group["round"].shape[0])
-    if "late" not in group:  # a run file written before the column existed
-        _create_client_dataset(group, "late", int(mask.shape[0]), rows=n)
+    for name in ("late", "staleness"):
+        if name not in group:  # a run file written before the column existed
+            _create_client_dataset(group, name, int(mask.shape[0]), rows=n)
     # The round last: truncate_to and readers go by it, so a failed write (full disk) leaves
     # at most a row that the next truncate_to drops.
     for name, row in rows.items():

@@ -149,15 +149,16 @@ def read_clients(path: str | os.PathLike[str]) -> dict[str, np.ndarray] | None:
 
     Keys: ``round`` int64 [rows], ``participated`` bool [rows, clients] (unpacked from the
     stored bits), ``loss`` and ``score`` float32 [rows, clients] (NaN: none), ``samples`` int32
-    [rows, clients], and ``late`` bool [rows, clients] where recorded (updates dropped at a
-    deadline). Everything is read whole; :func:`read_participation` only counts.
+    [rows, clients], ``late`` bool [rows, clients] where recorded (updates dropped at a
+    deadline) and ``staleness`` float32 [rows, clients] where recorded (buffered layer 1). Everything is read whole; :func:`read_participation` only counts.
     """
     with _open_read(path) as file:
         if "clients" not in file:
             return None
         group = file["clients"]
         rows = _client_rows(group)
-        out = {name: group[name][:rows] for name in ("round", "loss", "score", "samples")}
+        out = {name: group[name][:rows] for name in ("round", "loss", "score", "samples",
+                                                     "staleness") if name in group}
         for name in ("participated", "late"):
             if name in group:  # "late": absent in files written before it existed
                 out[name] = _unpack(group[name][:rows], int(group.attrs["clients"]),

@@ -19,7 +19,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -175,6 +175,25 @@ def _run_rows(run: RunSummary, layers: int) -> list[tuple[str, str]]:
         known = late is not None and j < late.shape[1] and np.isfinite(late[:, j]).any()
         rows.append((f"late updates, layer {j + 1}",
                      f"{np.nansum(late[:, j]):.0f}" if known and late is not None else "-"))
+    rows.extend(_staleness_rows(run.metrics, layers))
+    return rows
+
+
+def _staleness_rows(metrics: Mapping[str, np.ndarray], layers: int) -> list[tuple[str, str]]:
+    """Flushes and staleness of the buffered layers (none: no rows)."""
+    rows = []
+    for j in range(layers):
+        flushes, count = metrics.get("flushes"), metrics.get("staleness_count")
+        if flushes is None or count is None or j >= flushes.shape[1] or not np.isfinite(
+                flushes[:, j]).any():
+            continue
+        n, mean, top = count[:, j], metrics["staleness_mean"][:, j], metrics["staleness_max"][:, j]
+        applied = float(np.nansum(n))
+        overall = float(np.nansum(n * np.nan_to_num(mean))) / applied if applied else math.nan
+        worst = float(np.nanmax(top)) if np.isfinite(top).any() else math.nan
+        rows += [(f"flushes, layer {j + 1}", f"{np.nansum(flushes[:, j]):.0f}"),
+                 (f"staleness mean/max, layer {j + 1}",
+                  f"{_fmt(overall, '.2f')} / {_fmt(worst, '.0f')}")]
     return rows
 
 
@@ -238,7 +257,9 @@ def summarize(paths: Sequence[str | os.PathLike[str]]) -> str:
         raise ValueError("summarize needs at least one run file")
     layers = max(int(r.metrics["bytes_sent"].shape[1]) for r in runs)
     per_run = [_run_rows(run, layers) for run in runs]
-    rows = [[name, *(rr[i][1] for rr in per_run)] for i, (name, _) in enumerate(per_run[0])]
+    names = list(dict.fromkeys(name for rr in per_run for name, _ in rr))  # buffered rows: some
+    values = [dict(rr) for rr in per_run]
+    rows = [[name, *(v.get(name, "-") for v in values)] for name in names]
     lines = _table(["run", *(r.label for r in runs)], rows)
     if len(runs) > 1:
         diffs = _config_differences(runs)

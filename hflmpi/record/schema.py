@@ -66,4 +66,19 @@ LAYER_METRICS: Mapping[str, tuple[str, str, str]] = {
         "updates that reached the layer after their node closed and were dropped, summed over "
         "the round's aggregations (clock.mode \"deadline\"; populations only, NaN otherwise)",
     ),
+    "flushes": (
+        "float64", "1",
+        "buffers applied by the layer's buffered (FedBuff) nodes in the round, summed over the "
+        "nodes (clock.mode \"buffered\"; NaN for other layers and in older run files)",
+    ),
+    "staleness_count": (
+        "float64", "1",
+        "updates applied by the layer's buffered nodes in the round (each flush applies K)",
+    ),
+    "staleness_mean": (
+        "float64", "1",
+        "mean staleness (node versions applied between download and application) of those "
+        "updates",
+    ),
+    "staleness_max": ("float64", "1", "largest staleness of those updates"),
 }

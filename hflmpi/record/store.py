@@ -109,6 +109,10 @@ class RoundMetrics:
     downward_divergence: float = math.nan
     sim_time: float = math.nan
     late: Sequence[float] | None = None
+    flushes: Sequence[float] | None = None
+    staleness_count: Sequence[float] | None = None
+    staleness_mean: Sequence[float] | None = None
+    staleness_max: Sequence[float] | None = None
 
 
 def _now_iso(unix: float) -> str:
@@ -357,15 +361,16 @@ class RunRecord:
         samples: np.ndarray,
         *,
         late: np.ndarray | None = None,
+        staleness: np.ndarray | None = None,
         flush: bool = True,
     ) -> None:
         """Append one ``/clients`` row: who took part in ``round``, their losses, scores, samples.
 
         ``participated`` (bool, one flag per client) is stored as bits; ``losses`` (NaN where not
         measured) and ``scores`` (NaN where none) as float32; ``samples`` (the samples each
-        client trained on) as int32; ``late`` (bool, None: nobody) as bits. The group is
-        created by the first call. Rounds must
-        increase, independently of :meth:`append_round`.
+        client trained on) as int32; ``late`` (bool, None: nobody) as bits; ``staleness`` (None:
+        NaN) as float32. The group is created by the first call. Rounds must increase,
+        independently of :meth:`append_round`.
 
         Raises
         ------
@@ -379,7 +384,7 @@ class RunRecord:
                                                       self._clients)
         if self._clients is None:
             self._clients = create_client_group(self._file, int(mask.shape[0]))
-        append_client_row(self._clients, round, mask, loss, score, count, late)
+        append_client_row(self._clients, round, mask, loss, score, count, late, staleness)
         if flush:
             self.flush()
 
