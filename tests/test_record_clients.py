@@ -46,8 +46,9 @@ def _append(rec: RunRecord, r: int, data: dict[str, np.ndarray]) -> None:
 def _check(path: Path, rounds: list[int], datas: list[dict[str, np.ndarray]]) -> None:
     got = read_clients(path)
     assert got is not None
-    assert set(got) == {"round", "participated", "loss", "score", "samples", "late"}
+    assert set(got) == {"round", "participated", "loss", "score", "samples", "late", "staleness"}
     assert not got["late"].any()  # appended without late flags: nobody was late
+    assert got["staleness"].dtype == np.float32 and np.isnan(got["staleness"]).all()  # no buffer
     clients = len(datas[0]["participated"])
     assert got["round"].dtype == np.int64 and got["round"].tolist() == rounds
     assert got["participated"].dtype == np.bool_
