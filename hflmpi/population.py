@@ -69,6 +69,7 @@ from hflmpi.mpi.population_state import (
 from hflmpi.mpi.preempt import PreemptionFlag
 from hflmpi.population_buffered import buffered_nodes, buffered_round
 from hflmpi.population_callbacks import aggregation_info, round_info, weighted_loss
+from hflmpi.population_carry import HeldUpdates, carry_round
 from hflmpi.population_clock import RoundClock
 from hflmpi.record.progress import Progress
 from hflmpi.record.provenance import provenance
@@ -127,6 +128,7 @@ class _Population:
     clock: RoundClock
     hooks: Hooks
     buffered: Any = None  # hflmpi.mpi.buffered.BufferedNodes when layer 1 is buffered
+    held: HeldUpdates | None = None  # with clock.late[0] = "carry"
 
 
 def train_population(
@@ -248,7 +250,8 @@ def _set_up(config: RunConfig, comm: Any, plan: PopulationPlan,
     my_test = test_set.subset(np.arange(rank, len(test_set), size))
     return _Population(plan, device, train_set, my_test, parts, sizes, client_weights, model,
                        aggregator, trainer, mine, availability, clock.profiles.speeds, clock,
-                       hooks, buffered)
+                       hooks, buffered, HeldUpdates(config.clock.exponents_for(plan.depth)[0])
+                       if clock.carry else None)
 
 
 def _partition(config: RunConfig, train_set: TensorDataset, clients: int) -> list[np.ndarray]:
@@ -425,6 +428,9 @@ def _round(config: RunConfig, comm: Any, pop: _Population, watchdog: Watchdog, r
     work = _RoundWork(plan.depth)
     if pop.buffered is not None:
         buffered_round(config, pop, watchdog, rnd, participating, weights, work, evaluate_now)
+        return work
+    if pop.held is not None:
+        carry_round(config, pop, watchdog, rnd, weights, mine, work, evaluate_now)
         return work
     for period in range(steps // tau[0]):
         step = (period + 1) * tau[0]

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hflmpi.config import ConfigError, RunConfig
-from hflmpi.core.clock import SimulatedClock, message_bytes
+from hflmpi.core.clock import PeriodEvents, SimulatedClock, message_bytes
 from hflmpi.core.devices import DeviceProfiles, draw_profiles, read_profiles
 from hflmpi.core.population import PopulationPlan
 from hflmpi.record.store import RoundMetrics
@@ -70,11 +70,14 @@ class RoundClock:
         uplinks, latencies = opts.links_for(depth)
         self.clock = SimulatedClock(plan, config.schedule.tau[0], self.profiles,
                                     opts.modes_for(depth), deadlines,
-                                    message_bytes(numel, bits, bucket_sizes), uplinks, latencies)
+                                    message_bytes(numel, bits, bucket_sizes), uplinks, latencies,
+                                    late=opts.late_for(depth))
         self.asynchronous = opts.asynchronous
         self.late = np.zeros(depth)
         self.late_clients = np.zeros(plan.clients, dtype=bool)
         self.buffered = opts.modes_for(depth)[0] == "buffered"
+        self.carry = self.clock.carry
+        self.abandoned = 0
         self.flushes = 0
         self.staleness: list[int] = []
         self.client_staleness = np.full(plan.clients, np.nan)
@@ -98,6 +101,21 @@ class RoundClock:
         self.late += events.late
         self.late_clients |= events.late_clients
         return events.carried if self.asynchronous else None
+
+    def carry_period(self, top: int, weights: Sequence[np.ndarray]) -> PeriodEvents:
+        """Advance over one layer-1 period of a deadline layer 1 that carries its late updates.
+
+        Records the staleness of every applied held update and the abandoned ones; returns the
+        clock's events (who started, who is held, which held updates apply, the carried weights).
+        """
+        events = self.clock.period(top, weights)
+        self.late += events.late
+        self.late_clients |= events.late_clients
+        self.abandoned += events.abandoned
+        for client, stale in events.applied:
+            self.staleness.append(stale)
+            self.client_staleness[client] = stale
+        return events
 
     def buffered_period(self, top: int, closed: np.ndarray, weights: np.ndarray, dropped: int,
                         flushes: int, applied: Sequence[tuple[int, int]]) -> list[np.ndarray]:
@@ -123,22 +141,25 @@ class RoundClock:
         buffered layer 1, each client's last applied staleness (NaN: none; else None).
         """
         late_clients = self.late_clients.copy()
-        last = self.client_staleness.copy() if self.buffered else None
+        last = self.client_staleness.copy() if self.buffered or self.carry else None
         self.client_staleness[:] = np.nan
         out = None if metrics is None else replace(metrics, sim_time=self.time,
                                                    late=list(self.late), **self._staleness())
         self.late[:] = 0.0
         self.late_clients[:] = False
         self.flushes, self.staleness = 0, []
+        if self.abandoned:
+            _log.debug("hflmpi: %d held late updates abandoned in the round", self.abandoned)
+        self.abandoned = 0
         return out, late_clients, last
 
     def _staleness(self) -> dict[str, Any]:
         """Return the round's flush and staleness columns (layer 1; NaN above, or empty)."""
-        if not self.buffered:
+        if not (self.buffered or self.carry):
             return {}
         pad = [math.nan] * (len(self.late) - 1)
         stale = np.asarray(self.staleness, dtype=np.float64)
-        return {"flushes": [float(self.flushes), *pad],
+        return {"flushes": [float(self.flushes) if self.buffered else math.nan, *pad],
                 "staleness_count": [float(stale.size), *pad],
                 "staleness_mean": [float(stale.mean()) if stale.size else math.nan, *pad],
                 "staleness_max": [float(stale.max()) if stale.size else math.nan, *pad]}

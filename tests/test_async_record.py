@@ -109,3 +109,19 @@ def test_buffered_columns_in_an_old_file_and_in_the_report(tmp_path):
     # mean over the 10 applied updates: (4 * 0.5 + 6 * 2.0) / 10 = 1.4; max 5
     assert lines["staleness mean/max, layer 1"].split()[-4:] == ["-", "1.40", "/", "5"]
     assert "flushes, layer 2" not in lines
+    assert "carried late updates, layer 1" not in lines
+
+
+def test_the_report_shows_carried_late_updates_and_their_staleness(tmp_path):
+    carried = tmp_path / "carried.h5"
+    with RunRecord.create(carried, CONFIG, META, layer_count=2) as record:
+        for r, (count, mean, top) in enumerate([(3, 1.0, 1), (1, 4.0, 4)], start=1):
+            record.append_round(RoundMetrics(
+                round=r, test_accuracy=0.5, sim_time=float(r), late=[5, 0],
+                flushes=[math.nan, math.nan], staleness_count=[count, math.nan],
+                staleness_mean=[mean, math.nan], staleness_max=[top, math.nan]))
+    lines = {line.split("  ")[0]: line for line in summarize([carried]).splitlines()}
+    assert lines["carried late updates, layer 1"].split()[-1] == "4"
+    # (3 * 1 + 1 * 4) / 4 = 1.75; max 4
+    assert lines["staleness mean/max, layer 1"].split()[-3:] == ["1.75", "/", "4"]
+    assert "flushes, layer 1" not in lines and "carried late updates, layer 2" not in lines

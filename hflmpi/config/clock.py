@@ -23,7 +23,7 @@ from hflmpi.config.checks import (
     _str,
     _type_name,
 )
-from hflmpi.core.clock import MODES
+from hflmpi.core.clock import LATE, MODES
 
 __all__ = ["ClockConfig"]
 
@@ -64,12 +64,17 @@ class ClockConfig(_Section):
     deadline : list of float
         Per layer, the deadline in simulated seconds (used where ``mode`` is ``"deadline"``,
         where it must be > 0; give 0 for sync layers).
+    late : list of str
+        Per layer, what a ``"deadline"`` layer does with an update that misses the close:
+        ``"drop"`` it (the default) or ``"carry"`` it into the node's first aggregation that
+        closes after it arrives, discounted by ``(1 + s) ** -staleness_exponent`` (layer 1
+        under a layer above only). Empty (default): drop everywhere.
     buffer : list of int
         Per layer, ``K``: the updates a ``"buffered"`` node applies at once (>= 1 and at most
         the smallest group of the layer; give 0 for other layers).
     staleness_exponent : list of float
         Per layer, ``a >= 0`` of the staleness discount ``(1 + s) ** -a`` of a buffered layer
-        (empty: 0.5 everywhere, FedBuff's ``1 / sqrt(1 + s)``).
+        or of carried late updates (empty: 0.5 everywhere, FedBuff's ``1 / sqrt(1 + s)``).
     server_lr : float
         Step size of a buffered node's update (FedBuff's server learning rate). Default 1.
     step_seconds : float
@@ -96,6 +101,7 @@ class ClockConfig(_Section):
     section: ClassVar[str] = "clock"
     mode: tuple[str, ...] = _opt((), _choice_list(*MODES), '["deadline", "sync"]')
     deadline: tuple[float, ...] = _opt((), _float_list(0.0, lo_open=False), "[2.0, 0]")
+    late: tuple[str, ...] = _opt((), _choice_list(*LATE), '["carry", "drop"]')
     buffer: tuple[int, ...] = _opt((), _int_list(0, allow_empty=True), "[4, 0]")
     staleness_exponent: tuple[float, ...] = _opt((), _float_list(0.0, lo_open=False), "[0.5, 0]")
     server_lr: float = _opt(1.0, _float(0.0, lo_open=True), "1.0")
@@ -140,13 +146,17 @@ class ClockConfig(_Section):
         values = list(getattr(self, name))
         return values * (depth - 1) if len(values) == 1 else values
 
+    def late_for(self, depth: int) -> list[str]:
+        """Return one late-update policy per layer (empty ``late``: drop everywhere)."""
+        return list(self.late) if self.late else ["drop"] * depth
+
     def exponents_for(self, depth: int) -> list[float]:
         """Return one staleness exponent per layer (empty: 0.5 everywhere)."""
         return list(self.staleness_exponent) or [0.5] * depth
 
     def check_layers(self, depth: int, group_sizes: Any = None) -> None:
         """Check the per-layer lists against a ``depth``-layer tree (and its fan-ins)."""
-        for name in ("mode", "deadline", "buffer", "staleness_exponent"):
+        for name in ("mode", "deadline", "late", "buffer", "staleness_exponent"):
             values = getattr(self, name)
             if values and len(values) != depth:
                 raise ConfigError(f"clock.{name}={_fmt(values)} has {len(values)} entries but "
@@ -164,6 +174,26 @@ class ClockConfig(_Section):
                                   "deadline (> 0 simulated seconds), but clock.mode makes it "
                                   f"\"deadline\"; e.g. clock.deadline={_fmt(example)}")
         _check_buffered(self.modes_for(depth), self.buffer, group_sizes)
+        _check_carry(self.modes_for(depth), self.late_for(depth))
+
+
+def _check_carry(modes: list[str], late: list[str]) -> None:
+    """Refuse ``"carry"`` on a layer that is not a deadline layer 1 under a layer above."""
+    for n, (mode, policy) in enumerate(zip(modes, late), start=1):
+        if policy != "carry":
+            continue
+        example = '["carry"' + ', "drop"' * max(len(modes) - 1, 1) + "]"
+        if mode != "deadline":
+            raise ConfigError(
+                f"clock.late={_fmt(late)} carries the late updates of layer {n}, but clock.mode "
+                f"makes layer {n} {mode!r}: only a \"deadline\" layer has late updates; set "
+                f"clock.mode[{n - 1}]=\"deadline\" or clock.late[{n - 1}]=\"drop\"")
+        if n != 1 or len(modes) < 2:
+            raise ConfigError(
+                f"clock.late={_fmt(late)} carries the late updates of layer {n}, but only layer "
+                "1 under a layer above can carry them (a late node's update, or one held over a "
+                "round end, is not built); e.g. clock.late=" + example + " with "
+                "topology.fanouts=[clients per node, nodes]")
 
 
 def _check_buffered(modes: list[str], buffer: tuple[int, ...], group_sizes: Any) -> None:

@@ -27,13 +27,20 @@ have closed, the top nodes' models go back down, each hop taking as long as its 
 client or node abandons its work when the new model reaches it. A round ends when the root
 closes.
 
+With ``late = "carry"`` on a deadline layer 1 a late client keeps working instead: it is *busy*
+until its update arrives, does not start the node's next period, and its update joins the first
+close of its node at or after its arrival (a busy client's arrival counts among the node's
+latest arrivals, so the node waits for it up to its deadline), with staleness ``s`` = the
+node's closes it missed. When a layer above closes, the node's model comes from above and the
+updates still held are abandoned (counted in :attr:`PeriodEvents.abandoned`).
+
 Pure: numpy only (no torch, so the config can import :data:`MODES`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -44,10 +51,13 @@ if TYPE_CHECKING:  # the config imports MODES; keep it free of torch
     from hflmpi.core.devices import DeviceProfiles
     from hflmpi.core.population import PopulationPlan
 
-__all__ = ["MODES", "PeriodEvents", "SimulatedClock", "carried_weights", "message_bytes"]
+__all__ = ["LATE", "MODES", "PeriodEvents", "SimulatedClock", "carried_weights", "message_bytes"]
 
 MODES = ("sync", "deadline", "buffered")
 """Per-layer aggregation modes the clock knows (``"buffered"``: :mod:`hflmpi.core.buffered`)."""
+
+LATE = ("drop", "carry")
+"""What a deadline layer does with a late update: drop it, or carry it into a later close."""
 
 
 def message_bytes(numel: int, bits: Sequence[int], bucket_sizes: Sequence[int]) -> list[float]:
@@ -91,12 +101,25 @@ class PeriodEvents:
         Per client, whether its update missed its layer-1 node's close.
     time : float
         The simulated time at which the top closing layer's models are ready.
+    started : ndarray
+        Per client, whether it took part and started this period from its node's model (with
+        ``late = "drop"``: every participant).
+    held : ndarray
+        Per client, whether its update missed this close and is held for a later one (carry).
+    applied : list of (int, int)
+        The held updates this close applied: (client, staleness), ascending client.
+    abandoned : int
+        Held updates dropped because a layer above closed.
     """
 
     carried: list[np.ndarray]
     late: np.ndarray
     late_clients: np.ndarray
     time: float
+    started: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    held: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    applied: list[tuple[int, int]] = field(default_factory=list)
+    abandoned: int = 0
 
 
 class SimulatedClock:
@@ -123,12 +146,15 @@ class SimulatedClock:
     start : float
         Simulated time at which the root's model is ready (0 for a new run; a resumed run's
         last round end).
+    late : sequence of str
+        Per layer, ``"drop"`` or ``"carry"`` (:data:`LATE`); only layer 1's is read (empty:
+        drop).
     """
 
     def __init__(self, plan: PopulationPlan, tau1: int, profiles: DeviceProfiles,
                  modes: Sequence[str], deadlines: Sequence[float], payload: Sequence[float],
                  node_uplink: Sequence[float], node_latency: Sequence[float],
-                 start: float = 0.0) -> None:
+                 start: float = 0.0, late: Sequence[str] = ()) -> None:
         depth = plan.depth
         if not (len(modes) == len(deadlines) == len(payload) == depth):
             raise ValueError(f"modes, deadlines and payload need {depth} entries each")
@@ -160,6 +186,15 @@ class SimulatedClock:
         # layer-n node delivered to its parent since the parent's model last came from above
         self.carried = [np.zeros(self.counts[n]) for n in range(depth + 1)]
         self.sent = [np.zeros(self.counts[n]) for n in range(depth + 1)]
+        self.carry = bool(late) and late[0] == "carry"
+        if self.carry and (self.modes[0] != "deadline" or depth < 2):
+            raise ValueError("late = \"carry\" needs a deadline layer 1 under a layer above")
+        # carry: busy[c] while client c's late update is on its way; it arrives at pending[c]
+        # and was started at layer-1 close number since[c]
+        self.busy = np.zeros(self.counts[0], dtype=bool)
+        self.pending = np.zeros(self.counts[0])
+        self.since = np.zeros(self.counts[0], dtype=np.int64)
+        self.closes = 0
         self.reset(start)
 
     @property
@@ -175,6 +210,8 @@ class SimulatedClock:
         for n in range(self.depth + 1):
             self.carried[n][:] = 0.0
             self.sent[n][:] = 0.0
+        self.busy[:] = False
+        self.closes = 0
 
     def period(self, top: int, weights: Sequence[np.ndarray]) -> PeriodEvents:
         """Advance over one layer-1 period whose aggregation closes layers ``1..top``.
@@ -191,10 +228,31 @@ class SimulatedClock:
         carried = [np.zeros(self.counts[n]) for n in range(depth)]
         late = np.zeros(depth, dtype=np.int64)
         self.carried[0] = np.asarray(weights[0], dtype=np.float64)
+        taking = self.carried[0] > 0
+        started = taking & ~self.busy
         arrival = (self.ready[1][self.parents[0]] + 2 * self.client_link
                    + self.tau1 * self.profiles.step_seconds)
-        late_clients = self._close_layers(1, top, arrival, carried, late)
-        return PeriodEvents(carried, late, late_clients, self._open_below(top))
+        if not self.carry:
+            late_clients = self._close_layers(1, top, arrival, carried, late)
+            return PeriodEvents(carried, late, late_clients, self._open_below(top), started)
+        busy = self.busy.copy()
+        arrival = np.where(busy, self.pending, arrival)
+        late_clients = self._close_layers(1, top, arrival, carried, late)  # taking & not arrived
+        held = late_clients & ~busy
+        applied = busy & (carried[0] > 0)
+        late[0] = int(np.count_nonzero(held))  # each late update counts once, when it first misses
+        events = PeriodEvents(carried, late, held, 0.0, started, held,
+                              [(int(c), int(self.closes - self.since[c]))
+                               for c in np.flatnonzero(applied)])
+        self.busy = (busy & ~applied) | held
+        self.pending = np.where(held, arrival, self.pending)
+        self.since = np.where(held, self.closes, self.since)
+        self.closes += 1
+        if top > 1:  # the node's model comes from above: the updates still held are abandoned
+            events.abandoned = int(np.count_nonzero(self.busy))
+            self.busy[:] = False
+        events.time = self._open_below(top)
+        return events
 
     def buffered_period(self, top: int, closed: np.ndarray, weights: np.ndarray,
                         dropped: int) -> PeriodEvents:

@@ -64,14 +64,18 @@ def _describe_tree(config: RunConfig) -> str:
 
 
 def _describe_clock(config: RunConfig) -> str:
-    """Describe the per-layer clock modes in a table cell, ``deadline 0.4 s / sync``."""
+    """Describe the per-layer clock modes in a table cell, ``deadline 0.4 s / sync``.
+
+    A deadline layer that carries its late updates reads ``deadline 0.3 s, carry``.
+    """
     if not config.clients.population:
         return ""
     depth = len(config.schedule.tau)
     modes = config.clock.modes_for(depth)
     deadlines = config.clock.deadlines_for(depth)
-    return " / ".join(f"deadline {d:g} s" if m == "deadline" else m
-                      for m, d in zip(modes, deadlines))
+    late = config.clock.late_for(depth)
+    return " / ".join((f"deadline {d:g} s" + (", carry" if p == "carry" else ""))
+                      if m == "deadline" else m for m, d, p in zip(modes, deadlines, late))
 
 
 def _group_shape(groups: Any) -> str:

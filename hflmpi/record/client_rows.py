@@ -47,12 +47,14 @@ _CLIENT_DATASETS: Mapping[str, tuple[str, float | int, str]] = {
     "late": (
         "uint8", 0,
         "the client's update reached its layer-1 node after the node closed (clock.mode "
-        "\"deadline\") and was dropped; bits as in 'participated'",
+        "\"deadline\") and was dropped (or, clock.late \"carry\", held for a later close); "
+        "bits as in 'participated'",
     ),
     "staleness": (
         "float32", np.nan,
         "staleness (node versions applied since its download) of the client's last update that a "
-        "buffered layer-1 node applied in the round (clock.mode \"buffered\"; NaN: none)",
+        "buffered layer-1 node applied in the round (clock.mode \"buffered\"), or of its last "
+        "carried late update (clock.late \"carry\"; NaN: none)",
     ),
 }
 _PACKED = ("participated", "late")

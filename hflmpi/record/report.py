@@ -180,19 +180,21 @@ def _run_rows(run: RunSummary, layers: int) -> list[tuple[str, str]]:
 
 
 def _staleness_rows(metrics: Mapping[str, np.ndarray], layers: int) -> list[tuple[str, str]]:
-    """Flushes and staleness of the buffered layers (none: no rows)."""
+    """Flushes (or carried late updates) and staleness of the buffered or carrying layers."""
     rows = []
     for j in range(layers):
         flushes, count = metrics.get("flushes"), metrics.get("staleness_count")
-        if flushes is None or count is None or j >= flushes.shape[1] or not np.isfinite(
-                flushes[:, j]).any():
+        if count is None or j >= count.shape[1] or not np.isfinite(count[:, j]).any():
             continue
         n, mean, top = count[:, j], metrics["staleness_mean"][:, j], metrics["staleness_max"][:, j]
         applied = float(np.nansum(n))
         overall = float(np.nansum(n * np.nan_to_num(mean))) / applied if applied else math.nan
         worst = float(np.nanmax(top)) if np.isfinite(top).any() else math.nan
-        rows += [(f"flushes, layer {j + 1}", f"{np.nansum(flushes[:, j]):.0f}"),
-                 (f"staleness mean/max, layer {j + 1}",
+        if flushes is not None and np.isfinite(flushes[:, j]).any():
+            rows.append((f"flushes, layer {j + 1}", f"{np.nansum(flushes[:, j]):.0f}"))
+        else:  # a deadline layer carrying its late updates (clock.late = "carry")
+            rows.append((f"carried late updates, layer {j + 1}", f"{applied:.0f}"))
+        rows += [(f"staleness mean/max, layer {j + 1}",
                   f"{_fmt(overall, '.2f')} / {_fmt(worst, '.0f')}")]
     return rows
 

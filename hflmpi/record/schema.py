@@ -64,7 +64,9 @@ LAYER_METRICS: Mapping[str, tuple[str, str, str]] = {
     "late": (
         "float64", "1",
         "updates that reached the layer after their node closed and were dropped, summed over "
-        "the round's aggregations (clock.mode \"deadline\"; populations only, NaN otherwise)",
+        "the round's aggregations (clock.mode \"deadline\"; populations only, NaN otherwise); "
+        "with clock.late \"carry\" each late update once, applied later (staleness_count) or "
+        "abandoned when a layer above closed (late - staleness_count)",
     ),
     "flushes": (
         "float64", "1",
@@ -73,12 +75,13 @@ LAYER_METRICS: Mapping[str, tuple[str, str, str]] = {
     ),
     "staleness_count": (
         "float64", "1",
-        "updates applied by the layer's buffered nodes in the round (each flush applies K)",
+        "updates applied by the layer's buffered nodes in the round (each flush applies K), or "
+        "late updates a clock.late \"carry\" layer applied at a later close",
     ),
     "staleness_mean": (
         "float64", "1",
         "mean staleness (node versions applied between download and application) of those "
-        "updates",
+        "updates (carry: the node's closes the update missed)",
     ),
     "staleness_max": ("float64", "1", "largest staleness of those updates"),
 }
