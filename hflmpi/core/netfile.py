@@ -1,0 +1,81 @@
+"""Calibrated networks on disk: the JSON that ``hflmpi bench calibrate`` writes and ``hflmpi plan`` reads.
+
+Pure module (no MPI). The file holds one :class:`hflmpi.core.costmodel.Network` per aggregation
+layer (layer 1 first; e.g. the links inside a node, then the link between nodes) and free-form
+metadata (the link, the fan-outs and the timed collectives it was fitted to)::
+
+    {"format": "hflmpi-networks/1", "layers": [{"name": ..., "alpha": ..., "beta": ...,
+     "gamma": ..., "family": "mpich", "note": ...}, ...], "meta": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from hflmpi.core.costmodel import Network
+
+__all__ = ["FORMAT", "networks_to_dict", "networks_from_dict", "write_networks", "read_networks"]
+
+FORMAT = "hflmpi-networks/1"
+"""The ``format`` tag of a network file."""
+
+_FIELDS = ("name", "alpha", "beta", "gamma", "family", "note")
+
+
+def networks_to_dict(layers: Sequence[Network], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return the JSON-ready dict of per-layer networks and metadata."""
+    return {"format": FORMAT, "layers": [asdict(net) for net in layers], "meta": dict(meta or {})}
+
+
+def networks_from_dict(data: Any, source: str = "network file") -> list[Network]:
+    """Return the per-layer networks of a dict made by :func:`networks_to_dict`.
+
+    Raises
+    ------
+    ValueError
+        If the format tag, the layer list or a layer's fields are missing or wrong.
+    """
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{source}: not a network file (needs \"format\": \"{FORMAT}\"; "
+                         "write one with `hflmpi bench calibrate --out FILE`)")
+    layers = data.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise ValueError(f"{source}: \"layers\" must be a non-empty list of networks")
+    nets = []
+    for n, layer in enumerate(layers, start=1):
+        if not isinstance(layer, dict) or set(layer) - set(_FIELDS) or not {"alpha", "beta", "gamma"} <= set(layer):
+            raise ValueError(f"{source}: layer {n} needs alpha, beta, gamma (and optionally "
+                             f"name, family, note), got {layer!r}")
+        try:
+            nets.append(Network(str(layer.get("name", f"layer{n}")), float(layer["alpha"]),
+                                float(layer["beta"]), float(layer["gamma"]),
+                                str(layer.get("family", "mpich")), str(layer.get("note", ""))))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: layer {n}: {exc}") from None
+    return nets
+
+
+def write_networks(path: str | Path, layers: Sequence[Network], meta: dict[str, Any] | None = None) -> None:
+    """Write per-layer networks (and metadata) to ``path`` as JSON."""
+    Path(path).write_text(json.dumps(networks_to_dict(layers, meta), indent=2) + "\n")
+
+
+def read_networks(path: str | Path) -> list[Network]:
+    """Read the per-layer networks of a file written by :func:`write_networks`.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    ValueError
+        If it is not valid JSON or not a network file.
+    """
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    return networks_from_dict(data, str(path))
