@@ -15,7 +15,7 @@ import pytest
 from hflmpi.cli.plan import main
 from hflmpi.core.bit_choice import bit_options, choose_bits
 from hflmpi.core.costmodel import Network
-from hflmpi.core.netfile import networks_from_dict, read_networks, write_networks
+from hflmpi.core.netfile import networks_from_dict, read_codec, read_networks, write_networks
 from hflmpi.core.tau_search import PlanError
 
 Q8 = min(512 / 127**2, math.sqrt(512) / 127)   # 0.0317
@@ -138,3 +138,26 @@ def test_cli_refuses_incomplete_network_options(tmp_path, capsys):
     assert main([*base, "--t-cm", "0.1", "--choose-bits", "8", "--max-variance", "1"]) == 2
     err = capsys.readouterr().err
     assert "--numel" in err and "3 layers" in err and "--max-variance" in err and "--network" in err
+
+
+def test_codec_cost_of_the_file_enters_t_cm_and_the_choice(tmp_path, capsys):
+    path = tmp_path / "net.json"
+    # 8 bits costs 50 ns of arithmetic per parameter: 50 ms at 1M parameters, dearer than exact
+    write_networks(path, [Network("link", 0.0, 1e-9, 0.0)], {"codec": {"8": 50e-9, "4": 1e-9}})
+    assert read_codec(path) == {8: 50e-9, 4: 1e-9}
+    base = ["--network", str(path), "--numel", "1000000", "--fanouts", "2", "--t-cp", "0.01",
+            "--deadline", "10", "--random", "0", "--tau-max", "4", "--json"]
+    capsys.readouterr()
+    assert main([*base, "--bits", "8"]) == 0
+    t8 = json.loads(capsys.readouterr().out)["t_cm"][0]
+    assert main([*base, "--choose-bits", "0,8", "--max-variance", "0.05"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bits"] == [0]  # exact: 4 ms of bytes; 8 bits: ~1-2 ms of bytes + 50 ms
+    assert [o["bits"] for o in result["bit_options"]] == [[0], [8]]
+    assert result["bit_options"][1]["cost"] == pytest.approx(t8)
+    assert 0.050 < t8 < 0.050 + 4e-3  # the codec's 50 ms plus fewer bytes than the 4 MB model
+    assert main([*base, "--choose-bits", "0,8,2", "--max-variance", "100"]) == 2
+    assert "no codec cost for bits [2]" in capsys.readouterr().err
+    write_networks(path, [Network("link", 0.0, 1e-9, 0.0)], {"codec": {"8": -1}})
+    with pytest.raises(ValueError, match="codec"):
+        read_codec(path)

@@ -15,7 +15,7 @@ import sys
 import pytest
 from conftest import MPIEXEC
 
-from hflmpi.bench.calibrate import DEFAULT_SIZES, fit_layers, predictions
+from hflmpi.bench.calibrate import DEFAULT_SIZES, codec_costs, fit_layers, predictions
 from hflmpi.core.costmodel import Network, Sample
 from hflmpi.core.netfile import read_networks
 
@@ -59,6 +59,18 @@ def test_predictions_of_the_bench_candidates_by_hand():
     assert pred["hfl_tree"] == pytest.approx(2 * per_layer)
 
 
+def test_codec_cost_is_what_the_networks_leave_unexplained():
+    net = Network("link", 0.0, 1e-9, 0.0)
+    numel = 1_000_000
+    comm = predictions({"numel": float(numel)}, [2, 2], [net, net], bits=[8])["q8"]
+    codec = codec_costs({8: comm + 0.2}, numel, [2, 2], [net, net])
+    assert codec[8] == pytest.approx(0.2 / (numel * 2))  # per parameter and per layer
+    assert codec_costs({8: comm / 2}, numel, [2, 2], [net, net])[8] == 0.0  # never negative
+    with_codec = predictions({"numel": 3e6}, [2, 2], [net, net], bits=[8], codec=codec)["q8"]
+    without = predictions({"numel": 3e6}, [2, 2], [net, net], bits=[8])["q8"]
+    assert with_codec - without == pytest.approx(0.2 * 3)
+
+
 @pytest.fixture
 def can_emulate():
     from hflmpi.bench.netem import available
@@ -76,7 +88,8 @@ def test_calibrate_on_emulated_nodes_writes_a_network_file_plan_reads(can_emulat
     out = tmp_path / "net.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "hflmpi", "bench", "calibrate", "--emulate-nodes", "2",
-                           "--link", "1gbit", "--sizes", "8,2097152", "--repeats", "1", "--out", str(out)],
+                           "--link", "1gbit", "--sizes", "8,2097152", "--repeats", "1", "--out", str(out),
+                           "--bits", "8", "--codec-numel", "100000"],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert leftover_namespaces(owner=os.getpid()) == []
@@ -84,6 +97,7 @@ def test_calibrate_on_emulated_nodes_writes_a_network_file_plan_reads(can_emulat
     assert [n.name for n in nets] == ["layer1-1gbit", "layer2-1gbit"]
     meta = json.loads(out.read_text())["meta"]
     assert meta["fanouts"] == [2, 2] and meta["label"] == "1gbit"
+    assert set(meta["codec"]) == {"8"} and meta["codec"]["8"] >= 0
     # layer 1: 4 ops x 2 sizes on the node; layer 2: the same across the link + the 4-rank Allreduce
     assert [len(s) for s in meta["samples"]] == [8, 10]
     assert {s["p"] for s in meta["samples"][1]} == {2, 4}

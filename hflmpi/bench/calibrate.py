@@ -11,6 +11,13 @@ layer-n communicator's samples with :func:`hflmpi.core.costmodel.calibrate`; the
 gets the ``Allreduce`` over the whole tree (the exact ``subtree`` path crosses the top links).
 Rank 0 writes the networks (:mod:`hflmpi.core.netfile`) to ``--out`` for ``hflmpi plan --network``.
 
+The alpha-beta-gamma model has no term for the quantizer's own arithmetic (scale, dither,
+round, pack; unpack, rebuild), which on CPUs costs more than the bytes it saves on fast links.
+With ``--bits``, each width's quantized aggregation (every layer at that width, the default
+method and downlink) is also timed at ``--codec-numel`` parameters, and what the fitted networks
+do not explain, per parameter and per layer, is stored as that width's codec cost
+(``meta.codec``, seconds per parameter per quantized layer, :func:`hflmpi.core.netfile.read_codec`).
+
 ``--validate SIZES`` then runs ``hflmpi bench aggregate``'s candidates (:func:`hflmpi.bench.aggregate.
 bench_aggregate`: float32 flat ``Allreduce``, hflmpi's exact ``subtree`` and ``tree`` paths and the
 quantized ``--bits`` widths, integer/levels downlink as a run does by default) at those parameter
@@ -26,6 +33,7 @@ from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
 from hflmpi.bench.aggregate import bench_aggregate, time_interleaved
@@ -33,9 +41,11 @@ from hflmpi.core.costmodel import Network, Sample, aggregation_costs, calibrate,
 from hflmpi.core.netfile import write_networks
 from hflmpi.core.topology import TreePlan, plan_fanouts
 from hflmpi.errors import HflmpiError, report_user_error
+from hflmpi.mpi.aggregate import HierarchicalAggregator
 from hflmpi.mpi.comm import LayerComms
 
-__all__ = ["time_collectives", "fit_layers", "predictions", "format_validation", "main"]
+__all__ = ["time_collectives", "fit_layers", "measure_layers", "time_quantized", "codec_costs",
+           "predictions", "format_validation", "main"]
 
 DEFAULT_SIZES = "8,2097152,8388608,25165824"
 """Calibration message sizes in bytes: 8 B (latency), 2, 8 and 24 MiB.
@@ -98,31 +108,65 @@ def measure_layers(comm: MPI.Comm, comms: LayerComms, sizes: Sequence[int], repe
     return per_layer
 
 
+def time_quantized(comm: MPI.Comm, comms: LayerComms, numel: int, bits: Sequence[int],
+                   repeats: int, bucket_size: int = 0) -> dict[int, float]:
+    """Return the median seconds of a top-layer quantized aggregation per width (collective)."""
+    depth, out = comms.depth, {}
+    for width in bits:
+        model = torch.randn(numel, generator=torch.Generator().manual_seed(comm.Get_rank()))
+        agg = HierarchicalAggregator(comms, model, bits=[width] * depth, bucket_size=bucket_size, seed=0)
+        step = [0]
+
+        def run(agg: HierarchicalAggregator = agg, step: list[int] = step) -> None:
+            step[0] += 1
+            agg.aggregate(depth, 1.0, step=step[0])
+
+        out[width] = time_interleaved(comm, {"q": run}, repeats)["q"]
+        del model, agg
+    return out
+
+
+def _comm_time(numel: int, fanouts: Sequence[int], nets: Sequence[Network], width: int,
+               bucket_size: int) -> float:
+    return sum(aggregation_costs(fanouts, numel, list(nets), [width] * len(fanouts), bucket_size,
+                                 downlink="auto"))
+
+
+def codec_costs(measured: dict[int, float], numel: int, fanouts: Sequence[int], nets: Sequence[Network],
+                bucket_size: int = 0) -> dict[int, float]:
+    """Return seconds per parameter per quantized layer that the networks leave unexplained (>= 0)."""
+    return {w: max(0.0, t - _comm_time(numel, fanouts, nets, w, bucket_size)) / (numel * len(fanouts))
+            for w, t in measured.items()}
+
+
 def predictions(row: dict[str, float], fanouts: Sequence[int], nets: Sequence[Network],
-                bits: Sequence[int], bucket_size: int = 0) -> dict[str, float]:
+                bits: Sequence[int], bucket_size: int = 0, codec: dict[int, float] | None = None,
+                ) -> dict[str, float]:
     """Return the modelled seconds of each candidate of a ``bench_aggregate`` row.
 
     ``mpi_allreduce``: one float32 ``Allreduce`` over every rank on the top network;
     ``hfl_subtree``/``hfl_tree``: a top-layer event of the exact paths; ``q{w}``: a top-layer event
-    with every layer at ``w`` bits and the default (``"auto"``) downlink.
+    with every layer at ``w`` bits and the default (``"auto"``) downlink, plus ``codec[w]``
+    seconds per parameter and layer (:func:`codec_costs`) where given.
     """
     numel, world = int(row["numel"]), int(np.prod(fanouts))
     out = {"mpi_allreduce": collective_time("allreduce", world, 4 * numel, nets[-1])}
     for algorithm in ("subtree", "tree"):
         out[f"hfl_{algorithm}"] = sum(aggregation_costs(fanouts, numel, list(nets), algorithm=algorithm))
     for width in bits:
-        out[f"q{width}"] = sum(aggregation_costs(fanouts, numel, list(nets), [width] * len(fanouts),
-                                                 bucket_size, downlink="auto"))
+        out[f"q{width}"] = (_comm_time(numel, fanouts, nets, width, bucket_size)
+                            + (codec or {}).get(width, 0.0) * numel * len(fanouts))
     return out
 
 
 def format_validation(rows: Sequence[dict[str, float]], fanouts: Sequence[int], nets: Sequence[Network],
-                      bits: Sequence[int], bucket_size: int = 0) -> str:
+                      bits: Sequence[int], bucket_size: int = 0, codec: dict[int, float] | None = None,
+                      ) -> str:
     """Return the table of measured vs predicted seconds per size and candidate."""
     lines = ["# predicted vs measured (median of repeats, slowest rank); error = predicted / measured - 1",
              f"{'params':>10} {'candidate':>14} {'measured ms':>12} {'predicted ms':>13} {'error':>8}"]
     for row in rows:
-        for name, predicted in predictions(row, fanouts, nets, bits, bucket_size).items():
+        for name, predicted in predictions(row, fanouts, nets, bits, bucket_size, codec).items():
             if name in row:
                 lines.append(f"{int(row['numel']):>10} {name:>14} {row[name] * 1e3:>12.2f} "
                              f"{predicted * 1e3:>13.2f} {predicted / row[name] - 1:>+8.1%}")
@@ -138,7 +182,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fanouts", default="", help="tree fan-outs (default: all ranks in one layer)")
     p.add_argument("--out", default="", help="write the fitted networks here (JSON, for hflmpi plan --network)")
     p.add_argument("--validate", default="", help="parameter counts to predict and measure, comma-separated")
-    p.add_argument("--bits", default="", help="with --validate: quantized widths too, e.g. 8,4")
+    p.add_argument("--bits", default="", help="quantized widths: calibrate their codec cost (and validate them)")
+    p.add_argument("--codec-numel", type=int, default=2_000_000, help="parameters of the codec calibration")
     p.add_argument("--bucket-size", type=int, default=0)
     p.add_argument("--emulate-nodes", type=int, default=0, metavar="N",
                    help="run on N fake nodes joined by shaped links (as root, not under mpiexec)")
@@ -174,7 +219,9 @@ def main(argv: Sequence[str], comm: Any = None) -> int:
     rank0 = comm.Get_rank() == 0
     with LayerComms(comm, plan) as comms:
         per_layer = measure_layers(comm, comms, sizes, args.repeats)
+        quantized = time_quantized(comm, comms, args.codec_numel, bits, args.repeats, args.bucket_size)
     nets = fit_layers(per_layer, args.label) if rank0 else []
+    codec = codec_costs(quantized, args.codec_numel, fanouts, nets, args.bucket_size) if rank0 else {}
     if rank0:
         for net, samples in zip(nets, per_layer):
             print(f"# {net.name}: alpha {net.alpha * 1e6:.2f} us, beta {net.beta * 1e9:.4f} ns/B "
@@ -182,15 +229,19 @@ def main(argv: Sequence[str], comm: Any = None) -> int:
                   f"{net.gamma * 1e9:.4f} ns/B; {len(samples)} samples", flush=True)
             for s in samples:
                 print(f"#   {s.op:>9} p={s.p} {int(s.nbytes):>10} B {s.seconds * 1e3:10.3f} ms", flush=True)
+        for width, cost in codec.items():
+            print(f"# codec {width} bits: {quantized[width] * 1e3:.2f} ms at {args.codec_numel} params, "
+                  f"{cost * 1e9:.3f} ns per parameter per layer beyond the networks", flush=True)
         if args.out:
             write_networks(args.out, nets, {"fanouts": fanouts, "label": args.label, "samples": [
-                [asdict(s) for s in samples] for samples in per_layer]})
+                [asdict(s) for s in samples] for samples in per_layer], "codec": {
+                str(w): c for w, c in codec.items()}, "codec_numel": args.codec_numel})
             print(f"# wrote {args.out}", flush=True)
     if validate:
         rows = bench_aggregate(comm, validate, plan, args.repeats, gloo=False, bits=bits,
                                bucket_size=args.bucket_size)
         if rank0:
-            print(format_validation(rows, fanouts, nets, bits, args.bucket_size), flush=True)
+            print(format_validation(rows, fanouts, nets, bits, args.bucket_size, codec), flush=True)
     return 0
 
 

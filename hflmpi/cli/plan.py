@@ -5,7 +5,8 @@ scales float32 aggregation times to the layers' quantizers
 (:func:`hflmpi.core.tau_search.quantized_comm_time`) and runs the search of
 :mod:`hflmpi.core.tau_search`. With ``--network FILE`` (per-layer networks fitted by
 ``hflmpi bench calibrate``) and ``--numel``, ``t_cm`` comes from the cost model instead
-(:func:`hflmpi.core.costmodel.aggregation_costs`), and ``--choose-bits 0,8,4,2`` also picks every
+(:func:`hflmpi.core.costmodel.aggregation_costs`, plus the file's codec cost per parameter on
+quantized layers), and ``--choose-bits 0,8,4,2`` also picks every
 layer's width: the cheapest whose variance factor fits ``--max-variance``
 (:func:`hflmpi.core.bit_choice.choose_bits`).
 """
@@ -21,7 +22,7 @@ from typing import Sequence
 from hflmpi.config import format_value
 from hflmpi.core.bit_choice import BitOption, bit_options, choose_bits
 from hflmpi.core.costmodel import Network, aggregation_costs
-from hflmpi.core.netfile import read_networks
+from hflmpi.core.netfile import read_codec, read_networks
 from hflmpi.core.tau_search import (
     BoundConstants,
     PlanError,
@@ -169,15 +170,22 @@ def _network_t_cm(args: argparse.Namespace, depth_hint: int | None) -> tuple[lis
     if len(nets) != depth:
         raise PlanError(f"{args.network} has {len(nets)} layer networks but --fanouts={fanouts} has {depth} layers")
 
+    codec = read_codec(args.network)  # the quantizer's arithmetic, per parameter and layer
+
     def cost(combo: Sequence[int]) -> list[float]:
-        return aggregation_costs(fanouts, args.numel, nets, list(combo), args.bucket_size,
+        comm = aggregation_costs(fanouts, args.numel, nets, list(combo), args.bucket_size,
                                  args.algorithm, downlink="auto")
+        return [t + (codec.get(b, 0.0) * args.numel if b else 0.0) for t, b in zip(comm, combo)]
 
     options: list[BitOption] = []
     if args.choose_bits:
         if args.max_variance is None:
             raise PlanError("--choose-bits needs --max-variance Q (e.g. 0.05 allows 8 bits, 5 allows 4)")
         candidates = _ints(args.choose_bits, "choose-bits")
+        missing = sorted({b for b in candidates if b and b not in codec})
+        if codec and missing:  # those widths would look free of arithmetic next to the others
+            raise PlanError(f"{args.network} has no codec cost for bits {missing}: calibrate with "
+                            f"hflmpi bench calibrate --bits {','.join(map(str, sorted(set(codec) | set(missing))))}")
         options = bit_options(candidates, depth, lambda c: sum(cost(c)), args.max_variance, args.bucket_size)
         bits = list(choose_bits(candidates, depth, lambda c: sum(cost(c)), args.max_variance,
                                 args.bucket_size).bits)

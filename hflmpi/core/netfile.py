@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 from hflmpi.core.costmodel import Network
 
-__all__ = ["FORMAT", "networks_to_dict", "networks_from_dict", "write_networks", "read_networks"]
+__all__ = ["FORMAT", "networks_to_dict", "networks_from_dict", "write_networks", "read_networks",
+           "read_codec"]
 
 FORMAT = "hflmpi-networks/1"
 """The ``format`` tag of a network file."""
@@ -63,6 +64,31 @@ def write_networks(path: str | Path, layers: Sequence[Network], meta: dict[str, 
     Path(path).write_text(json.dumps(networks_to_dict(layers, meta), indent=2) + "\n")
 
 
+def _load(path: str | Path) -> Any:
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+
+
+def read_codec(path: str | Path) -> dict[int, float]:
+    """Return ``meta.codec`` of a network file: seconds per parameter per quantized layer, by width.
+
+    Empty if the file has none. Raises ``ValueError`` if it is malformed.
+    """
+    data = _load(path)
+    networks_from_dict(data, str(path))
+    codec = data.get("meta", {}).get("codec", {})
+    try:
+        out = {int(w): float(c) for w, c in codec.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"{path}: meta.codec must map widths to seconds per parameter, got {codec!r}") from None
+    if any(c < 0 for c in out.values()):
+        raise ValueError(f"{path}: meta.codec costs must be >= 0, got {codec!r}")
+    return out
+
+
 def read_networks(path: str | Path) -> list[Network]:
     """Read the per-layer networks of a file written by :func:`write_networks`.
 
@@ -73,9 +99,4 @@ def read_networks(path: str | Path) -> list[Network]:
     ValueError
         If it is not valid JSON or not a network file.
     """
-    text = Path(path).read_text()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not JSON ({exc})") from None
-    return networks_from_dict(data, str(path))
+    return networks_from_dict(_load(path), str(path))
