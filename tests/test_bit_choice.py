@@ -161,3 +161,16 @@ def test_codec_cost_of_the_file_enters_t_cm_and_the_choice(tmp_path, capsys):
     write_networks(path, [Network("link", 0.0, 1e-9, 0.0)], {"codec": {"8": -1}})
     with pytest.raises(ValueError, match="codec"):
         read_codec(path)
+
+
+def test_codec_cost_measured_at_several_sizes_takes_the_nearest(tmp_path):
+    path = tmp_path / "net.json"
+    write_networks(path, [Network("link", 0.0, 1e-9, 0.0)],
+                   {"codec": {"8": [[2_000_000, 60e-9], [6_000_000, 20e-9]]}})
+    assert read_codec(path, 1_000_000) == {8: 60e-9}
+    assert read_codec(path, 3_000_000) == {8: 60e-9}   # log distance: 1.5x vs 2x
+    assert read_codec(path, 4_000_000) == {8: 20e-9}   # 2x vs 1.5x
+    assert read_codec(path, 25_000_000) == {8: 20e-9}
+    write_networks(path, [Network("link", 0.0, 1e-9, 0.0)], {"codec": {"8": [[1, 2, 3]]}})
+    with pytest.raises(ValueError, match="codec"):
+        read_codec(path, 10)

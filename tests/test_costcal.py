@@ -15,7 +15,7 @@ import sys
 import pytest
 from conftest import MPIEXEC
 
-from hflmpi.bench.calibrate import DEFAULT_SIZES, codec_costs, fit_layers, predictions
+from hflmpi.bench.calibrate import DEFAULT_SIZES, codec_costs, fit_layers, nearest_codec, predictions
 from hflmpi.core.costmodel import Network, Sample
 from hflmpi.core.netfile import read_networks
 
@@ -69,6 +69,9 @@ def test_codec_cost_is_what_the_networks_leave_unexplained():
     with_codec = predictions({"numel": 3e6}, [2, 2], [net, net], bits=[8], codec=codec)["q8"]
     without = predictions({"numel": 3e6}, [2, 2], [net, net], bits=[8])["q8"]
     assert with_codec - without == pytest.approx(0.2 * 3)
+    sized = {2_000_000: {8: 1.0}, 6_000_000: {8: 2.0}}
+    assert [nearest_codec(sized, n)[8] for n in (10**6, 3 * 10**6, 4 * 10**6, 25 * 10**6)] == [1, 1, 2, 2]
+    assert nearest_codec({}, 10) == {}
 
 
 @pytest.fixture
@@ -89,7 +92,7 @@ def test_calibrate_on_emulated_nodes_writes_a_network_file_plan_reads(can_emulat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "hflmpi", "bench", "calibrate", "--emulate-nodes", "2",
                            "--link", "1gbit", "--sizes", "8,2097152", "--repeats", "1", "--out", str(out),
-                           "--bits", "8", "--codec-numel", "100000"],
+                           "--bits", "8", "--codec-numel", "100000,200000"],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert leftover_namespaces(owner=os.getpid()) == []
@@ -97,7 +100,8 @@ def test_calibrate_on_emulated_nodes_writes_a_network_file_plan_reads(can_emulat
     assert [n.name for n in nets] == ["layer1-1gbit", "layer2-1gbit"]
     meta = json.loads(out.read_text())["meta"]
     assert meta["fanouts"] == [2, 2] and meta["label"] == "1gbit"
-    assert set(meta["codec"]) == {"8"} and meta["codec"]["8"] >= 0
+    assert set(meta["codec"]) == {"8"} and [n for n, _ in meta["codec"]["8"]] == [100000, 200000]
+    assert min(c for _, c in meta["codec"]["8"]) >= 0
     # layer 1: 4 ops x 2 sizes on the node; layer 2: the same across the link + the 4-rank Allreduce
     assert [len(s) for s in meta["samples"]] == [8, 10]
     assert {s["p"] for s in meta["samples"][1]} == {2, 4}

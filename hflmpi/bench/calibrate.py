@@ -14,9 +14,11 @@ Rank 0 writes the networks (:mod:`hflmpi.core.netfile`) to ``--out`` for ``hflmp
 The alpha-beta-gamma model has no term for the quantizer's own arithmetic (scale, dither,
 round, pack; unpack, rebuild), which on CPUs costs more than the bytes it saves on fast links.
 With ``--bits``, each width's quantized aggregation (every layer at that width, the default
-method and downlink) is also timed at ``--codec-numel`` parameters, and what the fitted networks
-do not explain, per parameter and per layer, is stored as that width's codec cost
-(``meta.codec``, seconds per parameter per quantized layer, :func:`hflmpi.core.netfile.read_codec`).
+method and downlink) is also timed at each ``--codec-numel`` size, and what the fitted networks
+do not explain, per parameter and per layer, is stored as that width's codec cost at that size
+(``meta.codec``, :func:`hflmpi.core.netfile.read_codec` takes the nearest size). The default
+sizes, 2M and 6M, lie on both sides of :data:`hflmpi.core.fused.COMPILE_MIN_NUMEL` (4.2M),
+where the quantizer switches from eager to compiled kernels and its cost per parameter drops.
 
 ``--validate SIZES`` then runs ``hflmpi bench aggregate``'s candidates (:func:`hflmpi.bench.aggregate.
 bench_aggregate`: float32 flat ``Allreduce``, hflmpi's exact ``subtree`` and ``tree`` paths and the
@@ -28,6 +30,7 @@ calibration sizes and the validation sizes should differ: nothing is fitted on t
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import asdict
 from typing import Any, Callable, Sequence
@@ -45,7 +48,7 @@ from hflmpi.mpi.aggregate import HierarchicalAggregator
 from hflmpi.mpi.comm import LayerComms
 
 __all__ = ["time_collectives", "fit_layers", "measure_layers", "time_quantized", "codec_costs",
-           "predictions", "format_validation", "main"]
+           "nearest_codec", "predictions", "format_validation", "main"]
 
 DEFAULT_SIZES = "8,2097152,8388608,25165824"
 """Calibration message sizes in bytes: 8 B (latency), 2, 8 and 24 MiB.
@@ -139,6 +142,13 @@ def codec_costs(measured: dict[int, float], numel: int, fanouts: Sequence[int], 
             for w, t in measured.items()}
 
 
+def nearest_codec(codec: dict[int, dict[int, float]], numel: int) -> dict[int, float]:
+    """Return the codec costs calibrated at the size nearest to ``numel`` (log scale); ``{}`` if none."""
+    if not codec:
+        return {}
+    return codec[min(codec, key=lambda n: abs(math.log(numel / n)))]
+
+
 def predictions(row: dict[str, float], fanouts: Sequence[int], nets: Sequence[Network],
                 bits: Sequence[int], bucket_size: int = 0, codec: dict[int, float] | None = None,
                 ) -> dict[str, float]:
@@ -160,13 +170,14 @@ def predictions(row: dict[str, float], fanouts: Sequence[int], nets: Sequence[Ne
 
 
 def format_validation(rows: Sequence[dict[str, float]], fanouts: Sequence[int], nets: Sequence[Network],
-                      bits: Sequence[int], bucket_size: int = 0, codec: dict[int, float] | None = None,
-                      ) -> str:
+                      bits: Sequence[int], bucket_size: int = 0,
+                      codec: dict[int, dict[int, float]] | None = None) -> str:
     """Return the table of measured vs predicted seconds per size and candidate."""
     lines = ["# predicted vs measured (median of repeats, slowest rank); error = predicted / measured - 1",
              f"{'params':>10} {'candidate':>14} {'measured ms':>12} {'predicted ms':>13} {'error':>8}"]
     for row in rows:
-        for name, predicted in predictions(row, fanouts, nets, bits, bucket_size, codec).items():
+        near = nearest_codec(codec or {}, int(row["numel"]))
+        for name, predicted in predictions(row, fanouts, nets, bits, bucket_size, near).items():
             if name in row:
                 lines.append(f"{int(row['numel']):>10} {name:>14} {row[name] * 1e3:>12.2f} "
                              f"{predicted * 1e3:>13.2f} {predicted / row[name] - 1:>+8.1%}")
@@ -183,7 +194,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="write the fitted networks here (JSON, for hflmpi plan --network)")
     p.add_argument("--validate", default="", help="parameter counts to predict and measure, comma-separated")
     p.add_argument("--bits", default="", help="quantized widths: calibrate their codec cost (and validate them)")
-    p.add_argument("--codec-numel", type=int, default=2_000_000, help="parameters of the codec calibration")
+    p.add_argument("--codec-numel", default="2000000,6000000", help="model sizes of the codec calibration")
     p.add_argument("--bucket-size", type=int, default=0)
     p.add_argument("--emulate-nodes", type=int, default=0, metavar="N",
                    help="run on N fake nodes joined by shaped links (as root, not under mpiexec)")
@@ -219,9 +230,11 @@ def main(argv: Sequence[str], comm: Any = None) -> int:
     rank0 = comm.Get_rank() == 0
     with LayerComms(comm, plan) as comms:
         per_layer = measure_layers(comm, comms, sizes, args.repeats)
-        quantized = time_quantized(comm, comms, args.codec_numel, bits, args.repeats, args.bucket_size)
+        codec_sizes = _ints(args.codec_numel) if bits else []
+        quantized = {n: time_quantized(comm, comms, n, bits, args.repeats, args.bucket_size)
+                     for n in codec_sizes}
     nets = fit_layers(per_layer, args.label) if rank0 else []
-    codec = codec_costs(quantized, args.codec_numel, fanouts, nets, args.bucket_size) if rank0 else {}
+    codec = {n: codec_costs(quantized[n], n, fanouts, nets, args.bucket_size) for n in codec_sizes} if rank0 else {}
     if rank0:
         for net, samples in zip(nets, per_layer):
             print(f"# {net.name}: alpha {net.alpha * 1e6:.2f} us, beta {net.beta * 1e9:.4f} ns/B "
@@ -229,13 +242,14 @@ def main(argv: Sequence[str], comm: Any = None) -> int:
                   f"{net.gamma * 1e9:.4f} ns/B; {len(samples)} samples", flush=True)
             for s in samples:
                 print(f"#   {s.op:>9} p={s.p} {int(s.nbytes):>10} B {s.seconds * 1e3:10.3f} ms", flush=True)
-        for width, cost in codec.items():
-            print(f"# codec {width} bits: {quantized[width] * 1e3:.2f} ms at {args.codec_numel} params, "
-                  f"{cost * 1e9:.3f} ns per parameter per layer beyond the networks", flush=True)
+        for n, costs in codec.items():
+            for width, cost in costs.items():
+                print(f"# codec {width} bits: {quantized[n][width] * 1e3:.2f} ms at {n} params, "
+                      f"{cost * 1e9:.3f} ns per parameter per layer beyond the networks", flush=True)
         if args.out:
             write_networks(args.out, nets, {"fanouts": fanouts, "label": args.label, "samples": [
                 [asdict(s) for s in samples] for samples in per_layer], "codec": {
-                str(w): c for w, c in codec.items()}, "codec_numel": args.codec_numel})
+                str(w): [[n, codec[n][w]] for n in codec_sizes] for w in bits}})
             print(f"# wrote {args.out}", flush=True)
     if validate:
         rows = bench_aggregate(comm, validate, plan, args.repeats, gloo=False, bits=bits,

@@ -170,7 +170,7 @@ def _network_t_cm(args: argparse.Namespace, depth_hint: int | None) -> tuple[lis
     if len(nets) != depth:
         raise PlanError(f"{args.network} has {len(nets)} layer networks but --fanouts={fanouts} has {depth} layers")
 
-    codec = read_codec(args.network)  # the quantizer's arithmetic, per parameter and layer
+    codec = read_codec(args.network, args.numel)  # the quantizer's arithmetic, per parameter and layer
 
     def cost(combo: Sequence[int]) -> list[float]:
         comm = aggregation_costs(fanouts, args.numel, nets, list(combo), args.bucket_size,

@@ -11,6 +11,7 @@ metadata (the link, the fan-outs and the timed collectives it was fitted to)::
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,16 +73,27 @@ def _load(path: str | Path) -> Any:
         raise ValueError(f"{path}: not JSON ({exc})") from None
 
 
-def read_codec(path: str | Path) -> dict[int, float]:
+def read_codec(path: str | Path, numel: int = 0) -> dict[int, float]:
     """Return ``meta.codec`` of a network file: seconds per parameter per quantized layer, by width.
 
-    Empty if the file has none. Raises ``ValueError`` if it is malformed.
+    An entry is one number, or a list of ``[numel, seconds]`` measured at several model sizes;
+    then the size nearest to ``numel`` (log scale) is taken (the quantizer's kernels change with
+    the size: :data:`hflmpi.core.fused.COMPILE_MIN_NUMEL`). Empty if the file has none.
+
+    Raises
+    ------
+    ValueError
+        If the entries are malformed or negative.
     """
     data = _load(path)
     networks_from_dict(data, str(path))
     codec = data.get("meta", {}).get("codec", {})
+    out = {}
     try:
-        out = {int(w): float(c) for w, c in codec.items()}
+        for width, entry in codec.items():
+            pairs = [(1.0, float(entry))] if isinstance(entry, (int, float)) else [
+                (float(n), float(c)) for n, c in entry]
+            out[int(width)] = min(pairs, key=lambda nc: abs(math.log(max(numel, 1) / nc[0])))[1]
     except (AttributeError, TypeError, ValueError):
         raise ValueError(f"{path}: meta.codec must map widths to seconds per parameter, got {codec!r}") from None
     if any(c < 0 for c in out.values()):
