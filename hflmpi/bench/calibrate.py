@@ -18,7 +18,8 @@ method and downlink) is also timed at each ``--codec-numel`` size, and what the 
 do not explain, per parameter and per layer, is stored as that width's codec cost at that size
 (``meta.codec``, :func:`hflmpi.core.netfile.read_codec` takes the nearest size). The default
 sizes, 2M and 6M, lie on both sides of :data:`hflmpi.core.fused.COMPILE_MIN_NUMEL` (4.2M),
-where the quantizer switches from eager to compiled kernels and its cost per parameter drops.
+where the quantizer switches from eager to compiled kernels and its cost per parameter may
+change (on the 2-core development machine it hardly did: 22 vs 21-28 ns per parameter and layer).
 
 ``--validate SIZES`` then runs ``hflmpi bench aggregate``'s candidates (:func:`hflmpi.bench.aggregate.
 bench_aggregate`: float32 flat ``Allreduce``, hflmpi's exact ``subtree`` and ``tree`` paths and the
