@@ -110,3 +110,15 @@ def test_calibrate_on_emulated_nodes_writes_a_network_file_plan_reads(can_emulat
                            "--random", "0", "--choose-bits", "0,8", "--max-variance", "0.05"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert plan.returncode == 0 and "CHOSEN" in plan.stdout, plan.stdout + plan.stderr
+
+
+def test_bad_options_are_one_clear_error(capsys):
+    from mpi4py import MPI
+
+    from hflmpi.bench.calibrate import main
+
+    assert main(["--sizes", "0"], MPI.COMM_SELF) == 2
+    assert main(["--bits", "8", "--codec-numel", "many"], MPI.COMM_SELF) == 2
+    assert main(["--fanouts", "3"], MPI.COMM_SELF) == 2
+    err = capsys.readouterr().err
+    assert "--sizes" in err and "many" in err and "fanouts" in err

@@ -222,16 +222,17 @@ def main(argv: Sequence[str], comm: Any = None) -> int:
     comm = MPI.COMM_WORLD if comm is None else comm
     try:
         sizes, validate, bits = _ints(args.sizes), _ints(args.validate), _ints(args.bits)
+        codec_sizes = _ints(args.codec_numel) if bits else []
         fanouts = _ints(args.fanouts) or [comm.Get_size()]
         plan: TreePlan = plan_fanouts(fanouts, comm.Get_size())
-        if not sizes or min(sizes) < 1 or args.repeats < 1:
-            raise ValueError(f"--sizes={args.sizes!r} needs sizes >= 1 byte and --repeats >= 1")
+        if not sizes or min(sizes) < 1 or args.repeats < 1 or min(codec_sizes, default=1) < 1:
+            raise ValueError(f"--sizes={args.sizes!r} and --codec-numel={args.codec_numel!r} need "
+                             "sizes >= 1 and --repeats >= 1")
     except (HflmpiError, ValueError) as exc:
         return report_user_error("bench calibrate", exc, show=comm.Get_rank() == 0)
     rank0 = comm.Get_rank() == 0
     with LayerComms(comm, plan) as comms:
         per_layer = measure_layers(comm, comms, sizes, args.repeats)
-        codec_sizes = _ints(args.codec_numel) if bits else []
         quantized = {n: time_quantized(comm, comms, n, bits, args.repeats, args.bucket_size)
                      for n in codec_sizes}
     nets = fit_layers(per_layer, args.label) if rank0 else []
