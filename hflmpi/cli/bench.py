@@ -1,4 +1,4 @@
-"""``hflmpi bench aggregate|scaling|flower|population``: benchmarks run under ``mpiexec -n P``.
+"""``hflmpi bench aggregate|scaling|flower|population|calibrate``: benchmarks run under ``mpiexec -n P``.
 
 ``aggregate`` times the hierarchical aggregation against a raw mpi4py ``Allreduce`` (and gloo) of
 the same buffer in the same run; ``scaling`` writes strong/weak scaling rows (and ``scaling plot``
@@ -126,7 +126,12 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Comm | None = None) -> int
     sub.add_parser("flower", add_help=False, help="FedAvg round time: hflmpi vs Flower's simulation")
     sub.add_parser("population", add_help=False,
                    help="client-steps/s of a population: batched vs sequential training")
+    sub.add_parser("calibrate", add_help=False, help="fit the cost model's networks (hflmpi plan --network)")
     raw = list(sys.argv[1:] if argv is None else argv)
+    if raw and raw[0] == "calibrate":
+        from hflmpi.bench.calibrate import main as calibrate_main
+
+        return calibrate_main(raw[1:], comm)
     if raw and raw[0] == "population":
         return _population(raw[1:], comm)
     if raw and raw[0] == "scaling":  # their own parsers

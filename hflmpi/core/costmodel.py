@@ -259,14 +259,15 @@ def _nets(net: Network | Sequence[Network], depth: int) -> list[Network]:
 
 def layer_time(
     fanout: int, numel: int, bits: int, net: Network, bucket_size: int = 0, method: str = "auto",
+    downlink: str = "float32",
 ) -> float:
     """Return the modelled seconds of one layer-n aggregation (tree/quantized path).
 
     Weight allreduce (8 B) + uplink (exact reduce, or scales allreduce + integer reduce / packed
     gather, sized by :func:`hflmpi.core.wire.layer_wire`) + the broadcast back down, all over the
-    ``fanout`` participants.
+    ``fanout`` participants. ``downlink`` is ``quantize.downlink`` (a run's default is ``"auto"``).
     """
-    wire = layer_wire(numel, bits, fanout, bucket_size, method)
+    wire = layer_wire(numel, bits, fanout, bucket_size, method, downlink=downlink)
     seconds = collective_time("allreduce", fanout, 8, net)
     if wire.scale_nbytes:
         seconds += collective_time("allreduce", fanout, wire.scale_nbytes, net)
@@ -286,7 +287,7 @@ def _exact_subtree(top: int, bits: Sequence[int], algorithm: str) -> bool:
 
 def _event_time(
     top: int, fanouts: Sequence[int], numel: int, bits: Sequence[int], nets: Sequence[Network],
-    bucket_size: int, algorithm: str, method: str,
+    bucket_size: int, algorithm: str, method: str, downlink: str = "float32",
 ) -> float:
     if _exact_subtree(top, bits, algorithm):
         size = _subtree_sizes(fanouts)[top - 1]
@@ -294,7 +295,7 @@ def _event_time(
         model = layer_wire(numel, 0, size).payload_nbytes  # every device's float32 model
         return (collective_time("allreduce", size, 8, slowest)
                 + collective_time("allreduce", size, model, slowest))
-    return sum(layer_time(fanouts[n], numel, bits[n], nets[n], bucket_size, method)
+    return sum(layer_time(fanouts[n], numel, bits[n], nets[n], bucket_size, method, downlink)
                for n in range(top))
 
 
@@ -309,7 +310,7 @@ def _layers(fanouts: Sequence[int], bits: Sequence[int] | None) -> list[int]:
 def aggregation_costs(
     fanouts: Sequence[int], numel: int, net: Network | Sequence[Network],
     bits: Sequence[int] | None = None, bucket_size: int = 0, algorithm: str = "subtree",
-    method: str = "auto",
+    method: str = "auto", downlink: str = "float32",
 ) -> list[float]:
     """Return ``t_cm,n``, the seconds a layer-n aggregation adds to an event, for :func:`round_time`.
 
@@ -321,11 +322,11 @@ def aggregation_costs(
     ``fanouts`` (children per node per layer), ``numel`` (float32 parameters), ``net`` (one
     interconnect or one per layer), ``bits`` (default exact), ``bucket_size`` (0 = per-width
     default), ``algorithm`` and ``method`` are hflmpi's tree and ``aggregation``/``quantize``
-    settings.
+    settings (``downlink``: ``quantize.downlink``).
     """
     widths = _layers(fanouts, bits)
     nets = _nets(net, len(fanouts))
-    events = [_event_time(top, fanouts, numel, widths, nets, bucket_size, algorithm, method)
+    events = [_event_time(top, fanouts, numel, widths, nets, bucket_size, algorithm, method, downlink)
               for top in range(1, len(fanouts) + 1)]
     return [events[0]] + [events[n] - events[n - 1] for n in range(1, len(events))]
 
